@@ -1,0 +1,106 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"syscall"
+)
+
+// relayBufSize is the size of each direction's copy buffer.
+const relayBufSize = 64 << 10
+
+var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+
+// Resetter is a connection that can be aborted with a TCP reset.
+type Resetter interface {
+	Reset()
+}
+
+// halfCloser is a connection whose write side can be shut on its own.
+type halfCloser interface {
+	CloseWrite() error
+}
+
+// Relay copies a→b and b→a until both directions end, then closes both.
+// Each direction is half-closed on its own: when a reaches EOF (its peer
+// sent FIN), b's write side is shut, and the other direction goes on. If a
+// direction fails (a reset, say), both connections are reset so that both
+// ends see it: nothing is silently truncated. Relay returns the bytes copied
+// a→b and b→a.
+func Relay(a, b net.Conn) (ab, ba int64) {
+	type result struct {
+		n   int64
+		err error
+	}
+	abc, bac := make(chan result, 1), make(chan result, 1)
+	var abort sync.Once
+	fail := func() {
+		abort.Do(func() {
+			reset(a)
+			reset(b)
+		})
+	}
+	go func() { n, err := pipe(b, a, fail); abc <- result{n, err} }()
+	go func() { n, err := pipe(a, b, fail); bac <- result{n, err} }()
+	r1, r2 := <-abc, <-bac
+	a.Close()
+	b.Close()
+	return r1.n, r2.n
+}
+
+// pipe copies src→dst. At src's EOF it shuts dst's write side; on any error
+// it calls fail, which resets both ends.
+func pipe(dst, src net.Conn, fail func()) (int64, error) {
+	bp := relayBufs.Get().(*[]byte)
+	defer relayBufs.Put(bp)
+	buf := *bp
+	var total int64
+	for {
+		n, rerr := src.Read(buf)
+		if n > 0 {
+			w, werr := dst.Write(buf[:n])
+			total += int64(w)
+			if werr != nil {
+				fail()
+				return total, werr
+			}
+		}
+		if rerr == nil {
+			continue
+		}
+		if errors.Is(rerr, io.EOF) {
+			if hc, ok := dst.(halfCloser); ok {
+				if err := hc.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
+					fail()
+					return total, err
+				}
+			} else {
+				dst.Close()
+			}
+			return total, nil
+		}
+		fail()
+		return total, rerr
+	}
+}
+
+// reset aborts c with a TCP reset where it can, or closes it.
+func reset(c net.Conn) {
+	switch c := c.(type) {
+	case Resetter:
+		c.Reset()
+	case *net.TCPConn:
+		_ = c.SetLinger(0)
+		c.Close()
+	default:
+		c.Close()
+	}
+}
+
+// IsRefused reports whether a dial error means the destination actively
+// refused the connection.
+func IsRefused(err error) bool {
+	return errors.Is(err, syscall.ECONNREFUSED)
+}

@@ -1,0 +1,204 @@
+package proxy
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrDenied means the policy refused a new flow.
+var ErrDenied = errors.New("denied by policy")
+
+// ErrLimit means a cap on concurrent flows was reached.
+var ErrLimit = errors.New("too many concurrent flows")
+
+// UDPOptions configure a UDP relay.
+type UDPOptions struct {
+	Replier Replier
+	// Allow is asked once per new session, before any socket exists.
+	Allow func(src, dst netip.AddrPort) bool
+	// MapDst picks the host address to send to (default Identity).
+	MapDst MapDst
+	// IdleTimeout ends a session that has carried nothing for this long
+	// (default 60 s).
+	IdleTimeout time.Duration
+	// MaxSessions caps concurrent sessions (default 1024).
+	MaxSessions int
+	// MaxPayload is the largest reply payload that fits a frame to the
+	// guest; larger replies are dropped and counted.
+	MaxPayload int
+	Log        *slog.Logger
+}
+
+type udpKey struct{ src, dst netip.AddrPort }
+
+type udpSession struct {
+	key      udpKey
+	conn     *net.UDPConn
+	lastSeen atomic.Int64 // unix nanos of the last datagram either way
+}
+
+// UDP relays the guest's UDP datagrams through connected host sockets, one
+// session per (guest source, destination), as the seed engine does.
+type UDP struct {
+	o UDPOptions
+
+	mu       sync.Mutex // mu protects sessions and closed
+	sessions map[udpKey]*udpSession
+	closed   bool
+	wg       sync.WaitGroup
+
+	total, dropped, tooBig atomic.Uint64
+}
+
+// NewUDP returns a UDP relay.
+func NewUDP(o UDPOptions) *UDP {
+	if o.MapDst == nil {
+		o.MapDst = Identity
+	}
+	if o.IdleTimeout <= 0 {
+		o.IdleTimeout = 60 * time.Second
+	}
+	if o.MaxSessions <= 0 {
+		o.MaxSessions = 1024
+	}
+	if o.MaxPayload <= 0 {
+		o.MaxPayload = 1472
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.Allow == nil {
+		o.Allow = func(netip.AddrPort, netip.AddrPort) bool { return true }
+	}
+	return &UDP{o: o, sessions: make(map[udpKey]*udpSession)}
+}
+
+// Handle relays one datagram from the guest. It returns ErrDenied when the
+// policy refused a new session and ErrLimit when the session cap is reached.
+// It never blocks: a host socket that cannot take the datagram drops it.
+func (u *UDP) Handle(src, dst netip.AddrPort, payload []byte) error {
+	k := udpKey{src, dst}
+	u.mu.Lock()
+	s := u.sessions[k]
+	u.mu.Unlock()
+	if s == nil {
+		var err error
+		if s, err = u.open(k); err != nil {
+			return err
+		}
+	}
+	s.lastSeen.Store(time.Now().UnixNano())
+	rc, err := s.conn.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var serr error
+	_ = rc.Write(func(fd uintptr) bool {
+		_, serr = unix.Write(int(fd), payload)
+		return true // never wait: a full socket buffer drops like a lossy link
+	})
+	if serr != nil && !errors.Is(serr, unix.ECONNREFUSED) {
+		u.dropped.Add(1)
+	}
+	return nil
+}
+
+func (u *UDP) open(k udpKey) (*udpSession, error) {
+	if !u.o.Allow(k.src, k.dst) {
+		return nil, ErrDenied
+	}
+	u.mu.Lock()
+	if u.closed {
+		u.mu.Unlock()
+		return nil, net.ErrClosed
+	}
+	if s := u.sessions[k]; s != nil {
+		u.mu.Unlock()
+		return s, nil
+	}
+	if len(u.sessions) >= u.o.MaxSessions {
+		u.mu.Unlock()
+		u.dropped.Add(1)
+		return nil, ErrLimit
+	}
+	to := u.o.MapDst(k.dst)
+	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(to))
+	if err != nil {
+		u.mu.Unlock()
+		u.dropped.Add(1)
+		return nil, err
+	}
+	s := &udpSession{key: k, conn: conn}
+	s.lastSeen.Store(time.Now().UnixNano())
+	u.sessions[k] = s
+	u.total.Add(1)
+	u.wg.Add(1)
+	u.mu.Unlock()
+	go u.routineReply(s)
+	return s, nil
+}
+
+// routineReply carries a session's replies back to the guest until the
+// session has been idle for IdleTimeout or the relay closes.
+func (u *UDP) routineReply(s *udpSession) {
+	defer u.wg.Done()
+	defer func() {
+		u.mu.Lock()
+		if u.sessions[s.key] == s {
+			delete(u.sessions, s.key)
+		}
+		u.mu.Unlock()
+		s.conn.Close()
+	}()
+	buf := make([]byte, u.o.MaxPayload+1)
+	for {
+		last := time.Unix(0, s.lastSeen.Load())
+		if idle := time.Since(last); idle >= u.o.IdleTimeout {
+			return
+		}
+		_ = s.conn.SetReadDeadline(last.Add(u.o.IdleTimeout))
+		n, err := s.conn.Read(buf)
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, unix.ECONNREFUSED) {
+				continue
+			}
+			return // closed
+		}
+		if n > u.o.MaxPayload {
+			u.tooBig.Add(1)
+			continue
+		}
+		s.lastSeen.Store(time.Now().UnixNano())
+		// Replies come from the address the guest sent to, not the mapped one.
+		u.o.Replier.SendUDP(s.key.dst, s.key.src, buf[:n])
+	}
+}
+
+// Active returns the number of open sessions.
+func (u *UDP) Active() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return len(u.sessions)
+}
+
+// Total returns the number of sessions ever opened.
+func (u *UDP) Total() uint64 { return u.total.Load() }
+
+// Close ends every session and waits for their goroutines.
+func (u *UDP) Close() {
+	u.mu.Lock()
+	u.closed = true
+	for _, s := range u.sessions {
+		s.conn.Close()
+	}
+	u.mu.Unlock()
+	u.wg.Wait()
+}

@@ -1,0 +1,296 @@
+// Package stack runs the sandbox's gateway: a gVisor netstack fed from the
+// shared rings through a link endpoint of our own, and a poll loop that sees
+// every guest frame first, decides each new flow against the policy, and
+// hands flows to the proxies.
+package stack
+
+import (
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	gstack "gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+
+	"github.com/msbtap/msbtap/plan"
+	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/proxy"
+	"github.com/msbtap/msbtap/rings"
+)
+
+const nicID tcpip.NICID = 1
+
+// DenyMode says how a denied flow is refused.
+type DenyMode int
+
+// Deny modes.
+const (
+	// DenyReject answers a denied TCP SYN with a RST and a denied UDP or
+	// echo packet with ICMP "administratively prohibited".
+	DenyReject DenyMode = iota
+	// DenyDrop drops denied packets silently.
+	DenyDrop
+)
+
+// Options configure a Stack.
+type Options struct {
+	Plan   plan.Plan
+	Shared *rings.Shared
+	// Policy decides new flows; nil allows everything.
+	Policy policy.Checker
+	// OnDecision, when set, is told of every flow decision (for the audit
+	// log, metrics and the termination hook); it runs on the packet path.
+	OnDecision func(policy.Flow, policy.Decision)
+	DenyMode   DenyMode
+	// DNSUpstreams are the resolvers the agent forwards the guest's queries
+	// to.
+	DNSUpstreams []string
+	// DNSFilter lets the policy act on name resolution (optional).
+	DNSFilter proxy.DNSFilter
+	// MaxConnections caps concurrent relayed TCP connections (default 256).
+	MaxConnections int
+	// DialTimeout bounds the upstream dial of a TCP flow (default 10 s).
+	DialTimeout time.Duration
+	// UDPIdleTimeout ends idle UDP sessions (default 60 s).
+	UDPIdleTimeout time.Duration
+	// MaxUDPSessions caps concurrent UDP sessions (default 1024).
+	MaxUDPSessions int
+	// MapDst maps a destination to the host address to connect to (default:
+	// the gateway's addresses map to the host's loopback).
+	MapDst proxy.MapDst
+	Log    *slog.Logger
+}
+
+// Stack is the gateway of one sandbox.
+type Stack struct {
+	o     Options
+	s     *gstack.Stack
+	ep    *linkEndpoint
+	r     *replier
+	gwMAC [6]byte
+
+	policy atomic.Pointer[policy.Checker]
+
+	udp  *proxy.UDP
+	echo *proxy.Echo
+	dns  *proxy.DNS
+	tcp  *tcpRelay
+
+	done      chan struct{}
+	closeOnce sync.Once
+	wg        sync.WaitGroup
+	stats     Stats
+}
+
+// New builds the gateway and starts its poll loop.
+func New(o Options) (*Stack, error) {
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.MaxConnections <= 0 {
+		o.MaxConnections = 256
+	}
+	if o.DialTimeout <= 0 {
+		o.DialTimeout = 10 * time.Second
+	}
+	if o.MapDst == nil {
+		o.MapDst = proxy.GatewayToLoopback(o.Plan.GatewayV4, o.Plan.GatewayV6)
+	}
+	p := o.Plan
+	st := &Stack{o: o, done: make(chan struct{})}
+	copy(st.gwMAC[:], p.GatewayMAC)
+	var pc policy.Checker = policy.AllowAll{}
+	if o.Policy != nil {
+		pc = o.Policy
+	}
+	st.policy.Store(&pc)
+
+	st.s = gstack.New(gstack.Options{
+		NetworkProtocols: []gstack.NetworkProtocolFactory{
+			ipv4.NewProtocol,
+			ipv6.NewProtocolWithOptions(ipv6.Options{
+				DADConfigs:       gstack.DADConfigurations{DupAddrDetectTransmits: 0},
+				AutoGenLinkLocal: true,
+			}),
+			arp.NewProtocol,
+		},
+		TransportProtocols: []gstack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
+	})
+	if err := st.configureNetstack(); err != nil {
+		st.s.Destroy()
+		return nil, err
+	}
+
+	maxPayload4 := p.MTU - 20 - 8
+	st.r = newReplier(o.Shared, p.GatewayMAC, p.GuestMAC)
+	st.udp = proxy.NewUDP(proxy.UDPOptions{
+		Replier:     st.r,
+		Allow:       st.allowUDP,
+		MapDst:      o.MapDst,
+		IdleTimeout: o.UDPIdleTimeout,
+		MaxSessions: o.MaxUDPSessions,
+		MaxPayload:  maxPayload4,
+		Log:         o.Log.With("component", "udp"),
+	})
+	st.echo = proxy.NewEcho(proxy.EchoOptions{Replier: st.r, Log: o.Log.With("component", "icmp")})
+	dns, err := proxy.NewDNS(proxy.DNSOptions{
+		Upstreams:     o.DNSUpstreams,
+		Replier:       st.r,
+		MaxUDPPayload: p.MTU - 40 - 8,
+		Filter:        o.DNSFilter,
+		Log:           o.Log.With("component", "dns"),
+	})
+	if err != nil {
+		st.s.Destroy()
+		return nil, err
+	}
+	st.dns = dns
+	st.tcp = newTCPRelay(st)
+
+	st.wg.Add(1)
+	go st.routinePoll()
+	return st, nil
+}
+
+func (st *Stack) configureNetstack() error {
+	p := st.o.Plan
+	st.ep = newLinkEndpoint(st.o.Shared, tcpip.LinkAddress(p.GatewayMAC), uint32(p.MTU))
+	if err := st.s.CreateNICWithOptions(nicID, st.ep, gstack.NICOptions{Name: "gateway"}); err != nil {
+		return fmt.Errorf("create netstack NIC: %s", err)
+	}
+	for _, a := range []netip.Prefix{
+		netip.PrefixFrom(p.GatewayV4, p.GuestIPv4.Bits()),
+		netip.PrefixFrom(p.GatewayV6, p.GuestIPv6.Bits()),
+	} {
+		proto := ipv4.ProtocolNumber
+		if a.Addr().Is6() {
+			proto = ipv6.ProtocolNumber
+		}
+		pa := tcpip.ProtocolAddress{
+			Protocol:          proto,
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(a.Addr().AsSlice()), PrefixLen: a.Bits()},
+		}
+		if err := st.s.AddProtocolAddress(nicID, pa, gstack.AddressProperties{}); err != nil {
+			return fmt.Errorf("add gateway address %s: %s", a, err)
+		}
+	}
+	// The gateway accepts traffic for every destination (promiscuous) and
+	// answers from it (spoofing); the poll loop keeps ARP, NDP and echo from
+	// claiming addresses that are not the gateway's.
+	if err := st.s.SetPromiscuousMode(nicID, true); err != nil {
+		return fmt.Errorf("netstack promiscuous mode: %s", err)
+	}
+	if err := st.s.SetSpoofing(nicID, true); err != nil {
+		return fmt.Errorf("netstack spoofing: %s", err)
+	}
+	st.s.SetRouteTable([]tcpip.Route{
+		{Destination: header4Any(), NIC: nicID},
+		{Destination: header6Any(), NIC: nicID},
+	})
+	sack := tcpip.TCPSACKEnabled(true)
+	moderate := tcpip.TCPModerateReceiveBufferOption(true)
+	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20}
+	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20}
+	for _, opt := range []tcpip.SettableTransportProtocolOption{&sack, &moderate, &rcv, &snd} {
+		if err := st.s.SetTransportProtocolOption(tcp.ProtocolNumber, opt); err != nil {
+			return fmt.Errorf("netstack tcp option %T: %s", opt, err)
+		}
+	}
+	return nil
+}
+
+func header4Any() tcpip.Subnet {
+	s, _ := tcpip.NewSubnet(tcpip.AddrFrom4([4]byte{}), tcpip.MaskFromBytes(make([]byte, 4)))
+	return s
+}
+
+func header6Any() tcpip.Subnet {
+	s, _ := tcpip.NewSubnet(tcpip.AddrFrom16([16]byte{}), tcpip.MaskFromBytes(make([]byte, 16)))
+	return s
+}
+
+// SetPolicy replaces the policy for flows that start from now on.
+func (st *Stack) SetPolicy(c policy.Checker) {
+	st.policy.Store(&c)
+}
+
+// decide runs the policy on a new flow and reports whether it may proceed.
+func (st *Stack) decide(f policy.Flow) bool {
+	d := (*st.policy.Load()).Check(f)
+	st.stats.countDecision(d.Action)
+	if st.o.OnDecision != nil {
+		st.o.OnDecision(f, d)
+	}
+	return d.Action == policy.Allow
+}
+
+func (st *Stack) allowUDP(src, dst netip.AddrPort) bool {
+	return st.decide(policy.Flow{Proto: policy.UDP, Src: src, Dst: dst})
+}
+
+// Done is closed when the stack has stopped.
+func (st *Stack) Done() <-chan struct{} { return st.done }
+
+// Err is why the stack stopped on its own (always nil for now: it stops
+// only when closed).
+func (st *Stack) Err() error { return nil }
+
+// Stats returns the stack's counters.
+func (st *Stack) Stats() *Stats { return &st.stats }
+
+// ActiveTCP returns the number of relayed TCP connections open now.
+func (st *Stack) ActiveTCP() int { return int(st.tcp.active.Load()) }
+
+// ActiveUDP returns the number of UDP sessions open now.
+func (st *Stack) ActiveUDP() int { return st.udp.Active() }
+
+// DNSUpstreams returns the resolvers in use.
+func (st *Stack) DNSUpstreams() []string { return st.dns.Upstreams() }
+
+// Close stops the poll loop, resets every relayed connection and stops the
+// proxies. It is safe to call more than once; Wait joins.
+func (st *Stack) Close() error {
+	st.closeOnce.Do(func() {
+		close(st.done)
+		st.tcp.close()
+		st.udp.Close()
+		st.echo.Close()
+		st.dns.Close()
+		st.s.Close()
+	})
+	return nil
+}
+
+// Wait blocks until every goroutine of the stack has returned.
+func (st *Stack) Wait() {
+	st.wg.Wait()
+	st.tcp.wait()
+	st.s.Wait()
+}
+
+// Stats are the stack's counters.
+type Stats struct {
+	Allowed, Denied, Terminated atomic.Uint64
+	TCPTotal, TCPRejected       atomic.Uint64
+	TCPDialFailed               atomic.Uint64
+}
+
+func (s *Stats) countDecision(a policy.Action) {
+	switch a {
+	case policy.Allow:
+		s.Allowed.Add(1)
+	case policy.Deny:
+		s.Denied.Add(1)
+	case policy.Terminate:
+		s.Terminated.Add(1)
+	}
+}

@@ -1,0 +1,145 @@
+package stack
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/msbtap/msbtap/proxy"
+)
+
+// forwarderWindow is the receive window offered to the guest on a new
+// connection (Tailscale found 1 MiB a good default).
+const forwarderWindow = 1 << 20
+
+// maxInFlight bounds handshakes waiting on their upstream dial. Every
+// request is completed on every path, so a slot is never lost.
+const maxInFlight = 1024
+
+// tcpRelay completes the guest's TCP handshakes only after the upstream
+// dial succeeded, then relays the streams.
+type tcpRelay struct {
+	st     *Stack
+	active atomic.Int64
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu    sync.Mutex // mu protects conns
+	conns map[*guestConn]struct{}
+}
+
+func newTCPRelay(st *Stack) *tcpRelay {
+	t := &tcpRelay{st: st, conns: make(map[*guestConn]struct{})}
+	t.ctx, t.cancel = context.WithCancel(context.Background())
+	fwd := tcp.NewForwarder(st.s, forwarderWindow, maxInFlight, t.handle)
+	st.s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
+	return t
+}
+
+// guestConn is the guest's end of a relayed connection; Reset aborts it
+// with a RST.
+type guestConn struct {
+	*gonet.TCPConn
+	ep tcpip.Endpoint
+}
+
+func (g *guestConn) Reset() { g.ep.Abort() }
+
+func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
+	t.wg.Add(1)
+	defer t.wg.Done()
+	st := t.st
+	id := r.ID()
+	dst := netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort)
+	src := netip.AddrPortFrom(addrFrom(id.RemoteAddress), id.RemotePort)
+
+	if dst.Port() == 53 {
+		c, ok := t.accept(r)
+		if !ok {
+			return
+		}
+		st.dns.ServeTCP(c, src)
+		return
+	}
+	if t.active.Add(1) > int64(st.o.MaxConnections) {
+		t.active.Add(-1)
+		st.stats.TCPRejected.Add(1)
+		r.Complete(true)
+		return
+	}
+	defer t.active.Add(-1)
+
+	d := net.Dialer{Timeout: st.o.DialTimeout, KeepAlive: 30 * time.Second}
+	up, err := d.DialContext(t.ctx, "tcp", st.o.MapDst(dst).String())
+	if err != nil {
+		st.stats.TCPDialFailed.Add(1)
+		st.o.Log.Debug("tcp dial failed", "src", src, "dst", dst, "err", err)
+		r.Complete(true)
+		return
+	}
+	c, ok := t.accept(r)
+	if !ok {
+		up.Close()
+		return
+	}
+	st.stats.TCPTotal.Add(1)
+	t.track(c, true)
+	defer t.track(c, false)
+	proxy.Relay(c, up)
+}
+
+// accept completes the guest's handshake and returns its connection; on
+// failure it resets the guest.
+func (t *tcpRelay) accept(r *tcp.ForwarderRequest) (*guestConn, bool) {
+	var wq waiter.Queue
+	ep, terr := r.CreateEndpoint(&wq)
+	if terr != nil {
+		r.Complete(true)
+		return nil, false
+	}
+	r.Complete(false)
+	so := ep.SocketOptions()
+	so.SetKeepAlive(true)
+	idle := tcpip.KeepaliveIdleOption(60 * time.Second)
+	intvl := tcpip.KeepaliveIntervalOption(15 * time.Second)
+	_ = ep.SetSockOpt(&idle)
+	_ = ep.SetSockOpt(&intvl)
+	return &guestConn{TCPConn: gonet.NewTCPConn(&wq, ep), ep: ep}, true
+}
+
+func (t *tcpRelay) track(c *guestConn, add bool) {
+	t.mu.Lock()
+	if add {
+		t.conns[c] = struct{}{}
+	} else {
+		delete(t.conns, c)
+	}
+	t.mu.Unlock()
+}
+
+// close cancels pending dials and resets every relayed connection.
+func (t *tcpRelay) close() {
+	t.cancel()
+	t.mu.Lock()
+	for c := range t.conns {
+		c.Reset()
+		c.Close()
+	}
+	t.mu.Unlock()
+}
+
+func (t *tcpRelay) wait() { t.wg.Wait() }
+
+func addrFrom(a tcpip.Address) netip.Addr {
+	ip, _ := netip.AddrFromSlice(a.AsSlice())
+	return ip
+}

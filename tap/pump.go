@@ -1,0 +1,171 @@
+package tap
+
+import (
+	"errors"
+	"log/slog"
+	"os"
+	"sync"
+
+	"github.com/msbtap/msbtap/rings"
+)
+
+// Pump moves frames between a Device and the shared rings with two
+// goroutines: RoutineReadFromTAP (device → tx ring → wake the stack) and
+// RoutineWriteToTAP (rx wake → drain the rx ring → device).
+type Pump struct {
+	dev      Device
+	sh       *rings.Shared
+	maxFrame int
+	log      *slog.Logger
+
+	done      chan struct{}
+	closeOnce sync.Once
+	wg        sync.WaitGroup
+}
+
+// StartPump starts moving frames. maxFrame is the largest frame accepted from
+// the guest; larger ones are dropped and counted. The shared pool's buffers
+// must be larger than maxFrame so that an oversized frame is recognised
+// instead of silently truncated.
+func StartPump(dev Device, sh *rings.Shared, maxFrame int, log *slog.Logger) *Pump {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	p := &Pump{dev: dev, sh: sh, maxFrame: maxFrame, log: log, done: make(chan struct{})}
+	p.wg.Add(2)
+	go p.RoutineReadFromTAP()
+	go p.RoutineWriteToTAP()
+	return p
+}
+
+// RoutineReadFromTAP reads frames in batches and queues them for the stack,
+// waking it once per batch. It never blocks on the ring: a full ring drops.
+func (p *Pump) RoutineReadFromTAP() {
+	defer p.wg.Done()
+	batch := p.dev.BatchSize()
+	frames := make([]*rings.Frame, batch)
+	bufs := make([][]byte, batch)
+	sizes := make([]int, batch)
+	for i := range frames {
+		frames[i] = p.sh.Frames.Get()
+	}
+	defer func() {
+		for _, f := range frames {
+			p.sh.Frames.Put(f)
+		}
+	}()
+	for {
+		for i, f := range frames {
+			bufs[i] = f.B[:cap(f.B)]
+		}
+		n, err := p.dev.Read(bufs, sizes)
+		if err != nil {
+			if !errors.Is(err, os.ErrClosed) && !p.closing() {
+				p.log.Error("tap reader stopped", "err", err)
+			}
+			return
+		}
+		pushed := 0
+		for i := 0; i < n; i++ {
+			size := sizes[i]
+			if size > p.maxFrame || size >= cap(frames[i].B) {
+				p.sh.Counters.Drop(rings.DropOversized)
+				continue
+			}
+			if size < 14 {
+				p.sh.Counters.Drop(rings.DropMalformed)
+				continue
+			}
+			f := frames[i]
+			f.B = f.B[:size]
+			p.sh.Counters.AddTx(size)
+			p.sh.PushTx(f) // on a full ring the frame goes back to the pool
+			frames[i] = p.sh.Frames.Get()
+			pushed++
+		}
+		if pushed > 0 {
+			p.sh.TxWake.Wake()
+		}
+	}
+}
+
+// RoutineWriteToTAP waits for the rx wake, drains the rx ring in batches and
+// writes them to the device.
+func (p *Pump) RoutineWriteToTAP() {
+	defer p.wg.Done()
+	batch := p.dev.BatchSize()
+	frames := make([]*rings.Frame, 0, batch)
+	bufs := make([][]byte, 0, batch)
+	for {
+		select {
+		case <-p.done:
+			p.drainRx()
+			return
+		case <-p.sh.RxWake.C():
+		}
+		for {
+			frames, bufs = frames[:0], bufs[:0]
+			for len(frames) < batch {
+				f, ok := p.sh.Rx.Pop()
+				if !ok {
+					break
+				}
+				frames = append(frames, f)
+				bufs = append(bufs, f.B)
+			}
+			if len(frames) == 0 {
+				break
+			}
+			n, err := p.dev.Write(bufs)
+			for i, f := range frames {
+				if i < n {
+					p.sh.Counters.AddRx(len(f.B))
+				} else {
+					p.sh.Counters.Drop(rings.DropOther)
+				}
+				p.sh.Frames.Put(f)
+			}
+			if err != nil {
+				if !errors.Is(err, os.ErrClosed) && !p.closing() {
+					p.log.Error("tap writer stopped", "err", err)
+				}
+				<-p.done
+				p.drainRx()
+				return
+			}
+		}
+	}
+}
+
+func (p *Pump) closing() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (p *Pump) drainRx() {
+	for {
+		f, ok := p.sh.Rx.Pop()
+		if !ok {
+			return
+		}
+		p.sh.Frames.Put(f)
+	}
+}
+
+// Close stops both goroutines and closes the device. It is safe to call more
+// than once; Wait joins the goroutines.
+func (p *Pump) Close() error {
+	var err error
+	p.closeOnce.Do(func() {
+		close(p.done)
+		err = p.dev.Close()
+	})
+	return err
+}
+
+// Wait blocks until both goroutines have returned.
+func (p *Pump) Wait() { p.wg.Wait() }
