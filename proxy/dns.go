@@ -269,3 +269,6 @@ func (d *DNS) Close() {
 
 // DefaultResolvConf is where the host's resolvers are read from.
 const DefaultResolvConf = "/etc/resolv.conf"
+
+// InFlight returns the UDP queries being answered now.
+func (d *DNS) InFlight() int { return len(d.sem) }

@@ -184,3 +184,9 @@ func (e *Echo) Close() {
 	}
 	e.wg.Wait()
 }
+
+// Stats returns the echo requests relayed and the replies delivered.
+func (e *Echo) Stats() (sent, replied uint64) { return e.sent.Load(), e.replied.Load() }
+
+// InFlight returns the echo requests waiting for their reply.
+func (e *Echo) InFlight() int { return len(e.sem) }

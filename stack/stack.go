@@ -294,3 +294,22 @@ func (s *Stats) countDecision(a policy.Action) {
 		s.Terminated.Add(1)
 	}
 }
+
+// FlowStat is the number of open and total flows of one protocol.
+type FlowStat struct {
+	Proto  string
+	Active int
+	Total  uint64
+}
+
+// FlowStats reports open and total flows by protocol.
+func (st *Stack) FlowStats() []FlowStat {
+	echoSent, _ := st.echo.Stats()
+	q, _, _ := st.dns.Stats()
+	return []FlowStat{
+		{"tcp", int(st.tcp.active.Load()), st.stats.TCPTotal.Load()},
+		{"udp", st.udp.Active(), st.udp.Total()},
+		{"icmp", st.echo.InFlight(), echoSent},
+		{"dns", st.dns.InFlight(), q},
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -37,6 +38,7 @@ type runOptions struct {
 
 	dnsUpstreams   []string
 	maxConnections int
+	metricsAddr    string
 }
 
 func runFlags() []cli.Flag {
@@ -54,6 +56,7 @@ func runFlags() []cli.Flag {
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level: debug, info, warn or error"},
 		&cli.StringSliceFlag{Name: "dns-upstream", Usage: "forward the sandbox's DNS queries to `ADDR[:PORT]` (repeatable; default: the host's /etc/resolv.conf)"},
 		&cli.IntFlag{Name: "max-connections", Value: 256, Usage: "cap on concurrent relayed TCP connections"},
+		&cli.StringFlag{Name: "metrics-addr", Usage: "serve Prometheus /metrics on `ADDR` (host:port, in msbtap's own namespace)"},
 	}
 }
 
@@ -134,6 +137,12 @@ func parseRunOptions(c *cli.Context) (runOptions, error) {
 	if o.maxConnections = c.Int("max-connections"); o.maxConnections < 1 {
 		return o, fmt.Errorf("--max-connections %d: must be at least 1", o.maxConnections)
 	}
+	o.metricsAddr = c.String("metrics-addr")
+	if o.metricsAddr != "" {
+		if _, _, err := net.SplitHostPort(o.metricsAddr); err != nil {
+			return o, fmt.Errorf("--metrics-addr %q: want HOST:PORT", o.metricsAddr)
+		}
+	}
 	if err := o.logLevel.UnmarshalText([]byte(c.String("log-level"))); err != nil {
 		return o, fmt.Errorf("--log-level %q: want debug, info, warn or error", c.String("log-level"))
 	}
@@ -172,6 +181,11 @@ func runAgent(o runOptions) (err error) {
 	if err := checkPrivileges(); err != nil {
 		return err
 	}
+	if o.readyFD >= 0 {
+		if _, err := unix.FcntlInt(uintptr(o.readyFD), unix.F_GETFD, 0); err != nil {
+			return fmt.Errorf("--ready-fd %d: not an open file descriptor", o.readyFD)
+		}
+	}
 
 	// The namespace: the user's, or a fresh one for the command.
 	var ns netns.NsHandle
@@ -205,6 +219,13 @@ func runAgent(o runOptions) (err error) {
 		return err
 	}
 	defer gw.Close()
+	if o.metricsAddr != "" {
+		m, err := startMetrics(o.metricsAddr, sh, gw.Stack, log)
+		if err != nil {
+			return err
+		}
+		defer m.Close()
+	}
 
 	if o.pidFile != "" {
 		if err := os.WriteFile(o.pidFile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {

@@ -1,0 +1,61 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"strings"
+	"testing"
+)
+
+func runApp(args ...string) (stdout string, err error) {
+	var out, errOut bytes.Buffer
+	err = newApp(&out, &errOut).Run(append([]string{"msbtap"}, args...))
+	return out.String(), err
+}
+
+func TestFlagErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"nothing to attach", []string{"run"}, "nothing to attach"},
+		{"slot too big", []string{"run", "--netns", "x", "--slot", "65536"}, "--slot"},
+		{"slot negative", []string{"run", "--netns", "x", "--slot", "-1"}, "--slot"},
+		{"slot not a number", []string{"run", "--netns", "x", "--slot", "abc"}, "slot"},
+		{"mtu too small", []string{"run", "--netns", "x", "--mtu", "500"}, "--mtu"},
+		{"mtu zero", []string{"run", "--netns", "x", "--mtu", "0"}, "--mtu"},
+		{"bad ipv4", []string{"run", "--netns", "x", "--guest-ipv4", "300.1.1.1"}, "--guest-ipv4"},
+		{"bad ipv6", []string{"run", "--netns", "x", "--guest-ipv6", "nope"}, "--guest-ipv6"},
+		{"bad mac", []string{"run", "--netns", "x", "--guest-mac", "02:00"}, "--guest-mac"},
+		{"bad log format", []string{"run", "--netns", "x", "--log-format", "xml"}, "--log-format"},
+		{"bad log level", []string{"run", "--netns", "x", "--log-level", "loud"}, "--log-level"},
+		{"unknown flag", []string{"run", "--netns", "x", "--frobnicate"}, "frobnicate"},
+		{"empty netns", []string{"run", "--netns", ""}, "--netns"},
+		{"long tap name", []string{"run", "--netns", "x", "--tap", "abcdefghijklmnop"}, "--tap"},
+		{"ready-fd stdout", []string{"run", "--netns", "x", "--ready-fd", "1"}, "--ready-fd"},
+		{"bad dns upstream", []string{"run", "--netns", "x", "--dns-upstream", "resolver.example"}, "--dns-upstream"},
+		{"max connections zero", []string{"run", "--netns", "x", "--max-connections", "0"}, "--max-connections"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := runApp(tc.args...)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an error mentioning %q", err, tc.want)
+			}
+			var ee *exitError
+			if !errors.As(err, &ee) || ee.code != 2 {
+				t.Fatalf("got %#v, want exit status 2 for a usage error", err)
+			}
+			if strings.Contains(err.Error(), "\n") {
+				t.Errorf("error is not one line: %q", err)
+			}
+		})
+	}
+}
+
+func TestVersion(t *testing.T) {
+	out, err := runApp("version")
+	if err != nil || !strings.HasPrefix(out, "msbtap ") {
+		t.Fatalf("got %q, %v", out, err)
+	}
+}

@@ -1,0 +1,104 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/stack"
+)
+
+// collector exports the agent's counters at scrape time, so the packet path
+// only ever touches its own atomics.
+type collector struct {
+	sh *rings.Shared
+	st *stack.Stack
+
+	bytes, frames, drops, flowsActive, flowsTotal, decisions *prometheus.Desc
+}
+
+func newCollector(sh *rings.Shared, st *stack.Stack) *collector {
+	return &collector{
+		sh:          sh,
+		st:          st,
+		bytes:       prometheus.NewDesc("msbtap_bytes_total", "Bytes at the guest boundary; direction tx = sent by the guest, rx = delivered to it.", []string{"direction"}, nil),
+		frames:      prometheus.NewDesc("msbtap_frames_total", "Frames at the guest boundary; direction tx = sent by the guest, rx = delivered to it.", []string{"direction"}, nil),
+		drops:       prometheus.NewDesc("msbtap_drops_total", "Frames dropped, by reason.", []string{"reason"}, nil),
+		flowsActive: prometheus.NewDesc("msbtap_flows_active", "Flows open now, by protocol.", []string{"proto"}, nil),
+		flowsTotal:  prometheus.NewDesc("msbtap_flows_total", "Flows relayed since start, by protocol.", []string{"proto"}, nil),
+		decisions:   prometheus.NewDesc("msbtap_decisions_total", "Policy decisions on new flows, by action.", []string{"action"}, nil),
+	}
+}
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions} {
+		ch <- d
+	}
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	ct := &c.sh.Counters
+	counter := func(d *prometheus.Desc, v uint64, label string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), label)
+	}
+	counter(c.bytes, ct.TxBytes(), "tx")
+	counter(c.bytes, ct.RxBytes(), "rx")
+	counter(c.frames, ct.TxFrames(), "tx")
+	counter(c.frames, ct.RxFrames(), "rx")
+	for _, r := range rings.DropReasons() {
+		counter(c.drops, ct.Drops(r), r.String())
+	}
+	fs := c.st.FlowStats()
+	for _, f := range fs {
+		ch <- prometheus.MustNewConstMetric(c.flowsActive, prometheus.GaugeValue, float64(f.Active), f.Proto)
+		counter(c.flowsTotal, f.Total, f.Proto)
+	}
+	s := c.st.Stats()
+	counter(c.decisions, s.Allowed.Load(), "allow")
+	counter(c.decisions, s.Denied.Load(), "deny")
+	counter(c.decisions, s.Terminated.Load(), "terminate")
+}
+
+// metricsServer serves Prometheus /metrics on addr until closed.
+type metricsServer struct {
+	srv  *http.Server
+	addr net.Addr
+}
+
+func startMetrics(addr string, sh *rings.Shared, st *stack.Stack, log *slog.Logger) (*metricsServer, error) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		newCollector(sh, st),
+	)
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-addr %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	m := &metricsServer{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, addr: ln.Addr()}
+	go func() {
+		if err := m.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server stopped", "err", err)
+		}
+	}()
+	log.Info("serving metrics", "addr", ln.Addr().String())
+	return m, nil
+}
+
+func (m *metricsServer) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	return m.srv.Shutdown(ctx)
+}

@@ -1,0 +1,92 @@
+package tap
+
+import (
+	"bytes"
+	"testing"
+	"time"
+
+	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/tap/taptest"
+)
+
+func TestPumpMovesFramesBothWays(t *testing.T) {
+	dev := taptest.New(64)
+	sh := rings.NewShared(16, 1600)
+	p := StartPump(dev, sh, 1518, nil)
+	defer func() { p.Close(); p.Wait() }()
+
+	frame := bytes.Repeat([]byte{0xab}, 60)
+	dev.Inject(frame)
+	select {
+	case <-sh.TxWake.C():
+	case <-time.After(2 * time.Second):
+		t.Fatal("reader did not wake the stack")
+	}
+	f, ok := sh.Tx.Pop()
+	if !ok || !bytes.Equal(f.B, frame) {
+		t.Fatalf("tx ring: got %x,%v, want the injected frame", f, ok)
+	}
+
+	out := sh.Frames.Get()
+	out.B = append(out.B, bytes.Repeat([]byte{0xcd}, 70)...)
+	sh.PushRx(out)
+	select {
+	case got := <-dev.Written:
+		if len(got) != 70 || got[0] != 0xcd {
+			t.Fatalf("device got %x", got)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("writer did not deliver the rx frame")
+	}
+}
+
+func TestPumpDropsOversizedAndRuntFrames(t *testing.T) {
+	dev := taptest.New(64)
+	sh := rings.NewShared(16, 1600)
+	p := StartPump(dev, sh, 1518, nil)
+	defer func() { p.Close(); p.Wait() }()
+	dev.Inject(make([]byte, 1519))
+	dev.Inject(make([]byte, 5000))
+	dev.Inject(make([]byte, 10))
+	dev.Inject(make([]byte, 60)) // a good one, to know the others were seen
+	deadline := time.Now().Add(2 * time.Second)
+	for sh.Counters.TxFrames() == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := sh.Counters.Drops(rings.DropOversized); got != 2 {
+		t.Errorf("oversized drops: got %d, want 2", got)
+	}
+	if got := sh.Counters.Drops(rings.DropMalformed); got != 1 {
+		t.Errorf("runt drops: got %d, want 1", got)
+	}
+	if got := sh.Counters.TxFrames(); got != 1 {
+		t.Errorf("tx frames: got %d, want 1", got)
+	}
+}
+
+// TestPumpFullRingDrops: with nobody draining, the reader drops and counts
+// instead of blocking, and keeps reading.
+func TestPumpFullRingDrops(t *testing.T) {
+	dev := taptest.New(256)
+	sh := rings.NewShared(8, 1600)
+	p := StartPump(dev, sh, 1518, nil)
+	defer func() { p.Close(); p.Wait() }()
+	for i := 0; i < 100; i++ {
+		dev.Inject(make([]byte, 60))
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for sh.Counters.TxFrames() < 100 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := sh.Counters.Drops(rings.DropTxFull); got != 92 {
+		t.Errorf("tx_full drops: got %d, want 92 (100 frames, ring of 8)", got)
+	}
+}
+
+func TestPumpCloseIsIdempotent(t *testing.T) {
+	dev := taptest.New(4)
+	p := StartPump(dev, rings.NewShared(4, 1600), 1518, nil)
+	p.Close()
+	p.Close()
+	p.Wait()
+}
