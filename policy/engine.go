@@ -1,0 +1,246 @@
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+)
+
+// Engine is a compiled, immutable policy. Check is safe for concurrent use
+// and does not allocate.
+type Engine struct {
+	def      Action
+	rules    []rule
+	host     *HostSet
+	pins     *Pins
+	fatal    bool // every deny terminates (--on-violation terminate)
+	ipAllows bool // some address-based egress rule (or the default) allows
+	src      *File
+}
+
+// Options are what an Engine needs besides the policy itself.
+type Options struct {
+	// Host is the set of addresses that mean the host itself.
+	Host *HostSet
+	// Pins maps addresses to the names the sandbox resolved them from;
+	// domain rules match through it. nil means domain rules never match
+	// an address.
+	Pins *Pins
+	// DenyIsFatal turns every deny into terminate.
+	DenyIsFatal bool
+}
+
+// Compile builds an Engine from a parsed policy file.
+func Compile(f *File, o Options) (*Engine, error) {
+	def, err := ParseAction(f.DefaultAction)
+	if err != nil {
+		return nil, fmt.Errorf("default_action: %v", err)
+	}
+	e := &Engine{def: def, host: o.Host, pins: o.Pins, fatal: o.DenyIsFatal, src: f}
+	e.ipAllows = def == Allow
+	for i, fr := range f.Rules {
+		r, err := compileRule(fr)
+		if err != nil {
+			return nil, fmt.Errorf("rules[%d].%v", i, err)
+		}
+		if r.dir == Egress && r.action == Allow && r.dst.kind != matchDomain && r.dst.kind != matchSuffix {
+			e.ipAllows = true
+		}
+		e.rules = append(e.rules, r)
+	}
+	return e, nil
+}
+
+// File returns the policy the engine was compiled from.
+func (e *Engine) File() *File { return e.src }
+
+func (e *Engine) decision(a Action, rule int) Decision {
+	if e.fatal && a == Deny {
+		a = Terminate
+	}
+	return Decision{Action: a, Rule: rule}
+}
+
+// Check decides a flow: the first rule that matches wins; no match gives
+// the default action.
+func (e *Engine) Check(f Flow) Decision {
+	dst, src := f.Dst.Addr().Unmap(), f.Src.Addr().Unmap()
+	var names []string
+	namesLooked := false
+	for i := range e.rules {
+		r := &e.rules[i]
+		if r.dir != f.Direction {
+			continue
+		}
+		if r.protos != 0 && r.protos&(1<<f.Proto) == 0 {
+			continue
+		}
+		if len(r.ports) > 0 {
+			if f.Proto == ICMP || f.Proto == ICMPv6 || !inRanges(r.ports, f.Dst.Port()) {
+				continue
+			}
+		}
+		t, a := &r.dst, dst
+		if r.dir == Ingress {
+			if r.dst.kind != matchAny && !e.addrMatches(&r.dst, dst) {
+				continue
+			}
+			t, a = &r.src, src
+		}
+		switch t.kind {
+		case matchDomain, matchSuffix:
+			if f.Domain != "" {
+				if nameMatches(t, f.Domain) {
+					return e.decision(r.action, i)
+				}
+				continue
+			}
+			if !namesLooked {
+				names, namesLooked = e.pins.Lookup(a), true
+			}
+			for _, n := range names {
+				if nameMatches(t, n) {
+					return e.decision(r.action, i)
+				}
+			}
+		default:
+			if e.addrMatches(t, a) {
+				return e.decision(r.action, i)
+			}
+		}
+	}
+	return e.decision(e.def, -1)
+}
+
+// CheckQuery decides whether the sandbox may resolve name. The first rule
+// that matches the name decides, unless it is a deny limited to some
+// protocols or ports (the name may still be used for others). With no such
+// rule, the name resolves when any connection could be allowed by address
+// (the default allows, or some address-based egress rule does): address
+// rules never break name resolution, only domain rules and block lists do.
+func (e *Engine) CheckQuery(name string) Decision {
+	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	for i := range e.rules {
+		r := &e.rules[i]
+		if r.dir != Egress || (r.dst.kind != matchDomain && r.dst.kind != matchSuffix) || !nameMatches(&r.dst, name) {
+			continue
+		}
+		if r.action != Allow && (r.protos != 0 || len(r.ports) > 0) {
+			continue
+		}
+		return e.decision(r.action, i)
+	}
+	if e.ipAllows {
+		return Decision{Action: Allow, Rule: -1}
+	}
+	return e.decision(e.def, -1)
+}
+
+func (e *Engine) addrMatches(t *target, a netip.Addr) bool {
+	switch t.kind {
+	case matchAny:
+		return true
+	case matchCIDR:
+		return t.prefix.Contains(a)
+	case matchGroup:
+		return InGroup(a, t.group, e.host)
+	}
+	return false
+}
+
+func nameMatches(t *target, name string) bool {
+	if len(name) > 0 && name[len(name)-1] == '.' {
+		name = name[:len(name)-1]
+	}
+	if t.kind == matchDomain {
+		return strings.EqualFold(name, t.name)
+	}
+	if len(name) == len(t.name) {
+		return strings.EqualFold(name, t.name)
+	}
+	return len(name) > len(t.name) && name[len(name)-len(t.name)-1] == '.' && strings.EqualFold(name[len(name)-len(t.name):], t.name)
+}
+
+func inRanges(rs []PortRange, p uint16) bool {
+	for _, r := range rs {
+		if p >= r.Start && p <= r.End {
+			return true
+		}
+	}
+	return false
+}
+
+// Describe returns a one-line description of rule i (or of the default
+// action for -1), for logs and `msbtap policy explain`.
+func (e *Engine) Describe(i int) string {
+	if i < 0 || i >= len(e.src.Rules) {
+		return "default_action " + e.src.DefaultAction
+	}
+	r := e.src.Rules[i]
+	var b strings.Builder
+	fmt.Fprintf(&b, "rules[%d]: %s", i, r.Action)
+	dir := r.Direction
+	if dir == "" {
+		dir = "egress"
+	}
+	b.WriteString(" " + dir)
+	if len(r.Protocols) > 0 {
+		b.WriteString(" " + strings.Join(r.Protocols, ","))
+	}
+	if r.Source != nil {
+		b.WriteString(" from " + describeTarget(r.Source))
+	}
+	if r.Destination != nil {
+		b.WriteString(" to " + describeTarget(r.Destination))
+	}
+	for j, p := range r.Ports {
+		if j == 0 {
+			b.WriteString(" ports ")
+		} else {
+			b.WriteString(",")
+		}
+		if p.End == 0 || p.End == p.Start {
+			fmt.Fprintf(&b, "%d", p.Start)
+		} else {
+			fmt.Fprintf(&b, "%d-%d", p.Start, p.End)
+		}
+	}
+	return b.String()
+}
+
+func describeTarget(t *Target) string {
+	switch {
+	case t.Any:
+		return "any"
+	case t.CIDR != "":
+		return "cidr " + t.CIDR
+	case t.Domain != "":
+		return "domain " + t.Domain
+	case t.DomainSuffix != "":
+		return "domain_suffix " + t.DomainSuffix
+	}
+	return "group " + t.Group
+}
+
+// Holder holds the engine in force; a reload swaps it with one store, and
+// readers never lock. It implements Checker.
+type Holder struct {
+	p atomic.Pointer[Engine]
+}
+
+// NewHolder returns a Holder with e in force.
+func NewHolder(e *Engine) *Holder {
+	h := &Holder{}
+	h.p.Store(e)
+	return h
+}
+
+// Load returns the engine in force.
+func (h *Holder) Load() *Engine { return h.p.Load() }
+
+// Store puts e in force for flows that start from now on.
+func (h *Holder) Store(e *Engine) { h.p.Store(e) }
+
+// Check implements Checker with the engine in force.
+func (h *Holder) Check(f Flow) Decision { return h.p.Load().Check(f) }

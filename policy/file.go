@@ -1,0 +1,316 @@
+package policy
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+)
+
+// File is a policy as written in JSON (snake_case):
+//
+//	{"default_action": "deny",
+//	 "rules": [
+//	   {"direction": "egress", "destination": {"domain_suffix": "example.com"},
+//	    "protocols": ["tcp"], "ports": [{"start": 443, "end": 443}],
+//	    "action": "allow"}]}
+type File struct {
+	DefaultAction string     `json:"default_action"`
+	Rules         []FileRule `json:"rules"`
+}
+
+// FileRule is one rule of a policy file.
+type FileRule struct {
+	// Direction is "egress" (default) or "ingress".
+	Direction string `json:"direction,omitempty"`
+	// Destination is what an egress rule matches: "any" or an object with
+	// one of cidr, domain, domain_suffix, group. For ingress rules it is
+	// the sandbox side and may be omitted.
+	Destination *Target `json:"destination,omitempty"`
+	// Source is what an ingress rule matches (the host client); egress
+	// rules must not set it.
+	Source *Target `json:"source,omitempty"`
+	// Protocols: tcp, udp, icmp, icmpv6; empty means any.
+	Protocols []string `json:"protocols,omitempty"`
+	// Ports are inclusive ranges; empty means any. A rule with ports
+	// never matches ICMP.
+	Ports []PortRange `json:"ports,omitempty"`
+	// Action is allow, deny or terminate.
+	Action string `json:"action"`
+}
+
+// PortRange is an inclusive range of ports.
+type PortRange struct {
+	Start uint16 `json:"start"`
+	End   uint16 `json:"end"`
+}
+
+// Target is a rule's destination or source.
+type Target struct {
+	Any          bool   `json:"-"`
+	CIDR         string `json:"cidr,omitempty"`
+	Domain       string `json:"domain,omitempty"`
+	DomainSuffix string `json:"domain_suffix,omitempty"`
+	Group        string `json:"group,omitempty"`
+}
+
+// UnmarshalJSON accepts "any" or an object with exactly one field.
+func (t *Target) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err == nil {
+		if s != "any" {
+			return fmt.Errorf("%q: want \"any\" or an object with cidr, domain, domain_suffix or group", s)
+		}
+		*t = Target{Any: true}
+		return nil
+	}
+	type plain Target
+	var p plain
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.DisallowUnknownFields()
+	if err := d.Decode(&p); err != nil {
+		return fmt.Errorf("want \"any\" or an object with cidr, domain, domain_suffix or group: %v", cleanJSONErr(err))
+	}
+	*t = Target(p)
+	return nil
+}
+
+// MarshalJSON writes "any" or the object form.
+func (t Target) MarshalJSON() ([]byte, error) {
+	if t.Any {
+		return []byte(`"any"`), nil
+	}
+	type plain Target
+	return json.Marshal(plain(t))
+}
+
+// ParseFile parses and validates a policy in JSON. Errors name the rule
+// index and field, e.g. `rules[2].ports[0]: start 500 is after end 400`.
+func ParseFile(data []byte) (*File, error) {
+	var raw struct {
+		DefaultAction *string           `json:"default_action"`
+		Rules         []json.RawMessage `json:"rules"`
+	}
+	d := json.NewDecoder(bytes.NewReader(data))
+	d.DisallowUnknownFields()
+	if err := d.Decode(&raw); err != nil {
+		return nil, fmt.Errorf("policy: %v", cleanJSONErr(err))
+	}
+	if d.More() {
+		return nil, errors.New("policy: trailing data after the JSON object")
+	}
+	f := &File{}
+	if raw.DefaultAction == nil {
+		return nil, errors.New("policy: default_action: missing (want allow, deny or terminate)")
+	}
+	f.DefaultAction = *raw.DefaultAction
+	if _, err := ParseAction(f.DefaultAction); err != nil {
+		return nil, fmt.Errorf("policy: default_action: %v", err)
+	}
+	for i, rr := range raw.Rules {
+		var r FileRule
+		rd := json.NewDecoder(bytes.NewReader(rr))
+		rd.DisallowUnknownFields()
+		if err := rd.Decode(&r); err != nil {
+			return nil, fmt.Errorf("policy: rules[%d]: %v", i, cleanJSONErr(err))
+		}
+		if _, err := compileRule(r); err != nil {
+			return nil, fmt.Errorf("policy: rules[%d].%v", i, err)
+		}
+		f.Rules = append(f.Rules, r)
+	}
+	return f, nil
+}
+
+// LoadFile reads and parses a policy file.
+func LoadFile(path string) (*File, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("policy file: %w", err)
+	}
+	f, err := ParseFile(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return f, nil
+}
+
+// cleanJSONErr makes encoding/json's messages read as field errors.
+func cleanJSONErr(err error) string {
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) {
+		return fmt.Sprintf("%s: want %s, got %s", te.Field, te.Type, te.Value)
+	}
+	s := err.Error()
+	s = strings.TrimPrefix(s, "json: ")
+	return s
+}
+
+// ParseAction parses allow, deny or terminate.
+func ParseAction(s string) (Action, error) {
+	switch s {
+	case "allow":
+		return Allow, nil
+	case "deny":
+		return Deny, nil
+	case "terminate":
+		return Terminate, nil
+	}
+	return 0, fmt.Errorf("%q: want allow, deny or terminate", s)
+}
+
+// ParseProto parses a protocol name.
+func ParseProto(s string) (Proto, error) {
+	switch s {
+	case "tcp":
+		return TCP, nil
+	case "udp":
+		return UDP, nil
+	case "icmp":
+		return ICMP, nil
+	case "icmpv6":
+		return ICMPv6, nil
+	}
+	return 0, fmt.Errorf("%q: want tcp, udp, icmp or icmpv6", s)
+}
+
+// targetKind says how a compiled target matches.
+type targetKind uint8
+
+const (
+	matchAny targetKind = iota
+	matchCIDR
+	matchDomain
+	matchSuffix
+	matchGroup
+)
+
+type target struct {
+	kind   targetKind
+	prefix netip.Prefix
+	name   string // lower case, no trailing dot; suffix without leading dot
+	group  Group
+}
+
+func compileTarget(t *Target) (target, error) {
+	if t == nil || t.Any {
+		return target{kind: matchAny}, nil
+	}
+	n := 0
+	for _, s := range []string{t.CIDR, t.Domain, t.DomainSuffix, t.Group} {
+		if s != "" {
+			n++
+		}
+	}
+	if n != 1 {
+		return target{}, errors.New("want exactly one of cidr, domain, domain_suffix, group")
+	}
+	switch {
+	case t.CIDR != "":
+		p, err := netip.ParsePrefix(t.CIDR)
+		if err != nil {
+			a, aerr := netip.ParseAddr(t.CIDR)
+			if aerr != nil {
+				return target{}, fmt.Errorf("cidr: %q is not an address or prefix", t.CIDR)
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		if p.Addr().Is4In6() {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		return target{kind: matchCIDR, prefix: p.Masked()}, nil
+	case t.Domain != "":
+		name, err := normName(t.Domain)
+		if err != nil {
+			return target{}, fmt.Errorf("domain: %v", err)
+		}
+		return target{kind: matchDomain, name: name}, nil
+	case t.DomainSuffix != "":
+		name, err := normName(strings.TrimPrefix(t.DomainSuffix, "."))
+		if err != nil {
+			return target{}, fmt.Errorf("domain_suffix: %v", err)
+		}
+		return target{kind: matchSuffix, name: name}, nil
+	default:
+		g, err := ParseGroup(t.Group)
+		if err != nil {
+			return target{}, fmt.Errorf("group: %v", err)
+		}
+		return target{kind: matchGroup, group: g}, nil
+	}
+}
+
+// normName lower-cases a DNS name and strips the root dot.
+func normName(s string) (string, error) {
+	s = strings.ToLower(strings.TrimSuffix(s, "."))
+	if s == "" || len(s) > 253 || strings.ContainsAny(s, " /\\@:") || strings.Contains(s, "..") {
+		return "", fmt.Errorf("%q is not a DNS name", s)
+	}
+	return s, nil
+}
+
+type rule struct {
+	dir    Direction
+	protos uint8 // bit per Proto; 0 = any
+	ports  []PortRange
+	dst    target
+	src    target
+	action Action
+}
+
+func compileRule(r FileRule) (rule, error) {
+	var c rule
+	switch r.Direction {
+	case "", "egress":
+		c.dir = Egress
+		if r.Source != nil {
+			return c, errors.New("source: only ingress rules have a source")
+		}
+	case "ingress":
+		c.dir = Ingress
+	default:
+		return c, fmt.Errorf("direction: %q: want egress or ingress", r.Direction)
+	}
+	if c.dir == Egress && r.Destination == nil {
+		return c, errors.New("destination: missing (use \"any\" to match every destination)")
+	}
+	var err error
+	if c.dst, err = compileTarget(r.Destination); err != nil {
+		return c, fmt.Errorf("destination: %v", err)
+	}
+	if c.src, err = compileTarget(r.Source); err != nil {
+		return c, fmt.Errorf("source: %v", err)
+	}
+	if c.dir == Ingress && (c.dst.kind == matchDomain || c.dst.kind == matchSuffix || c.src.kind == matchDomain || c.src.kind == matchSuffix) {
+		return c, errors.New("source: ingress rules match addresses, not domains")
+	}
+	for i, p := range r.Protocols {
+		pr, err := ParseProto(p)
+		if err != nil {
+			return c, fmt.Errorf("protocols[%d]: %v", i, err)
+		}
+		c.protos |= 1 << pr
+	}
+	for i, pr := range r.Ports {
+		if pr.Start == 0 {
+			return c, fmt.Errorf("ports[%d]: start must be 1..65535", i)
+		}
+		if pr.End == 0 {
+			pr.End = pr.Start
+		}
+		if pr.Start > pr.End {
+			return c, fmt.Errorf("ports[%d]: start %d is after end %d", i, pr.Start, pr.End)
+		}
+		c.ports = append(c.ports, pr)
+	}
+	if r.Action == "" {
+		return c, errors.New("action: missing (want allow, deny or terminate)")
+	}
+	if c.action, err = ParseAction(r.Action); err != nil {
+		return c, fmt.Errorf("action: %v", err)
+	}
+	return c, nil
+}

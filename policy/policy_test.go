@@ -1,0 +1,423 @@
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+var (
+	gw4  = netip.MustParseAddr("100.96.0.1")
+	gw6  = netip.MustParseAddr("fd42:6d73:62::1")
+	host = NewHostSet(gw4, gw6, netip.MustParseAddr("192.0.2.77"))
+	src4 = netip.MustParseAddrPort("100.96.0.2:40000")
+)
+
+func mustCompile(t testing.TB, js string, o Options) *Engine {
+	t.Helper()
+	f, err := ParseFile([]byte(js))
+	if err != nil {
+		t.Fatalf("parse: %v", err)
+	}
+	if o.Host == nil {
+		o.Host = host
+	}
+	e, err := Compile(f, o)
+	if err != nil {
+		t.Fatalf("compile: %v", err)
+	}
+	return e
+}
+
+func flow(p Proto, dst string) Flow {
+	ap, err := netip.ParseAddrPort(dst)
+	if err != nil {
+		ap = netip.AddrPortFrom(netip.MustParseAddr(dst), 0)
+	}
+	return Flow{Proto: p, Src: src4, Dst: ap}
+}
+
+func TestGroups(t *testing.T) {
+	for _, tc := range []struct {
+		addr  string
+		group Group
+		want  bool
+	}{
+		{"127.0.0.1", GroupLoopback, true},
+		{"127.255.0.9", GroupLoopback, true},
+		{"::1", GroupLoopback, true},
+		{"10.1.2.3", GroupPrivate, true},
+		{"172.16.0.1", GroupPrivate, true},
+		{"172.32.0.1", GroupPrivate, false},
+		{"192.168.9.9", GroupPrivate, true},
+		{"100.64.0.1", GroupPrivate, true},
+		{"100.128.0.1", GroupPrivate, false},
+		{"fd00::1", GroupPrivate, true},
+		{"fc00::1", GroupPrivate, true},
+		{"169.254.1.1", GroupLinkLocal, true},
+		{"fe80::1", GroupLinkLocal, true},
+		{"169.254.169.254", GroupMetadata, true},
+		{"169.254.169.254", GroupLinkLocal, true},
+		{"fd00:ec2::254", GroupMetadata, true},
+		{"100.100.100.200", GroupMetadata, true},
+		{"224.0.0.251", GroupMulticast, true},
+		{"255.255.255.255", GroupMulticast, true},
+		{"ff02::1", GroupMulticast, true},
+		{"100.96.0.1", GroupHost, true},
+		{"fd42:6d73:62::1", GroupHost, true},
+		{"192.0.2.77", GroupHost, true},
+		{"192.0.2.78", GroupHost, false},
+		{"198.51.100.10", GroupPublic, true},
+		{"2001:db8::10", GroupPublic, true},
+		{"8.8.8.8", GroupPublic, true},
+		{"2606:4700::1", GroupPublic, true},
+		{"10.0.0.1", GroupPublic, false},
+		{"127.0.0.1", GroupPublic, false},
+		{"169.254.169.254", GroupPublic, false},
+		{"100.96.0.1", GroupPublic, false},
+		{"192.0.2.77", GroupPublic, false},
+		{"224.0.0.1", GroupPublic, false},
+		{"0.0.0.0", GroupPublic, false},
+		{"::", GroupPublic, false},
+		{"fe80::1", GroupPublic, false},
+		{"fd00::1", GroupPublic, false},
+	} {
+		if got := InGroup(netip.MustParseAddr(tc.addr), tc.group, host); got != tc.want {
+			t.Errorf("%s in %s: got %v, want %v", tc.addr, tc.group, got, tc.want)
+		}
+	}
+}
+
+func TestPublicOnlyPreset(t *testing.T) {
+	f, _ := Preset("public-only")
+	e, err := Compile(f, Options{Host: host})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		p    Proto
+		dst  string
+		want Action
+	}{
+		{TCP, "198.51.100.10:80", Allow},
+		{UDP, "198.51.100.10:7002", Allow},
+		{ICMP, "198.51.100.10", Allow},
+		{TCP, "[2001:db8::10]:80", Allow},
+		{ICMPv6, "2001:db8::10", Allow},
+		{TCP, "10.0.0.1:80", Deny},
+		{UDP, "192.168.1.1:53", Deny},
+		{ICMP, "172.16.0.1", Deny},
+		{TCP, "169.254.169.254:80", Deny},
+		{TCP, "[fd00:ec2::254]:80", Deny},
+		{TCP, "100.96.0.1:22", Deny},
+		{ICMP, "100.96.0.1", Deny},
+		{TCP, "[fd42:6d73:62::1]:22", Deny},
+		{TCP, "192.0.2.77:22", Deny},
+		{TCP, "127.0.0.1:80", Deny},
+		{TCP, "[::1]:80", Deny},
+		{TCP, "[fe80::1]:80", Deny},
+		{UDP, "224.0.0.251:5353", Deny},
+		{TCP, "[fd00::5]:80", Deny},
+		// IPv4-mapped IPv6 is normalised before matching.
+		{TCP, "[::ffff:10.0.0.1]:80", Deny},
+		{TCP, "[::ffff:169.254.169.254]:80", Deny},
+		{TCP, "[::ffff:198.51.100.10]:80", Allow},
+	} {
+		if got := e.Check(flow(tc.p, tc.dst)).Action; got != tc.want {
+			t.Errorf("%s %s: got %s, want %s", tc.p, tc.dst, got, tc.want)
+		}
+	}
+}
+
+func TestPresets(t *testing.T) {
+	for _, tc := range []struct {
+		preset, dst string
+		want        Action
+	}{
+		{"none", "198.51.100.10:80", Deny},
+		{"allow-all", "10.0.0.1:80", Allow},
+		{"allow-all", "100.96.0.1:22", Allow},
+		{"non-local", "10.0.0.1:80", Allow},
+		{"non-local", "198.51.100.10:80", Allow},
+		{"non-local", "169.254.169.254:80", Deny},
+		{"non-local", "100.96.0.1:80", Deny},
+		{"non-local", "127.0.0.1:80", Deny},
+	} {
+		f, ok := Preset(tc.preset)
+		if !ok {
+			t.Fatalf("no preset %s", tc.preset)
+		}
+		e, _ := Compile(f, Options{Host: host})
+		if got := e.Check(flow(TCP, tc.dst)).Action; got != tc.want {
+			t.Errorf("%s %s: got %s, want %s", tc.preset, tc.dst, got, tc.want)
+		}
+	}
+}
+
+func TestRulesMatching(t *testing.T) {
+	e := mustCompile(t, `{"default_action": "allow", "rules": [
+		{"destination": {"cidr": "198.51.100.0/28"}, "protocols": ["tcp"], "ports": [{"start": 8000, "end": 8999}], "action": "deny"},
+		{"destination": {"cidr": "198.51.100.0/24"}, "protocols": ["udp"], "action": "terminate"},
+		{"destination": {"cidr": "2001:db8::/32"}, "protocols": ["icmpv6"], "action": "deny"},
+		{"destination": {"cidr": "198.51.100.5"}, "action": "deny"},
+		{"destination": {"group": "private"}, "ports": [{"start": 22}], "action": "deny"},
+		{"destination": "any", "protocols": ["icmp"], "action": "deny"}
+	]}`, Options{})
+	for _, tc := range []struct {
+		p    Proto
+		dst  string
+		want Action
+		rule int
+	}{
+		{TCP, "198.51.100.10:8000", Deny, 0},
+		{TCP, "198.51.100.10:8999", Deny, 0},
+		{TCP, "198.51.100.10:9000", Allow, -1},
+		{TCP, "198.51.100.10:7999", Allow, -1},
+		{TCP, "198.51.100.20:8000", Allow, -1}, // outside the /28
+		{UDP, "198.51.100.20:8000", Terminate, 1},
+		{ICMPv6, "2001:db8::1", Deny, 2},
+		{TCP, "[2001:db8::1]:80", Allow, -1},
+		{TCP, "198.51.100.5:80", Deny, 3},
+		{TCP, "10.1.1.1:22", Deny, 4},
+		{TCP, "10.1.1.1:23", Allow, -1},
+		{ICMP, "10.1.1.1", Deny, 5}, // port rules never match ICMP
+		{ICMP, "8.8.8.8", Deny, 5},
+	} {
+		d := e.Check(flow(tc.p, tc.dst))
+		if d.Action != tc.want || d.Rule != tc.rule {
+			t.Errorf("%s %s: got %s by rule %d, want %s by rule %d", tc.p, tc.dst, d.Action, d.Rule, tc.want, tc.rule)
+		}
+	}
+}
+
+func TestFirstMatchWins(t *testing.T) {
+	e := mustCompile(t, `{"default_action": "deny", "rules": [
+		{"destination": {"cidr": "198.51.100.10/32"}, "action": "allow"},
+		{"destination": {"cidr": "198.51.100.0/24"}, "action": "deny"},
+		{"destination": {"cidr": "198.51.100.20/32"}, "action": "allow"}
+	]}`, Options{})
+	if d := e.Check(flow(TCP, "198.51.100.10:1")); d.Action != Allow || d.Rule != 0 {
+		t.Errorf("first rule: got %+v", d)
+	}
+	if d := e.Check(flow(TCP, "198.51.100.20:1")); d.Action != Deny || d.Rule != 1 {
+		t.Errorf("a later allow must not override an earlier deny: got %+v", d)
+	}
+}
+
+func TestDenyIsFatal(t *testing.T) {
+	e := mustCompile(t, `{"default_action": "deny", "rules": [{"destination": {"cidr": "198.51.100.0/24"}, "action": "allow"}]}`, Options{DenyIsFatal: true})
+	if got := e.Check(flow(TCP, "10.0.0.1:1")).Action; got != Terminate {
+		t.Errorf("got %s, want terminate", got)
+	}
+	if got := e.Check(flow(TCP, "198.51.100.1:1")).Action; got != Allow {
+		t.Errorf("got %s, want allow", got)
+	}
+}
+
+func TestIngressRules(t *testing.T) {
+	e := mustCompile(t, `{"default_action": "deny", "rules": [
+		{"direction": "ingress", "source": {"cidr": "127.0.0.0/8"}, "ports": [{"start": 8080}], "action": "allow"},
+		{"direction": "ingress", "source": {"cidr": "10.0.0.0/8"}, "action": "deny"},
+		{"destination": "any", "action": "allow"}
+	]}`, Options{})
+	in := func(src, dst string) Flow {
+		return Flow{Direction: Ingress, Proto: TCP, Src: netip.MustParseAddrPort(src), Dst: netip.MustParseAddrPort(dst)}
+	}
+	if got := e.Check(in("127.0.0.1:5000", "127.0.0.1:8080")); got.Action != Allow || got.Rule != 0 {
+		t.Errorf("loopback client: %+v", got)
+	}
+	if got := e.Check(in("127.0.0.1:5000", "127.0.0.1:8081")); got.Action != Deny || got.Rule != -1 {
+		t.Errorf("other port: %+v", got)
+	}
+	if got := e.Check(in("10.1.1.1:5000", "127.0.0.1:8080")); got.Action != Deny || got.Rule != 1 {
+		t.Errorf("10.x client: %+v", got)
+	}
+	// Egress rules do not apply to ingress flows and vice versa.
+	if got := e.Check(flow(TCP, "10.1.1.1:80")); got.Action != Allow || got.Rule != 2 {
+		t.Errorf("egress: %+v", got)
+	}
+}
+
+func TestDomainRulesMatchThroughPins(t *testing.T) {
+	pins := NewPins(0)
+	e := mustCompile(t, `{"default_action": "deny", "rules": [
+		{"destination": {"domain": "api.example.com"}, "protocols": ["tcp"], "ports": [{"start": 443}], "action": "allow"},
+		{"destination": {"domain_suffix": "cdn.example.net"}, "action": "allow"},
+		{"destination": {"domain_suffix": ".bad.example"}, "action": "terminate"}
+	]}`, Options{Pins: pins})
+	ip1, ip2, ip3 := netip.MustParseAddr("198.51.100.1"), netip.MustParseAddr("198.51.100.2"), netip.MustParseAddr("2001:db8::3")
+	// Nothing resolved yet: no domain rule can match.
+	if got := e.Check(flow(TCP, "198.51.100.1:443")).Action; got != Deny {
+		t.Errorf("unresolved address: got %s, want deny", got)
+	}
+	pins.Add(ip1, "API.example.com.", time.Minute)
+	pins.Add(ip2, "img.cdn.example.net", time.Minute)
+	pins.Add(ip3, "x.bad.example", time.Minute)
+	for _, tc := range []struct {
+		p    Proto
+		dst  string
+		want Action
+	}{
+		{TCP, "198.51.100.1:443", Allow},
+		{TCP, "198.51.100.1:80", Deny},
+		{UDP, "198.51.100.1:443", Deny},
+		{TCP, "198.51.100.2:80", Allow},
+		{UDP, "198.51.100.2:53", Allow},
+		{TCP, "[2001:db8::3]:80", Terminate},
+		{TCP, "[::ffff:198.51.100.2]:80", Allow},
+		{TCP, "198.51.100.9:443", Deny}, // never looked up
+	} {
+		if got := e.Check(flow(tc.p, tc.dst)).Action; got != tc.want {
+			t.Errorf("%s %s: got %s, want %s", tc.p, tc.dst, got, tc.want)
+		}
+	}
+	// Suffix rules match the name itself and subdomains, not look-alikes.
+	pins.Add(netip.MustParseAddr("198.51.100.4"), "evilcdn.example.net", time.Minute)
+	if got := e.Check(flow(TCP, "198.51.100.4:80")).Action; got != Deny {
+		t.Errorf("look-alike suffix: got %s, want deny", got)
+	}
+}
+
+func TestPinsExpireAndBound(t *testing.T) {
+	p := NewPins(3)
+	now := time.Unix(1000, 0)
+	p.now = func() time.Time { return now }
+	a := netip.MustParseAddr("198.51.100.1")
+	p.Add(a, "a.example", time.Second) // raised to the minimum TTL
+	now = now.Add(MinPinTTL - time.Second)
+	if got := p.Lookup(a); len(got) != 1 || got[0] != "a.example" {
+		t.Fatalf("lookup before expiry: %v", got)
+	}
+	now = now.Add(2 * time.Second)
+	if got := p.Lookup(a); got != nil {
+		t.Fatalf("lookup after expiry: %v", got)
+	}
+	for i := 0; i < 10; i++ {
+		p.Add(netip.AddrFrom4([4]byte{198, 51, 100, byte(10 + i)}), fmt.Sprintf("n%d.example", i), time.Hour)
+	}
+	if n := p.Len(); n > 3 {
+		t.Fatalf("pins grew to %d entries, bound is 3", n)
+	}
+}
+
+func TestCheckQuery(t *testing.T) {
+	allowOne := mustCompile(t, `{"default_action": "deny", "rules": [
+		{"destination": {"domain": "www.example.test"}, "action": "allow"}]}`, Options{})
+	if got := allowOne.CheckQuery("www.example.test."); got.Action != Allow {
+		t.Errorf("allowed name: %+v", got)
+	}
+	if got := allowOne.CheckQuery("other.example.test"); got.Action != Deny {
+		t.Errorf("other name under deny-by-default: %+v", got)
+	}
+	f, _ := Preset("public-only")
+	po, _ := Compile(f, Options{Host: host})
+	if got := po.CheckQuery("anything.example"); got.Action != Allow {
+		t.Errorf("public-only must let names resolve: %+v", got)
+	}
+	denyName := mustCompile(t, `{"default_action": "allow", "rules": [
+		{"destination": {"domain_suffix": "blocked.test"}, "action": "deny"},
+		{"destination": {"domain": "web.test"}, "ports": [{"start": 80}], "action": "deny"}]}`, Options{})
+	if got := denyName.CheckQuery("a.blocked.test"); got.Action != Deny || got.Rule != 0 {
+		t.Errorf("denied suffix: %+v", got)
+	}
+	if got := denyName.CheckQuery("web.test"); got.Action != Allow {
+		t.Errorf("a port-limited deny must not stop resolution: %+v", got)
+	}
+}
+
+func TestParseErrors(t *testing.T) {
+	for _, tc := range []struct {
+		js, want string
+	}{
+		{`{`, "policy:"},
+		{`{"rules": []}`, "default_action: missing"},
+		{`{"default_action": "maybe"}`, `default_action: "maybe"`},
+		{`{"default_action": "deny", "extra": 1}`, `unknown field "extra"`},
+		{`{"default_action": "deny", "rules": [{"destination": "any"}]}`, "rules[0].action: missing"},
+		{`{"default_action": "deny", "rules": [{"destination": "any", "action": "allow"}, {"destination": "all", "action": "allow"}]}`, "rules[1]"},
+		{`{"default_action": "deny", "rules": [{"action": "allow"}]}`, "rules[0].destination: missing"},
+		{`{"default_action": "deny", "rules": [{"destination": {"cidr": "10.0.0.0/33"}, "action": "deny"}]}`, "rules[0].destination: cidr"},
+		{`{"default_action": "deny", "rules": [{"destination": {"group": "intranet"}, "action": "deny"}]}`, `rules[0].destination: group: unknown group "intranet"`},
+		{`{"default_action": "deny", "rules": [{"destination": {"cidr": "10.0.0.0/8", "group": "private"}, "action": "deny"}]}`, "exactly one"},
+		{`{"default_action": "deny", "rules": [{"destination": {"domian": "x"}, "action": "deny"}]}`, `rules[0]`},
+		{`{"default_action": "deny", "rules": [{"destination": "any", "protocols": ["sctp"], "action": "deny"}]}`, `rules[0].protocols[0]: "sctp"`},
+		{`{"default_action": "deny", "rules": [{"destination": "any", "ports": [{"start": 500, "end": 400}], "action": "deny"}]}`, "rules[0].ports[0]: start 500 is after end 400"},
+		{`{"default_action": "deny", "rules": [{"destination": "any", "ports": [{"start": 0}], "action": "deny"}]}`, "rules[0].ports[0]"},
+		{`{"default_action": "deny", "rules": [{"destination": "any", "ports": [{"start": 70000}], "action": "deny"}]}`, "rules[0]"},
+		{`{"default_action": "deny", "rules": [{"direction": "sideways", "destination": "any", "action": "deny"}]}`, "rules[0].direction"},
+		{`{"default_action": "deny", "rules": [{"destination": "any", "source": {"cidr": "10.0.0.0/8"}, "action": "deny"}]}`, "rules[0].source"},
+		{`{"default_action": "deny", "rules": [{"destination": {"domain": "a b"}, "action": "deny"}]}`, "rules[0].destination: domain"},
+		{`{"default_action": "deny", "rules": [{"destination": "any", "action": "allow", "protocols": "tcp"}]}`, "rules[0]: protocols"},
+	} {
+		_, err := ParseFile([]byte(tc.js))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s:\n got %v\nwant an error containing %q", tc.js, err, tc.want)
+		}
+	}
+}
+
+func TestLoad(t *testing.T) {
+	if _, err := Load("public-only"); err != nil {
+		t.Errorf("preset: %v", err)
+	}
+	_, err := Load("/nonexistent/policy.json")
+	if err == nil || !strings.Contains(err.Error(), "neither a preset") {
+		t.Errorf("missing file: %v", err)
+	}
+}
+
+func TestDescribe(t *testing.T) {
+	e := mustCompile(t, `{"default_action": "deny", "rules": [
+		{"destination": {"group": "private"}, "protocols": ["tcp"], "ports": [{"start": 443, "end": 443}, {"start": 8000, "end": 8100}], "action": "deny"}]}`, Options{})
+	if got, want := e.Describe(0), "rules[0]: deny egress tcp to group private ports 443,8000-8100"; got != want {
+		t.Errorf("got %q, want %q", got, want)
+	}
+	if got := e.Describe(-1); got != "default_action deny" {
+		t.Errorf("got %q", got)
+	}
+}
+
+func FuzzParseFile(f *testing.F) {
+	f.Add([]byte(`{"default_action": "allow", "rules": [{"direction": "egress", "destination": {"group": "private"}, "protocols": ["tcp"], "ports": [{"start": 443, "end": 443}], "action": "deny"}]}`))
+	f.Add([]byte(`{"default_action": "deny", "rules": [{"destination": {"domain_suffix": "example.com"}, "action": "allow"}, {"destination": "any", "action": "terminate"}]}`))
+	f.Add([]byte(`{"default_action": "deny", "rules": [{"direction": "ingress", "source": {"cidr": "::ffff:10.0.0.0/104"}, "action": "allow"}]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		pf, err := ParseFile(b)
+		if err != nil {
+			return
+		}
+		e, err := Compile(pf, Options{Host: host, Pins: NewPins(16)})
+		if err != nil {
+			t.Fatalf("ParseFile accepted what Compile rejects: %v", err)
+		}
+		for _, fl := range []Flow{flow(TCP, "198.51.100.1:443"), flow(ICMP, "10.0.0.1"), {Direction: Ingress, Proto: UDP, Src: src4, Dst: src4}} {
+			d := e.Check(fl)
+			if d.Rule >= len(pf.Rules) {
+				t.Fatalf("rule index %d out of range", d.Rule)
+			}
+			_ = e.Describe(d.Rule)
+		}
+		e.CheckQuery("www.example.com")
+	})
+}
+
+func BenchmarkCheck100Rules(b *testing.B) {
+	var sb strings.Builder
+	sb.WriteString(`{"default_action": "allow", "rules": [`)
+	for i := 0; i < 99; i++ {
+		fmt.Fprintf(&sb, `{"destination": {"cidr": "10.%d.0.0/16"}, "protocols": ["tcp"], "ports": [{"start": %d, "end": %d}], "action": "deny"},`, i, 1000+i, 2000+i)
+	}
+	sb.WriteString(`{"destination": {"domain_suffix": "example.com"}, "action": "deny"}]}`)
+	pins := NewPins(0)
+	e := mustCompile(b, sb.String(), Options{Pins: pins})
+	fl := flow(TCP, "198.51.100.10:443")
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if e.Check(fl).Action != Allow {
+			b.Fatal("wrong decision")
+		}
+	}
+}
