@@ -260,10 +260,6 @@ func (st *Stack) gatewayLinkLocal() netip.Addr {
 
 func (st *Stack) handleEcho(b []byte, p *ipPacket, proto policy.Proto) {
 	c := &st.o.Shared.Counters
-	if st.isGateway(p.dst) || p.dst == st.gatewayLinkLocal() {
-		st.ep.deliver(b) // the gateway answers its own echo
-		return
-	}
 	if p.dst.IsMulticast() || p.dst.IsUnspecified() || !p.dst.IsValid() || p.dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
 		c.Drop(rings.DropOther)
 		return
@@ -274,6 +270,10 @@ func (st *Stack) handleEcho(b []byte, p *ipPacket, proto policy.Proto) {
 		if st.o.DenyMode == DenyReject {
 			st.r.sendUnreachable(p, p.dst)
 		}
+		return
+	}
+	if st.isGateway(p.dst) || p.dst == st.gatewayLinkLocal() {
+		st.ep.deliver(b) // the gateway answers its own echo
 		return
 	}
 	id, seq := binary.BigEndian.Uint16(m[4:6]), binary.BigEndian.Uint16(m[6:8])

@@ -226,7 +226,6 @@ func (st *Stack) SetPolicy(c policy.Checker) {
 // decide runs the policy on a new flow and reports whether it may proceed.
 func (st *Stack) decide(f policy.Flow) bool {
 	d := (*st.policy.Load()).Check(f)
-	st.stats.countDecision(d.Action)
 	if st.o.OnDecision != nil {
 		st.o.OnDecision(f, d)
 	}
@@ -279,20 +278,8 @@ func (st *Stack) Wait() {
 
 // Stats are the stack's counters.
 type Stats struct {
-	Allowed, Denied, Terminated atomic.Uint64
-	TCPTotal, TCPRejected       atomic.Uint64
-	TCPDialFailed               atomic.Uint64
-}
-
-func (s *Stats) countDecision(a policy.Action) {
-	switch a {
-	case policy.Allow:
-		s.Allowed.Add(1)
-	case policy.Deny:
-		s.Denied.Add(1)
-	case policy.Terminate:
-		s.Terminated.Add(1)
-	}
+	TCPTotal, TCPRejected atomic.Uint64
+	TCPDialFailed         atomic.Uint64
 }
 
 // FlowStat is the number of open and total flows of one protocol.

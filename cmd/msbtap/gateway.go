@@ -3,6 +3,7 @@ package main
 import (
 	"log/slog"
 
+	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/rings"
 	"github.com/msbtap/msbtap/stack"
@@ -19,7 +20,8 @@ func (g *gateway) Close() error {
 	return err
 }
 
-func startGateway(sh *rings.Shared, o runOptions, log *slog.Logger) (*gateway, error) {
+func startGateway(sh *rings.Shared, o runOptions, holder *policy.Holder, guard *policy.DNSGuard,
+	onDecision func(policy.Flow, policy.Decision), log *slog.Logger) (*gateway, error) {
 	ups := o.dnsUpstreams
 	if len(ups) == 0 {
 		ups = proxy.HostUpstreams(proxy.DefaultResolvConf)
@@ -30,7 +32,11 @@ func startGateway(sh *rings.Shared, o runOptions, log *slog.Logger) (*gateway, e
 	st, err := stack.New(stack.Options{
 		Plan:           o.plan,
 		Shared:         sh,
+		Policy:         holder,
+		OnDecision:     onDecision,
+		DenyMode:       o.denyMode,
 		DNSUpstreams:   ups,
+		DNSFilter:      guard,
 		MaxConnections: o.maxConnections,
 		Log:            log.With("component", "stack"),
 	})

@@ -47,6 +47,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints and exits
 		Commands: []*cli.Command{
 			runCommand(),
+			policyCommand(),
 			{
 				Name:  "version",
 				Usage: "print the version",

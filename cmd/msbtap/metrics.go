@@ -7,12 +7,14 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/rings"
 	"github.com/msbtap/msbtap/stack"
 )
@@ -20,16 +22,21 @@ import (
 // collector exports the agent's counters at scrape time, so the packet path
 // only ever touches its own atomics.
 type collector struct {
-	sh *rings.Shared
-	st *stack.Stack
+	sh    *rings.Shared
+	st    *stack.Stack
+	audit  *auditLog
+	counts *decisionCounts
 
-	bytes, frames, drops, flowsActive, flowsTotal, decisions *prometheus.Desc
+	bytes, frames, drops, flowsActive, flowsTotal, decisions, auditDrops *prometheus.Desc
 }
 
-func newCollector(sh *rings.Shared, st *stack.Stack) *collector {
+func newCollector(sh *rings.Shared, st *stack.Stack, audit *auditLog, counts *decisionCounts) *collector {
 	return &collector{
+		counts:      counts,
 		sh:          sh,
 		st:          st,
+		audit:       audit,
+		auditDrops:  prometheus.NewDesc("msbtap_audit_dropped_total", "Decision log lines dropped because the writer fell behind.", nil, nil),
 		bytes:       prometheus.NewDesc("msbtap_bytes_total", "Bytes at the guest boundary; direction tx = sent by the guest, rx = delivered to it.", []string{"direction"}, nil),
 		frames:      prometheus.NewDesc("msbtap_frames_total", "Frames at the guest boundary; direction tx = sent by the guest, rx = delivered to it.", []string{"direction"}, nil),
 		drops:       prometheus.NewDesc("msbtap_drops_total", "Frames dropped, by reason.", []string{"reason"}, nil),
@@ -40,7 +47,7 @@ func newCollector(sh *rings.Shared, st *stack.Stack) *collector {
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions} {
+	for _, d := range []*prometheus.Desc{c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions, c.auditDrops} {
 		ch <- d
 	}
 }
@@ -62,10 +69,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.flowsActive, prometheus.GaugeValue, float64(f.Active), f.Proto)
 		counter(c.flowsTotal, f.Total, f.Proto)
 	}
-	s := c.st.Stats()
-	counter(c.decisions, s.Allowed.Load(), "allow")
-	counter(c.decisions, s.Denied.Load(), "deny")
-	counter(c.decisions, s.Terminated.Load(), "terminate")
+	for _, a := range []policy.Action{policy.Allow, policy.Deny, policy.Terminate} {
+		counter(c.decisions, c.counts.get(a), a.String())
+	}
+	ch <- prometheus.MustNewConstMetric(c.auditDrops, prometheus.CounterValue, float64(c.audit.Dropped()))
 }
 
 // metricsServer serves Prometheus /metrics on addr until closed.
@@ -74,12 +81,12 @@ type metricsServer struct {
 	addr net.Addr
 }
 
-func startMetrics(addr string, sh *rings.Shared, st *stack.Stack, log *slog.Logger) (*metricsServer, error) {
+func startMetrics(addr string, sh *rings.Shared, st *stack.Stack, audit *auditLog, counts *decisionCounts, log *slog.Logger) (*metricsServer, error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		newCollector(sh, st),
+		newCollector(sh, st, audit, counts),
 	)
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -102,3 +109,16 @@ func (m *metricsServer) Close() error {
 	defer cancel()
 	return m.srv.Shutdown(ctx)
 }
+
+// decisionCounts counts flow decisions (packet path and DNS) by action.
+type decisionCounts struct {
+	n [3]atomic.Uint64
+}
+
+func (d *decisionCounts) add(a policy.Action) {
+	if int(a) < len(d.n) {
+		d.n[a].Add(1)
+	}
+}
+
+func (d *decisionCounts) get(a policy.Action) uint64 { return d.n[a].Load() }

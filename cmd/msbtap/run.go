@@ -7,11 +7,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"os/signal"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -20,45 +20,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/msbtap/msbtap/plan"
-	"github.com/msbtap/msbtap/proxy"
+	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/rings"
 	"github.com/msbtap/msbtap/tap"
 )
-
-// runOptions is everything `msbtap run` was told, validated.
-type runOptions struct {
-	netns     string // path of the target namespace; "" = fresh one for the command
-	tapName   string
-	plan      plan.Plan
-	readyFD   int // -1 = none
-	pidFile   string
-	logFormat string
-	logLevel  slog.Level
-	command   []string
-
-	dnsUpstreams   []string
-	maxConnections int
-	metricsAddr    string
-}
-
-func runFlags() []cli.Flag {
-	return []cli.Flag{
-		&cli.StringFlag{Name: "netns", Usage: "attach to network namespace `NAME|PATH` (a name is looked up in /run/netns)"},
-		&cli.StringFlag{Name: "tap", Value: "eth0", Usage: "`NAME` of the TAP interface"},
-		&cli.IntFlag{Name: "slot", Value: 0, Usage: "sandbox slot `N` (0..65535) the default addresses derive from"},
-		&cli.IntFlag{Name: "mtu", Value: plan.DefaultMTU, Usage: "MTU of the sandbox's link"},
-		&cli.StringFlag{Name: "guest-ipv4", Usage: "guest IPv4 address `A[/LEN]` (gateway = A-1)"},
-		&cli.StringFlag{Name: "guest-ipv6", Usage: "guest IPv6 address `A[/LEN]` (gateway = A-1)"},
-		&cli.StringFlag{Name: "guest-mac", Usage: "guest MAC address `M`"},
-		&cli.IntFlag{Name: "ready-fd", Value: -1, Usage: "write a line to file descriptor `N` and close it once ready"},
-		&cli.StringFlag{Name: "pid-file", Usage: "write msbtap's pid to `FILE`"},
-		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log format: text or json"},
-		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level: debug, info, warn or error"},
-		&cli.StringSliceFlag{Name: "dns-upstream", Usage: "forward the sandbox's DNS queries to `ADDR[:PORT]` (repeatable; default: the host's /etc/resolv.conf)"},
-		&cli.IntFlag{Name: "max-connections", Value: 256, Usage: "cap on concurrent relayed TCP connections"},
-		&cli.StringFlag{Name: "metrics-addr", Usage: "serve Prometheus /metrics on `ADDR` (host:port, in msbtap's own namespace)"},
-	}
-}
 
 func runCommand() *cli.Command {
 	return &cli.Command{
@@ -77,76 +42,6 @@ func runCommand() *cli.Command {
 			return runAgent(opts)
 		},
 	}
-}
-
-func parseRunOptions(c *cli.Context) (runOptions, error) {
-	o := runOptions{
-		tapName: c.String("tap"),
-		readyFD: c.Int("ready-fd"),
-		pidFile: c.String("pid-file"),
-		command: c.Args().Slice(),
-	}
-	if c.IsSet("netns") {
-		if c.String("netns") == "" {
-			return o, errors.New("--netns: empty namespace name")
-		}
-		o.netns = tap.ResolveNetns(c.String("netns"))
-	}
-	if o.netns == "" && len(o.command) == 0 {
-		return o, errors.New("nothing to attach: give --netns NAME|PATH or a command after --")
-	}
-	if n := len(o.tapName); n == 0 || n > 15 || strings.ContainsAny(o.tapName, "/ \t\n:") {
-		return o, fmt.Errorf("--tap %q: not a valid interface name (1 to 15 characters, no '/', ':' or spaces)", o.tapName)
-	}
-	p, err := plan.ForSlot(c.Int("slot"))
-	if err != nil {
-		return o, fmt.Errorf("--slot: %w", err)
-	}
-	mtu := 0
-	if c.IsSet("mtu") {
-		mtu = c.Int("mtu")
-		if mtu == 0 {
-			return o, errors.New("--mtu 0: out of range 1280..65520")
-		}
-	}
-	p, err = p.Apply(plan.Overrides{
-		GuestIPv4: c.String("guest-ipv4"),
-		GuestIPv6: c.String("guest-ipv6"),
-		GuestMAC:  c.String("guest-mac"),
-		MTU:       mtu,
-	})
-	if err != nil {
-		return o, err
-	}
-	o.plan = p
-	if o.readyFD == 0 || o.readyFD == 1 || o.readyFD == 2 || o.readyFD < -1 {
-		return o, fmt.Errorf("--ready-fd %d: must be an inherited descriptor above 2", o.readyFD)
-	}
-	switch o.logFormat = c.String("log-format"); o.logFormat {
-	case "text", "json":
-	default:
-		return o, fmt.Errorf("--log-format %q: want text or json", o.logFormat)
-	}
-	for _, u := range c.StringSlice("dns-upstream") {
-		p, err := proxy.ParseUpstream(u)
-		if err != nil {
-			return o, fmt.Errorf("--dns-upstream: %w", err)
-		}
-		o.dnsUpstreams = append(o.dnsUpstreams, p)
-	}
-	if o.maxConnections = c.Int("max-connections"); o.maxConnections < 1 {
-		return o, fmt.Errorf("--max-connections %d: must be at least 1", o.maxConnections)
-	}
-	o.metricsAddr = c.String("metrics-addr")
-	if o.metricsAddr != "" {
-		if _, _, err := net.SplitHostPort(o.metricsAddr); err != nil {
-			return o, fmt.Errorf("--metrics-addr %q: want HOST:PORT", o.metricsAddr)
-		}
-	}
-	if err := o.logLevel.UnmarshalText([]byte(c.String("log-level"))); err != nil {
-		return o, fmt.Errorf("--log-level %q: want debug, info, warn or error", c.String("log-level"))
-	}
-	return o, nil
 }
 
 func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
@@ -175,6 +70,22 @@ func checkPrivileges() error {
 	return nil
 }
 
+// hostAddrs returns the addresses that mean "the host itself" to the
+// policy: the gateway's and every address of msbtap's own namespace.
+func hostAddrs(p plan.Plan) *policy.HostSet {
+	addrs := []netip.Addr{p.GatewayV4, p.GatewayV6}
+	if ifAddrs, err := net.InterfaceAddrs(); err == nil {
+		for _, a := range ifAddrs {
+			if ipn, ok := a.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
+					addrs = append(addrs, ip.Unmap())
+				}
+			}
+		}
+	}
+	return policy.NewHostSet(addrs...)
+}
+
 // runAgent attaches the sandbox, serves it, and tears everything down.
 func runAgent(o runOptions) (err error) {
 	log := newLogger(os.Stderr, o.logFormat, o.logLevel)
@@ -185,6 +96,37 @@ func runAgent(o runOptions) (err error) {
 		if _, err := unix.FcntlInt(uintptr(o.readyFD), unix.F_GETFD, 0); err != nil {
 			return fmt.Errorf("--ready-fd %d: not an open file descriptor", o.readyFD)
 		}
+	}
+
+	// The policy, its DNS side and the decision log come first: a bad
+	// audit-log path must fail before anything is created.
+	pins := policy.NewPins(0)
+	popts := policy.Options{Host: hostAddrs(o.plan), Pins: pins, DenyIsFatal: o.denyIsFatal}
+	engine, err := policy.Compile(o.policy, popts)
+	if err != nil {
+		return fmt.Errorf("--policy: %w", err)
+	}
+	holder := policy.NewHolder(engine)
+	audit, err := openAudit(o.auditLog, holder, pins, log)
+	if err != nil {
+		return err
+	}
+	defer audit.Close()
+	term := newTerminator(o, log)
+	counts := &decisionCounts{}
+	onDecision := func(f policy.Flow, d policy.Decision) {
+		counts.add(d.Action)
+		audit.Log(f, d)
+		if d.Action == policy.Terminate {
+			term.Fire(f, d, holder.Load())
+		}
+	}
+	guard, err := policy.NewDNSGuard(policy.DNSGuardOptions{
+		Policy: holder, Pins: pins, Block: o.dnsBlock, BlockSuffix: o.dnsBlockSuffix,
+		RebindProtection: o.rebind, OnDecision: onDecision,
+	})
+	if err != nil {
+		return fmt.Errorf("--dns-block: %w", err)
 	}
 
 	// The namespace: the user's, or a fresh one for the command.
@@ -209,18 +151,20 @@ func runAgent(o runOptions) (err error) {
 	}
 
 	sh := rings.NewShared(rings.DefaultCapacity, o.plan.FrameSize()+256)
+	sh.SetTerminationHook(term.hook)
 	pump := tap.StartPump(dev, sh, o.plan.FrameSize(), log.With("component", "tap"))
 	defer func() {
 		pump.Close()
 		pump.Wait()
 	}()
-	gw, err := startGateway(sh, o, log)
+	gw, err := startGateway(sh, o, holder, guard, onDecision, log)
 	if err != nil {
 		return err
 	}
 	defer gw.Close()
+	term.shared = sh
 	if o.metricsAddr != "" {
-		m, err := startMetrics(o.metricsAddr, sh, gw.Stack, log)
+		m, err := startMetrics(o.metricsAddr, sh, gw.Stack, audit, counts, log)
 		if err != nil {
 			return err
 		}
@@ -234,8 +178,8 @@ func runAgent(o runOptions) (err error) {
 		defer os.Remove(o.pidFile)
 	}
 
-	sigc := make(chan os.Signal, 2)
-	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM)
+	sigc := make(chan os.Signal, 4)
+	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigc)
 
 	var cmd *exec.Cmd
@@ -249,12 +193,14 @@ func runAgent(o runOptions) (err error) {
 		if err := tap.InNetns(ns, cmd.Start); err != nil {
 			return fmt.Errorf("start %s: %w", o.command[0], err)
 		}
+		term.setProcessGroup(cmd.Process.Pid)
 		go func() { cmdDone <- cmd.Wait() }()
 		defer stopCommand(cmd, cmdDone)
 	}
 
 	log.Info("ready", "tap", dev.Name(), "netns", nsLabel(o.netns), "guest_ipv4", o.plan.GuestIPv4,
-		"guest_ipv6", o.plan.GuestIPv6, "gateway_ipv4", o.plan.GatewayV4, "gateway_ipv6", o.plan.GatewayV6, "mtu", o.plan.MTU)
+		"guest_ipv6", o.plan.GuestIPv6, "gateway_ipv4", o.plan.GatewayV4, "gateway_ipv6", o.plan.GatewayV6,
+		"mtu", o.plan.MTU, "policy", policyLabel(o), "dns_upstreams", gw.DNSUpstreams())
 	if o.readyFD >= 0 {
 		f := os.NewFile(uintptr(o.readyFD), "ready-fd")
 		if _, err := f.WriteString("ready\n"); err != nil {
@@ -272,11 +218,17 @@ func runAgent(o runOptions) (err error) {
 	for {
 		select {
 		case sig := <-sigc:
+			if sig == syscall.SIGHUP {
+				reloadPolicy(o, popts, holder, log)
+				continue
+			}
 			log.Info("stopping", "signal", sig.String())
 			return nil
 		case werr := <-cmdDone:
 			cmdDone <- werr // for stopCommand
 			return commandStatus(werr)
+		case v := <-term.fired:
+			return term.finish(v, cmdDone)
 		case <-nsGone:
 			if !tap.SameNetns(o.netns, ns) {
 				log.Info("stopping: the sandbox's network namespace is gone", "netns", o.netns)
@@ -286,6 +238,37 @@ func runAgent(o runOptions) (err error) {
 			return gw.Err()
 		}
 	}
+}
+
+func policyLabel(o runOptions) string {
+	if o.policyPath != "" {
+		return o.policyPath
+	}
+	for _, n := range policy.PresetNames() {
+		if f, _ := policy.Preset(n); f == o.policy {
+			return n
+		}
+	}
+	return "inline"
+}
+
+// reloadPolicy re-reads the policy file on SIGHUP: validated first, then
+// swapped in for new flows; an invalid file leaves the old policy in force.
+func reloadPolicy(o runOptions, popts policy.Options, holder *policy.Holder, log *slog.Logger) {
+	if o.policyPath == "" {
+		log.Warn("SIGHUP: the policy is a preset or inline, nothing to reload")
+		return
+	}
+	f, err := policy.LoadFile(o.policyPath)
+	if err == nil {
+		var e *policy.Engine
+		if e, err = policy.Compile(f, popts); err == nil {
+			holder.Store(e)
+			log.Info("policy reloaded", "file", o.policyPath, "rules", len(f.Rules), "default_action", f.DefaultAction)
+			return
+		}
+	}
+	log.Error("policy reload failed; the old policy stays in force", "file", o.policyPath, "err", err)
 }
 
 func nsLabel(p string) string {

@@ -152,7 +152,7 @@ func TestDNS(t *testing.T) {
 func TestPing(t *testing.T) {
 	testenv.RequireTools(t, "ping")
 	w := testenv.NewWorld(t)
-	w.StartAgent(t)
+	w.StartAgent(t, "--policy", "allow-all") // public-only denies the gateway itself
 	for _, dst := range []string{"100.96.0.1", "fd42:6d73:62::1", testenv.WebHost4, testenv.WebHost6} {
 		out, err := w.Guest.Run("ping", "-c", "2", "-i", "0.2", "-W", "2", dst)
 		if err != nil || !strings.Contains(out, " 0% packet loss") {

@@ -1,0 +1,106 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/msbtap/msbtap/plan"
+	"github.com/msbtap/msbtap/policy"
+)
+
+func policyCommand() *cli.Command {
+	usageErr := func(_ *cli.Context, err error, _ bool) error { return withStatus(2, err) }
+	return &cli.Command{
+		Name:  "policy",
+		Usage: "check a policy file, or explain how it decides a flow",
+		Subcommands: []*cli.Command{
+			{
+				Name:         "check",
+				Usage:        "validate a policy file: exit 0, or print the errors",
+				ArgsUsage:    "FILE",
+				OnUsageError: usageErr,
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return withStatus(2, errors.New("policy check: want exactly one FILE"))
+					}
+					f, err := policy.LoadFile(c.Args().First())
+					if err != nil {
+						return withStatus(1, err)
+					}
+					fmt.Fprintf(c.App.Writer, "%s: ok (%d rules, default_action %s)\n", c.Args().First(), len(f.Rules), f.DefaultAction)
+					return nil
+				},
+			},
+			{
+				Name:         "explain",
+				Usage:        "print the rule that decides a flow, and its action",
+				OnUsageError: usageErr,
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "policy", Value: policy.DefaultPreset, Usage: "a preset or a policy `FILE`"},
+					&cli.StringFlag{Name: "dst", Required: true, Usage: "destination `IP:PORT` (an IP alone for icmp)"},
+					&cli.StringFlag{Name: "proto", Value: "tcp", Usage: "tcp, udp, icmp or icmpv6"},
+					&cli.StringFlag{Name: "domain", Usage: "the `NAME` the destination was resolved from"},
+					&cli.StringFlag{Name: "src", Usage: "source `IP:PORT` (default: the slot's guest address; the host client for ingress)"},
+					&cli.StringFlag{Name: "direction", Value: "egress", Usage: "egress or ingress"},
+					&cli.IntFlag{Name: "slot", Usage: "sandbox slot whose gateway counts as the host"},
+				},
+				Action: explain,
+			},
+		},
+	}
+}
+
+func explain(c *cli.Context) error {
+	f, err := policy.Load(c.String("policy"))
+	if err != nil {
+		return withStatus(1, fmt.Errorf("--policy: %w", err))
+	}
+	p, err := plan.ForSlot(c.Int("slot"))
+	if err != nil {
+		return withStatus(2, fmt.Errorf("--slot: %w", err))
+	}
+	proto, err := policy.ParseProto(c.String("proto"))
+	if err != nil {
+		return withStatus(2, fmt.Errorf("--proto: %w", err))
+	}
+	dst, err := netip.ParseAddrPort(c.String("dst"))
+	if err != nil {
+		a, aerr := netip.ParseAddr(c.String("dst"))
+		if aerr != nil {
+			return withStatus(2, fmt.Errorf("--dst %q: want IP:PORT ([IPv6]:PORT) or an IP", c.String("dst")))
+		}
+		dst = netip.AddrPortFrom(a, 0)
+	}
+	fl := policy.Flow{Proto: proto, Dst: dst, Src: netip.AddrPortFrom(p.GuestIPv4.Addr(), 40000)}
+	switch c.String("direction") {
+	case "egress":
+	case "ingress":
+		fl.Direction = policy.Ingress
+	default:
+		return withStatus(2, fmt.Errorf("--direction %q: want egress or ingress", c.String("direction")))
+	}
+	if s := c.String("src"); s != "" {
+		if fl.Src, err = netip.ParseAddrPort(s); err != nil {
+			return withStatus(2, fmt.Errorf("--src %q: want IP:PORT", s))
+		}
+	}
+	pins := policy.NewPins(0)
+	if d := c.String("domain"); d != "" {
+		pins.Add(dst.Addr(), d, time.Hour)
+	}
+	e, err := policy.Compile(f, policy.Options{Host: hostAddrs(p), Pins: pins})
+	if err != nil {
+		return withStatus(1, err)
+	}
+	d := e.Check(fl)
+	fmt.Fprintf(c.App.Writer, "%s\nby %s\n", d.Action, e.Describe(d.Rule))
+	if d := c.String("domain"); d != "" {
+		q := e.CheckQuery(d)
+		fmt.Fprintf(c.App.Writer, "resolving %s: %s by %s\n", d, q.Action, e.Describe(q.Rule))
+	}
+	return nil
+}
