@@ -226,6 +226,10 @@ func runAgent(o runOptions) (err error) {
 			return nil
 		case werr := <-cmdDone:
 			cmdDone <- werr // for stopCommand
+			if term.firing.Load() {
+				// The command died because the termination hook killed it.
+				return term.finish(<-term.fired, cmdDone)
+			}
 			return commandStatus(werr)
 		case v := <-term.fired:
 			return term.finish(v, cmdDone)

@@ -35,6 +35,7 @@ type terminator struct {
 	mu      sync.Mutex // mu protects pending
 	pending *violation
 	once    sync.Once
+	firing  atomic.Bool // set before the sandbox is killed
 	fired   chan violation
 }
 
@@ -63,6 +64,7 @@ func (t *terminator) Fire(f policy.Flow, d policy.Decision, e *policy.Engine) {
 // and wakes the main loop.
 func (t *terminator) hook() {
 	t.once.Do(func() {
+		t.firing.Store(true)
 		t.mu.Lock()
 		v := t.pending
 		t.mu.Unlock()

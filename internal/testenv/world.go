@@ -26,7 +26,15 @@ const (
 	Inet6       = "2001:db8::2"
 	WebHost6    = "2001:db8::10"
 	HostPriv4   = "10.77.0.1"
-	PrivHost4   = "10.77.0.2" // HTTP :80
+	PrivHost4   = "10.77.0.2" // HTTP :80, UDP echo :7002
+	HostPriv6   = "fd77::1"
+	PrivHost6   = "fd77::2" // HTTP :80, UDP echo :7002
+	// HostLoopbackPort is an HTTP server (TCP) and UDP echo on the host
+	// namespace's 127.0.0.1 and ::1: "the host itself".
+	HostLoopbackPort = "8080"
+	// RebindDomain is a public name the test DNS server answers with a
+	// private address.
+	RebindDomain = "rebind.example.test"
 	TestDomain  = "www.example.test"
 	OtherDomain = "other.example.test"
 )
@@ -54,7 +62,7 @@ func NewWorld(t testing.TB) *World {
 	w.Inet = NewNS(t, "i")
 	w.Priv = NewNS(t, "p")
 	Veth(t, w.Host, []string{HostInet4 + "/24", HostInet6 + "/64"}, w.Inet, []string{Inet4 + "/24", WebHost4 + "/24", DNSHost4 + "/24", Inet6 + "/64", WebHost6 + "/64"})
-	Veth(t, w.Host, []string{HostPriv4 + "/24"}, w.Priv, []string{PrivHost4 + "/24"})
+	Veth(t, w.Host, []string{HostPriv4 + "/24", HostPriv6 + "/64"}, w.Priv, []string{PrivHost4 + "/24", PrivHost6 + "/64"})
 
 	// The guest resolves through the gateway: `ip netns exec` bind-mounts
 	// /etc/netns/NAME/resolv.conf over /etc/resolv.conf.
@@ -76,11 +84,17 @@ func NewWorld(t testing.TB) *World {
 		"--dns", DNSHost4+":53",
 		"--record", TestDomain+"="+WebHost4, "--record", TestDomain+"="+WebHost6,
 		"--record", OtherDomain+"="+WebHost4,
+		"--record", RebindDomain+"=10.0.0.1",
 		"--ready", ready)
 	pready := filepath.Join(dir, "priv-ready")
-	w.Priv.Start(t, w.Testhost, "serve", "--http", PrivHost4+":80", "--ready", pready)
+	w.Priv.Start(t, w.Testhost, "serve", "--http", PrivHost4+":80", "--http", "["+PrivHost6+"]:80",
+		"--udp-echo", PrivHost4+":7002", "--udp-echo", "["+PrivHost6+"]:7002", "--ready", pready)
+	hready := filepath.Join(dir, "host-ready")
+	w.Host.Start(t, w.Testhost, "serve", "--http", "127.0.0.1:"+HostLoopbackPort, "--http", "[::1]:"+HostLoopbackPort,
+		"--udp-echo", "127.0.0.1:"+HostLoopbackPort, "--udp-echo", "[::1]:"+HostLoopbackPort, "--ready", hready)
 	waitFile(t, ready)
 	waitFile(t, pready)
+	waitFile(t, hready)
 	return w
 }
 

@@ -310,6 +310,7 @@ func udpClient(args []string) {
 		log.Fatal(err)
 	}
 	buf := make([]byte, 65536)
+	var last error
 	for try := 0; try < 3; try++ {
 		c.Write([]byte(args[1]))
 		c.SetReadDeadline(time.Now().Add(2 * time.Second))
@@ -318,8 +319,10 @@ func udpClient(args []string) {
 			fmt.Printf("%s\n", buf[:n])
 			return
 		}
+		last = err
 	}
-	log.Fatal("no answer")
+	fmt.Printf("no answer: %v\n", last)
+	os.Exit(1)
 }
 
 // dial ADDR: connect once and print "connected" or the error.
