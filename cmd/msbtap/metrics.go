@@ -22,8 +22,8 @@ import (
 // collector exports the agent's counters at scrape time, so the packet path
 // only ever touches its own atomics.
 type collector struct {
-	sh    *rings.Shared
-	st    *stack.Stack
+	sh     *rings.Shared
+	st     *stack.Stack
 	audit  *auditLog
 	counts *decisionCounts
 

@@ -18,25 +18,25 @@ import (
 // TEST-NET-2 and 2001:db8::/32, and the "private" namespace on a 10.x
 // address. Every world has its own namespaces, so tests can run in parallel.
 const (
-	HostInet4   = "198.51.100.1"
-	Inet4       = "198.51.100.2"
-	WebHost4    = "198.51.100.10" // HTTP :80, half-close :7001, UDP echo :7002
-	DNSHost4    = "198.51.100.53" // DNS :53
-	HostInet6   = "2001:db8::1"
-	Inet6       = "2001:db8::2"
-	WebHost6    = "2001:db8::10"
-	HostPriv4   = "10.77.0.1"
-	PrivHost4   = "10.77.0.2" // HTTP :80, UDP echo :7002
-	HostPriv6   = "fd77::1"
-	PrivHost6   = "fd77::2" // HTTP :80, UDP echo :7002
+	HostInet4 = "198.51.100.1"
+	Inet4     = "198.51.100.2"
+	WebHost4  = "198.51.100.10" // HTTP :80, half-close :7001, UDP echo :7002
+	DNSHost4  = "198.51.100.53" // DNS :53
+	HostInet6 = "2001:db8::1"
+	Inet6     = "2001:db8::2"
+	WebHost6  = "2001:db8::10"
+	HostPriv4 = "10.77.0.1"
+	PrivHost4 = "10.77.0.2" // HTTP :80, UDP echo :7002
+	HostPriv6 = "fd77::1"
+	PrivHost6 = "fd77::2" // HTTP :80, UDP echo :7002
 	// HostLoopbackPort is an HTTP server (TCP) and UDP echo on the host
 	// namespace's 127.0.0.1 and ::1: "the host itself".
 	HostLoopbackPort = "8080"
 	// RebindDomain is a public name the test DNS server answers with a
 	// private address.
 	RebindDomain = "rebind.example.test"
-	TestDomain  = "www.example.test"
-	OtherDomain = "other.example.test"
+	TestDomain   = "www.example.test"
+	OtherDomain  = "other.example.test"
 )
 
 // World is one test's set of namespaces with test servers and, once started,

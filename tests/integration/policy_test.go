@@ -330,10 +330,14 @@ func TestAuditLogAndMetrics(t *testing.T) {
 	}) {
 		t.Errorf("no allowed tcp decision to %s:80 with its domain by rule 2 in %+v", testenv.WebHost4, lines)
 	}
-	if !has(func(l line) bool { return l.Proto == "tcp" && l.Dst == testenv.PrivHost4+":80" && l.Action == "deny" && l.Rule == -1 }) {
+	if !has(func(l line) bool {
+		return l.Proto == "tcp" && l.Dst == testenv.PrivHost4+":80" && l.Action == "deny" && l.Rule == -1
+	}) {
 		t.Errorf("no denied tcp decision to %s:80 in %+v", testenv.PrivHost4, lines)
 	}
-	if !has(func(l line) bool { return l.Proto == "udp" && l.Dst == "169.254.169.254:123" && l.Action == "deny" && l.Rule == 1 }) {
+	if !has(func(l line) bool {
+		return l.Proto == "udp" && l.Dst == "169.254.169.254:123" && l.Action == "deny" && l.Rule == 1
+	}) {
 		t.Errorf("no denied udp decision to the metadata address in %+v", lines)
 	}
 }
