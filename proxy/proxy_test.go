@@ -1,0 +1,370 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// tcpPair returns the two ends of a loopback TCP connection.
+func tcpPair(t *testing.T) (client, server *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ch := make(chan net.Conn, 1)
+	go func() { c, _ := ln.Accept(); ch <- c }()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := <-ch
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+// TestRelayHalfClose: the guest side shuts its write half; the server sees
+// EOF, then still answers, and the guest reads the answer.
+func TestRelayHalfClose(t *testing.T) {
+	guest, relayGuest := tcpPair(t)
+	relayUp, server := tcpPair(t)
+	done := make(chan struct{})
+	go func() { Relay(relayGuest, relayUp); close(done) }()
+
+	guest.Write([]byte("request"))
+	guest.CloseWrite()
+	got, err := io.ReadAll(server) // ends at the relayed FIN
+	if err != nil || string(got) != "request" {
+		t.Fatalf("server read %q, %v", got, err)
+	}
+	server.Write([]byte("answer after your FIN"))
+	server.CloseWrite()
+	ans, err := io.ReadAll(guest)
+	if err != nil || string(ans) != "answer after your FIN" {
+		t.Fatalf("guest read %q, %v", ans, err)
+	}
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		t.Fatal("Relay did not return after both directions closed")
+	}
+}
+
+// TestRelayResetPropagates: a reset on one side reaches the other as a
+// reset, not as a clean end of stream.
+func TestRelayResetPropagates(t *testing.T) {
+	guest, relayGuest := tcpPair(t)
+	relayUp, server := tcpPair(t)
+	go Relay(relayGuest, relayUp)
+	guest.Write([]byte("x"))
+	buf := make([]byte, 1)
+	io.ReadFull(server, buf)
+	server.SetLinger(0)
+	server.Close() // RST
+	guest.SetReadDeadline(time.Now().Add(3 * time.Second))
+	_, err := guest.Read(buf)
+	if err == nil || errors.Is(err, io.EOF) {
+		t.Fatalf("guest read after the server's reset: %v, want a reset", err)
+	}
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatal("guest saw nothing after the server's reset")
+	}
+}
+
+func TestParseUpstream(t *testing.T) {
+	for in, want := range map[string]string{
+		"198.51.100.53":        "198.51.100.53:53",
+		"198.51.100.53:5353":   "198.51.100.53:5353",
+		"2001:db8::53":         "[2001:db8::53]:53",
+		"[2001:db8::53]:5300":  "[2001:db8::53]:5300",
+		"::ffff:198.51.100.53": "198.51.100.53:53",
+	} {
+		got, err := ParseUpstream(in)
+		if err != nil || got != want {
+			t.Errorf("ParseUpstream(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "resolver.example", "1.2.3.4:99999"} {
+		if _, err := ParseUpstream(bad); err == nil {
+			t.Errorf("ParseUpstream(%q): no error", bad)
+		}
+	}
+}
+
+func TestHostUpstreams(t *testing.T) {
+	dir := t.TempDir()
+	empty := filepath.Join(dir, "empty")
+	os.WriteFile(empty, nil, 0o644)
+	if got := HostUpstreams(empty); len(got) != 0 {
+		t.Errorf("empty resolv.conf: %v", got)
+	}
+	if got := HostUpstreams(filepath.Join(dir, "missing")); len(got) != 0 {
+		t.Errorf("missing resolv.conf: %v", got)
+	}
+	rc := filepath.Join(dir, "resolv.conf")
+	os.WriteFile(rc, []byte("# c\nnameserver 198.51.100.53\nnameserver 2001:db8::53\nsearch x\n"), 0o644)
+	got := HostUpstreams(rc)
+	if len(got) != 2 || got[0] != "198.51.100.53:53" || got[1] != "[2001:db8::53]:53" {
+		t.Errorf("got %v", got)
+	}
+}
+
+// dnsServer answers every A query with addr on a loopback UDP port.
+func dnsServer(t *testing.T, addr string, rcode int) string {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
+		m := new(dns.Msg)
+		m.SetRcode(q, rcode)
+		if rcode == dns.RcodeSuccess {
+			m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.ParseIP(addr)})
+		}
+		w.WriteMsg(m)
+	})}
+	go srv.ActivateAndServe()
+	t.Cleanup(func() { srv.Shutdown() })
+	return pc.LocalAddr().String()
+}
+
+// deadUpstream is a UDP port nobody answers on.
+func deadUpstream(t *testing.T) string {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	return pc.LocalAddr().String()
+}
+
+func query(name string) *dns.Msg {
+	q := new(dns.Msg)
+	q.SetQuestion(dns.Fqdn(name), dns.TypeA)
+	return q
+}
+
+func TestDNSFailover(t *testing.T) {
+	good := dnsServer(t, "198.51.100.7", dns.RcodeSuccess)
+	d, err := NewDNS(DNSOptions{Upstreams: []string{deadUpstream(t), good}, Timeout: 4 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	a := d.Resolve(context.Background(), netip.AddrPort{}, query("www.example.test"))
+	if a.Rcode != dns.RcodeSuccess || len(a.Answer) != 1 {
+		t.Fatalf("got %v", a)
+	}
+	// The upstream that answered is tried first from now on: fast.
+	start := time.Now()
+	a = d.Resolve(context.Background(), netip.AddrPort{}, query("www.example.test"))
+	if a.Rcode != dns.RcodeSuccess || time.Since(start) > 500*time.Millisecond {
+		t.Fatalf("second query: rcode %d after %s", a.Rcode, time.Since(start))
+	}
+}
+
+func TestDNSServfailWhenAllFail(t *testing.T) {
+	d, _ := NewDNS(DNSOptions{Upstreams: []string{deadUpstream(t)}, Timeout: 500 * time.Millisecond})
+	defer d.Close()
+	q := query("www.example.test")
+	a := d.Resolve(context.Background(), netip.AddrPort{}, q)
+	if a.Rcode != dns.RcodeServerFailure || a.Id != q.Id {
+		t.Fatalf("got rcode %d id %d, want SERVFAIL for id %d", a.Rcode, a.Id, q.Id)
+	}
+	none, _ := NewDNS(DNSOptions{})
+	defer none.Close()
+	if a := none.Resolve(context.Background(), netip.AddrPort{}, q); a.Rcode != dns.RcodeServerFailure {
+		t.Fatalf("no upstreams: rcode %d", a.Rcode)
+	}
+}
+
+type captureReplier struct {
+	mu   sync.Mutex
+	udp  [][]byte
+	echo int
+	got  chan struct{}
+}
+
+func (c *captureReplier) SendUDP(src, dst netip.AddrPort, p []byte) bool {
+	c.mu.Lock()
+	c.udp = append(c.udp, append([]byte(nil), p...))
+	c.mu.Unlock()
+	select {
+	case c.got <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+func (c *captureReplier) SendEchoReply(src, dst netip.Addr, id, seq uint16, p []byte) bool {
+	return true
+}
+
+func TestDNSHandleUDPDropsGarbage(t *testing.T) {
+	r := &captureReplier{got: make(chan struct{}, 1)}
+	d, _ := NewDNS(DNSOptions{Replier: r})
+	defer d.Close()
+	src := netip.MustParseAddrPort("100.96.0.2:5000")
+	dst := netip.MustParseAddrPort("100.96.0.1:53")
+	for _, b := range [][]byte{nil, {1, 2, 3}, make([]byte, 12)} {
+		if d.HandleUDP(src, dst, b) {
+			t.Errorf("garbage %x accepted", b)
+		}
+	}
+	if _, _, dropped := d.Stats(); dropped != 3 {
+		t.Errorf("dropped: got %d, want 3", dropped)
+	}
+}
+
+func TestDNSTruncatesToMTU(t *testing.T) {
+	// An upstream with a huge answer; the guest gets a truncated message
+	// that fits, with TC set so it retries over TCP.
+	pc, _ := net.ListenPacket("udp", "127.0.0.1:0")
+	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
+		m := new(dns.Msg)
+		m.SetReply(q)
+		m.Compress = true // about 3.2 KB: fits the 4 KiB EDNS buffer, not a 1500 MTU
+		for i := 0; i < 200; i++ {
+			m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(198, 51, 100, byte(i))})
+		}
+		w.WriteMsg(m)
+	})}
+	go srv.ActivateAndServe()
+	defer srv.Shutdown()
+	r := &captureReplier{got: make(chan struct{}, 1)}
+	d, _ := NewDNS(DNSOptions{Upstreams: []string{pc.LocalAddr().String()}, Replier: r, MaxUDPPayload: 1452})
+	defer d.Close()
+	q := query("big.example.test")
+	q.SetEdns0(4096, false)
+	b, _ := q.Pack()
+	d.HandleUDP(netip.MustParseAddrPort("100.96.0.2:5000"), netip.MustParseAddrPort("100.96.0.1:53"), b)
+	select {
+	case <-r.got:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no answer")
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.udp[0]) > 1452 {
+		t.Fatalf("answer of %d bytes does not fit the MTU", len(r.udp[0]))
+	}
+	a := new(dns.Msg)
+	if err := a.Unpack(r.udp[0]); err != nil || !a.Truncated {
+		t.Fatalf("want a truncated answer: %v %v", err, a.Truncated)
+	}
+}
+
+func TestUDPSessionsIdleOut(t *testing.T) {
+	echo, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := echo.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			echo.WriteTo(buf[:n], from)
+		}
+	}()
+	r := &captureReplier{got: make(chan struct{}, 1)}
+	u := NewUDP(UDPOptions{Replier: r, IdleTimeout: 300 * time.Millisecond, MaxSessions: 2})
+	defer u.Close()
+	dst := netip.MustParseAddrPort(echo.LocalAddr().String())
+	src := netip.MustParseAddrPort("100.96.0.2:4000")
+	if err := u.Handle(src, dst, []byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-r.got:
+	case <-time.After(2 * time.Second):
+		t.Fatal("no reply relayed")
+	}
+	u.Handle(netip.MustParseAddrPort("100.96.0.2:4001"), dst, []byte("x"))
+	if err := u.Handle(netip.MustParseAddrPort("100.96.0.2:4002"), dst, []byte("x")); err != ErrLimit {
+		t.Errorf("third session over a cap of 2: %v, want ErrLimit", err)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for u.Active() > 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := u.Active(); n != 0 {
+		t.Fatalf("%d sessions still open after the idle timeout", n)
+	}
+	// A session that idled out is opened again by the next datagram.
+	if err := u.Handle(src, dst, []byte("again")); err != nil {
+		t.Fatalf("after idle timeout: %v", err)
+	}
+}
+
+func TestUDPDenied(t *testing.T) {
+	u := NewUDP(UDPOptions{Replier: &captureReplier{}, Allow: func(netip.AddrPort, netip.AddrPort) bool { return false }})
+	defer u.Close()
+	if err := u.Handle(netip.MustParseAddrPort("100.96.0.2:1"), netip.MustParseAddrPort("127.0.0.1:9"), nil); err != ErrDenied {
+		t.Fatalf("got %v, want ErrDenied", err)
+	}
+	if u.Active() != 0 {
+		t.Fatal("a denied flow opened a session")
+	}
+}
+
+func BenchmarkRelay(b *testing.B) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(io.Discard, c); c.Close() }()
+		}
+	}()
+	ln2, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer ln2.Close()
+	go func() {
+		c, _ := ln2.Accept()
+		up, _ := net.Dial("tcp", ln.Addr().String())
+		Relay(c, up)
+	}()
+	c, _ := net.Dial("tcp", ln2.Addr().String())
+	buf := make([]byte, 64<<10)
+	b.SetBytes(int64(len(buf)))
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		c.Write(buf)
+	}
+	c.Close()
+}
+
+// FuzzDNSQuery: whatever the guest sends to port 53 is answered or dropped,
+// never a crash.
+func FuzzDNSQuery(f *testing.F) {
+	q, _ := query("www.example.test").Pack()
+	f.Add(q)
+	f.Add([]byte{0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0})
+	r := &captureReplier{got: make(chan struct{}, 1)}
+	d, _ := NewDNS(DNSOptions{Replier: r, Timeout: 50 * time.Millisecond})
+	defer d.Close()
+	src := netip.MustParseAddrPort("100.96.0.2:5000")
+	dst := netip.MustParseAddrPort("100.96.0.1:53")
+	f.Fuzz(func(t *testing.T, b []byte) {
+		d.HandleUDP(src, dst, b)
+	})
+}
