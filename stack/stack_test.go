@@ -133,7 +133,9 @@ func TestEchoToGatewayAnsweredLocally(t *testing.T) {
 
 type denyAll struct{}
 
-func (denyAll) Check(policy.Flow) policy.Decision { return policy.Decision{Action: policy.Deny, Rule: -1} }
+func (denyAll) Check(policy.Flow) policy.Decision {
+	return policy.Decision{Action: policy.Deny, Rule: -1}
+}
 
 func TestDeniedEchoGetsUnreachable(t *testing.T) {
 	_, sh, p := newTestStack(t, denyAll{})
