@@ -63,7 +63,7 @@ func (e *Engine) decision(a Action, rule int) Decision {
 }
 
 // Check decides a flow: the first rule that matches wins; no match gives
-// the default action.
+// the default action for egress and allows ingress.
 func (e *Engine) Check(f Flow) Decision {
 	dst, src := f.Dst.Addr().Unmap(), f.Src.Addr().Unmap()
 	var names []string
@@ -109,6 +109,12 @@ func (e *Engine) Check(f Flow) Decision {
 				return e.decision(r.action, i)
 			}
 		}
+	}
+	if f.Direction == Ingress {
+		// A published port accepts every client that can reach its bind
+		// address unless an ingress rule narrows that; default_action
+		// governs egress.
+		return Decision{Action: Allow, Rule: -1}
 	}
 	return e.decision(e.def, -1)
 }

@@ -228,8 +228,8 @@ func TestIngressRules(t *testing.T) {
 	if got := e.Check(in("127.0.0.1:5000", "127.0.0.1:8080")); got.Action != Allow || got.Rule != 0 {
 		t.Errorf("loopback client: %+v", got)
 	}
-	if got := e.Check(in("127.0.0.1:5000", "127.0.0.1:8081")); got.Action != Deny || got.Rule != -1 {
-		t.Errorf("other port: %+v", got)
+	if got := e.Check(in("127.0.0.1:5000", "127.0.0.1:8081")); got.Action != Allow || got.Rule != -1 {
+		t.Errorf("other port, no ingress rule matches: %+v, want allow (default_action is for egress)", got)
 	}
 	if got := e.Check(in("10.1.1.1:5000", "127.0.0.1:8080")); got.Action != Deny || got.Rule != 1 {
 		t.Errorf("10.x client: %+v", got)

@@ -192,6 +192,11 @@ func (st *Stack) handleUDP(p *ipPacket) {
 		}
 		return
 	}
+	if st.isGateway(p.dst) {
+		if h := st.ingress.Load(); h != nil && (*h).HandleGuestReply(dst.Port(), src, u[8:]) {
+			return
+		}
+	}
 	if p.dst.IsMulticast() || p.dst.IsUnspecified() || p.dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) || dst.Port() == 0 {
 		c.Drop(rings.DropOther)
 		return

@@ -78,7 +78,8 @@ type Stack struct {
 	r     *replier
 	gwMAC [6]byte
 
-	policy atomic.Pointer[policy.Checker]
+	policy  atomic.Pointer[policy.Checker]
+	ingress atomic.Pointer[IngressUDP]
 
 	udp  *proxy.UDP
 	echo *proxy.Echo

@@ -45,6 +45,7 @@ type runOptions struct {
 	onTerminate    string
 	guestPID       int
 	auditLog       string
+	publish        []proxy.PortSpec
 }
 
 func runFlags() []cli.Flag {
@@ -73,6 +74,10 @@ func runFlags() []cli.Flag {
 		&cli.StringFlag{Name: "on-terminate", Usage: "run shell `CMD` after a fatal violation stopped the sandbox (MSBTAP_VIOLATION_* in its environment)"},
 		&cli.IntFlag{Name: "guest-pid", Usage: "`PID` to kill on a fatal violation (the VMM, say); with -- COMMAND its process group is killed"},
 		&cli.StringFlag{Name: "audit-log", Usage: "write one JSON line per flow decision to `FILE` (- for stdout)"},
+		&cli.StringSliceFlag{Name: "publish", Usage: "publish a sandbox port on the host: `[HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp]` (repeatable, -p for short; HOSTIP defaults to 127.0.0.1)"},
+		// -p is its own flag rather than an alias so that -p and --publish
+		// can be mixed on one command line.
+		&cli.StringSliceFlag{Name: "p", Hidden: true},
 	}
 }
 
@@ -103,6 +108,7 @@ func loadSettings(c *cli.Context) (*settings, error) {
 		known[strings.ReplaceAll(f.Names()[0], "-", "_")] = true
 	}
 	delete(known, "config")
+	delete(known, "p")
 	for k := range s.cfg {
 		if !known[k] {
 			return nil, fmt.Errorf("--config %s: unknown key %q (keys are the run flags in snake_case, e.g. dns_upstream)", path, k)
@@ -226,6 +232,7 @@ func parseRunOptions(c *cli.Context) (o runOptions, err error) {
 	}
 	o.rebind = !noRebind
 	o.onTerminate, o.guestPID, o.auditLog = str("on-terminate"), num("guest-pid"), str("audit-log")
+	pubs := append(strs("publish"), c.StringSlice("p")...)
 	if first != nil {
 		return o, first
 	}
@@ -289,6 +296,21 @@ func parseRunOptions(c *cli.Context) (o runOptions, err error) {
 	}
 	if _, err := policy.NewDNSGuard(policy.DNSGuardOptions{Block: o.dnsBlock, BlockSuffix: o.dnsBlockSuffix}); err != nil {
 		return o, fmt.Errorf("--dns-block: %w", err)
+	}
+	seen := map[string]string{}
+	for _, spec := range pubs {
+		ps, err := proxy.ParsePublish(spec)
+		if err != nil {
+			return o, err
+		}
+		for _, p := range ps {
+			k := p.Proto + " " + p.Host.String()
+			if prev, dup := seen[k]; dup {
+				return o, fmt.Errorf("--publish %q: host port %s/%s is already published by %q", spec, p.Host, p.Proto, prev)
+			}
+			seen[k] = spec
+		}
+		o.publish = append(o.publish, ps...)
 	}
 	if err := s.loadPolicy(&o); err != nil {
 		return o, err

@@ -21,6 +21,7 @@ import (
 
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/rings"
 	"github.com/msbtap/msbtap/tap"
 )
@@ -129,6 +130,16 @@ func runAgent(o runOptions) (err error) {
 		return fmt.Errorf("--dns-block: %w", err)
 	}
 
+	// Published ports are bound before anything else exists, so a port in
+	// use fails start-up with nothing half-made.
+	var pub *proxy.Publisher
+	if len(o.publish) > 0 {
+		if pub, err = proxy.ListenPublished(o.publish); err != nil {
+			return err
+		}
+		defer pub.Close()
+	}
+
 	// The namespace: the user's, or a fresh one for the command.
 	var ns netns.NsHandle
 	if o.netns != "" {
@@ -163,6 +174,27 @@ func runAgent(o runOptions) (err error) {
 	}
 	defer gw.Close()
 	term.shared = sh
+	if pub != nil {
+		gw.SetIngressUDP(pub)
+		pub.Start(proxy.PublishOptions{
+			DialGuest:   gw.DialGuest,
+			SendToGuest: gw.SendUDPToGuest,
+			Allow: func(proto string, client, listen netip.AddrPort) bool {
+				pr := policy.TCP
+				if proto == "udp" {
+					pr = policy.UDP
+				}
+				f := policy.Flow{Direction: policy.Ingress, Proto: pr, Src: client, Dst: listen}
+				d := holder.Check(f)
+				onDecision(f, d)
+				return d.Action == policy.Allow
+			},
+			Log: log.With("component", "publish"),
+		})
+		for _, p := range o.publish {
+			log.Info("published", "host", p.Host, "guest_port", p.GuestPort, "proto", p.Proto)
+		}
+	}
 	if o.metricsAddr != "" {
 		m, err := startMetrics(o.metricsAddr, sh, gw.Stack, audit, counts, log)
 		if err != nil {

@@ -1,0 +1,64 @@
+package stack
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// IngressUDP takes datagrams the guest sends to the gateway's ports that
+// belong to published-port sessions.
+type IngressUDP interface {
+	HandleGuestReply(gwPort uint16, guestSrc netip.AddrPort, payload []byte) bool
+}
+
+// SetIngressUDP installs the handler of published UDP ports.
+func (st *Stack) SetIngressUDP(h IngressUDP) { st.ingress.Store(&h) }
+
+// DialGuest opens a TCP connection from the gateway to the guest's IPv4
+// address on port, through the netstack. A closed guest port fails at once
+// (the guest answers RST).
+func (st *Stack) DialGuest(ctx context.Context, port uint16) (net.Conn, error) {
+	var wq waiter.Queue
+	ep, terr := st.s.NewEndpoint(tcp.ProtocolNumber, ipv4.ProtocolNumber, &wq)
+	if terr != nil {
+		return nil, fmt.Errorf("guest endpoint: %s", terr)
+	}
+	entry, notify := waiter.NewChannelEntry(waiter.WritableEvents)
+	wq.EventRegister(&entry)
+	defer wq.EventUnregister(&entry)
+	to := tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFrom4(st.o.Plan.GuestIPv4.Addr().As4()), Port: port}
+	terr = ep.Connect(to)
+	if _, started := terr.(*tcpip.ErrConnectStarted); started {
+		select {
+		case <-ctx.Done():
+			ep.Close()
+			return nil, ctx.Err()
+		case <-st.done:
+			ep.Close()
+			return nil, errors.New("gateway closed")
+		case <-notify:
+		}
+		terr = ep.LastError()
+	}
+	if terr != nil {
+		ep.Close()
+		return nil, fmt.Errorf("connect to guest port %d: %s", port, terr)
+	}
+	return &guestConn{TCPConn: gonet.NewTCPConn(&wq, ep), ep: ep}, nil
+}
+
+// SendUDPToGuest delivers a datagram from the gateway's IPv4 address and
+// port gwPort to the guest's port.
+func (st *Stack) SendUDPToGuest(gwPort, guestPort uint16, payload []byte) bool {
+	p := st.o.Plan
+	return st.r.SendUDP(netip.AddrPortFrom(p.GatewayV4, gwPort), netip.AddrPortFrom(p.GuestIPv4.Addr(), guestPort), payload)
+}
