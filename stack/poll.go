@@ -92,7 +92,9 @@ func (st *Stack) guestSource(a netip.Addr) bool {
 	if a.Is4() {
 		return a == p.GuestIPv4.Addr()
 	}
-	return a == p.GuestIPv6.Addr() || a.IsLinkLocalUnicast()
+	// Any address of the sandbox's /64 (a VM configures one by SLAAC from
+	// our router advertisement), or link-local.
+	return p.GuestIPv6.Masked().Contains(a) && a != p.GatewayV6 || a.IsLinkLocalUnicast()
 }
 
 func (st *Stack) isGateway(a netip.Addr) bool {
@@ -109,6 +111,15 @@ func (st *Stack) handleIP(b []byte, v6 bool) {
 	if v6 && p.proto == protoICMPv6 && p.src.IsUnspecified() {
 		// DAD probes come from "::"; they need no answer from us.
 		c.Drop(rings.DropOther)
+		return
+	}
+	if !v6 && p.proto == protoUDP && len(p.l4) >= 8 && binary.BigEndian.Uint16(p.l4[0:2]) == 68 && binary.BigEndian.Uint16(p.l4[2:4]) == 67 {
+		// DHCP: the client may not have an address yet.
+		if transportChecksumOK(&p) {
+			st.handleDHCP(p.l4[8:])
+		} else {
+			c.Drop(rings.DropMalformed)
+		}
 		return
 	}
 	if !st.guestSource(p.src) {
@@ -246,7 +257,9 @@ func (st *Stack) handleICMP6(b []byte, p *ipPacket) {
 			return
 		}
 		st.ep.deliver(b)
-	case 133, 136, 130, 131, 132, 143: // RS, NA, MLD
+	case 133: // router solicitation: the gateway is the router
+		st.sendRouterAdvertisement()
+	case 136, 130, 131, 132, 143: // NA, MLD
 		st.ep.deliver(b)
 	default:
 		c.Drop(rings.DropOther)

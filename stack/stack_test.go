@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/insomniacslk/dhcp/dhcpv4"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 
 	"github.com/msbtap/msbtap/plan"
@@ -261,5 +262,91 @@ func BenchmarkHandleDeniedSYN(b *testing.B) {
 		if f, ok := sh.Rx.Pop(); ok {
 			sh.Frames.Put(f)
 		}
+	}
+}
+
+func udpFrame(src, dst netip.AddrPort, srcMAC, dstMAC net.HardwareAddr, payload []byte) []byte {
+	u := make([]byte, 8+len(payload))
+	binary.BigEndian.PutUint16(u[0:2], src.Port())
+	binary.BigEndian.PutUint16(u[2:4], dst.Port())
+	binary.BigEndian.PutUint16(u[4:6], uint16(len(u)))
+	copy(u[8:], payload)
+	binary.BigEndian.PutUint16(u[6:8], ^checksum.Checksum(u, pseudoSum(src.Addr(), dst.Addr(), protoUDP, len(u))))
+	ip := make([]byte, 20+len(u))
+	putIPHeader(ip, src.Addr(), dst.Addr(), protoUDP, len(u), 3)
+	copy(ip[20:], u)
+	return eth(dstMAC, srcMAC, 0x0800, ip)
+}
+
+func TestDHCP(t *testing.T) {
+	_, sh, p := newTestStack(t, policy.AllowAll{})
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x12, 0x34, 0x56}
+	disc, err := dhcpv4.NewDiscovery(mac, dhcpv4.WithRequestedOptions(dhcpv4.OptionInterfaceMTU))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bcast := net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+	send(sh, udpFrame(netip.MustParseAddrPort("0.0.0.0:68"), netip.MustParseAddrPort("255.255.255.255:67"), mac, bcast, disc.ToBytes()))
+	reply := func() *dhcpv4.DHCPv4 {
+		r := recv(t, sh, 2*time.Second, func(b []byte) bool {
+			return len(b) > 42 && b[23] == protoUDP && binary.BigEndian.Uint16(b[36:38]) == 68
+		})
+		if r == nil {
+			t.Fatal("no DHCP reply")
+		}
+		if !bytes.Equal(r[0:6], mac) {
+			t.Errorf("reply to MAC %x, want the client's %s", r[0:6], mac)
+		}
+		m, err := dhcpv4.FromBytes(r[42:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	offer := reply()
+	if offer.MessageType() != dhcpv4.MessageTypeOffer || !offer.YourIPAddr.Equal(p.GuestIPv4.Addr().AsSlice()) {
+		t.Fatalf("offer: %s", offer.Summary())
+	}
+	if r := offer.Router(); len(r) != 1 || !r[0].Equal(p.GatewayV4.AsSlice()) {
+		t.Errorf("router: %v", r)
+	}
+	if d := offer.DNS(); len(d) != 1 || !d[0].Equal(p.GatewayV4.AsSlice()) {
+		t.Errorf("dns: %v", d)
+	}
+	if m := offer.SubnetMask(); net.IP(m).String() != "255.255.255.252" {
+		t.Errorf("mask: %v", m)
+	}
+	if mtu := offer.GetOneOption(dhcpv4.OptionInterfaceMTU); binary.BigEndian.Uint16(mtu) != 1500 {
+		t.Errorf("mtu option: %v", mtu)
+	}
+	req, _ := dhcpv4.NewRequestFromOffer(offer)
+	send(sh, udpFrame(netip.MustParseAddrPort("0.0.0.0:68"), netip.MustParseAddrPort("255.255.255.255:67"), mac, bcast, req.ToBytes()))
+	if ack := reply(); ack.MessageType() != dhcpv4.MessageTypeAck || ack.IPAddressLeaseTime(0) != DHCPLease {
+		t.Fatalf("ack: %s", ack.Summary())
+	}
+	bad, _ := dhcpv4.NewRequestFromOffer(offer, dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(net.IPv4(100, 96, 0, 9))))
+	send(sh, udpFrame(netip.MustParseAddrPort("0.0.0.0:68"), netip.MustParseAddrPort("255.255.255.255:67"), mac, bcast, bad.ToBytes()))
+	if nak := reply(); nak.MessageType() != dhcpv4.MessageTypeNak {
+		t.Fatalf("request for another address: %s", nak.Summary())
+	}
+}
+
+func TestRouterAdvertisement(t *testing.T) {
+	st, sh, p := newTestStack(t, policy.AllowAll{})
+	st.sendRouterAdvertisement()
+	r := recv(t, sh, time.Second, func(b []byte) bool { return len(b) > 54 && b[20] == protoICMPv6 && b[54] == 134 })
+	if r == nil {
+		t.Fatal("no router advertisement")
+	}
+	ip, ok := parseIP(r[14:], true)
+	if !ok || !ip.src.IsLinkLocalUnicast() || ip.dst != netip.MustParseAddr("ff02::1") || r[14+7] != 255 {
+		t.Fatalf("RA addressing: %+v hop limit %d", ip, r[21])
+	}
+	if !transportChecksumOK(&ip) {
+		t.Error("bad RA checksum")
+	}
+	pfx := p.GuestIPv6.Masked().Addr().As16()
+	if !bytes.Contains(ip.l4, pfx[:8]) {
+		t.Error("RA lacks the sandbox prefix")
 	}
 }
