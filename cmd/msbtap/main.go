@@ -48,6 +48,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Commands: []*cli.Command{
 			runCommand(),
 			policyCommand(),
+			configCommand(),
 			{
 				Name:  "version",
 				Usage: "print the version",

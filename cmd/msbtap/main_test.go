@@ -59,3 +59,22 @@ func TestVersion(t *testing.T) {
 		t.Fatalf("got %q, %v", out, err)
 	}
 }
+
+func TestConfigCommand(t *testing.T) {
+	out, err := runApp("config", "--slot", "1")
+	if err != nil || !strings.Contains(out, "MSB_NET_IPV4_ADDRESS=100.96.0.6/30\n") || !strings.Contains(out, "MSB_NET_MAC=02:6d:73:00:01:02\n") ||
+		!strings.Contains(out, "MSB_NET_IPV6_GATEWAY=fd42:6d73:62:1::1\n") {
+		t.Errorf("env: %v\n%s", err, out)
+	}
+	out, err = runApp("config", "--slot", "1", "--format", "cmdline")
+	if want := "ip=100.96.0.6::100.96.0.5:255.255.255.252::eth0:off:100.96.0.5\n"; err != nil || out != want {
+		t.Errorf("cmdline: got %q, want %q (%v)", out, want, err)
+	}
+	out, err = runApp("config", "--slot", "65535", "--format", "json", "--mtu", "9000")
+	if err != nil || !strings.Contains(out, `"MSB_NET_MTU": "9000"`) || !strings.Contains(out, `"MSB_NET_IPV4_ADDRESS": "100.99.255.254/30"`) {
+		t.Errorf("json: %v\n%s", err, out)
+	}
+	if _, err := runApp("config", "--format", "yaml"); err == nil || !strings.Contains(err.Error(), "--format") {
+		t.Errorf("bad format: %v", err)
+	}
+}

@@ -46,13 +46,17 @@ type runOptions struct {
 	guestPID       int
 	auditLog       string
 	publish        []proxy.PortSpec
+	vm             bool
+	tapOwner       int
 }
 
 func runFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "config", Usage: "read settings from JSON `FILE` (keys are the flag names in snake_case; flags win)"},
+		&cli.BoolFlag{Name: "vm", Usage: "VM mode: create a TAP named by --tap for the VMM to open (QEMU -netdev tap,ifname=NAME,script=no,downscript=no)"},
+		&cli.IntFlag{Name: "tap-owner", Value: -1, Usage: "VM mode: `UID` allowed to open the TAP (the VMM's user)"},
 		&cli.StringFlag{Name: "netns", Usage: "attach to network namespace `NAME|PATH` (a name is looked up in /run/netns)"},
-		&cli.StringFlag{Name: "tap", Value: "eth0", Usage: "`NAME` of the TAP interface"},
+		&cli.StringFlag{Name: "tap", Value: "eth0", Usage: "`NAME` of the TAP interface (in VM mode: on the host; default msbtap<slot>)"},
 		&cli.IntFlag{Name: "slot", Value: 0, Usage: "sandbox slot `N` (0..65535) the default addresses derive from"},
 		&cli.IntFlag{Name: "mtu", Value: plan.DefaultMTU, Usage: "MTU of the sandbox's link"},
 		&cli.StringFlag{Name: "guest-ipv4", Usage: "guest IPv4 address `A[/LEN]` (gateway = A-1)"},
@@ -205,6 +209,11 @@ func parseRunOptions(c *cli.Context) (o runOptions, err error) {
 	}
 
 	o.tapName, o.readyFD, o.pidFile, o.command = str("tap"), num("ready-fd"), str("pid-file"), c.Args().Slice()
+	vm, err := s.bool("vm")
+	if err != nil {
+		return o, err
+	}
+	o.vm, o.tapOwner = vm, num("tap-owner")
 	if s.given("netns") {
 		ns := str("netns")
 		if ns == "" {
@@ -237,8 +246,23 @@ func parseRunOptions(c *cli.Context) (o runOptions, err error) {
 		return o, first
 	}
 
-	if o.netns == "" && len(o.command) == 0 {
-		return o, errors.New("nothing to attach: give --netns NAME|PATH or a command after --")
+	if o.vm {
+		if o.netns != "" {
+			return o, errors.New("--vm and --netns: a VM's TAP lives on the host; give one or the other")
+		}
+		if !s.given("tap") {
+			o.tapName = fmt.Sprintf("msbtap%d", slot)
+		}
+	} else {
+		if o.netns == "" && len(o.command) == 0 {
+			return o, errors.New("nothing to attach: give --netns NAME|PATH, --vm --tap NAME, or a command after --")
+		}
+		if s.given("tap-owner") {
+			return o, errors.New("--tap-owner: only for --vm")
+		}
+	}
+	if o.tapOwner < -1 {
+		return o, fmt.Errorf("--tap-owner %d: not a user id", o.tapOwner)
 	}
 	if n := len(o.tapName); n == 0 || n > 15 || strings.ContainsAny(o.tapName, "/ \t\n:") {
 		return o, fmt.Errorf("--tap %q: not a valid interface name (1 to 15 characters, no '/', ':' or spaces)", o.tapName)

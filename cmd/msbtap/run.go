@@ -140,25 +140,36 @@ func runAgent(o runOptions) (err error) {
 		defer pub.Close()
 	}
 
-	// The namespace: the user's, or a fresh one for the command.
-	var ns netns.NsHandle
-	if o.netns != "" {
-		ns, err = tap.OpenNetns(o.netns)
+	// The sandbox's link: a TAP inside its namespace (the user's, or a
+	// fresh one for the command), or a TAP on the host for a VMM.
+	var (
+		ns  netns.NsHandle = netns.None()
+		dev *tap.File
+	)
+	if o.vm {
+		vt, err := tap.CreateVMTap(o.tapName, o.tapOwner, o.plan.MTU)
+		if err != nil {
+			return err
+		}
+		defer vt.Close()
+		dev = vt.Agent
 	} else {
-		ns, err = tap.NewNetns()
-	}
-	if err != nil {
-		return err
-	}
-	defer ns.Close()
-
-	dev, err := tap.CreateInNetns(ns, o.tapName)
-	if err != nil {
-		return err
-	}
-	defer dev.Close()
-	if err := tap.ConfigureGuest(ns, dev.Name(), o.plan); err != nil {
-		return fmt.Errorf("configure %s in the sandbox: %w", dev.Name(), err)
+		if o.netns != "" {
+			ns, err = tap.OpenNetns(o.netns)
+		} else {
+			ns, err = tap.NewNetns()
+		}
+		if err != nil {
+			return err
+		}
+		defer ns.Close()
+		if dev, err = tap.CreateInNetns(ns, o.tapName); err != nil {
+			return err
+		}
+		defer dev.Close()
+		if err := tap.ConfigureGuest(ns, dev.Name(), o.plan); err != nil {
+			return fmt.Errorf("configure %s in the sandbox: %w", dev.Name(), err)
+		}
 	}
 
 	sh := rings.NewShared(rings.DefaultCapacity, o.plan.FrameSize()+256)
@@ -221,8 +232,12 @@ func runAgent(o runOptions) (err error) {
 		cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 		// The child is forked from a thread inside the sandbox's namespace,
-		// so it starts there.
-		if err := tap.InNetns(ns, cmd.Start); err != nil {
+		// so it starts there (in VM mode, in msbtap's own: it is the VMM).
+		start := cmd.Start
+		if ns.IsOpen() {
+			start = func() error { return tap.InNetns(ns, cmd.Start) }
+		}
+		if err := start(); err != nil {
 			return fmt.Errorf("start %s: %w", o.command[0], err)
 		}
 		term.setProcessGroup(cmd.Process.Pid)
@@ -230,7 +245,7 @@ func runAgent(o runOptions) (err error) {
 		defer stopCommand(cmd, cmdDone)
 	}
 
-	log.Info("ready", "tap", dev.Name(), "netns", nsLabel(o.netns), "guest_ipv4", o.plan.GuestIPv4,
+	log.Info("ready", "tap", o.tapName, "netns", nsLabel(o), "mode", modeLabel(o), "guest_ipv4", o.plan.GuestIPv4,
 		"guest_ipv6", o.plan.GuestIPv6, "gateway_ipv4", o.plan.GatewayV4, "gateway_ipv6", o.plan.GatewayV6,
 		"mtu", o.plan.MTU, "policy", policyLabel(o), "dns_upstreams", gw.DNSUpstreams())
 	if o.readyFD >= 0 {
@@ -307,11 +322,21 @@ func reloadPolicy(o runOptions, popts policy.Options, holder *policy.Holder, log
 	log.Error("policy reload failed; the old policy stays in force", "file", o.policyPath, "err", err)
 }
 
-func nsLabel(p string) string {
-	if p == "" {
+func nsLabel(o runOptions) string {
+	switch {
+	case o.vm:
+		return "(host)"
+	case o.netns == "":
 		return "(new)"
 	}
-	return p
+	return o.netns
+}
+
+func modeLabel(o runOptions) string {
+	if o.vm {
+		return "vm"
+	}
+	return "netns"
 }
 
 // commandStatus turns the command's end into msbtap's exit status: its own
