@@ -51,15 +51,26 @@ if ! read -r -t 30 line <"$work/ready" || [ "$line" != ready ]; then
   exit 1
 fi
 
-# 2. The VM, on the TAP msbtap made; msbtap's own frames never touch the
+# 2. The VM, on the TAP msbtap made; the guest's frames never touch the
 #    host's IP stack.
-status=0
 "$QEMU" -machine q35,accel="$QEMU_ACCEL" -cpu max -m "$MEM" -smp 1 \
   -nographic -no-reboot -monitor none \
   -kernel "$KERNEL" -initrd "$INITRD" \
   -append "console=ttyS0 panic=-1 quiet ${APPEND:-}" \
   -netdev tap,id=net0,ifname="$tap",script=no,downscript=no \
-  -device virtio-net-pci,netdev=net0,mac="$mac",host_mtu="$mtu" </dev/null || status=$?
+  -device virtio-net-pci,netdev=net0,mac="$mac",host_mtu="$mtu" </dev/null &
+vm=$!
 
-# 3. The VM is gone: stop msbtap (cleanup), report the VM's status.
+# 3. Whichever ends first: the VM (stop msbtap, report the VM's status), or
+#    msbtap (a fatal policy violation exits 3: stop the VM, report that).
+status=0
+wait -n "$agent" "$vm" || status=$?
+if ! kill -0 "$vm" 2>/dev/null; then
+  wait "$vm" || status=$?
+  exit $status
+fi
+echo "launch-qemu: msbtap exited ($status); stopping the VM" >&2
+kill -KILL "$vm" 2>/dev/null
+wait "$vm" 2>/dev/null || true
+agent=""
 exit $status
