@@ -53,6 +53,10 @@ func main() {
 		udpClient(args)
 	case "dial":
 		dialClient(args)
+	case "rr":
+		rrClient(args)
+	case "crr":
+		crrClient(args)
 	default:
 		log.Fatalf("unknown command %q", os.Args[1])
 	}
@@ -60,11 +64,12 @@ func main() {
 
 func serve(args []string) {
 	fs := flag.NewFlagSet("serve", flag.ExitOnError)
-	var httpAddrs, dnsAddrs, records, udpAddrs, tcpAddrs list
+	var httpAddrs, dnsAddrs, records, udpAddrs, tcpAddrs, echoAddrs list
 	fs.Var(&httpAddrs, "http", "serve HTTP on ADDR (repeatable)")
 	fs.Var(&dnsAddrs, "dns", "serve DNS on ADDR, UDP and TCP (repeatable)")
 	fs.Var(&records, "record", "DNS record NAME=IP (repeatable)")
 	fs.Var(&udpAddrs, "udp-echo", "echo UDP datagrams on ADDR (repeatable)")
+	fs.Var(&echoAddrs, "echo", "echo TCP on ADDR (repeatable)")
 	fs.Var(&tcpAddrs, "halfclose", "on ADDR, read to EOF, then answer with the byte count and SHA-256 (repeatable)")
 	ready := fs.String("ready", "", "create this file once every server listens")
 	fs.Parse(args)
@@ -134,6 +139,22 @@ func serve(args []string) {
 					}
 					fmt.Fprintf(c, "%d %s\n", n, hex.EncodeToString(h.Sum(nil)))
 				}()
+			}
+		}()
+	}
+	for _, a := range echoAddrs {
+		ln, err := net.Listen("tcp", a)
+		if err != nil {
+			log.Fatal(err)
+		}
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.(*net.TCPConn).SetNoDelay(true)
+				go func() { io.Copy(c, c); c.Close() }()
 			}
 		}()
 	}
@@ -337,4 +358,59 @@ func dialClient(args []string) {
 	}
 	c.Close()
 	fmt.Println("connected")
+}
+
+// rr ADDR SECONDS: 1-byte request/response on one connection; prints
+// transactions per second.
+func rrClient(args []string) {
+	if len(args) != 2 {
+		log.Fatal("usage: testhost rr ADDR SECONDS")
+	}
+	secs, _ := strconv.ParseFloat(args[1], 64)
+	c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close()
+	c.(*net.TCPConn).SetNoDelay(true)
+	b := []byte{'x'}
+	n := 0
+	start := time.Now()
+	end := start.Add(time.Duration(secs * float64(time.Second)))
+	for time.Now().Before(end) {
+		if _, err := c.Write(b); err != nil {
+			log.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, b); err != nil {
+			log.Fatal(err)
+		}
+		n++
+	}
+	fmt.Printf("%.0f\n", float64(n)/time.Since(start).Seconds())
+}
+
+// crr ADDR SECONDS: connect, 1-byte exchange, close, repeatedly; prints
+// connections per second.
+func crrClient(args []string) {
+	if len(args) != 2 {
+		log.Fatal("usage: testhost crr ADDR SECONDS")
+	}
+	secs, _ := strconv.ParseFloat(args[1], 64)
+	b := []byte{'x'}
+	n := 0
+	start := time.Now()
+	end := start.Add(time.Duration(secs * float64(time.Second)))
+	for time.Now().Before(end) {
+		c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+		if err != nil {
+			log.Fatal(err)
+		}
+		c.Write(b)
+		if _, err := io.ReadFull(c, b); err != nil {
+			log.Fatal(err)
+		}
+		c.Close()
+		n++
+	}
+	fmt.Printf("%.0f\n", float64(n)/time.Since(start).Seconds())
 }

@@ -1,0 +1,262 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"time"
+)
+
+type result struct {
+	upload, download, rr, crr float64 // Gbit/s, Gbit/s, per second, per second
+	cpuPerGB                  float64
+	resources                 map[string]float64
+}
+
+var seq int
+
+// world is one backend's namespaces: the sandbox, the "host" where the
+// backend runs, and the "internet" with the servers.
+type world struct {
+	sandbox, host, inet string
+	procs               []*exec.Cmd
+	links               []string
+}
+
+func ns(name string, args ...string) *exec.Cmd {
+	return exec.Command("ip", append([]string{"netns", "exec", name}, args...)...)
+}
+
+func must(cmd *exec.Cmd) {
+	if out, err := cmd.CombinedOutput(); err != nil {
+		panic(fmt.Sprintf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, out))
+	}
+}
+
+func newWorld() *world {
+	seq++
+	id := fmt.Sprintf("%d%d", os.Getpid()%10000, seq)
+	w := &world{sandbox: "bps" + id, host: "bph" + id, inet: "bpi" + id}
+	for _, n := range []string{w.sandbox, w.host, w.inet} {
+		must(exec.Command("ip", "netns", "add", n))
+		must(ns(n, "ip", "link", "set", "lo", "up"))
+	}
+	a, b := "bpa"+id, "bpb"+id
+	must(exec.Command("ip", "link", "add", a, "type", "veth", "peer", "name", b))
+	must(exec.Command("ip", "link", "set", a, "netns", w.host, "name", "up0"))
+	must(exec.Command("ip", "link", "set", b, "netns", w.inet, "name", "eth0"))
+	must(ns(w.host, "ip", "addr", "add", hostAddr+"/24", "dev", "up0"))
+	must(ns(w.host, "ip", "link", "set", "up0", "mtu", "65520", "up"))
+	must(ns(w.inet, "ip", "addr", "add", inetAddr+"/24", "dev", "eth0"))
+	must(ns(w.inet, "ip", "addr", "add", serverIP+"/24", "dev", "eth0"))
+	must(ns(w.inet, "ip", "link", "set", "eth0", "mtu", "65520", "up"))
+	// The "host" needs a default route for pasta to copy; inside these
+	// private namespaces it leads only to the test internet.
+	must(ns(w.host, "ip", "route", "add", "default", "via", inetAddr))
+	must(ns(w.inet, "ip", "route", "add", kernelNet+".0/24", "via", hostAddr))
+	w.start(w.inet, "iperf3", "-s")
+	w.start(w.inet, testhostBin, "serve", "--echo", serverIP+":"+echoPort, "--halfclose", serverIP+":"+holdPort)
+	time.Sleep(300 * time.Millisecond)
+	return w
+}
+
+func (w *world) start(n string, args ...string) *exec.Cmd {
+	c := ns(n, args...)
+	if err := c.Start(); err != nil {
+		panic(err)
+	}
+	w.procs = append(w.procs, c)
+	return c
+}
+
+func (w *world) close() {
+	for i := len(w.procs) - 1; i >= 0; i-- {
+		p := w.procs[i]
+		p.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { p.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(3 * time.Second):
+			p.Process.Kill()
+			<-done
+		}
+	}
+	for _, n := range []string{w.sandbox, w.host, w.inet} {
+		out, _ := exec.Command("ip", "netns", "pids", n).Output()
+		for _, pid := range strings.Fields(string(out)) {
+			exec.Command("kill", "-KILL", pid).Run()
+		}
+		exec.Command("ip", "netns", "del", n).Run()
+	}
+}
+
+// attach gives the sandbox its path to the internet through backend b and
+// returns the backend's process (nil for the kernel path).
+func (w *world) attach(b string, mtu int) (*exec.Cmd, error) {
+	switch b {
+	case "kernel":
+		id := strings.TrimPrefix(w.sandbox, "bps")
+		a, c := "bpk"+id, "bpl"+id
+		must(exec.Command("ip", "link", "add", a, "type", "veth", "peer", "name", c))
+		must(exec.Command("ip", "link", "set", a, "netns", w.sandbox, "name", "eth0"))
+		must(exec.Command("ip", "link", "set", c, "netns", w.host, "name", "sb0"))
+		must(ns(w.sandbox, "ip", "addr", "add", kernelNet+".2/24", "dev", "eth0"))
+		must(ns(w.sandbox, "ip", "link", "set", "eth0", "mtu", strconv.Itoa(mtu), "up"))
+		must(ns(w.host, "ip", "addr", "add", kernelNet+".1/24", "dev", "sb0"))
+		must(ns(w.host, "ip", "link", "set", "sb0", "mtu", strconv.Itoa(mtu), "up"))
+		must(ns(w.sandbox, "ip", "route", "add", "default", "via", kernelNet+".1"))
+		must(ns(w.host, "sysctl", "-qw", "net.ipv4.ip_forward=1"))
+		return nil, nil
+	case "slirp4netns":
+		p := w.start(w.host, "slirp4netns", "--configure", "--mtu="+strconv.Itoa(mtu), "--disable-host-loopback",
+			"--netns-type=path", "/run/netns/"+w.sandbox, "tap0")
+		return p, waitLink(w.sandbox, "tap0")
+	case "pasta":
+		p := w.start(w.host, "pasta", "--config-net", "--runas", "0:0", "-m", strconv.Itoa(mtu), "-f", "-q",
+			"--netns", "/run/netns/"+w.sandbox)
+		return p, waitRoute(w.sandbox)
+	case "msbtap":
+		p := w.start(w.host, msbtapBin, "run", "--netns", w.sandbox, "--policy", "allow-all", "--mtu", strconv.Itoa(mtu), "--log-level", "warn")
+		return p, waitLink(w.sandbox, "eth0")
+	}
+	return nil, fmt.Errorf("unknown backend %q", b)
+}
+
+func waitLink(n, link string) error {
+	for i := 0; i < 100; i++ {
+		if out, err := ns(n, "ip", "-o", "addr", "show", "dev", link).Output(); err == nil && strings.Contains(string(out), "inet ") {
+			time.Sleep(200 * time.Millisecond)
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("%s never came up in %s", link, n)
+}
+
+func waitRoute(n string) error {
+	for i := 0; i < 100; i++ {
+		if out, err := ns(n, "ip", "route").Output(); err == nil && strings.Contains(string(out), "default") {
+			time.Sleep(200 * time.Millisecond)
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("no default route in %s", n)
+}
+
+func measure(b string, mtu int, resources bool) (r result, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("%v", p)
+		}
+	}()
+	w := newWorld()
+	defer w.close()
+	proc, err := w.attach(b, mtu)
+	if err != nil {
+		return r, err
+	}
+	pid := 0
+	if b == "msbtap" && proc != nil {
+		pid = proc.Process.Pid
+	}
+	cpu0 := cpuSeconds(pid)
+	var bytes float64
+	if r.upload, bytes, err = iperf(w.sandbox, false); err != nil {
+		return r, err
+	}
+	var bytes2 float64
+	if r.download, bytes2, err = iperf(w.sandbox, true); err != nil {
+		return r, err
+	}
+	if pid > 0 && bytes+bytes2 > 0 {
+		r.cpuPerGB = (cpuSeconds(pid) - cpu0) / ((bytes + bytes2) / 1e9)
+	}
+	if r.rr, err = number(ns(w.sandbox, testhostBin, "rr", serverIP+":"+echoPort, strconv.Itoa(seconds))); err != nil {
+		return r, fmt.Errorf("rr: %w", err)
+	}
+	if r.crr, err = number(ns(w.sandbox, testhostBin, "crr", serverIP+":"+echoPort, strconv.Itoa(seconds))); err != nil {
+		return r, fmt.Errorf("crr: %w", err)
+	}
+	if resources && pid > 0 {
+		r.resources = map[string]float64{}
+		time.Sleep(time.Second)
+		idle := rssKiB(pid)
+		hold := ns(w.sandbox, testhostBin, "hold", serverIP+":"+holdPort, "1000", "6")
+		if err := hold.Start(); err != nil {
+			return r, err
+		}
+		time.Sleep(4 * time.Second)
+		held := rssKiB(pid)
+		hold.Wait()
+		r.resources["rss_idle_kib"] = idle
+		r.resources["rss_1000_idle_conns_kib"] = held
+		r.resources["rss_per_idle_conn_kib"] = (held - idle) / 1000
+	}
+	return r, nil
+}
+
+func iperf(sandbox string, reverse bool) (gbps, bytes float64, err error) {
+	args := []string{"iperf3", "-c", serverIP, "-t", strconv.Itoa(seconds), "-J"}
+	if reverse {
+		args = append(args, "-R")
+	}
+	out, err := ns(sandbox, args...).Output()
+	var j struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+				Bytes         float64 `json:"bytes"`
+			} `json:"sum_received"`
+		} `json:"end"`
+		Error string `json:"error"`
+	}
+	if jerr := json.Unmarshal(out, &j); jerr != nil || j.Error != "" {
+		return 0, 0, fmt.Errorf("iperf3 %v: %v %s", args[1:], err, j.Error)
+	}
+	return j.End.SumReceived.BitsPerSecond / 1e9, j.End.SumReceived.Bytes, nil
+}
+
+func number(c *exec.Cmd) (float64, error) {
+	out, err := c.CombinedOutput()
+	if err != nil {
+		return 0, fmt.Errorf("%v: %s", err, out)
+	}
+	return strconv.ParseFloat(strings.TrimSpace(string(out)), 64)
+}
+
+func cpuSeconds(pid int) float64 {
+	if pid == 0 {
+		return 0
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / 100 // USER_HZ
+}
+
+func rssKiB(pid int) float64 {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			n, _ := strconv.ParseFloat(strings.Fields(v)[0], 64)
+			return n
+		}
+	}
+	return 0
+}
