@@ -28,6 +28,7 @@ type ipPacket struct {
 	src, dst netip.Addr
 	proto    uint8  // transport protocol (after IPv6 extension headers)
 	frag     bool   // a fragment (or part of a fragmented datagram)
+	csumDone bool   // the transport checksum needs no verification
 	ip       []byte // the whole IP packet, trimmed to its stated length
 	l4       []byte // the transport header and payload
 }
@@ -101,6 +102,9 @@ func parseIP(b []byte, v6 bool) (p ipPacket, ok bool) {
 // transportChecksumOK verifies the TCP/UDP/ICMPv6 checksum of p (ICMPv4 has
 // no pseudo-header). A zero UDP checksum over IPv4 means "none".
 func transportChecksumOK(p *ipPacket) bool {
+	if p.csumDone {
+		return p.proto != protoUDP || len(p.l4) >= 8
+	}
 	switch p.proto {
 	case protoUDP:
 		if len(p.l4) < 8 {

@@ -30,7 +30,7 @@ func (st *Stack) routinePoll() {
 			if !ok {
 				break
 			}
-			st.handleFrame(f.B)
+			st.handleFrame(f.B, f.GSO.NeedsCsum || f.GSO.DataValid)
 			sh.Frames.Put(f)
 		}
 	}
@@ -38,8 +38,10 @@ func (st *Stack) routinePoll() {
 
 // handleFrame classifies one guest frame: ARP and NDP only for the
 // gateway's own addresses, new flows through the policy, UDP and echo to the
-// proxies, everything else of TCP into the netstack.
-func (st *Stack) handleFrame(b []byte) {
+// proxies, everything else of TCP into the netstack. csumDone says the
+// guest's kernel left the transport checksum to us (checksum offload) or
+// validated it: it is then not verified again.
+func (st *Stack) handleFrame(b []byte, csumDone bool) {
 	c := &st.o.Shared.Counters
 	if len(b) < ethHdrLen {
 		c.Drop(rings.DropMalformed)
@@ -58,9 +60,9 @@ func (st *Stack) handleFrame(b []byte) {
 	case etherTypeARP:
 		st.handleARP(b)
 	case etherTypeIPv4:
-		st.handleIP(b, false)
+		st.handleIP(b, false, csumDone)
 	case etherTypeIPv6:
-		st.handleIP(b, true)
+		st.handleIP(b, true, csumDone)
 	default:
 		c.Drop(rings.DropOther)
 	}
@@ -101,13 +103,14 @@ func (st *Stack) isGateway(a netip.Addr) bool {
 	return a == st.o.Plan.GatewayV4 || a == st.o.Plan.GatewayV6
 }
 
-func (st *Stack) handleIP(b []byte, v6 bool) {
+func (st *Stack) handleIP(b []byte, v6, csumDone bool) {
 	c := &st.o.Shared.Counters
 	p, ok := parseIP(b[ethHdrLen:], v6)
 	if !ok {
 		c.Drop(rings.DropMalformed)
 		return
 	}
+	p.csumDone = csumDone
 	if v6 && p.proto == protoICMPv6 && p.src.IsUnspecified() {
 		// DAD probes come from "::"; they need no answer from us.
 		c.Drop(rings.DropOther)
@@ -163,6 +166,12 @@ func (st *Stack) handleTCP(b []byte, p *ipPacket) {
 	}
 	if !p.dst.IsGlobalUnicast() && !p.dst.IsPrivate() && !p.dst.IsLoopback() && !p.dst.IsLinkLocalUnicast() {
 		c.Drop(rings.DropOther) // multicast, broadcast, unspecified
+		return
+	}
+	if st.o.Offload && !p.csumDone && !transportChecksumOK(p) {
+		// The netstack skips verification when offload is on; do it here
+		// for the frames whose checksum is complete.
+		c.Drop(rings.DropMalformed)
 		return
 	}
 	flags := t[13]

@@ -56,6 +56,9 @@ type Options struct {
 	DNSUpstreams []string
 	// DNSFilter lets the policy act on name resolution (optional).
 	DNSFilter proxy.DNSFilter
+	// Offload says the TAP carries virtio net headers: take and hand over
+	// 64 KiB TCP segments with partial checksums.
+	Offload bool
 	// MaxConnections caps concurrent relayed TCP connections (default 256).
 	MaxConnections int
 	// DialTimeout bounds the upstream dial of a TCP flow (default 10 s).
@@ -164,7 +167,7 @@ func New(o Options) (*Stack, error) {
 
 func (st *Stack) configureNetstack() error {
 	p := st.o.Plan
-	st.ep = newLinkEndpoint(st.o.Shared, tcpip.LinkAddress(p.GatewayMAC), uint32(p.MTU))
+	st.ep = newLinkEndpoint(st.o.Shared, tcpip.LinkAddress(p.GatewayMAC), uint32(p.MTU), st.o.Offload)
 	if err := st.s.CreateNICWithOptions(nicID, st.ep, gstack.NICOptions{Name: "gateway"}); err != nil {
 		return fmt.Errorf("create netstack NIC: %s", err)
 	}

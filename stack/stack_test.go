@@ -242,7 +242,7 @@ func FuzzHandleFrame(f *testing.F) {
 	f.Add([]byte{})
 	st, sh, _ := newTestStack(f, denyAll{})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		st.handleFrame(b)
+		st.handleFrame(b, false)
 		for {
 			fr, ok := sh.Rx.Pop()
 			if !ok {
@@ -258,7 +258,7 @@ func BenchmarkHandleDeniedSYN(b *testing.B) {
 	frame := synFrame(p, netip.MustParseAddrPort("198.51.100.9:443"))
 	b.ReportAllocs()
 	for i := 0; i < b.N; i++ {
-		st.handleFrame(frame)
+		st.handleFrame(frame, false)
 		if f, ok := sh.Rx.Pop(); ok {
 			sh.Frames.Put(f)
 		}

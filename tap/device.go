@@ -25,6 +25,9 @@ type Device interface {
 	Name() string
 	// BatchSize is the largest batch Read fills in one call.
 	BatchSize() int
+	// VNetHdrLen is the length of the virtio net header that precedes
+	// every frame read and written (0: plain frames).
+	VNetHdrLen() int
 	// Close releases the device; it is safe to call more than once.
 	Close() error
 }
@@ -39,16 +42,21 @@ type File struct {
 	name  string
 	f     *os.File
 	batch int
+	vnet  int
 	once  sync.Once
 	err   error
 }
 
 var _ Device = (*File)(nil)
 
-// NewFile wraps an open, non-blocking TAP file.
-func NewFile(f *os.File, name string) *File {
-	return &File{name: name, f: f, batch: DefaultBatch}
+// NewFile wraps an open, non-blocking TAP file; vnetHdrLen is the length of
+// its virtio net header (0 for plain frames).
+func NewFile(f *os.File, name string, vnetHdrLen int) *File {
+	return &File{name: name, f: f, batch: DefaultBatch, vnet: vnetHdrLen}
 }
+
+// VNetHdrLen implements Device.
+func (d *File) VNetHdrLen() int { return d.vnet }
 
 // Name implements Device.
 func (d *File) Name() string { return d.name }

@@ -9,7 +9,6 @@ import (
 	"runtime"
 	"strings"
 
-	"github.com/songgao/water"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -94,8 +93,10 @@ func InNetns(ns netns.NsHandle, fn func() error) error {
 
 // CreateInNetns creates a TAP device named name inside namespace ns and
 // returns it; the file descriptor stays with the agent, while the interface
-// lives (and is the uplink) in ns, as slirp4netns and pasta do it.
-func CreateInNetns(ns netns.NsHandle, name string) (*File, error) {
+// lives (and is the uplink) in ns, as slirp4netns and pasta do it. With
+// offload, frames carry a virtio net header and TCP segmentation and
+// checksum offload are on.
+func CreateInNetns(ns netns.NsHandle, name string, offload bool) (*File, error) {
 	if len(name) == 0 || len(name) >= unix.IFNAMSIZ {
 		return nil, fmt.Errorf("tap name %q: must be 1 to %d characters", name, unix.IFNAMSIZ-1)
 	}
@@ -107,27 +108,30 @@ func CreateInNetns(ns netns.NsHandle, name string) (*File, error) {
 	if _, err := h.LinkByName(name); err == nil {
 		return nil, fmt.Errorf("a network interface named %q already exists in the target namespace", name)
 	}
-	var ifce *water.Interface
+	var (
+		f       *os.File
+		created string
+	)
 	err = InNetns(ns, func() error {
 		var err error
-		ifce, err = water.New(water.Config{
-			DeviceType:             water.TAP,
-			PlatformSpecificParams: water.PlatformSpecificParams{Name: name},
-		})
+		f, created, err = openTAP(name, offload)
 		return err
 	})
 	if err != nil {
-		if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
-			return nil, fmt.Errorf("create tap %s: %w (msbtap needs CAP_NET_ADMIN: run it as root)", name, err)
-		}
-		return nil, fmt.Errorf("create tap %s: %w", name, err)
+		return nil, tapError(name, err)
 	}
-	f, ok := ifce.ReadWriteCloser.(*os.File)
-	if !ok {
-		ifce.Close()
-		return nil, fmt.Errorf("create tap %s: unexpected device type %T", name, ifce.ReadWriteCloser)
+	hl := 0
+	if offload {
+		hl = VNetHdrLen
 	}
-	return NewFile(f, ifce.Name()), nil
+	return NewFile(f, created, hl), nil
+}
+
+func tapError(name string, err error) error {
+	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+		return fmt.Errorf("create tap %s: %w (msbtap needs CAP_NET_ADMIN: run it as root)", name, err)
+	}
+	return fmt.Errorf("create tap %s: %w", name, err)
 }
 
 // ConfigureGuest sets up the namespace side of the TAP: MAC, MTU, link up,

@@ -42,7 +42,7 @@ func StartPump(dev Device, sh *rings.Shared, maxFrame int, log *slog.Logger) *Pu
 // waking it once per batch. It never blocks on the ring: a full ring drops.
 func (p *Pump) RoutineReadFromTAP() {
 	defer p.wg.Done()
-	batch := p.dev.BatchSize()
+	batch, hl := p.dev.BatchSize(), p.dev.VNetHdrLen()
 	frames := make([]*rings.Frame, batch)
 	bufs := make([][]byte, batch)
 	sizes := make([]int, batch)
@@ -56,7 +56,9 @@ func (p *Pump) RoutineReadFromTAP() {
 	}()
 	for {
 		for i, f := range frames {
-			bufs[i] = f.B[:cap(f.B)]
+			// The virtio net header, if any, lands in the headroom and
+			// the frame right after it, where B starts.
+			bufs[i] = f.Buffer()[rings.Headroom-hl:]
 		}
 		n, err := p.dev.Read(bufs, sizes)
 		if err != nil {
@@ -67,8 +69,9 @@ func (p *Pump) RoutineReadFromTAP() {
 		}
 		pushed := 0
 		for i := 0; i < n; i++ {
-			size := sizes[i]
-			if size > p.maxFrame || size >= cap(frames[i].B) {
+			size := sizes[i] - hl
+			f := frames[i]
+			if size > p.maxFrame || size >= cap(f.B) {
 				p.sh.Counters.Drop(rings.DropOversized)
 				continue
 			}
@@ -76,8 +79,10 @@ func (p *Pump) RoutineReadFromTAP() {
 				p.sh.Counters.Drop(rings.DropMalformed)
 				continue
 			}
-			f := frames[i]
-			f.B = f.B[:size]
+			f.SetLen(size)
+			if hl > 0 {
+				decodeVNetHdr(f.Head(hl), &f.GSO)
+			}
 			p.sh.Counters.AddTx(size)
 			p.sh.PushTx(f) // on a full ring the frame goes back to the pool
 			frames[i] = p.sh.Frames.Get()
@@ -93,7 +98,7 @@ func (p *Pump) RoutineReadFromTAP() {
 // writes them to the device.
 func (p *Pump) RoutineWriteToTAP() {
 	defer p.wg.Done()
-	batch := p.dev.BatchSize()
+	batch, hl := p.dev.BatchSize(), p.dev.VNetHdrLen()
 	frames := make([]*rings.Frame, 0, batch)
 	bufs := make([][]byte, 0, batch)
 	for {
@@ -111,7 +116,10 @@ func (p *Pump) RoutineWriteToTAP() {
 					break
 				}
 				frames = append(frames, f)
-				bufs = append(bufs, f.B)
+				if hl > 0 {
+					encodeVNetHdr(f.Head(hl), &f.GSO)
+				}
+				bufs = append(bufs, f.Full(hl))
 			}
 			if len(frames) == 0 {
 				break

@@ -17,7 +17,7 @@ import (
 )
 
 // attach creates a namespace with a configured TAP and a running pump.
-func attach(t *testing.T) (*testenv.NS, *rings.Shared, plan.Plan) {
+func attach(t *testing.T, offload bool) (*testenv.NS, *rings.Shared, plan.Plan) {
 	testenv.RequireRoot(t)
 	ns := testenv.NewNS(t, "tap")
 	h, err := OpenNetns(ns.Path())
@@ -27,7 +27,7 @@ func attach(t *testing.T) (*testenv.NS, *rings.Shared, plan.Plan) {
 	t.Cleanup(func() { h.Close() })
 	p, _ := plan.ForSlot(7)
 	p.MTU = 1400
-	dev, err := CreateInNetns(h, "eth0")
+	dev, err := CreateInNetns(h, "eth0", offload)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +42,7 @@ func attach(t *testing.T) (*testenv.NS, *rings.Shared, plan.Plan) {
 }
 
 func TestAttachConfiguresNamespace(t *testing.T) {
-	ns, _, p := attach(t)
+	ns, _, p := attach(t, false)
 	h, err := OpenNetns(ns.Path())
 	if err != nil {
 		t.Fatal(err)
@@ -97,7 +97,13 @@ func TestAttachConfiguresNamespace(t *testing.T) {
 // TestFrameReachesTxRing: an ARP request the namespace sends for the
 // gateway arrives in the tx ring.
 func TestFrameReachesTxRing(t *testing.T) {
-	ns, sh, p := attach(t)
+	for _, off := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain", true: "vnet"}[off], func(t *testing.T) { testFrameReachesTxRing(t, off) })
+	}
+}
+
+func testFrameReachesTxRing(t *testing.T, offload bool) {
+	ns, sh, p := attach(t, offload)
 	go ns.Run("ping", "-c", "1", "-W", "1", p.GatewayV4.String())
 	deadline := time.After(5 * time.Second)
 	for {
@@ -130,7 +136,13 @@ func TestFrameReachesTxRing(t *testing.T) {
 // TestRxRingReachesNamespace: a frame pushed into the rx ring is received
 // by an AF_PACKET socket inside the namespace.
 func TestRxRingReachesNamespace(t *testing.T) {
-	ns, sh, p := attach(t)
+	for _, off := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain", true: "vnet"}[off], func(t *testing.T) { testRxRingReachesNamespace(t, off) })
+	}
+}
+
+func testRxRingReachesNamespace(t *testing.T, offload bool) {
+	ns, sh, p := attach(t, offload)
 	h, err := OpenNetns(ns.Path())
 	if err != nil {
 		t.Fatal(err)
@@ -192,7 +204,7 @@ func TestCreateRefusesExistingName(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	if _, err := CreateInNetns(h, "eth0"); err == nil || !strings.Contains(err.Error(), "already exists") {
+	if _, err := CreateInNetns(h, "eth0", false); err == nil || !strings.Contains(err.Error(), "already exists") {
 		t.Fatalf("got %v, want an 'already exists' error", err)
 	}
 }

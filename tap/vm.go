@@ -38,7 +38,7 @@ func AgentTapName(name string) string {
 // CreateVMTap creates the VM's persistent TAP (owned by owner, or root when
 // owner < 0) and the agent's TAP, sets both up at mtu and joins them. On
 // failure nothing is left behind; Close removes both.
-func CreateVMTap(name string, owner, mtu int) (t *VMTap, err error) {
+func CreateVMTap(name string, owner, mtu int, offload bool) (t *VMTap, err error) {
 	if len(name) == 0 || len(name) >= unix.IFNAMSIZ {
 		return nil, fmt.Errorf("--tap %q: must be 1 to %d characters", name, unix.IFNAMSIZ-1)
 	}
@@ -59,10 +59,7 @@ func CreateVMTap(name string, owner, mtu int) (t *VMTap, err error) {
 	// VMM can attach to it by name.
 	vm, err := water.New(water.Config{DeviceType: water.TAP, PlatformSpecificParams: water.PlatformSpecificParams{Name: name, Persist: true}})
 	if err != nil {
-		if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
-			return t, fmt.Errorf("create tap %s: %w (msbtap needs CAP_NET_ADMIN: run it as root)", name, err)
-		}
-		return t, fmt.Errorf("create tap %s: %w", name, err)
+		return t, tapError(name, err)
 	}
 	t.createdVM = true
 	if owner >= 0 {
@@ -74,11 +71,15 @@ func CreateVMTap(name string, owner, mtu int) (t *VMTap, err error) {
 	}
 	vm.Close()
 
-	ag, err := water.New(water.Config{DeviceType: water.TAP, PlatformSpecificParams: water.PlatformSpecificParams{Name: agentName}})
+	ag, _, err := openTAP(agentName, offload)
 	if err != nil {
-		return t, fmt.Errorf("create tap %s: %w", agentName, err)
+		return t, tapError(agentName, err)
 	}
-	t.Agent = NewFile(ag.ReadWriteCloser.(*os.File), agentName)
+	hl := 0
+	if offload {
+		hl = VNetHdrLen
+	}
+	t.Agent = NewFile(ag, agentName, hl)
 
 	links := make([]netlink.Link, 2)
 	for i, n := range []string{name, agentName} {

@@ -38,6 +38,7 @@ func startGateway(sh *rings.Shared, o runOptions, holder *policy.Holder, guard *
 		DNSUpstreams:   ups,
 		DNSFilter:      guard,
 		MaxConnections: o.maxConnections,
+		Offload:        o.offload,
 		Log:            log.With("component", "stack"),
 	})
 	if err != nil {

@@ -48,12 +48,14 @@ type runOptions struct {
 	publish        []proxy.PortSpec
 	vm             bool
 	tapOwner       int
+	offload        bool
 }
 
 func runFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "config", Usage: "read settings from JSON `FILE` (keys are the flag names in snake_case; flags win)"},
 		&cli.BoolFlag{Name: "vm", Usage: "VM mode: create a TAP named by --tap for the VMM to open (QEMU -netdev tap,ifname=NAME,script=no,downscript=no)"},
+		&cli.StringFlag{Name: "offload", Value: "on", Usage: "on: virtio net headers with TCP segmentation and checksum offload on the TAP (64 KiB segments whatever the MTU); off: plain frames"},
 		&cli.IntFlag{Name: "tap-owner", Value: -1, Usage: "VM mode: `UID` allowed to open the TAP (the VMM's user)"},
 		&cli.StringFlag{Name: "netns", Usage: "attach to network namespace `NAME|PATH` (a name is looked up in /run/netns)"},
 		&cli.StringFlag{Name: "tap", Value: "eth0", Usage: "`NAME` of the TAP interface (in VM mode: on the host; default msbtap<slot>)"},
@@ -214,6 +216,13 @@ func parseRunOptions(c *cli.Context) (o runOptions, err error) {
 		return o, err
 	}
 	o.vm, o.tapOwner = vm, num("tap-owner")
+	switch off := str("offload"); off {
+	case "on":
+		o.offload = true
+	case "off":
+	default:
+		return o, fmt.Errorf("--offload %q: want on or off", off)
+	}
 	if s.given("netns") {
 		ns := str("netns")
 		if ns == "" {

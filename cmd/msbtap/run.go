@@ -147,7 +147,7 @@ func runAgent(o runOptions) (err error) {
 		dev *tap.File
 	)
 	if o.vm {
-		vt, err := tap.CreateVMTap(o.tapName, o.tapOwner, o.plan.MTU)
+		vt, err := tap.CreateVMTap(o.tapName, o.tapOwner, o.plan.MTU, o.offload)
 		if err != nil {
 			return err
 		}
@@ -163,7 +163,7 @@ func runAgent(o runOptions) (err error) {
 			return err
 		}
 		defer ns.Close()
-		if dev, err = tap.CreateInNetns(ns, o.tapName); err != nil {
+		if dev, err = tap.CreateInNetns(ns, o.tapName, o.offload); err != nil {
 			return err
 		}
 		defer dev.Close()
@@ -172,9 +172,13 @@ func runAgent(o runOptions) (err error) {
 		}
 	}
 
-	sh := rings.NewShared(rings.DefaultCapacity, o.plan.FrameSize()+256)
+	maxFrame := o.plan.FrameSize()
+	if o.offload {
+		maxFrame = 14 + 4 + 65535 // a 64 KiB TSO segment in one frame
+	}
+	sh := rings.NewShared(rings.DefaultCapacity, maxFrame+256)
 	sh.SetTerminationHook(term.hook)
-	pump := tap.StartPump(dev, sh, o.plan.FrameSize(), log.With("component", "tap"))
+	pump := tap.StartPump(dev, sh, maxFrame, log.With("component", "tap"))
 	defer func() {
 		pump.Close()
 		pump.Wait()

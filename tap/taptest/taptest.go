@@ -35,6 +35,9 @@ func (d *Device) Inject(frame []byte) { d.in <- append([]byte(nil), frame...) }
 // Name implements tap.Device.
 func (d *Device) Name() string { return "taptest0" }
 
+// VNetHdrLen implements tap.Device: the fake carries plain frames.
+func (d *Device) VNetHdrLen() int { return 0 }
+
 // BatchSize implements tap.Device.
 func (d *Device) BatchSize() int { return d.batch }
 

@@ -66,7 +66,7 @@ func TestSIGTERMLeavesNothing(t *testing.T) {
 	testenv.RequireRoot(t)
 	msbtap, _ := testenv.Binaries(t)
 	n := 100000 + rand.IntN(800000)
-	marker := fmt.Sprintf("sleep %d", n)
+	marker := fmt.Sprintf("^sleep %d$", n) // the sleep itself, not msbtap's command line
 	cmd := exec.Command(msbtap, "run", "--", "sh", "-c", fmt.Sprintf("sleep %d & sleep %d", n, n+1))
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -88,7 +88,7 @@ func TestSIGTERMLeavesNothing(t *testing.T) {
 	}
 	waitFor(t, 5*time.Second, "the sandbox's processes to go", func() bool {
 		return exec.Command("pgrep", "-f", marker).Run() != nil &&
-			exec.Command("pgrep", "-f", fmt.Sprintf("sleep %d", n+1)).Run() != nil
+			exec.Command("pgrep", "-f", fmt.Sprintf("^sleep %d$", n+1)).Run() != nil
 	})
 }
 

@@ -16,9 +16,13 @@ import (
 )
 
 func TestCurlByIPAndName(t *testing.T) {
+	forOffloads(t, testCurlByIPAndName)
+}
+
+func testCurlByIPAndName(t *testing.T, offload string) {
 	testenv.RequireTools(t, "curl")
 	w := testenv.NewWorld(t)
-	w.StartAgent(t)
+	w.StartAgent(t, "--offload", offload)
 	for _, url := range []string{
 		"http://" + testenv.WebHost4 + "/",
 		"http://[" + testenv.WebHost6 + "]/",
@@ -46,9 +50,13 @@ func TestCurlByIPAndName(t *testing.T) {
 // TestBulkTransferIntegrity moves 100 MB each way and compares checksums
 // computed at both ends.
 func TestBulkTransferIntegrity(t *testing.T) {
+	forOffloads(t, testBulkTransferIntegrity)
+}
+
+func testBulkTransferIntegrity(t *testing.T, offload string) {
 	testenv.RequireTools(t, "curl", "sha256sum")
 	w := testenv.NewWorld(t)
-	w.StartAgent(t)
+	w.StartAgent(t, "--offload", offload)
 	const n = 100 << 20
 	want := pattern.SHA256(n)
 
@@ -73,8 +81,12 @@ func TestBulkTransferIntegrity(t *testing.T) {
 // TestHalfClose: the client shuts its write side; the server, which reads
 // to EOF first, still gets its answer through.
 func TestHalfClose(t *testing.T) {
+	forOffloads(t, testHalfClose)
+}
+
+func testHalfClose(t *testing.T, offload string) {
 	w := testenv.NewWorld(t)
-	w.StartAgent(t)
+	w.StartAgent(t, "--offload", offload)
 	for _, addr := range []string{testenv.WebHost4 + ":7001", "[" + testenv.WebHost6 + "]:7001"} {
 		out := w.Guest.MustRun(t, w.Testhost, "halfclose", addr, "1000000")
 		if want := fmt.Sprintf("1000000 %s", pattern.SHA256(1000000)); strings.TrimSpace(out) != want {
@@ -106,8 +118,12 @@ func TestClosedPortRefusedFast(t *testing.T) {
 }
 
 func TestUDPEcho(t *testing.T) {
+	forOffloads(t, testUDPEcho)
+}
+
+func testUDPEcho(t *testing.T, offload string) {
 	w := testenv.NewWorld(t)
-	w.StartAgent(t)
+	w.StartAgent(t, "--offload", offload)
 	for _, addr := range []string{testenv.WebHost4 + ":7002", "[" + testenv.WebHost6 + "]:7002"} {
 		out := w.Guest.MustRun(t, w.Testhost, "udp", addr, "ping-"+addr)
 		if strings.TrimSpace(out) != "ping-"+addr {
@@ -242,5 +258,12 @@ func TestNoLeaks(t *testing.T) {
 	}
 	if a := metric(`msbtap_flows_active{proto="tcp"}`); a != 0 {
 		t.Errorf("tcp flows still active: %d", a)
+	}
+}
+
+// forOffloads runs a correctness test with the TAP's offloads on and off.
+func forOffloads(t *testing.T, f func(*testing.T, string)) {
+	for _, mode := range []string{"on", "off"} {
+		t.Run("offload-"+mode, func(t *testing.T) { f(t, mode) })
 	}
 }

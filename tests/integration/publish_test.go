@@ -55,9 +55,13 @@ func TestPublishTCP(t *testing.T) {
 }
 
 func TestPublishBulkIntegrity(t *testing.T) {
+	forOffloads(t, testPublishBulkIntegrity)
+}
+
+func testPublishBulkIntegrity(t *testing.T, offload string) {
 	testenv.RequireTools(t, "curl", "sha256sum")
 	w := testenv.NewWorld(t)
-	w.StartAgent(t, "-p", "18080:80")
+	w.StartAgent(t, "-p", "18080:80", "--offload", offload)
 	guestServers(t, w)
 	const n = 100 << 20
 	want := pattern.SHA256(n)
