@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sync/atomic"
 	"time"
 
@@ -81,7 +82,7 @@ type metricsServer struct {
 	addr net.Addr
 }
 
-func startMetrics(addr string, sh *rings.Shared, st *stack.Stack, audit *auditLog, counts *decisionCounts, log *slog.Logger) (*metricsServer, error) {
+func startMetrics(addr string, pprofOn bool, sh *rings.Shared, st *stack.Stack, audit *auditLog, counts *decisionCounts, log *slog.Logger) (*metricsServer, error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
 		collectors.NewGoCollector(),
@@ -94,6 +95,12 @@ func startMetrics(addr string, sh *rings.Shared, st *stack.Stack, audit *auditLo
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	if pprofOn {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	m := &metricsServer{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, addr: ln.Addr()}
 	go func() {
 		if err := m.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {

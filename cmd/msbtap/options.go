@@ -49,6 +49,7 @@ type runOptions struct {
 	vm             bool
 	tapOwner       int
 	offload        bool
+	pprof          bool
 }
 
 func runFlags() []cli.Flag {
@@ -71,6 +72,7 @@ func runFlags() []cli.Flag {
 		&cli.StringSliceFlag{Name: "dns-upstream", Usage: "forward the sandbox's DNS queries to `ADDR[:PORT]` (repeatable; default: the host's /etc/resolv.conf)"},
 		&cli.IntFlag{Name: "max-connections", Value: 256, Usage: "cap on concurrent relayed TCP connections"},
 		&cli.StringFlag{Name: "metrics-addr", Usage: "serve Prometheus /metrics on `ADDR` (host:port, in msbtap's own namespace)"},
+		&cli.BoolFlag{Name: "pprof", Usage: "also serve Go's /debug/pprof on --metrics-addr (profiling)"},
 		&cli.StringFlag{Name: "policy", Value: policy.DefaultPreset, Usage: "policy: a preset (none, public-only, non-local, allow-all) or a JSON `FILE`"},
 		&cli.StringFlag{Name: "deny-mode", Value: "reject", Usage: "how denied flows are refused: reject (TCP RST, ICMP unreachable) or drop"},
 		&cli.StringFlag{Name: "on-violation", Value: "deny", Usage: "deny, or terminate: every denied flow stops the sandbox"},
@@ -242,6 +244,12 @@ func parseRunOptions(c *cli.Context) (o runOptions, err error) {
 	ups := strs("dns-upstream")
 	o.maxConnections = num("max-connections")
 	o.metricsAddr = str("metrics-addr")
+	if o.pprof, err = s.bool("pprof"); err != nil {
+		return o, err
+	}
+	if o.pprof && o.metricsAddr == "" {
+		return o, errors.New("--pprof: needs --metrics-addr")
+	}
 	denyMode, onViolation := str("deny-mode"), str("on-violation")
 	o.dnsBlock, o.dnsBlockSuffix = strs("dns-block"), strs("dns-block-suffix")
 	noRebind, err := s.bool("no-rebind-protection")

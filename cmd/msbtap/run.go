@@ -211,7 +211,7 @@ func runAgent(o runOptions) (err error) {
 		}
 	}
 	if o.metricsAddr != "" {
-		m, err := startMetrics(o.metricsAddr, sh, gw.Stack, audit, counts, log)
+		m, err := startMetrics(o.metricsAddr, o.pprof, sh, gw.Stack, audit, counts, log)
 		if err != nil {
 			return err
 		}
