@@ -120,43 +120,20 @@ func serve(args []string) {
 		}()
 	}
 	for _, a := range tcpAddrs {
-		ln, err := net.Listen("tcp", a)
-		if err != nil {
-			log.Fatal(err)
-		}
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				go func() {
-					defer c.Close()
-					h := sha256.New()
-					n, err := io.Copy(h, c)
-					if err != nil {
-						return
-					}
-					fmt.Fprintf(c, "%d %s\n", n, hex.EncodeToString(h.Sum(nil)))
-				}()
+		serveTCP(a, func(c net.Conn) {
+			h := sha256.New()
+			n, err := io.Copy(h, c)
+			if err != nil {
+				return
 			}
-		}()
+			fmt.Fprintf(c, "%d %s\n", n, hex.EncodeToString(h.Sum(nil)))
+		})
 	}
 	for _, a := range echoAddrs {
-		ln, err := net.Listen("tcp", a)
-		if err != nil {
-			log.Fatal(err)
-		}
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				c.(*net.TCPConn).SetNoDelay(true)
-				go func() { io.Copy(c, c); c.Close() }()
-			}
-		}()
+		serveTCP(a, func(c net.Conn) {
+			c.(*net.TCPConn).SetNoDelay(true)
+			io.Copy(c, c)
+		})
 	}
 	if *ready != "" {
 		os.WriteFile(*ready, []byte("ok\n"), 0o644)
@@ -164,6 +141,27 @@ func serve(args []string) {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 	<-sig
+}
+
+// serveTCP accepts on addr and runs handle for each connection in its own
+// goroutine, closing the connection afterwards.
+func serveTCP(addr string, handle func(net.Conn)) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		log.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				handle(c)
+			}()
+		}
+	}()
 }
 
 func httpHandler() http.Handler {

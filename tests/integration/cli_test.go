@@ -1,11 +1,13 @@
 package integration
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os/exec"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -111,14 +113,7 @@ func TestExitsWhenNetnsDeleted(t *testing.T) {
 	msbtap, _ := testenv.Binaries(t)
 	ns := testenv.NewNS(t, "del")
 	cmd := exec.Command(msbtap, "run", "--netns", ns.Name)
-	var out strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() { cmd.Process.Kill() })
+	out, done := startCmd(t, cmd)
 	waitFor(t, 10*time.Second, "msbtap to attach", func() bool { return strings.Contains(out.String(), "ready") })
 	if b, err := exec.Command("ip", "netns", "del", ns.Name).CombinedOutput(); err != nil {
 		t.Fatalf("ip netns del: %v %s", err, b)
@@ -179,4 +174,37 @@ func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// lockedBuffer collects a command's output while the test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// startCmd starts cmd with its output collected; done yields its exit.
+// Cleanup kills it if it still runs.
+func startCmd(t *testing.T, cmd *exec.Cmd) (out *lockedBuffer, done <-chan error) {
+	t.Helper()
+	out = &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", cmd.Args[0], err)
+	}
+	ch := make(chan error, 1)
+	go func() { ch <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	return out, ch
 }

@@ -219,14 +219,7 @@ func TestOnViolationTerminate(t *testing.T) {
 	victim := w.Guest.Start(t, "sleep", "60")
 	cmd := w.Host.Command(w.Msbtap, "run", "--netns", w.Guest.Name, "--on-violation", "terminate",
 		"--guest-pid", strconv.Itoa(victim.Process.Pid))
-	var out strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() { cmd.Process.Kill() })
+	out, done := startCmd(t, cmd)
 	waitFor(t, 10*time.Second, "msbtap ready", func() bool { return strings.Contains(out.String(), "ready") })
 	w.Guest.Run(w.Testhost, "dial", "169.254.169.254:80")
 	select {

@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -68,15 +67,8 @@ func TestVMEndToEnd(t *testing.T) {
 			" msbtap.deny="+testenv.PrivHost4+":80"+
 			" msbtap.deny=169.254.169.254:80"+
 			" msbtap.hold=3")
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	out, done := startCmd(t, cmd)
 	t.Cleanup(func() {
-		cmd.Process.Kill()
 		if t.Failed() {
 			t.Logf("launcher and serial console:\n%s", out.String())
 		}
