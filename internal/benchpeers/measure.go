@@ -165,6 +165,22 @@ func measure(b string, mtu int, resources bool) (r result, err error) {
 	if b == "msbtap" && proc != nil {
 		pid = proc.Process.Pid
 	}
+	if resources && pid > 0 {
+		// Memory first, before throughput runs leave buffers behind.
+		time.Sleep(time.Second)
+		r.resources = map[string]float64{}
+		idle := rssKiB(pid)
+		hold := ns(w.sandbox, testhostBin, "hold", serverIP+":"+holdPort, "1000", "6")
+		if err := hold.Start(); err != nil {
+			return r, err
+		}
+		time.Sleep(4 * time.Second)
+		held := rssKiB(pid)
+		hold.Wait()
+		r.resources["rss_idle_kib"] = idle
+		r.resources["rss_1000_idle_conns_kib"] = held
+		r.resources["rss_per_idle_conn_kib"] = (held - idle) / 1000
+	}
 	cpu0 := cpuSeconds(pid)
 	var bytes float64
 	if r.upload, bytes, err = iperf(w.sandbox, false); err != nil {
@@ -182,21 +198,6 @@ func measure(b string, mtu int, resources bool) (r result, err error) {
 	}
 	if r.crr, err = number(ns(w.sandbox, testhostBin, "crr", serverIP+":"+echoPort, strconv.Itoa(seconds))); err != nil {
 		return r, fmt.Errorf("crr: %w", err)
-	}
-	if resources && pid > 0 {
-		r.resources = map[string]float64{}
-		time.Sleep(time.Second)
-		idle := rssKiB(pid)
-		hold := ns(w.sandbox, testhostBin, "hold", serverIP+":"+holdPort, "1000", "6")
-		if err := hold.Start(); err != nil {
-			return r, err
-		}
-		time.Sleep(4 * time.Second)
-		held := rssKiB(pid)
-		hold.Wait()
-		r.resources["rss_idle_kib"] = idle
-		r.resources["rss_1000_idle_conns_kib"] = held
-		r.resources["rss_per_idle_conn_kib"] = (held - idle) / 1000
 	}
 	return r, nil
 }
