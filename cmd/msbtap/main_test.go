@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -76,5 +78,35 @@ func TestConfigCommand(t *testing.T) {
 	}
 	if _, err := runApp("config", "--format", "yaml"); err == nil || !strings.Contains(err.Error(), "--format") {
 		t.Errorf("bad format: %v", err)
+	}
+}
+
+func TestConfigFileAndFlagsWin(t *testing.T) {
+	var got runOptions
+	startAgent = func(o runOptions) error { got = o; return nil }
+	defer func() { startAgent = runAgent }()
+	cfg := filepath.Join(t.TempDir(), "msbtap.json")
+	os.WriteFile(cfg, []byte(`{
+		"netns": "sbx", "slot": 2, "mtu": 9000, "dns_upstream": ["198.51.100.53"],
+		"publish": ["8080:80"], "deny_mode": "drop", "dns_block_suffix": ["ads.test"],
+		"policy": {"default_action": "deny", "rules": [{"destination": {"domain": "x.test"}, "action": "allow"}]}
+	}`), 0o644)
+	if _, err := runApp("run", "--config", cfg, "--mtu", "1500"); err != nil {
+		t.Fatal(err)
+	}
+	if got.netns != "/run/netns/sbx" || got.plan.Slot != 2 || got.plan.MTU != 1500 {
+		t.Errorf("netns %q slot %d mtu %d: want /run/netns/sbx, 2 and 1500 (the flag wins)", got.netns, got.plan.Slot, got.plan.MTU)
+	}
+	if len(got.dnsUpstreams) != 1 || got.dnsUpstreams[0] != "198.51.100.53:53" || len(got.publish) != 1 || got.denyMode != 1 ||
+		len(got.dnsBlockSuffix) != 1 || got.policy == nil || got.policy.DefaultAction != "deny" || len(got.policy.Rules) != 1 {
+		t.Errorf("config not applied: %+v", got)
+	}
+	os.WriteFile(cfg, []byte(`{"netns": "sbx", "slto": 2}`), 0o644)
+	if _, err := runApp("run", "--config", cfg); err == nil || !strings.Contains(err.Error(), `unknown key "slto"`) {
+		t.Errorf("unknown key: %v", err)
+	}
+	os.WriteFile(cfg, []byte(`{"netns": "sbx", "policy": {"default_action": "deny", "rules": [{"destination": "any"}]}}`), 0o644)
+	if _, err := runApp("run", "--config", cfg); err == nil || !strings.Contains(err.Error(), "rules[0].action") {
+		t.Errorf("bad inline policy: %v", err)
 	}
 }

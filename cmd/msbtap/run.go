@@ -40,10 +40,13 @@ func runCommand() *cli.Command {
 			if err != nil {
 				return withStatus(2, err)
 			}
-			return runAgent(opts)
+			return startAgent(opts)
 		},
 	}
 }
+
+// startAgent is runAgent; tests replace it to see the parsed options.
+var startAgent = runAgent
 
 func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
 	ho := &slog.HandlerOptions{Level: level}
