@@ -83,9 +83,12 @@ step "HTTP fetch by name, IPv4 and IPv6"
 in_guest curl -sS -4 --max-time 10 http://www.example.test/
 in_guest curl -sS -6 --max-time 10 http://www.example.test/
 
-step "Ping the gateway and a test host"
-in_guest ping -c 2 -i 0.3 100.96.0.1
+step "Ping a test host, IPv4 and IPv6"
 in_guest ping -c 2 -i 0.3 198.51.100.10
 in_guest ping -6 -c 2 -i 0.3 2001:db8::10
+
+step "The default policy (public-only) refuses the host and cloud metadata"
+in_guest curl -sS --max-time 3 http://169.254.169.254/latest/meta-data/ || true
+in_guest ping -c 1 -W 1 100.96.0.1 || true
 
 step "Done: every flow above left the host as msbtap's own socket; cleaning up"
