@@ -8,6 +8,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -42,6 +43,7 @@ type udpKey struct{ src, dst netip.AddrPort }
 type udpSession struct {
 	key      udpKey
 	conn     *net.UDPConn
+	raw      syscall.RawConn // for sends that never block
 	lastSeen atomic.Int64 // unix nanos of the last datagram either way
 }
 
@@ -96,12 +98,8 @@ func (u *UDP) Handle(src, dst netip.AddrPort, payload []byte) error {
 		}
 	}
 	s.lastSeen.Store(time.Now().UnixNano())
-	rc, err := s.conn.SyscallConn()
-	if err != nil {
-		return nil
-	}
 	var serr error
-	_ = rc.Write(func(fd uintptr) bool {
+	_ = s.raw.Write(func(fd uintptr) bool {
 		_, serr = unix.Write(int(fd), payload)
 		return true // never wait: a full socket buffer drops like a lossy link
 	})
@@ -136,7 +134,13 @@ func (u *UDP) open(k udpKey) (*udpSession, error) {
 		u.dropped.Add(1)
 		return nil, err
 	}
-	s := &udpSession{key: k, conn: conn}
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		conn.Close()
+		u.mu.Unlock()
+		return nil, err
+	}
+	s := &udpSession{key: k, conn: conn, raw: raw}
 	s.lastSeen.Store(time.Now().UnixNano())
 	u.sessions[k] = s
 	u.total.Add(1)
