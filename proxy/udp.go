@@ -44,7 +44,7 @@ type udpSession struct {
 	key      udpKey
 	conn     *net.UDPConn
 	raw      syscall.RawConn // for sends that never block
-	lastSeen atomic.Int64 // unix nanos of the last datagram either way
+	lastSeen atomic.Int64    // unix nanos of the last datagram either way
 }
 
 // UDP relays the guest's UDP datagrams through connected host sockets, one
