@@ -5,7 +5,6 @@ import (
 	"io"
 	"net"
 	"sync"
-	"syscall"
 )
 
 // relayBufSize is the size of each direction's copy buffer.
@@ -97,10 +96,4 @@ func reset(c net.Conn) {
 	default:
 		c.Close()
 	}
-}
-
-// IsRefused reports whether a dial error means the destination actively
-// refused the connection.
-func IsRefused(err error) bool {
-	return errors.Is(err, syscall.ECONNREFUSED)
 }

@@ -193,6 +193,10 @@ func (u *UDP) Active() int {
 	return len(u.sessions)
 }
 
+// Dropped returns the datagrams dropped (session cap, socket errors) and the
+// replies too large for a frame to the guest.
+func (u *UDP) Dropped() (dropped, tooBig uint64) { return u.dropped.Load(), u.tooBig.Load() }
+
 // Total returns the number of sessions ever opened.
 func (u *UDP) Total() uint64 { return u.total.Load() }
 

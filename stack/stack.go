@@ -247,14 +247,18 @@ func (st *Stack) Done() <-chan struct{} { return st.done }
 // only when closed).
 func (st *Stack) Err() error { return nil }
 
-// Stats returns the stack's counters.
-func (st *Stack) Stats() *Stats { return &st.stats }
-
-// ActiveTCP returns the number of relayed TCP connections open now.
-func (st *Stack) ActiveTCP() int { return int(st.tcp.active.Load()) }
-
-// ActiveUDP returns the number of UDP sessions open now.
-func (st *Stack) ActiveUDP() int { return st.udp.Active() }
+// Failures reports flows the gateway could not relay, by reason: TCP over
+// the connection cap, TCP whose upstream dial failed, UDP datagrams dropped
+// (session cap, full socket) and UDP replies too large for a frame.
+func (st *Stack) Failures() map[string]uint64 {
+	udpDropped, udpTooBig := st.udp.Dropped()
+	return map[string]uint64{
+		"tcp_over_cap":    st.stats.TCPRejected.Load(),
+		"tcp_dial_failed": st.stats.TCPDialFailed.Load(),
+		"udp_dropped":     udpDropped,
+		"udp_too_big":     udpTooBig,
+	}
+}
 
 // DNSUpstreams returns the resolvers in use.
 func (st *Stack) DNSUpstreams() []string { return st.dns.Upstreams() }

@@ -28,7 +28,7 @@ type collector struct {
 	audit  *auditLog
 	counts *decisionCounts
 
-	bytes, frames, drops, flowsActive, flowsTotal, decisions, auditDrops *prometheus.Desc
+	bytes, frames, drops, flowsActive, flowsTotal, decisions, auditDrops, failures *prometheus.Desc
 }
 
 func newCollector(sh *rings.Shared, st *stack.Stack, audit *auditLog, counts *decisionCounts) *collector {
@@ -37,6 +37,7 @@ func newCollector(sh *rings.Shared, st *stack.Stack, audit *auditLog, counts *de
 		sh:          sh,
 		st:          st,
 		audit:       audit,
+		failures:    prometheus.NewDesc("msbtap_flow_failures_total", "Flows or datagrams the gateway could not relay, by reason.", []string{"reason"}, nil),
 		auditDrops:  prometheus.NewDesc("msbtap_audit_dropped_total", "Decision log lines dropped because the writer fell behind.", nil, nil),
 		bytes:       prometheus.NewDesc("msbtap_bytes_total", "Bytes at the guest boundary; direction tx = sent by the guest, rx = delivered to it.", []string{"direction"}, nil),
 		frames:      prometheus.NewDesc("msbtap_frames_total", "Frames at the guest boundary; direction tx = sent by the guest, rx = delivered to it.", []string{"direction"}, nil),
@@ -48,7 +49,7 @@ func newCollector(sh *rings.Shared, st *stack.Stack, audit *auditLog, counts *de
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions, c.auditDrops} {
+	for _, d := range []*prometheus.Desc{c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions, c.auditDrops, c.failures} {
 		ch <- d
 	}
 }
@@ -69,6 +70,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for _, f := range fs {
 		ch <- prometheus.MustNewConstMetric(c.flowsActive, prometheus.GaugeValue, float64(f.Active), f.Proto)
 		counter(c.flowsTotal, f.Total, f.Proto)
+	}
+	for reason, n := range c.st.Failures() {
+		counter(c.failures, n, reason)
 	}
 	for _, a := range []policy.Action{policy.Allow, policy.Deny, policy.Terminate} {
 		counter(c.decisions, c.counts.get(a), a.String())

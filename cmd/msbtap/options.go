@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"strconv"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -390,6 +389,3 @@ func (o *runOptions) setPolicy(name string) error {
 	}
 	return nil
 }
-
-// itoa is strconv.Itoa, named for use in environment building.
-func itoa(i int) string { return strconv.Itoa(i) }
