@@ -3,9 +3,10 @@
 package plan
 
 import (
-	"fmt"
 	"net"
 	"net/netip"
+
+	"github.com/msbtap/msbtap/internal/fielderr"
 )
 
 // MaxSlot is the highest slot number.
@@ -29,7 +30,7 @@ type Plan struct {
 // ForSlot returns the default plan of a slot.
 func ForSlot(slot int) (Plan, error) {
 	if slot < 0 || slot > MaxSlot {
-		return Plan{}, fmt.Errorf("slot %d out of range 0..%d", slot, MaxSlot)
+		return Plan{}, fielderr.Bad("slot", slot, "out of range 0..%d", MaxSlot)
 	}
 	hi, lo := byte(slot>>8), byte(slot)
 	base := uint32(100)<<24 | uint32(96)<<16 // 100.96.0.0
@@ -66,44 +67,44 @@ func (p Plan) Apply(o Overrides) (Plan, error) {
 	if o.GuestIPv4 != "" {
 		pfx, err := parseGuestAddr(o.GuestIPv4, 30)
 		if err != nil || !pfx.Addr().Is4() {
-			return p, fmt.Errorf("--guest-ipv4 %q: not an IPv4 address", o.GuestIPv4)
+			return p, fielderr.Bad("guest_ipv4", o.GuestIPv4, "not an IPv4 address")
 		}
 		if pfx.Bits() > 30 {
-			return p, fmt.Errorf("--guest-ipv4 %q: prefix /%d leaves no room for the gateway; use /30 or shorter", o.GuestIPv4, pfx.Bits())
+			return p, fielderr.Bad("guest_ipv4", o.GuestIPv4, "prefix /%d leaves no room for the gateway; use /30 or shorter", pfx.Bits())
 		}
 		gw := pfx.Addr().Prev()
 		if !gw.IsValid() || !pfx.Contains(gw) || gw == pfx.Masked().Addr() {
-			return p, fmt.Errorf("--guest-ipv4 %q: the gateway (guest address - 1) must be a host address in the same subnet", o.GuestIPv4)
+			return p, fielderr.Bad("guest_ipv4", o.GuestIPv4, "the gateway (guest address - 1) must be a host address in the same subnet")
 		}
 		p.GuestIPv4, p.GatewayV4 = pfx, gw
 	}
 	if o.GuestIPv6 != "" {
 		pfx, err := parseGuestAddr(o.GuestIPv6, 64)
 		if err != nil || !pfx.Addr().Is6() || pfx.Addr().Is4In6() {
-			return p, fmt.Errorf("--guest-ipv6 %q: not an IPv6 address", o.GuestIPv6)
+			return p, fielderr.Bad("guest_ipv6", o.GuestIPv6, "not an IPv6 address")
 		}
 		gw := pfx.Addr().Prev()
 		if !gw.IsValid() || !pfx.Contains(gw) || gw == pfx.Masked().Addr() {
-			return p, fmt.Errorf("--guest-ipv6 %q: the gateway (guest address - 1) must be a host address in the same subnet", o.GuestIPv6)
+			return p, fielderr.Bad("guest_ipv6", o.GuestIPv6, "the gateway (guest address - 1) must be a host address in the same subnet")
 		}
 		p.GuestIPv6, p.GatewayV6 = pfx, gw
 	}
 	if o.GuestMAC != "" {
 		mac, err := net.ParseMAC(o.GuestMAC)
 		if err != nil || len(mac) != 6 {
-			return p, fmt.Errorf("--guest-mac %q: not a 6-byte MAC address", o.GuestMAC)
+			return p, fielderr.Bad("guest_mac", o.GuestMAC, "not a 6-byte MAC address")
 		}
 		if mac[0]&1 != 0 {
-			return p, fmt.Errorf("--guest-mac %q: a multicast address cannot be a NIC's address", o.GuestMAC)
+			return p, fielderr.Bad("guest_mac", o.GuestMAC, "a multicast address cannot be a NIC's address")
 		}
 		if mac.String() == p.GatewayMAC.String() {
-			return p, fmt.Errorf("--guest-mac %q: equals the gateway MAC", o.GuestMAC)
+			return p, fielderr.Bad("guest_mac", o.GuestMAC, "equals the gateway MAC")
 		}
 		p.GuestMAC = mac
 	}
 	if o.MTU != 0 {
 		if o.MTU < 1280 || o.MTU > 65520 {
-			return p, fmt.Errorf("--mtu %d: out of range 1280..65520 (IPv6 needs at least 1280)", o.MTU)
+			return p, fielderr.Bad("mtu", o.MTU, "out of range 1280..65520 (IPv6 needs at least 1280)")
 		}
 		p.MTU = o.MTU
 	}
@@ -120,7 +121,3 @@ func parseGuestAddr(s string, defBits int) (netip.Prefix, error) {
 	}
 	return netip.PrefixFrom(a, defBits), nil
 }
-
-// FrameSize returns the largest Ethernet frame the plan's MTU allows
-// (header plus MTU, room for one VLAN tag).
-func (p Plan) FrameSize() int { return p.MTU + 14 + 4 }

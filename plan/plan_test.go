@@ -77,16 +77,16 @@ func TestOverrideErrors(t *testing.T) {
 		o    Overrides
 		want string
 	}{
-		{"v4 garbage", Overrides{GuestIPv4: "1.2.3"}, "--guest-ipv4"},
-		{"v4 given v6", Overrides{GuestIPv4: "fd00::2"}, "--guest-ipv4"},
+		{"v4 garbage", Overrides{GuestIPv4: "1.2.3"}, "guest_ipv4 "},
+		{"v4 given v6", Overrides{GuestIPv4: "fd00::2"}, "guest_ipv4 "},
 		{"v4 /32", Overrides{GuestIPv4: "10.0.0.2/32"}, "prefix"},
 		{"v4 network addr gw", Overrides{GuestIPv4: "10.0.0.1/30"}, "gateway"},
-		{"v6 given v4", Overrides{GuestIPv6: "10.0.0.2"}, "--guest-ipv6"},
-		{"mac garbage", Overrides{GuestMAC: "zz"}, "--guest-mac"},
+		{"v6 given v4", Overrides{GuestIPv6: "10.0.0.2"}, "guest_ipv6 "},
+		{"mac garbage", Overrides{GuestMAC: "zz"}, "guest_mac "},
 		{"mac multicast", Overrides{GuestMAC: "01:00:5e:00:00:01"}, "multicast"},
 		{"mac equals gateway", Overrides{GuestMAC: "02:6d:73:00:00:01"}, "gateway"},
-		{"mtu small", Overrides{MTU: 576}, "--mtu"},
-		{"mtu big", Overrides{MTU: 70000}, "--mtu"},
+		{"mtu small", Overrides{MTU: 576}, "mtu "},
+		{"mtu big", Overrides{MTU: 70000}, "mtu "},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := p.Apply(tc.o)

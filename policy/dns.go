@@ -3,7 +3,6 @@ package policy
 import (
 	"net/netip"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/miekg/dns"
@@ -19,20 +18,16 @@ type DNSGuardOptions struct {
 	// RebindProtection refuses answers that map a public name to a
 	// non-public address.
 	RebindProtection bool
-	// OnDecision is told of every query decision.
-	OnDecision func(Flow, Decision)
 }
 
 // DNSGuard applies the policy to name resolution: block lists, domain rules
 // (a denied name gets NXDOMAIN, which resolvers fail fast on), rebinding
 // protection, and recording answers as pins for domain rules. It implements
-// proxy.DNSFilter.
+// proxy.DNSFilter: every decision is returned for the forwarder to report.
 type DNSGuard struct {
-	o       DNSGuardOptions
-	block   map[string]bool
-	suffix  []target
-	blocked atomic.Uint64
-	rebound atomic.Uint64
+	o      DNSGuardOptions
+	block  map[string]bool
+	suffix []target
 }
 
 // Decision rule numbers for verdicts that come from outside the rules.
@@ -69,27 +64,21 @@ func nxdomain(q *dns.Msg) *dns.Msg {
 	return m
 }
 
-func (g *DNSGuard) report(src netip.AddrPort, name string, d Decision) {
-	if g.o.OnDecision != nil {
-		g.o.OnDecision(Flow{Proto: UDP, Src: src, Dst: netip.AddrPortFrom(netip.Addr{}, 53), Domain: name, DNS: true}, d)
-	}
+func verdict(src netip.AddrPort, name string, d Decision) *Verdict {
+	return &Verdict{Flow: Flow{Proto: UDP, Src: src, Dst: netip.AddrPortFrom(netip.Addr{}, 53), Domain: name, DNS: true}, Decision: d}
 }
 
 // Query implements proxy.DNSFilter.
-func (g *DNSGuard) Query(src netip.AddrPort, q *dns.Msg) *dns.Msg {
+func (g *DNSGuard) Query(src netip.AddrPort, q *dns.Msg) (*dns.Msg, *Verdict) {
 	name := strings.ToLower(strings.TrimSuffix(q.Question[0].Name, "."))
 	if g.blockedName(name) {
-		g.blocked.Add(1)
-		g.report(src, name, Decision{Action: Deny, Rule: RuleBlockList})
-		return nxdomain(q)
+		return nxdomain(q), verdict(src, name, Decision{Action: Deny, Rule: RuleBlockList})
 	}
 	d := g.o.Policy.Load().CheckQuery(name)
-	g.report(src, name, d)
 	if d.Action != Allow {
-		g.blocked.Add(1)
-		return nxdomain(q)
+		return nxdomain(q), verdict(src, name, d)
 	}
-	return nil
+	return nil, verdict(src, name, d)
 }
 
 func (g *DNSGuard) blockedName(name string) bool {
@@ -114,7 +103,7 @@ var privateZones = []target{
 }
 
 // Answer implements proxy.DNSFilter.
-func (g *DNSGuard) Answer(src netip.AddrPort, q, a *dns.Msg) *dns.Msg {
+func (g *DNSGuard) Answer(src netip.AddrPort, q, a *dns.Msg) (*dns.Msg, *Verdict) {
 	qname := strings.ToLower(strings.TrimSuffix(q.Question[0].Name, "."))
 	type pin struct {
 		addr netip.Addr
@@ -133,9 +122,7 @@ func (g *DNSGuard) Answer(src netip.AddrPort, q, a *dns.Msg) *dns.Msg {
 			// A CNAME target is a name the sandbox may now connect to; a
 			// block on it applies as on the queried name.
 			if t := strings.ToLower(strings.TrimSuffix(r.Target, ".")); g.blockedName(t) {
-				g.blocked.Add(1)
-				g.report(src, t, Decision{Action: Deny, Rule: RuleBlockList})
-				return nxdomain(q)
+				return nxdomain(q), verdict(src, t, Decision{Action: Deny, Rule: RuleBlockList})
 			}
 			continue
 		default:
@@ -143,9 +130,7 @@ func (g *DNSGuard) Answer(src netip.AddrPort, q, a *dns.Msg) *dns.Msg {
 		}
 		ip = ip.Unmap()
 		if g.o.RebindProtection && NonPublic(ip) && !isPrivateZone(qname) {
-			g.rebound.Add(1)
-			g.report(src, qname, Decision{Action: Deny, Rule: RuleRebind})
-			return nxdomain(q)
+			return nxdomain(q), verdict(src, qname, Decision{Action: Deny, Rule: RuleRebind})
 		}
 		ttl := time.Duration(rr.Header().Ttl) * time.Second
 		pins = append(pins, pin{ip, qname, ttl})
@@ -156,7 +141,7 @@ func (g *DNSGuard) Answer(src netip.AddrPort, q, a *dns.Msg) *dns.Msg {
 	for _, p := range pins {
 		g.o.Pins.Add(p.addr, p.name, p.ttl)
 	}
-	return nil
+	return nil, nil
 }
 
 func isPrivateZone(name string) bool {
@@ -167,7 +152,3 @@ func isPrivateZone(name string) bool {
 	}
 	return false
 }
-
-// Stats returns the queries refused by policy or block lists and the
-// answers refused by rebinding protection.
-func (g *DNSGuard) Stats() (blocked, rebound uint64) { return g.blocked.Load(), g.rebound.Load() }

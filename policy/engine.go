@@ -52,9 +52,6 @@ func Compile(f *File, o Options) (*Engine, error) {
 	return e, nil
 }
 
-// File returns the policy the engine was compiled from.
-func (e *Engine) File() *File { return e.src }
-
 func (e *Engine) decision(a Action, rule int) Decision {
 	if e.fatal && a == Deny {
 		a = Terminate

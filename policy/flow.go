@@ -91,6 +91,13 @@ type Decision struct {
 	Rule   int
 }
 
+// Verdict is a decision together with the flow it decided, as a component
+// that decides on its own (the DNS guard) hands it to whoever reports.
+type Verdict struct {
+	Flow     Flow
+	Decision Decision
+}
+
 // Checker decides flows. Implementations must be safe for concurrent use and
 // cheap: Check runs on the packet path.
 type Checker interface {

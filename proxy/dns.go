@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/msbtap/msbtap/policy"
 )
 
 // DNSOptions configure the DNS forwarder.
@@ -29,17 +31,20 @@ type DNSOptions struct {
 	// Filter, when set, sees every query before it is forwarded and every
 	// answer before it is returned; see DNSFilter.
 	Filter DNSFilter
+	// Report is told of the filter's decisions.
+	Report func(policy.Flow, policy.Decision)
 	Log    *slog.Logger
 }
 
-// DNSFilter lets the policy act on name resolution.
+// DNSFilter lets the policy act on name resolution. Each method returns
+// the decision it made, if any, for the forwarder to report.
 type DNSFilter interface {
 	// Query decides a query from the guest at src. A non-nil message is
 	// returned to the guest as it is (NXDOMAIN for a denied name, say)
 	// instead of forwarding.
-	Query(src netip.AddrPort, q *dns.Msg) *dns.Msg
+	Query(src netip.AddrPort, q *dns.Msg) (*dns.Msg, *policy.Verdict)
 	// Answer inspects an upstream answer; a non-nil message replaces it.
-	Answer(src netip.AddrPort, q, a *dns.Msg) *dns.Msg
+	Answer(src netip.AddrPort, q, a *dns.Msg) (*dns.Msg, *policy.Verdict)
 }
 
 // DNS answers every query the guest sends to port 53, whatever address it
@@ -103,7 +108,7 @@ func NewDNS(o DNSOptions) (*DNS, error) {
 	for _, u := range o.Upstreams {
 		p, err := ParseUpstream(u)
 		if err != nil {
-			return nil, fmt.Errorf("--dns-upstream: %w", err)
+			return nil, fmt.Errorf("dns_upstream: %w", err)
 		}
 		d.upstreams = append(d.upstreams, p)
 	}
@@ -120,7 +125,9 @@ func (d *DNS) Upstreams() []string { return d.upstreams }
 func (d *DNS) Resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg) *dns.Msg {
 	d.queries.Add(1)
 	if d.o.Filter != nil {
-		if m := d.o.Filter.Query(src, q); m != nil {
+		m, v := d.o.Filter.Query(src, q)
+		d.report(v)
+		if m != nil {
 			return m
 		}
 	}
@@ -132,11 +139,19 @@ func (d *DNS) Resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg) *dns.
 		return m
 	}
 	if d.o.Filter != nil {
-		if m := d.o.Filter.Answer(src, q, a); m != nil {
+		m, v := d.o.Filter.Answer(src, q, a)
+		d.report(v)
+		if m != nil {
 			return m
 		}
 	}
 	return a
+}
+
+func (d *DNS) report(v *policy.Verdict) {
+	if v != nil && d.o.Report != nil {
+		d.o.Report(v.Flow, v.Decision)
+	}
 }
 
 func (d *DNS) forward(ctx context.Context, q *dns.Msg) *dns.Msg {
@@ -255,10 +270,18 @@ func (d *DNS) ServeTCP(conn net.Conn, src netip.AddrPort) {
 	}
 }
 
-// Stats returns the number of queries, of queries no upstream answered, and
-// of dropped queries.
-func (d *DNS) Stats() (queries, failures, dropped uint64) {
-	return d.queries.Load(), d.failures.Load(), d.dropped.Load()
+// DNSStats are the forwarder's counters.
+type DNSStats struct {
+	// InFlight UDP queries are being answered now.
+	InFlight int
+	// Queries answered, Failures no upstream answered, queries Dropped
+	// (malformed, over the in-flight cap).
+	Queries, Failures, Dropped uint64
+}
+
+// Stats returns the forwarder's counters.
+func (d *DNS) Stats() DNSStats {
+	return DNSStats{InFlight: len(d.sem), Queries: d.queries.Load(), Failures: d.failures.Load(), Dropped: d.dropped.Load()}
 }
 
 // Close cancels queries in flight and waits for them.
@@ -269,6 +292,3 @@ func (d *DNS) Close() {
 
 // DefaultResolvConf is where the host's resolvers are read from.
 const DefaultResolvConf = "/etc/resolv.conf"
-
-// InFlight returns the UDP queries being answered now.
-func (d *DNS) InFlight() int { return len(d.sem) }

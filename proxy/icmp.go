@@ -185,8 +185,17 @@ func (e *Echo) Close() {
 	e.wg.Wait()
 }
 
-// Stats returns the echo requests relayed and the replies delivered.
-func (e *Echo) Stats() (sent, replied uint64) { return e.sent.Load(), e.replied.Load() }
+// EchoStats are the echo relay's counters.
+type EchoStats struct {
+	// InFlight requests wait for their reply now.
+	InFlight int
+	// Sent requests, Replied ones, ones TimedOut, and ones Dropped (too
+	// many in flight, no socket, send failed).
+	Sent, Replied, TimedOut, Dropped uint64
+}
 
-// InFlight returns the echo requests waiting for their reply.
-func (e *Echo) InFlight() int { return len(e.sem) }
+// Stats returns the relay's counters.
+func (e *Echo) Stats() EchoStats {
+	return EchoStats{InFlight: len(e.sem), Sent: e.sent.Load(), Replied: e.replied.Load(),
+		TimedOut: e.timedOut.Load(), Dropped: e.dropped.Load()}
+}

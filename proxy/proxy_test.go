@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -224,7 +223,7 @@ func TestDNSHandleUDPDropsGarbage(t *testing.T) {
 			t.Errorf("garbage %x accepted", b)
 		}
 	}
-	if _, _, dropped := d.Stats(); dropped != 3 {
+	if dropped := d.Stats().Dropped; dropped != 3 {
 		t.Errorf("dropped: got %d, want 3", dropped)
 	}
 }
@@ -301,10 +300,10 @@ func TestUDPSessionsIdleOut(t *testing.T) {
 		t.Errorf("third session over a cap of 2: %v, want ErrLimit", err)
 	}
 	deadline := time.Now().Add(3 * time.Second)
-	for u.Active() > 0 && time.Now().Before(deadline) {
+	for u.Stats().Active > 0 && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
-	if n := u.Active(); n != 0 {
+	if n := u.Stats().Active; n != 0 {
 		t.Fatalf("%d sessions still open after the idle timeout", n)
 	}
 	// A session that idled out is opened again by the next datagram.
@@ -319,7 +318,7 @@ func TestUDPDenied(t *testing.T) {
 	if err := u.Handle(netip.MustParseAddrPort("100.96.0.2:1"), netip.MustParseAddrPort("127.0.0.1:9"), nil); err != ErrDenied {
 		t.Fatalf("got %v, want ErrDenied", err)
 	}
-	if u.Active() != 0 {
+	if u.Stats().Active != 0 {
 		t.Fatal("a denied flow opened a session")
 	}
 }
@@ -368,35 +367,4 @@ func FuzzDNSQuery(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		d.HandleUDP(src, dst, b)
 	})
-}
-
-func TestParsePublish(t *testing.T) {
-	for _, tc := range []struct {
-		in   string
-		want []string
-	}{
-		{"8080:80", []string{"127.0.0.1:8080→80/tcp"}},
-		{"8080:80/udp", []string{"127.0.0.1:8080→80/udp"}},
-		{"0.0.0.0:8080:80/tcp", []string{"0.0.0.0:8080→80/tcp"}},
-		{"[::1]:8080:80", []string{"[::1]:8080→80/tcp"}},
-		{"8000-8002:9000-9002", []string{"127.0.0.1:8000→9000/tcp", "127.0.0.1:8001→9001/tcp", "127.0.0.1:8002→9002/tcp"}},
-	} {
-		got, err := ParsePublish(tc.in)
-		if err != nil {
-			t.Errorf("%s: %v", tc.in, err)
-			continue
-		}
-		var s []string
-		for _, p := range got {
-			s = append(s, p.String())
-		}
-		if strings.Join(s, " ") != strings.Join(tc.want, " ") {
-			t.Errorf("%s: got %v, want %v", tc.in, s, tc.want)
-		}
-	}
-	for _, bad := range []string{"", "80", "a:b", "8080:80/sctp", "0:80", "8080:0", "65536:1", "8000-8001:80", "9-8:9-8", "::1:80:80", "[::1:80:80", "1.2.3:80:80", "[10.0.0.1]:80:80"} {
-		if _, err := ParsePublish(bad); err == nil {
-			t.Errorf("%q: no error", bad)
-		}
-	}
 }

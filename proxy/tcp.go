@@ -27,13 +27,15 @@ type halfCloser interface {
 // sent FIN), b's write side is shut, and the other direction goes on. If a
 // direction fails (a reset, say), both connections are reset so that both
 // ends see it: nothing is silently truncated. Relay returns the bytes copied
-// a→b and b→a.
-func Relay(a, b net.Conn) (ab, ba int64) {
+// a→b and b→a, and the first error either direction met (nil when both
+// ended cleanly).
+func Relay(a, b net.Conn) (ab, ba int64, err error) {
 	type result struct {
-		n   int64
-		err error
+		aToB bool
+		n    int64
+		err  error
 	}
-	abc, bac := make(chan result, 1), make(chan result, 1)
+	done := make(chan result, 2)
 	var abort sync.Once
 	fail := func() {
 		abort.Do(func() {
@@ -41,12 +43,22 @@ func Relay(a, b net.Conn) (ab, ba int64) {
 			reset(b)
 		})
 	}
-	go func() { n, err := pipe(b, a, fail); abc <- result{n, err} }()
-	go func() { n, err := pipe(a, b, fail); bac <- result{n, err} }()
-	r1, r2 := <-abc, <-bac
+	go func() { n, err := pipe(b, a, fail); done <- result{true, n, err} }()
+	go func() { n, err := pipe(a, b, fail); done <- result{false, n, err} }()
+	for range 2 {
+		r := <-done
+		if r.aToB {
+			ab = r.n
+		} else {
+			ba = r.n
+		}
+		if err == nil {
+			err = r.err // the first to fail is the cause; the other saw the reset
+		}
+	}
 	a.Close()
 	b.Close()
-	return r1.n, r2.n
+	return ab, ba, err
 }
 
 // pipe copies src→dst. At src's EOF it shuts dst's write side; on any error

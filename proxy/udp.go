@@ -186,19 +186,23 @@ func (u *UDP) routineReply(s *udpSession) {
 	}
 }
 
-// Active returns the number of open sessions.
-func (u *UDP) Active() int {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return len(u.sessions)
+// UDPStats are a UDP relay's counters.
+type UDPStats struct {
+	// Active sessions now, and Total ever opened.
+	Active int
+	Total  uint64
+	// Dropped datagrams (session cap, socket errors), and replies TooBig
+	// for a frame to the guest.
+	Dropped, TooBig uint64
 }
 
-// Dropped returns the datagrams dropped (session cap, socket errors) and the
-// replies too large for a frame to the guest.
-func (u *UDP) Dropped() (dropped, tooBig uint64) { return u.dropped.Load(), u.tooBig.Load() }
-
-// Total returns the number of sessions ever opened.
-func (u *UDP) Total() uint64 { return u.total.Load() }
+// Stats returns the relay's counters.
+func (u *UDP) Stats() UDPStats {
+	u.mu.Lock()
+	active := len(u.sessions)
+	u.mu.Unlock()
+	return UDPStats{Active: active, Total: u.total.Load(), Dropped: u.dropped.Load(), TooBig: u.tooBig.Load()}
+}
 
 // Close ends every session and waits for their goroutines.
 func (u *UDP) Close() {

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/insomniacslk/dhcp/dhcpv4"
+
+	"github.com/msbtap/msbtap/wire"
 )
 
 // DHCPLease is the lease time the gateway's DHCP server hands out.
@@ -74,5 +76,5 @@ func (st *Stack) handleDHCP(payload []byte) {
 	}
 	// The client has no address yet: answer to the broadcast address, which
 	// every DHCP client accepts.
-	st.r.SendUDP(netip.AddrPortFrom(p.GatewayV4, 67), netip.AddrPortFrom(netip.AddrFrom4([4]byte{255, 255, 255, 255}), 68), resp.ToBytes())
+	st.r.SendUDP(netip.AddrPortFrom(p.GatewayV4, wire.PortDHCPServer), netip.AddrPortFrom(broadcast4, wire.PortDHCPClient), resp.ToBytes())
 }

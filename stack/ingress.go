@@ -12,6 +12,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/msbtap/msbtap/wire"
 )
 
 // IngressUDP takes datagrams the guest sends to the gateway's ports that
@@ -35,7 +37,7 @@ func (st *Stack) DialGuest(ctx context.Context, port uint16) (net.Conn, error) {
 	entry, notify := waiter.NewChannelEntry(waiter.WritableEvents)
 	wq.EventRegister(&entry)
 	defer wq.EventUnregister(&entry)
-	to := tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFrom4(st.o.Plan.GuestIPv4.Addr().As4()), Port: port}
+	to := tcpip.FullAddress{NIC: nicID, Addr: wire.TCPIPAddr(st.o.Plan.GuestIPv4.Addr()), Port: port}
 	terr = ep.Connect(to)
 	if _, started := terr.(*tcpip.ErrConnectStarted); started {
 		select {

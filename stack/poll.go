@@ -1,11 +1,13 @@
 package stack
 
 import (
-	"encoding/binary"
 	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/wire"
 )
 
 // routinePoll drains the tx ring whenever the TAP reader wakes it and
@@ -43,25 +45,27 @@ func (st *Stack) routinePoll() {
 // validated it: it is then not verified again.
 func (st *Stack) handleFrame(b []byte, csumDone bool) {
 	c := &st.o.Shared.Counters
-	if len(b) < ethHdrLen {
+	if len(b) < wire.EthHdrLen {
 		c.Drop(rings.DropMalformed)
 		return
 	}
-	if [6]byte(b[0:6]) != st.gwMAC && b[0]&1 == 0 {
+	eth := header.Ethernet(b)
+	dst, src := eth.DestinationAddress(), eth.SourceAddress()
+	if string(dst) != string(st.gwMAC[:]) && dst[0]&1 == 0 {
 		c.Drop(rings.DropOther) // unicast to someone else
 		return
 	}
-	if b[6]&1 != 0 {
+	if src[0]&1 != 0 {
 		c.Drop(rings.DropMalformed) // multicast source MAC
 		return
 	}
 	st.r.learn(b[6:12])
-	switch binary.BigEndian.Uint16(b[12:14]) {
-	case etherTypeARP:
+	switch uint16(eth.Type()) {
+	case wire.EtherTypeARP:
 		st.handleARP(b)
-	case etherTypeIPv4:
+	case wire.EtherTypeIPv4:
 		st.handleIP(b, false, csumDone)
-	case etherTypeIPv6:
+	case wire.EtherTypeIPv6:
 		st.handleIP(b, true, csumDone)
 	default:
 		c.Drop(rings.DropOther)
@@ -69,18 +73,18 @@ func (st *Stack) handleFrame(b []byte, csumDone bool) {
 }
 
 func (st *Stack) handleARP(b []byte) {
-	a := b[ethHdrLen:]
-	if len(a) < 28 || binary.BigEndian.Uint16(a[0:2]) != 1 || binary.BigEndian.Uint16(a[2:4]) != etherTypeIPv4 || a[4] != 6 || a[5] != 4 {
+	a := header.ARP(b[wire.EthHdrLen:])
+	if !a.IsValid() {
 		st.o.Shared.Counters.Drop(rings.DropMalformed)
 		return
 	}
-	switch binary.BigEndian.Uint16(a[6:8]) {
-	case 1: // request: answer only for the gateway
-		if netip.AddrFrom4([4]byte(a[24:28])) != st.o.Plan.GatewayV4 {
+	switch a.Op() {
+	case header.ARPRequest: // answer only for the gateway
+		if netip.AddrFrom4([4]byte(a.ProtocolAddressTarget())) != st.o.Plan.GatewayV4 {
 			st.o.Shared.Counters.Drop(rings.DropOther)
 			return
 		}
-	case 2: // reply: lets the netstack learn the guest's MAC
+	case header.ARPReply: // lets the netstack learn the guest's MAC
 	default:
 		st.o.Shared.Counters.Drop(rings.DropMalformed)
 		return
@@ -100,211 +104,191 @@ func (st *Stack) guestSource(a netip.Addr) bool {
 }
 
 func (st *Stack) isGateway(a netip.Addr) bool {
-	return a == st.o.Plan.GatewayV4 || a == st.o.Plan.GatewayV6
+	return a == st.o.Plan.GatewayV4 || a == st.o.Plan.GatewayV6 || a == st.gwLinkLocal
 }
 
 func (st *Stack) handleIP(b []byte, v6, csumDone bool) {
 	c := &st.o.Shared.Counters
-	p, ok := parseIP(b[ethHdrLen:], v6)
+	p, ok := wire.Parse(b[wire.EthHdrLen:], v6)
 	if !ok {
 		c.Drop(rings.DropMalformed)
 		return
 	}
-	p.csumDone = csumDone
-	if v6 && p.proto == protoICMPv6 && p.src.IsUnspecified() {
+	p.CsumDone = csumDone
+	if v6 && p.Proto == wire.ProtoICMPv6 && p.Src.IsUnspecified() {
 		// DAD probes come from "::"; they need no answer from us.
 		c.Drop(rings.DropOther)
 		return
 	}
-	if !v6 && p.proto == protoUDP && len(p.l4) >= 8 && binary.BigEndian.Uint16(p.l4[0:2]) == 68 && binary.BigEndian.Uint16(p.l4[2:4]) == 67 {
-		// DHCP: the client may not have an address yet.
-		if transportChecksumOK(&p) {
-			st.handleDHCP(p.l4[8:])
-		} else {
-			c.Drop(rings.DropMalformed)
+	if !v6 && p.Proto == wire.ProtoUDP {
+		if d, _, ok := wire.ParseUDP(p.L4); ok && d.SrcPort == wire.PortDHCPClient && d.DstPort == wire.PortDHCPServer {
+			// DHCP: the client may not have an address yet.
+			if p.TransportChecksumOK() {
+				st.handleDHCP(d.Payload)
+			} else {
+				c.Drop(rings.DropMalformed)
+			}
+			return
 		}
-		return
 	}
-	if !st.guestSource(p.src) {
+	if !st.guestSource(p.Src) {
 		c.Drop(rings.DropPolicy) // spoofed source
 		return
 	}
-	if p.frag {
+	if p.Frag {
 		// The guest's MTU matches ours and TCP sets DF; fragments are not
 		// reassembled outside the netstack, so they are not relayed.
 		c.Drop(rings.DropOther)
 		return
 	}
-	switch p.proto {
-	case protoTCP:
+	switch {
+	case p.Proto == wire.ProtoTCP:
 		st.handleTCP(b, &p)
-	case protoUDP:
+	case p.Proto == wire.ProtoUDP:
 		st.handleUDP(&p)
-	case protoICMP:
-		if !v6 {
-			st.handleICMP4(b, &p)
-			return
-		}
-		c.Drop(rings.DropOther)
-	case protoICMPv6:
-		if v6 {
-			st.handleICMP6(b, &p)
-			return
-		}
-		c.Drop(rings.DropOther)
+	case p.Proto == wire.ProtoICMP && !v6:
+		st.handleICMP4(b, &p)
+	case p.Proto == wire.ProtoICMPv6 && v6:
+		st.handleICMP6(b, &p)
 	default:
 		c.Drop(rings.DropOther)
 	}
 }
 
-func (st *Stack) handleTCP(b []byte, p *ipPacket) {
+func (st *Stack) handleTCP(b []byte, p *wire.Packet) {
 	c := &st.o.Shared.Counters
-	t := p.l4
-	if len(t) < 20 || int(t[12]>>4)*4 < 20 || int(t[12]>>4)*4 > len(t) {
+	seg, ok := wire.ParseTCP(p.L4)
+	if !ok {
 		c.Drop(rings.DropMalformed)
 		return
 	}
-	if !p.dst.IsGlobalUnicast() && !p.dst.IsPrivate() && !p.dst.IsLoopback() && !p.dst.IsLinkLocalUnicast() {
+	if !p.Dst.IsGlobalUnicast() && !p.Dst.IsPrivate() && !p.Dst.IsLoopback() && !p.Dst.IsLinkLocalUnicast() {
 		c.Drop(rings.DropOther) // multicast, broadcast, unspecified
 		return
 	}
-	if st.o.Offload && !p.csumDone && !transportChecksumOK(p) {
+	if st.o.Offload && !p.CsumDone && !p.TransportChecksumOK() {
 		// The netstack skips verification when offload is on; do it here
 		// for the frames whose checksum is complete.
 		c.Drop(rings.DropMalformed)
 		return
 	}
-	flags := t[13]
-	if flags&tcpSYN != 0 && flags&tcpACK == 0 {
-		dst := netip.AddrPortFrom(p.dst, binary.BigEndian.Uint16(t[2:4]))
-		if dst.Port() != 53 { // DNS is answered by the agent; its policy is the name's
-			src := netip.AddrPortFrom(p.src, binary.BigEndian.Uint16(t[0:2]))
-			if !st.decide(policy.Flow{Proto: policy.TCP, Src: src, Dst: dst}) {
-				c.Drop(rings.DropPolicy)
-				if st.o.DenyMode == DenyReject {
-					st.r.sendTCPReset(p)
-				}
-				return
+	if seg.IsSYN() && seg.DstPort != wire.PortDNS { // DNS is answered by the agent; its policy is the name's
+		f := policy.Flow{Proto: policy.TCP, Src: netip.AddrPortFrom(p.Src, seg.SrcPort), Dst: netip.AddrPortFrom(p.Dst, seg.DstPort)}
+		if !st.decide(f) {
+			c.Drop(rings.DropPolicy)
+			if st.o.DenyMode == DenyReject {
+				st.r.sendTCPReset(p, seg)
 			}
+			return
 		}
 	}
 	st.ep.deliver(b)
 }
 
-func (st *Stack) handleUDP(p *ipPacket) {
+func (st *Stack) handleUDP(p *wire.Packet) {
 	c := &st.o.Shared.Counters
-	u := p.l4
-	if len(u) < 8 || int(binary.BigEndian.Uint16(u[4:6])) < 8 || int(binary.BigEndian.Uint16(u[4:6])) > len(u) {
+	d, n, ok := wire.ParseUDP(p.L4)
+	if !ok {
 		c.Drop(rings.DropMalformed)
 		return
 	}
-	u = u[:binary.BigEndian.Uint16(u[4:6])]
-	p.l4 = u
-	if !transportChecksumOK(p) {
+	p.L4 = p.L4[:n]
+	if !p.TransportChecksumOK() {
 		c.Drop(rings.DropMalformed)
 		return
 	}
-	src := netip.AddrPortFrom(p.src, binary.BigEndian.Uint16(u[0:2]))
-	dst := netip.AddrPortFrom(p.dst, binary.BigEndian.Uint16(u[2:4]))
-	if dst.Port() == 53 {
-		if !st.dns.HandleUDP(src, dst, u[8:]) {
+	src := netip.AddrPortFrom(p.Src, d.SrcPort)
+	dst := netip.AddrPortFrom(p.Dst, d.DstPort)
+	if d.DstPort == wire.PortDNS {
+		if !st.dns.HandleUDP(src, dst, d.Payload) {
 			c.Drop(rings.DropOther)
 		}
 		return
 	}
-	if st.isGateway(p.dst) {
-		if h := st.ingress.Load(); h != nil && (*h).HandleGuestReply(dst.Port(), src, u[8:]) {
+	if st.isGateway(p.Dst) {
+		if h := st.ingress.Load(); h != nil && (*h).HandleGuestReply(d.DstPort, src, d.Payload) {
 			return
 		}
 	}
-	if p.dst.IsMulticast() || p.dst.IsUnspecified() || p.dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) || dst.Port() == 0 {
+	if p.Dst.IsMulticast() || p.Dst.IsUnspecified() || p.Dst == netip.IPv4Unspecified() || p.Dst == broadcast4 || d.DstPort == 0 {
 		c.Drop(rings.DropOther)
 		return
 	}
-	switch err := st.udp.Handle(src, dst, u[8:]); err {
-	case nil:
-	default:
+	if err := st.udp.Handle(src, dst, d.Payload); err != nil {
 		c.Drop(rings.DropPolicy)
-		if err != nil && st.o.DenyMode == DenyReject {
-			st.r.sendUnreachable(p, p.dst)
+		if st.o.DenyMode == DenyReject {
+			st.r.sendUnreachable(p, p.Dst, wire.AdminProhibited)
 		}
 	}
 }
 
-func (st *Stack) handleICMP4(b []byte, p *ipPacket) {
+var broadcast4 = netip.AddrFrom4([4]byte{255, 255, 255, 255})
+
+func (st *Stack) handleICMP4(b []byte, p *wire.Packet) {
 	c := &st.o.Shared.Counters
-	m := p.l4
-	if len(m) < 8 || !transportChecksumOK(p) {
+	if len(p.L4) < header.ICMPv4MinimumSize || !p.TransportChecksumOK() {
 		c.Drop(rings.DropMalformed)
 		return
 	}
-	if m[0] != 8 || m[1] != 0 { // only echo requests leave the sandbox
+	m := header.ICMPv4(p.L4)
+	if m.Type() != header.ICMPv4Echo || m.Code() != 0 { // only echo requests leave the sandbox
 		c.Drop(rings.DropOther)
 		return
 	}
 	st.handleEcho(b, p, policy.ICMP)
 }
 
-func (st *Stack) handleICMP6(b []byte, p *ipPacket) {
+func (st *Stack) handleICMP6(b []byte, p *wire.Packet) {
 	c := &st.o.Shared.Counters
-	m := p.l4
-	if len(m) < 8 || !transportChecksumOK(p) {
+	if len(p.L4) < header.ICMPv6MinimumSize || !p.TransportChecksumOK() {
 		c.Drop(rings.DropMalformed)
 		return
 	}
-	switch m[0] {
-	case 128: // echo request
+	m := header.ICMPv6(p.L4)
+	switch m.Type() {
+	case header.ICMPv6EchoRequest:
 		st.handleEcho(b, p, policy.ICMPv6)
-	case 135: // neighbour solicitation: only for the gateway's addresses
-		if len(m) < 24 {
+	case header.ICMPv6NeighborSolicit: // only for the gateway's addresses
+		if len(m) < header.ICMPv6NeighborSolicitMinimumSize {
 			c.Drop(rings.DropMalformed)
 			return
 		}
-		target := netip.AddrFrom16([16]byte(m[8:24]))
-		if target != st.o.Plan.GatewayV6 && target != st.gatewayLinkLocal() {
+		target := wire.NetipAddr(header.NDPNeighborSolicit(m.MessageBody()).TargetAddress())
+		if target != st.o.Plan.GatewayV6 && target != st.gwLinkLocal {
 			c.Drop(rings.DropOther)
 			return
 		}
 		st.ep.deliver(b)
-	case 133: // router solicitation: the gateway is the router
+	case header.ICMPv6RouterSolicit: // the gateway is the router
 		st.sendRouterAdvertisement()
-	case 136, 130, 131, 132, 143: // NA, MLD
+	case header.ICMPv6NeighborAdvert, header.ICMPv6MulticastListenerQuery, header.ICMPv6MulticastListenerReport,
+		header.ICMPv6MulticastListenerDone, header.ICMPv6MulticastListenerV2Report:
 		st.ep.deliver(b)
 	default:
 		c.Drop(rings.DropOther)
 	}
 }
 
-// gatewayLinkLocal is the gateway's EUI-64 link-local address, which the
-// netstack generates from its MAC.
-func (st *Stack) gatewayLinkLocal() netip.Addr {
-	m := st.gwMAC
-	var a [16]byte
-	a[0], a[1] = 0xfe, 0x80
-	a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15] = m[0]^2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]
-	return netip.AddrFrom16(a)
-}
-
-func (st *Stack) handleEcho(b []byte, p *ipPacket, proto policy.Proto) {
+func (st *Stack) handleEcho(b []byte, p *wire.Packet, proto policy.Proto) {
 	c := &st.o.Shared.Counters
-	if p.dst.IsMulticast() || p.dst.IsUnspecified() || !p.dst.IsValid() || p.dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
+	if p.Dst.IsMulticast() || p.Dst.IsUnspecified() || !p.Dst.IsValid() || p.Dst == broadcast4 {
 		c.Drop(rings.DropOther)
 		return
 	}
-	m := p.l4
-	if !st.decide(policy.Flow{Proto: proto, Src: netip.AddrPortFrom(p.src, 0), Dst: netip.AddrPortFrom(p.dst, 0)}) {
+	if !st.decide(policy.Flow{Proto: proto, Src: netip.AddrPortFrom(p.Src, 0), Dst: netip.AddrPortFrom(p.Dst, 0)}) {
 		c.Drop(rings.DropPolicy)
 		if st.o.DenyMode == DenyReject {
-			st.r.sendUnreachable(p, p.dst)
+			st.r.sendUnreachable(p, p.Dst, wire.AdminProhibited)
 		}
 		return
 	}
-	if st.isGateway(p.dst) || p.dst == st.gatewayLinkLocal() {
+	if st.isGateway(p.Dst) {
 		st.ep.deliver(b) // the gateway answers its own echo
 		return
 	}
-	id, seq := binary.BigEndian.Uint16(m[4:6]), binary.BigEndian.Uint16(m[6:8])
-	if !st.echo.Handle(p.src, p.dst, id, seq, m[8:]) {
+	// Echo requests have the same layout in ICMPv4 and ICMPv6.
+	m := header.ICMPv4(p.L4)
+	if !st.echo.Handle(p.Src, p.Dst, m.Ident(), m.Sequence(), m.Payload()) {
 		c.Drop(rings.DropOther)
 	}
 }

@@ -1,7 +1,7 @@
-// Package stack runs the sandbox's gateway: a gVisor netstack fed from the
-// shared rings through a link endpoint of our own, and a poll loop that sees
-// every guest frame first, decides each new flow against the policy, and
-// hands flows to the proxies.
+// Package stack runs one sandbox's gateway: gVisor's netstack behind a link
+// endpoint of our own, fed by a poll loop that sees every guest frame first,
+// decides each new flow against the policy, answers ARP, NDP, DHCP and
+// router solicitations, and hands allowed flows to the proxies.
 package stack
 
 import (
@@ -25,6 +25,7 @@ import (
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/wire"
 )
 
 const nicID tcpip.NICID = 1
@@ -48,7 +49,8 @@ type Options struct {
 	// Policy decides new flows; nil allows everything.
 	Policy policy.Checker
 	// OnDecision, when set, is told of every flow decision (for the audit
-	// log, metrics and the termination hook); it runs on the packet path.
+	// log and metrics); it runs on the packet path. A terminate decision
+	// then fires the shared state's termination hook.
 	OnDecision func(policy.Flow, policy.Decision)
 	DenyMode   DenyMode
 	// DNSUpstreams are the resolvers the agent forwards the guest's queries
@@ -75,13 +77,14 @@ type Options struct {
 
 // Stack is the gateway of one sandbox.
 type Stack struct {
-	o     Options
-	s     *gstack.Stack
-	ep    *linkEndpoint
-	r     *replier
-	gwMAC [6]byte
+	o           Options
+	s           *gstack.Stack
+	ep          *linkEndpoint
+	r           *replier
+	gwMAC       [6]byte
+	gwLinkLocal netip.Addr
+	sizes       wire.Sizes
 
-	policy  atomic.Pointer[policy.Checker]
 	ingress atomic.Pointer[IngressUDP]
 
 	udp  *proxy.UDP
@@ -92,7 +95,7 @@ type Stack struct {
 	done      chan struct{}
 	closeOnce sync.Once
 	wg        sync.WaitGroup
-	stats     Stats
+	stats     tcpStats
 }
 
 // New builds the gateway and starts its poll loop.
@@ -109,14 +112,13 @@ func New(o Options) (*Stack, error) {
 	if o.MapDst == nil {
 		o.MapDst = proxy.GatewayToLoopback(o.Plan.GatewayV4, o.Plan.GatewayV6)
 	}
-	p := o.Plan
-	st := &Stack{o: o, done: make(chan struct{})}
-	copy(st.gwMAC[:], p.GatewayMAC)
-	var pc policy.Checker = policy.AllowAll{}
-	if o.Policy != nil {
-		pc = o.Policy
+	if o.Policy == nil {
+		o.Policy = policy.AllowAll{}
 	}
-	st.policy.Store(&pc)
+	p := o.Plan
+	st := &Stack{o: o, done: make(chan struct{}), sizes: wire.SizesFor(p.MTU, o.Offload)}
+	copy(st.gwMAC[:], p.GatewayMAC)
+	st.gwLinkLocal = wire.GatewayLinkLocal(st.gwMAC)
 
 	st.s = gstack.New(gstack.Options{
 		NetworkProtocols: []gstack.NetworkProtocolFactory{
@@ -134,7 +136,6 @@ func New(o Options) (*Stack, error) {
 		return nil, err
 	}
 
-	maxPayload4 := p.MTU - 20 - 8
 	st.r = newReplier(o.Shared, p.GatewayMAC, p.GuestMAC)
 	st.udp = proxy.NewUDP(proxy.UDPOptions{
 		Replier:     st.r,
@@ -142,15 +143,16 @@ func New(o Options) (*Stack, error) {
 		MapDst:      o.MapDst,
 		IdleTimeout: o.UDPIdleTimeout,
 		MaxSessions: o.MaxUDPSessions,
-		MaxPayload:  maxPayload4,
+		MaxPayload:  st.sizes.MaxUDPPayload(false),
 		Log:         o.Log.With("component", "udp"),
 	})
 	st.echo = proxy.NewEcho(proxy.EchoOptions{Replier: st.r, Log: o.Log.With("component", "icmp")})
 	dns, err := proxy.NewDNS(proxy.DNSOptions{
 		Upstreams:     o.DNSUpstreams,
 		Replier:       st.r,
-		MaxUDPPayload: p.MTU - 40 - 8,
+		MaxUDPPayload: st.sizes.MaxUDPPayload(true),
 		Filter:        o.DNSFilter,
+		Report:        st.report,
 		Log:           o.Log.With("component", "dns"),
 	})
 	if err != nil {
@@ -181,7 +183,7 @@ func (st *Stack) configureNetstack() error {
 		}
 		pa := tcpip.ProtocolAddress{
 			Protocol:          proto,
-			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(a.Addr().AsSlice()), PrefixLen: a.Bits()},
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: wire.TCPIPAddr(a.Addr()), PrefixLen: a.Bits()},
 		}
 		if err := st.s.AddProtocolAddress(nicID, pa, gstack.AddressProperties{}); err != nil {
 			return fmt.Errorf("add gateway address %s: %s", a, err)
@@ -197,8 +199,8 @@ func (st *Stack) configureNetstack() error {
 		return fmt.Errorf("netstack spoofing: %s", err)
 	}
 	st.s.SetRouteTable([]tcpip.Route{
-		{Destination: header4Any(), NIC: nicID},
-		{Destination: header6Any(), NIC: nicID},
+		{Destination: anySubnet(4), NIC: nicID},
+		{Destination: anySubnet(16), NIC: nicID},
 	})
 	sack := tcpip.TCPSACKEnabled(true)
 	moderate := tcpip.TCPModerateReceiveBufferOption(true)
@@ -212,27 +214,28 @@ func (st *Stack) configureNetstack() error {
 	return nil
 }
 
-func header4Any() tcpip.Subnet {
-	s, _ := tcpip.NewSubnet(tcpip.AddrFrom4([4]byte{}), tcpip.MaskFromBytes(make([]byte, 4)))
+// anySubnet is 0.0.0.0/0 (n = 4) or ::/0 (n = 16).
+func anySubnet(n int) tcpip.Subnet {
+	s, _ := tcpip.NewSubnet(tcpip.AddrFromSlice(make([]byte, n)), tcpip.MaskFromBytes(make([]byte, n)))
 	return s
 }
 
-func header6Any() tcpip.Subnet {
-	s, _ := tcpip.NewSubnet(tcpip.AddrFrom16([16]byte{}), tcpip.MaskFromBytes(make([]byte, 16)))
-	return s
-}
-
-// SetPolicy replaces the policy for flows that start from now on.
-func (st *Stack) SetPolicy(c policy.Checker) {
-	st.policy.Store(&c)
-}
-
-// decide runs the policy on a new flow and reports whether it may proceed.
-func (st *Stack) decide(f policy.Flow) bool {
-	d := (*st.policy.Load()).Check(f)
+// report tells OnDecision of a decision and, for a terminate, fires the
+// shared state's termination hook.
+func (st *Stack) report(f policy.Flow, d policy.Decision) {
 	if st.o.OnDecision != nil {
 		st.o.OnDecision(f, d)
 	}
+	if d.Action == policy.Terminate {
+		st.o.Shared.TriggerTermination()
+	}
+}
+
+// decide runs the policy on a new flow, reports the decision, and says
+// whether the flow may proceed.
+func (st *Stack) decide(f policy.Flow) bool {
+	d := st.o.Policy.Check(f)
+	st.report(f, d)
 	return d.Action == policy.Allow
 }
 
@@ -240,24 +243,12 @@ func (st *Stack) allowUDP(src, dst netip.AddrPort) bool {
 	return st.decide(policy.Flow{Proto: policy.UDP, Src: src, Dst: dst})
 }
 
-// Done is closed when the stack has stopped.
-func (st *Stack) Done() <-chan struct{} { return st.done }
-
-// Err is why the stack stopped on its own (always nil for now: it stops
-// only when closed).
-func (st *Stack) Err() error { return nil }
-
-// Failures reports flows the gateway could not relay, by reason: TCP over
-// the connection cap, TCP whose upstream dial failed, UDP datagrams dropped
-// (session cap, full socket) and UDP replies too large for a frame.
-func (st *Stack) Failures() map[string]uint64 {
-	udpDropped, udpTooBig := st.udp.Dropped()
-	return map[string]uint64{
-		"tcp_over_cap":    st.stats.TCPRejected.Load(),
-		"tcp_dial_failed": st.stats.TCPDialFailed.Load(),
-		"udp_dropped":     udpDropped,
-		"udp_too_big":     udpTooBig,
-	}
+// CheckIngress decides a host client's new flow to a published port, as the
+// packet path decides the guest's: reported, and fatal if the policy says
+// terminate.
+func (st *Stack) CheckIngress(f policy.Flow) bool {
+	f.Direction = policy.Ingress
+	return st.decide(f)
 }
 
 // DNSUpstreams returns the resolvers in use.
@@ -282,29 +273,4 @@ func (st *Stack) Wait() {
 	st.wg.Wait()
 	st.tcp.wait()
 	st.s.Wait()
-}
-
-// Stats are the stack's counters.
-type Stats struct {
-	TCPTotal, TCPRejected atomic.Uint64
-	TCPDialFailed         atomic.Uint64
-}
-
-// FlowStat is the number of open and total flows of one protocol.
-type FlowStat struct {
-	Proto  string
-	Active int
-	Total  uint64
-}
-
-// FlowStats reports open and total flows by protocol.
-func (st *Stack) FlowStats() []FlowStat {
-	echoSent, _ := st.echo.Stats()
-	q, _, _ := st.dns.Stats()
-	return []FlowStat{
-		{"tcp", int(st.tcp.active.Load()), st.stats.TCPTotal.Load()},
-		{"udp", st.udp.Active(), st.udp.Total()},
-		{"icmp", st.echo.InFlight(), echoSent},
-		{"dns", st.dns.InFlight(), q},
-	}
 }

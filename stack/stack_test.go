@@ -2,26 +2,32 @@ package stack
 
 import (
 	"bytes"
-	"encoding/binary"
 	"net"
 	"net/netip"
 	"testing"
 	"time"
 
 	"github.com/insomniacslk/dhcp/dhcpv4"
-	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/wire"
 )
 
 // newTestStack returns a stack fed directly through its rings, with no TAP.
 func newTestStack(t testing.TB, pc policy.Checker) (*Stack, *rings.Shared, plan.Plan) {
 	t.Helper()
+	return newTestStackWith(t, Options{Policy: pc})
+}
+
+func newTestStackWith(t testing.TB, o Options) (*Stack, *rings.Shared, plan.Plan) {
+	t.Helper()
 	p, _ := plan.ForSlot(0)
-	sh := rings.NewShared(256, p.FrameSize()+256)
-	st, err := New(Options{Plan: p, Shared: sh, Policy: pc})
+	sh := rings.NewShared(256, wire.SizesFor(p.MTU, o.Offload).Buffer)
+	o.Plan, o.Shared = p, sh
+	st, err := New(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,27 +66,27 @@ func recv(t testing.TB, sh *rings.Shared, d time.Duration, match func([]byte) bo
 	}
 }
 
-func eth(dst, src net.HardwareAddr, typ uint16, payload []byte) []byte {
-	b := append(append(append([]byte{}, dst...), src...), byte(typ>>8), byte(typ))
-	return append(b, payload...)
-}
-
-func arpRequest(p plan.Plan, target netip.Addr) []byte {
-	a := make([]byte, 28)
-	binary.BigEndian.PutUint16(a[0:2], 1)
-	binary.BigEndian.PutUint16(a[2:4], 0x0800)
-	a[4], a[5] = 6, 4
-	binary.BigEndian.PutUint16(a[6:8], 1)
-	copy(a[8:14], p.GuestMAC)
-	g := p.GuestIPv4.Addr().As4()
-	copy(a[14:18], g[:])
-	tg := target.As4()
-	copy(a[24:28], tg[:])
-	return eth(net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, p.GuestMAC, 0x0806, a)
+// recvIP waits for a well-formed IP frame that satisfies
+// match.
+func recvIP(t testing.TB, sh *rings.Shared, d time.Duration, match func(reply) bool) (reply, bool) {
+	t.Helper()
+	var got reply
+	b := recv(t, sh, d, func(b []byte) bool {
+		r, ok := decode(b)
+		if ok && match(r) {
+			got = r
+			return true
+		}
+		return false
+	})
+	return got, b != nil
 }
 
 func isARPReply(b []byte) bool {
-	return len(b) >= 42 && binary.BigEndian.Uint16(b[12:14]) == 0x0806 && binary.BigEndian.Uint16(b[20:22]) == 2
+	if len(b) < header.EthernetMinimumSize+header.ARPSize || header.Ethernet(b).Type() != header.ARPProtocolNumber {
+		return false
+	}
+	return header.ARP(b[header.EthernetMinimumSize:]).Op() == header.ARPReply
 }
 
 func TestARPOnlyForGateway(t *testing.T) {
@@ -90,8 +96,9 @@ func TestARPOnlyForGateway(t *testing.T) {
 	if r == nil {
 		t.Fatal("no ARP reply for the gateway")
 	}
-	if !bytes.Equal(r[22:28], p.GatewayMAC) {
-		t.Errorf("ARP reply claims MAC %x, want %s", r[22:28], p.GatewayMAC)
+	a := header.ARP(r[header.EthernetMinimumSize:])
+	if !bytes.Equal(a.HardwareAddressSender(), p.GatewayMAC) || !bytes.Equal(a.ProtocolAddressSender(), p.GatewayV4.AsSlice()) {
+		t.Errorf("ARP reply claims %x is at %x, want %s at %s", a.ProtocolAddressSender(), a.HardwareAddressSender(), p.GatewayV4, p.GatewayMAC)
 	}
 	send(sh, arpRequest(p, netip.MustParseAddr("100.96.0.3")))
 	send(sh, arpRequest(p, netip.MustParseAddr("198.51.100.1")))
@@ -100,35 +107,30 @@ func TestARPOnlyForGateway(t *testing.T) {
 	}
 }
 
-func icmpEcho(p plan.Plan, dst netip.Addr, id, seq uint16) []byte {
-	m := make([]byte, 8+16)
-	m[0] = 8
-	binary.BigEndian.PutUint16(m[4:6], id)
-	binary.BigEndian.PutUint16(m[6:8], seq)
-	copy(m[8:], "msbtap-echo-test")
-	binary.BigEndian.PutUint16(m[2:4], ^checksum.Checksum(m, 0))
-	ip := make([]byte, 20+len(m))
-	putIPHeader(ip, p.GuestIPv4.Addr(), dst, protoICMP, len(m), 1)
-	copy(ip[20:], m)
-	return eth(p.GatewayMAC, p.GuestMAC, 0x0800, ip)
-}
-
-func isEchoReply(id, seq uint16) func([]byte) bool {
-	return func(b []byte) bool {
-		if len(b) < 42 || binary.BigEndian.Uint16(b[12:14]) != 0x0800 || b[23] != protoICMP {
-			return false
+func isEchoReply(id, seq uint16) func(reply) bool {
+	return func(r reply) bool {
+		switch r.proto() {
+		case header.ICMPv4ProtocolNumber:
+			m := header.ICMPv4(r.l4)
+			return len(m) >= header.ICMPv4MinimumSize && m.Type() == header.ICMPv4EchoReply && m.Ident() == id && m.Sequence() == seq
+		case header.ICMPv6ProtocolNumber:
+			m := header.ICMPv6(r.l4)
+			return len(m) >= header.ICMPv6EchoMinimumSize && m.Type() == header.ICMPv6EchoReply && m.Ident() == id && m.Sequence() == seq
 		}
-		m := b[34:]
-		return m[0] == 0 && binary.BigEndian.Uint16(m[4:6]) == id && binary.BigEndian.Uint16(m[6:8]) == seq
+		return false
 	}
 }
 
 func TestEchoToGatewayAnsweredLocally(t *testing.T) {
 	_, sh, p := newTestStack(t, policy.AllowAll{})
 	send(sh, arpRequest(p, p.GatewayV4)) // let the stack learn the guest
-	send(sh, icmpEcho(p, p.GatewayV4, 77, 1))
-	if recv(t, sh, 2*time.Second, isEchoReply(77, 1)) == nil {
+	send(sh, echoRequest(p, p.GatewayV4, 77, 1))
+	r, ok := recvIP(t, sh, 2*time.Second, isEchoReply(77, 1))
+	if !ok {
 		t.Fatal("no echo reply from the gateway")
+	}
+	if r.src != p.GatewayV4 || r.dst != p.GuestIPv4.Addr() || !r.l4ChecksumOK() {
+		t.Errorf("echo reply %s → %s, checksum ok %v", r.src, r.dst, r.l4ChecksumOK())
 	}
 }
 
@@ -140,62 +142,59 @@ func (denyAll) Check(policy.Flow) policy.Decision {
 
 func TestDeniedEchoGetsUnreachable(t *testing.T) {
 	_, sh, p := newTestStack(t, denyAll{})
-	send(sh, icmpEcho(p, netip.MustParseAddr("198.51.100.9"), 5, 9))
-	r := recv(t, sh, 2*time.Second, func(b []byte) bool {
-		return len(b) > 42 && b[23] == protoICMP && b[34] == 3 && b[35] == 13
-	})
-	if r == nil {
-		t.Fatal("no ICMP administratively-prohibited for a denied echo")
+	for _, dst := range []netip.Addr{netip.MustParseAddr("198.51.100.9"), netip.MustParseAddr("2001:db8::9")} {
+		send(sh, echoRequest(p, dst, 5, 9))
+		r, ok := recvIP(t, sh, 2*time.Second, func(r reply) bool {
+			switch r.proto() {
+			case header.ICMPv4ProtocolNumber:
+				m := header.ICMPv4(r.l4)
+				return m.Type() == header.ICMPv4DstUnreachable && m.Code() == header.ICMPv4AdminProhibited
+			case header.ICMPv6ProtocolNumber:
+				m := header.ICMPv6(r.l4)
+				return m.Type() == header.ICMPv6DstUnreachable && m.Code() == header.ICMPv6Prohibited
+			}
+			return false
+		})
+		if !ok {
+			t.Fatalf("%s: no ICMP administratively-prohibited for a denied echo", dst)
+		}
+		if r.src != dst || !r.l4ChecksumOK() {
+			t.Errorf("%s: unreachable from %s, checksum ok %v", dst, r.src, r.l4ChecksumOK())
+		}
 	}
-	if got := sh.Counters.Drops(rings.DropPolicy); got != 1 {
-		t.Errorf("policy drops: got %d, want 1", got)
+	if got := sh.Counters.Drops(rings.DropPolicy); got != 2 {
+		t.Errorf("policy drops: got %d, want 2", got)
 	}
-}
-
-func synFrame(p plan.Plan, dst netip.AddrPort) []byte {
-	tcp := make([]byte, 20)
-	binary.BigEndian.PutUint16(tcp[0:2], 40000)
-	binary.BigEndian.PutUint16(tcp[2:4], dst.Port())
-	binary.BigEndian.PutUint32(tcp[4:8], 1000)
-	tcp[12], tcp[13] = 5<<4, tcpSYN
-	binary.BigEndian.PutUint16(tcp[14:16], 65535)
-	src := p.GuestIPv4.Addr()
-	binary.BigEndian.PutUint16(tcp[16:18], ^checksum.Checksum(tcp, pseudoSum(src, dst.Addr(), protoTCP, 20)))
-	ip := make([]byte, 40)
-	putIPHeader(ip, src, dst.Addr(), protoTCP, 20, 2)
-	copy(ip[20:], tcp)
-	return eth(p.GatewayMAC, p.GuestMAC, 0x0800, ip)
 }
 
 func TestDeniedSYNGetsReset(t *testing.T) {
 	_, sh, p := newTestStack(t, denyAll{})
-	send(sh, synFrame(p, netip.MustParseAddrPort("198.51.100.9:443")))
-	r := recv(t, sh, 2*time.Second, func(b []byte) bool { return len(b) >= 54 && b[23] == protoTCP })
-	if r == nil {
-		t.Fatal("no reply to a denied SYN")
-	}
-	tcp := r[34:]
-	if tcp[13] != tcpRST|tcpACK || binary.BigEndian.Uint32(tcp[8:12]) != 1001 {
-		t.Errorf("got flags %#x ack %d, want RST|ACK acking 1001", tcp[13], binary.BigEndian.Uint32(tcp[8:12]))
-	}
-	if binary.BigEndian.Uint16(tcp[0:2]) != 443 || binary.BigEndian.Uint16(tcp[2:4]) != 40000 {
-		t.Errorf("reset ports %d→%d, want 443→40000", binary.BigEndian.Uint16(tcp[0:2]), binary.BigEndian.Uint16(tcp[2:4]))
-	}
-	if checksum.Checksum(tcp[:20], pseudoSum(netip.MustParseAddr("198.51.100.9"), p.GuestIPv4.Addr(), protoTCP, 20)) != 0xffff {
-		t.Error("bad TCP checksum on the reset")
+	for _, dst := range []netip.AddrPort{netip.MustParseAddrPort("198.51.100.9:443"), netip.MustParseAddrPort("[2001:db8::9]:443")} {
+		send(sh, synFrame(p, dst))
+		r, ok := recvIP(t, sh, 2*time.Second, func(r reply) bool { return r.proto() == header.TCPProtocolNumber })
+		if !ok {
+			t.Fatalf("%s: no reply to a denied SYN", dst)
+		}
+		tcp := header.TCP(r.l4)
+		if tcp.Flags() != header.TCPFlagRst|header.TCPFlagAck || tcp.AckNumber() != 1001 {
+			t.Errorf("%s: got flags %s ack %d, want RST|ACK acking 1001", dst, tcp.Flags(), tcp.AckNumber())
+		}
+		if tcp.SourcePort() != 443 || tcp.DestinationPort() != 40000 || r.src != dst.Addr() {
+			t.Errorf("%s: reset %s:%d→%d", dst, r.src, tcp.SourcePort(), tcp.DestinationPort())
+		}
+		if !r.l4ChecksumOK() {
+			t.Errorf("%s: bad TCP checksum on the reset", dst)
+		}
 	}
 }
 
 func TestMalformedFramesCounted(t *testing.T) {
 	_, sh, p := newTestStack(t, policy.AllowAll{})
-	good := icmpEcho(p, p.GatewayV4, 1, 1)
+	good := echoRequest(p, p.GatewayV4, 1, 1)
 	badSum := append([]byte(nil), good...)
 	badSum[24] ^= 0xff // IPv4 header checksum
 	short := good[:30]
-	spoofed := icmpEcho(p, p.GatewayV4, 1, 1)
-	copy(spoofed[26:30], []byte{10, 0, 0, 9})
-	binary.BigEndian.PutUint16(spoofed[24:26], 0)
-	binary.BigEndian.PutUint16(spoofed[24:26], ^checksum.Checksum(spoofed[14:34], 0))
+	spoofed := guestFrame(p, tcpSegment(netip.MustParseAddrPort("10.0.0.9:1000"), netip.MustParseAddrPort("198.51.100.9:80"), header.TCPFlagSyn, 1))
 	for _, f := range [][]byte{badSum, short, {1, 2, 3}} {
 		send(sh, f)
 	}
@@ -215,30 +214,15 @@ func TestMalformedFramesCounted(t *testing.T) {
 	}
 }
 
-func TestParseIP(t *testing.T) {
-	p, _ := plan.ForSlot(0)
-	f := icmpEcho(p, p.GatewayV4, 1, 2)
-	ip, ok := parseIP(f[14:], false)
-	if !ok || ip.proto != protoICMP || ip.dst != p.GatewayV4 || ip.src != p.GuestIPv4.Addr() || len(ip.l4) != 24 {
-		t.Fatalf("parseIP: %+v %v", ip, ok)
-	}
-	// Trailing Ethernet padding is cut by the IP total length.
-	padded := append(append([]byte(nil), f[14:]...), 0, 0, 0, 0)
-	if ip, ok := parseIP(padded, false); !ok || len(ip.ip) != len(f)-14 {
-		t.Errorf("padding not trimmed: %d", len(ip.ip))
-	}
-	if _, ok := parseIP(f[14:30], false); ok {
-		t.Error("truncated packet accepted")
-	}
-}
-
 // FuzzHandleFrame feeds arbitrary frames to the poll loop's classifier: it
 // must never panic, whatever the guest sends.
 func FuzzHandleFrame(f *testing.F) {
 	p, _ := plan.ForSlot(0)
 	f.Add(arpRequest(p, p.GatewayV4))
-	f.Add(icmpEcho(p, p.GatewayV4, 1, 1))
+	f.Add(echoRequest(p, p.GatewayV4, 1, 1))
+	f.Add(echoRequest(p, p.GatewayV6, 1, 1))
 	f.Add(synFrame(p, netip.MustParseAddrPort("198.51.100.1:80")))
+	f.Add(synFrame(p, netip.MustParseAddrPort("[2001:db8::1]:80")))
 	f.Add([]byte{})
 	st, sh, _ := newTestStack(f, denyAll{})
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -265,19 +249,6 @@ func BenchmarkHandleDeniedSYN(b *testing.B) {
 	}
 }
 
-func udpFrame(src, dst netip.AddrPort, srcMAC, dstMAC net.HardwareAddr, payload []byte) []byte {
-	u := make([]byte, 8+len(payload))
-	binary.BigEndian.PutUint16(u[0:2], src.Port())
-	binary.BigEndian.PutUint16(u[2:4], dst.Port())
-	binary.BigEndian.PutUint16(u[4:6], uint16(len(u)))
-	copy(u[8:], payload)
-	binary.BigEndian.PutUint16(u[6:8], ^checksum.Checksum(u, pseudoSum(src.Addr(), dst.Addr(), protoUDP, len(u))))
-	ip := make([]byte, 20+len(u))
-	putIPHeader(ip, src.Addr(), dst.Addr(), protoUDP, len(u), 3)
-	copy(ip[20:], u)
-	return eth(dstMAC, srcMAC, 0x0800, ip)
-}
-
 func TestDHCP(t *testing.T) {
 	_, sh, p := newTestStack(t, policy.AllowAll{})
 	mac := net.HardwareAddr{0x52, 0x54, 0, 0x12, 0x34, 0x56}
@@ -286,18 +257,23 @@ func TestDHCP(t *testing.T) {
 		t.Fatal(err)
 	}
 	bcast := net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
-	send(sh, udpFrame(netip.MustParseAddrPort("0.0.0.0:68"), netip.MustParseAddrPort("255.255.255.255:67"), mac, bcast, disc.ToBytes()))
+	client, server := netip.MustParseAddrPort("0.0.0.0:68"), netip.MustParseAddrPort("255.255.255.255:67")
+	dhcpFrame := func(m *dhcpv4.DHCPv4) []byte {
+		return ethFrame(bcast, mac, header.IPv4ProtocolNumber, udpPacket(client, server, m.ToBytes()))
+	}
+	send(sh, dhcpFrame(disc))
 	reply := func() *dhcpv4.DHCPv4 {
-		r := recv(t, sh, 2*time.Second, func(b []byte) bool {
-			return len(b) > 42 && b[23] == protoUDP && binary.BigEndian.Uint16(b[36:38]) == 68
+		t.Helper()
+		r, ok := recvIP(t, sh, 2*time.Second, func(r reply) bool {
+			return r.proto() == header.UDPProtocolNumber && header.UDP(r.l4).DestinationPort() == 68
 		})
-		if r == nil {
+		if !ok {
 			t.Fatal("no DHCP reply")
 		}
-		if !bytes.Equal(r[0:6], mac) {
-			t.Errorf("reply to MAC %x, want the client's %s", r[0:6], mac)
+		if string(r.eth.DestinationAddress()) != string(mac) || !r.l4ChecksumOK() {
+			t.Errorf("reply to MAC %s (want the client's %s), checksum ok %v", r.eth.DestinationAddress(), mac, r.l4ChecksumOK())
 		}
-		m, err := dhcpv4.FromBytes(r[42:])
+		m, err := dhcpv4.FromBytes(header.UDP(r.l4).Payload())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -316,16 +292,16 @@ func TestDHCP(t *testing.T) {
 	if m := offer.SubnetMask(); net.IP(m).String() != "255.255.255.252" {
 		t.Errorf("mask: %v", m)
 	}
-	if mtu := offer.GetOneOption(dhcpv4.OptionInterfaceMTU); binary.BigEndian.Uint16(mtu) != 1500 {
+	if mtu := offer.GetOneOption(dhcpv4.OptionInterfaceMTU); len(mtu) != 2 || int(mtu[0])<<8|int(mtu[1]) != 1500 {
 		t.Errorf("mtu option: %v", mtu)
 	}
 	req, _ := dhcpv4.NewRequestFromOffer(offer)
-	send(sh, udpFrame(netip.MustParseAddrPort("0.0.0.0:68"), netip.MustParseAddrPort("255.255.255.255:67"), mac, bcast, req.ToBytes()))
+	send(sh, dhcpFrame(req))
 	if ack := reply(); ack.MessageType() != dhcpv4.MessageTypeAck || ack.IPAddressLeaseTime(0) != DHCPLease {
 		t.Fatalf("ack: %s", ack.Summary())
 	}
 	bad, _ := dhcpv4.NewRequestFromOffer(offer, dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(net.IPv4(100, 96, 0, 9))))
-	send(sh, udpFrame(netip.MustParseAddrPort("0.0.0.0:68"), netip.MustParseAddrPort("255.255.255.255:67"), mac, bcast, bad.ToBytes()))
+	send(sh, dhcpFrame(bad))
 	if nak := reply(); nak.MessageType() != dhcpv4.MessageTypeNak {
 		t.Fatalf("request for another address: %s", nak.Summary())
 	}
@@ -334,20 +310,54 @@ func TestDHCP(t *testing.T) {
 func TestRouterAdvertisement(t *testing.T) {
 	st, sh, p := newTestStack(t, policy.AllowAll{})
 	st.sendRouterAdvertisement()
-	r := recv(t, sh, time.Second, func(b []byte) bool { return len(b) > 54 && b[20] == protoICMPv6 && b[54] == 134 })
-	if r == nil {
+	r, ok := recvIP(t, sh, time.Second, func(r reply) bool {
+		return r.proto() == header.ICMPv6ProtocolNumber && header.ICMPv6(r.l4).Type() == header.ICMPv6RouterAdvert
+	})
+	if !ok {
 		t.Fatal("no router advertisement")
 	}
-	ip, ok := parseIP(r[14:], true)
-	if !ok || !ip.src.IsLinkLocalUnicast() || ip.dst != netip.MustParseAddr("ff02::1") || r[14+7] != 255 {
-		t.Fatalf("RA addressing: %+v hop limit %d", ip, r[21])
+	if !r.src.IsLinkLocalUnicast() || r.dst != netip.MustParseAddr("ff02::1") || r.v6.HopLimit() != 255 || !r.l4ChecksumOK() {
+		t.Fatalf("RA %s → %s hop limit %d checksum ok %v", r.src, r.dst, r.v6.HopLimit(), r.l4ChecksumOK())
 	}
-	if !transportChecksumOK(&ip) {
-		t.Error("bad RA checksum")
+	ra := header.NDPRouterAdvert(header.ICMPv6(r.l4).MessageBody())
+	if ra.RouterLifetime() == 0 {
+		t.Error("RA router lifetime 0: the gateway would not be a default router")
 	}
-	pfx := p.GuestIPv6.Masked().Addr().As16()
-	if !bytes.Contains(ip.l4, pfx[:8]) {
-		t.Error("RA lacks the sandbox prefix")
+	it, err := ra.Options().Iter(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sawPrefix, sawDNS, sawMAC, sawMTU bool
+	for {
+		o, done, err := it.Next()
+		if err != nil {
+			t.Fatalf("RA options: %v", err)
+		}
+		if done {
+			break
+		}
+		switch o := o.(type) {
+		case header.NDPPrefixInformation:
+			sawPrefix = int(o.PrefixLength()) == p.GuestIPv6.Bits() && o.OnLinkFlag() && o.AutonomousAddressConfigurationFlag() &&
+				netip.AddrFrom16(o.Prefix().As16()) == p.GuestIPv6.Masked().Addr()
+		case header.NDPRecursiveDNSServer:
+			addrs, _ := o.Addresses()
+			sawDNS = len(addrs) == 1 && netip.AddrFrom16(addrs[0].As16()) == p.GatewayV6
+		case header.NDPSourceLinkLayerAddressOption:
+			sawMAC = string(o.EthernetAddress()) == string(p.GatewayMAC)
+		}
+	}
+	body := header.ICMPv6(r.l4).MessageBody()
+	for i := header.NDPRAMinimumSize; i+8 <= len(body); i += int(body[i+1]) * 8 {
+		if body[i+1] == 0 {
+			break
+		}
+		if body[i] == 5 {
+			sawMTU = int(body[i+4])<<24|int(body[i+5])<<16|int(body[i+6])<<8|int(body[i+7]) == p.MTU
+		}
+	}
+	if !sawPrefix || !sawDNS || !sawMAC || !sawMTU {
+		t.Errorf("RA options: prefix %v, rdnss %v, source MAC %v, MTU %v", sawPrefix, sawDNS, sawMAC, sawMTU)
 	}
 }
 
@@ -356,7 +366,7 @@ func TestRouterAdvertisement(t *testing.T) {
 func BenchmarkInjectFrame(b *testing.B) {
 	st, _, p := newTestStack(b, policy.AllowAll{})
 	frame := arpRequest(p, p.GatewayV4)
-	binary.BigEndian.PutUint16(frame[20:22], 2) // reply
+	header.ARP(frame[header.EthernetMinimumSize:]).SetOp(header.ARPReply)
 	b.ReportAllocs()
 	for i := 0; i < b.N; i++ {
 		st.handleFrame(frame, false)

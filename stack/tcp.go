@@ -14,6 +14,7 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/msbtap/msbtap/proxy"
+	"github.com/msbtap/msbtap/wire"
 )
 
 // forwarderWindow is the receive window offered to the guest on a new
@@ -59,10 +60,10 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	defer t.wg.Done()
 	st := t.st
 	id := r.ID()
-	dst := netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort)
-	src := netip.AddrPortFrom(addrFrom(id.RemoteAddress), id.RemotePort)
+	dst := netip.AddrPortFrom(wire.NetipAddr(id.LocalAddress), id.LocalPort)
+	src := netip.AddrPortFrom(wire.NetipAddr(id.RemoteAddress), id.RemotePort)
 
-	if dst.Port() == 53 {
+	if dst.Port() == wire.PortDNS {
 		c, ok := t.accept(r)
 		if !ok {
 			return
@@ -72,7 +73,7 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	}
 	if t.active.Add(1) > int64(st.o.MaxConnections) {
 		t.active.Add(-1)
-		st.stats.TCPRejected.Add(1)
+		st.stats.overCap.Add(1)
 		r.Complete(true)
 		return
 	}
@@ -81,7 +82,7 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	d := net.Dialer{Timeout: st.o.DialTimeout, KeepAlive: 30 * time.Second}
 	up, err := d.DialContext(t.ctx, "tcp", st.o.MapDst(dst).String())
 	if err != nil {
-		st.stats.TCPDialFailed.Add(1)
+		st.stats.dialFailed.Add(1)
 		st.o.Log.Debug("tcp dial failed", "src", src, "dst", dst, "err", err)
 		r.Complete(true)
 		return
@@ -91,10 +92,13 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 		up.Close()
 		return
 	}
-	st.stats.TCPTotal.Add(1)
+	st.stats.total.Add(1)
 	t.track(c, true)
 	defer t.track(c, false)
-	proxy.Relay(c, up)
+	if _, _, err := proxy.Relay(c, up); err != nil {
+		st.stats.relayFailed.Add(1)
+		st.o.Log.Debug("tcp relay ended with an error", "src", src, "dst", dst, "err", err)
+	}
 }
 
 // accept completes the guest's handshake and returns its connection; on
@@ -138,8 +142,3 @@ func (t *tcpRelay) close() {
 }
 
 func (t *tcpRelay) wait() { t.wg.Wait() }
-
-func addrFrom(a tcpip.Address) netip.Addr {
-	ip, _ := netip.AddrFromSlice(a.AsSlice())
-	return ip
-}

@@ -1,6 +1,7 @@
-// Package tap owns the sandbox's TAP device: creating it inside the target
-// network namespace, configuring both of its sides over netlink, and moving
-// frames between it and the shared rings.
+// Package tap is the sandbox's TAP device: made inside the sandbox's
+// namespace (or on the host for a VMM) and configured there, with its virtio
+// net header, and the pump that moves its frames to and from the shared
+// rings.
 package tap
 
 import (

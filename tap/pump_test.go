@@ -86,9 +86,19 @@ func TestPumpFullRingDrops(t *testing.T) {
 func TestPumpCloseIsIdempotent(t *testing.T) {
 	dev := taptest.New(4)
 	p := StartPump(dev, rings.NewShared(4, 1600), 1518, nil)
-	p.Close()
-	p.Close()
-	p.Wait()
+	if err := p.Close(); err != nil {
+		t.Errorf("first Close: %v", err)
+	}
+	if err := p.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+	waited := make(chan struct{})
+	go func() { p.Wait(); p.Wait(); close(waited) }()
+	select {
+	case <-waited:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Wait did not return after Close")
+	}
 }
 
 func TestVNetHdrRoundTrip(t *testing.T) {

@@ -12,15 +12,17 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/wire"
 )
 
 // attach creates a namespace with a configured TAP and a running pump.
 func attach(t *testing.T, offload bool) (*testenv.NS, *rings.Shared, plan.Plan) {
 	testenv.RequireRoot(t)
 	ns := testenv.NewNS(t, "tap")
-	h, err := OpenNetns(ns.Path())
+	h, err := netns.Open(ns.Path())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,15 +37,15 @@ func attach(t *testing.T, offload bool) (*testenv.NS, *rings.Shared, plan.Plan) 
 		dev.Close()
 		t.Fatal(err)
 	}
-	sh := rings.NewShared(64, p.FrameSize()+256)
-	pump := StartPump(dev, sh, p.FrameSize(), nil)
+	sh := rings.NewShared(64, wire.SizesFor(p.MTU, offload).Buffer)
+	pump := StartPump(dev, sh, wire.SizesFor(p.MTU, offload).MaxFrame, nil)
 	t.Cleanup(func() { pump.Close(); pump.Wait() })
 	return ns, sh, p
 }
 
 func TestAttachConfiguresNamespace(t *testing.T) {
 	ns, _, p := attach(t, false)
-	h, err := OpenNetns(ns.Path())
+	h, err := netns.Open(ns.Path())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,14 +145,14 @@ func TestRxRingReachesNamespace(t *testing.T) {
 
 func testRxRingReachesNamespace(t *testing.T, offload bool) {
 	ns, sh, p := attach(t, offload)
-	h, err := OpenNetns(ns.Path())
+	h, err := netns.Open(ns.Path())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer h.Close()
 	const etherType = 0x88b5 // IEEE local experimental
 	var fd int
-	err = InNetns(h, func() error {
+	err = netns.Do(h, func() error {
 		var err error
 		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, int(htons(etherType)))
 		if err != nil {
@@ -199,7 +201,7 @@ func TestCreateRefusesExistingName(t *testing.T) {
 	testenv.RequireRoot(t)
 	ns := testenv.NewNS(t, "dup")
 	ns.MustRun(t, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer")
-	h, err := OpenNetns(ns.Path())
+	h, err := netns.Open(ns.Path())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -210,7 +212,7 @@ func TestCreateRefusesExistingName(t *testing.T) {
 }
 
 func TestOpenNetnsMissing(t *testing.T) {
-	_, err := OpenNetns("/run/netns/msbtap-no-such-namespace")
+	_, err := netns.Open("/run/netns/msbtap-no-such-namespace")
 	if err == nil || !strings.Contains(err.Error(), "does not exist") {
 		t.Fatalf("got %v, want 'does not exist'", err)
 	}

@@ -9,6 +9,8 @@ import (
 	"github.com/songgao/water"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/msbtap/msbtap/internal/fielderr"
 )
 
 // VMTap is the TAP a VMM opens by name, joined to a TAP the agent holds by
@@ -40,7 +42,7 @@ func AgentTapName(name string) string {
 // failure nothing is left behind; Close removes both.
 func CreateVMTap(name string, owner, mtu int, offload bool) (t *VMTap, err error) {
 	if len(name) == 0 || len(name) >= unix.IFNAMSIZ {
-		return nil, fmt.Errorf("--tap %q: must be 1 to %d characters", name, unix.IFNAMSIZ-1)
+		return nil, fielderr.Bad("tap", name, "must be 1 to %d characters", unix.IFNAMSIZ-1)
 	}
 	agentName := AgentTapName(name)
 	for _, n := range []string{name, agentName} {
@@ -66,7 +68,7 @@ func CreateVMTap(name string, owner, mtu int, offload bool) (t *VMTap, err error
 		f := vm.ReadWriteCloser.(*os.File)
 		if _, _, e := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.TUNSETOWNER, uintptr(owner)); e != 0 {
 			vm.Close()
-			return t, fmt.Errorf("--tap-owner %d: %w", owner, e)
+			return t, fielderr.Bad("tap_owner", owner, "%w", e)
 		}
 	}
 	vm.Close()
@@ -75,11 +77,7 @@ func CreateVMTap(name string, owner, mtu int, offload bool) (t *VMTap, err error
 	if err != nil {
 		return t, tapError(agentName, err)
 	}
-	hl := 0
-	if offload {
-		hl = VNetHdrLen
-	}
-	t.Agent = NewFile(ag, agentName, hl)
+	t.Agent = NewFile(ag, agentName, vnetLen(offload))
 
 	links := make([]netlink.Link, 2)
 	for i, n := range []string{name, agentName} {

@@ -12,44 +12,14 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/msbtap/msbtap/agent"
+	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/stack"
-	"github.com/msbtap/msbtap/tap"
 )
-
-// runOptions is everything `msbtap run` was told, validated.
-type runOptions struct {
-	netns     string // path of the target namespace; "" = fresh one for the command
-	tapName   string
-	plan      plan.Plan
-	readyFD   int // -1 = none
-	pidFile   string
-	logFormat string
-	logLevel  slog.Level
-	command   []string
-
-	dnsUpstreams   []string
-	maxConnections int
-	metricsAddr    string
-
-	policy         *policy.File
-	policyPath     string // the file to re-read on SIGHUP; "" for presets and inline policies
-	denyMode       stack.DenyMode
-	denyIsFatal    bool
-	dnsBlock       []string
-	dnsBlockSuffix []string
-	rebind         bool
-	onTerminate    string
-	guestPID       int
-	auditLog       string
-	publish        []proxy.PortSpec
-	vm             bool
-	tapOwner       int
-	offload        bool
-	pprof          bool
-}
 
 func runFlags() []cli.Flag {
 	return []cli.Flag{
@@ -89,11 +59,13 @@ func runFlags() []cli.Flag {
 }
 
 // settings reads each option from the command line, else the --config
-// file, else the flag's default.
+// file, else the flag's default. The first value that fails to decode is
+// kept in err.
 type settings struct {
 	c       *cli.Context
 	cfg     map[string]json.RawMessage
 	cfgPath string
+	err     error
 }
 
 func loadSettings(c *cli.Context) (*settings, error) {
@@ -106,13 +78,12 @@ func loadSettings(c *cli.Context) (*settings, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--config: %w", err)
 	}
-	d := json.NewDecoder(bytes.NewReader(b))
-	if err := d.Decode(&s.cfg); err != nil {
+	if err := json.NewDecoder(bytes.NewReader(b)).Decode(&s.cfg); err != nil {
 		return nil, fmt.Errorf("--config %s: %v", path, err)
 	}
 	known := map[string]bool{}
 	for _, f := range c.Command.Flags {
-		known[strings.ReplaceAll(f.Names()[0], "-", "_")] = true
+		known[key(f.Names()[0])] = true
 	}
 	delete(known, "config")
 	delete(known, "p")
@@ -125,267 +96,193 @@ func loadSettings(c *cli.Context) (*settings, error) {
 	return s, nil
 }
 
-// fromConfig decodes the config value of flag name into v; it reports
-// whether the config supplied it (the command line wins).
-func (s *settings) fromConfig(name string, v any) (bool, error) {
-	if s.c.IsSet(name) || s.cfg == nil {
-		return false, nil
+// key is a flag's configuration key, and the field name library errors use.
+func key(flag string) string { return strings.ReplaceAll(flag, "-", "_") }
+
+// get sets *v from the command line, else the config file, else the flag's
+// default (via def).
+func get[T any](s *settings, name string, v *T, def func(string) T) {
+	if !s.c.IsSet(name) && s.cfg != nil {
+		if raw, ok := s.cfg[key(name)]; ok {
+			if err := json.Unmarshal(raw, v); err != nil && s.err == nil {
+				s.err = fmt.Errorf("--config %s: %s: want %T", s.cfgPath, key(name), *v)
+			}
+			return
+		}
 	}
-	raw, ok := s.cfg[strings.ReplaceAll(name, "-", "_")]
-	if !ok {
-		return false, nil
-	}
-	if err := json.Unmarshal(raw, v); err != nil {
-		return false, fmt.Errorf("--config %s: %s: want %T", s.cfgPath, strings.ReplaceAll(name, "-", "_"), v)
-	}
-	return true, nil
+	*v = def(name)
 }
 
-func (s *settings) str(name string) (string, error) {
-	var v string
-	if ok, err := s.fromConfig(name, &v); ok || err != nil {
-		return v, err
-	}
-	return s.c.String(name), nil
-}
-
-func (s *settings) int(name string) (int, error) {
-	var v int
-	if ok, err := s.fromConfig(name, &v); ok || err != nil {
-		return v, err
-	}
-	return s.c.Int(name), nil
-}
-
-func (s *settings) bool(name string) (bool, error) {
-	var v bool
-	if ok, err := s.fromConfig(name, &v); ok || err != nil {
-		return v, err
-	}
-	return s.c.Bool(name), nil
-}
-
-func (s *settings) strs(name string) ([]string, error) {
-	var v []string
-	if ok, err := s.fromConfig(name, &v); ok || err != nil {
-		return v, err
-	}
-	return s.c.StringSlice(name), nil
-}
+func (s *settings) str(name string) (v string)    { get(s, name, &v, s.c.String); return }
+func (s *settings) int(name string) (v int)       { get(s, name, &v, s.c.Int); return }
+func (s *settings) bool(name string) (v bool)     { get(s, name, &v, s.c.Bool); return }
+func (s *settings) strs(name string) (v []string) { get(s, name, &v, s.c.StringSlice); return }
 
 // given reports whether the option came from the command line or config.
 func (s *settings) given(name string) bool {
-	if s.c.IsSet(name) {
-		return true
-	}
-	_, ok := s.cfg[strings.ReplaceAll(name, "-", "_")]
-	return ok
+	_, ok := s.cfg[key(name)]
+	return s.c.IsSet(name) || ok
 }
 
-func parseRunOptions(c *cli.Context) (o runOptions, err error) {
-	s, err := loadSettings(c)
-	if err != nil {
-		return o, err
+// flagError names the flag (or config key) in a library's field error.
+func (s *settings) flagError(err error) error {
+	var fe *fielderr.Error
+	if err == nil || !errors.As(err, &fe) {
+		return err
 	}
-	// Collect the first decoding error; each option is then validated.
-	var first error
-	str := func(n string) string {
-		v, err := s.str(n)
-		if err != nil && first == nil {
-			first = err
-		}
-		return v
+	name := "--" + strings.ReplaceAll(fe.Field, "_", "-")
+	if _, fromCfg := s.cfg[fe.Field]; fromCfg && !s.c.IsSet(strings.ReplaceAll(fe.Field, "_", "-")) {
+		name = fmt.Sprintf("%s (in --config %s)", fe.Field, s.cfgPath)
 	}
-	num := func(n string) int {
-		v, err := s.int(n)
-		if err != nil && first == nil {
-			first = err
-		}
-		return v
+	msg := strings.Replace(err.Error(), fe.Field, name, 1)
+	var ee *exitError
+	if errors.As(err, &ee) {
+		return withStatus(ee.code, errors.New(msg))
 	}
-	strs := func(n string) []string {
-		v, err := s.strs(n)
-		if err != nil && first == nil {
-			first = err
-		}
-		return v
-	}
+	return errors.New(msg)
+}
 
-	o.tapName, o.readyFD, o.pidFile, o.command = str("tap"), num("ready-fd"), str("pid-file"), c.Args().Slice()
-	vm, err := s.bool("vm")
-	if err != nil {
-		return o, err
+func oneOf[T any](flag, v string, choices map[string]T) (T, error) {
+	if c, ok := choices[v]; ok {
+		return c, nil
 	}
-	o.vm, o.tapOwner = vm, num("tap-owner")
-	switch off := str("offload"); off {
-	case "on":
-		o.offload = true
-	case "off":
-	default:
-		return o, fmt.Errorf("--offload %q: want on or off", off)
+	var zero T
+	names := make([]string, 0, len(choices))
+	for k := range choices {
+		names = append(names, k)
 	}
+	return zero, fielderr.Bad(key(flag), v, "want one of %s", strings.Join(names, ", "))
+}
+
+// agentConfig turns the settings into the agent's Config, validated.
+func (s *settings) agentConfig() (cfg agent.Config, err error) {
+	c := s.c
+	cfg.TapName, cfg.ReadyFD, cfg.PIDFile, cfg.Command = s.str("tap"), s.int("ready-fd"), s.str("pid-file"), c.Args().Slice()
+	cfg.VM, cfg.TapOwner = s.bool("vm"), s.int("tap-owner")
+	offload, logFormat, level := s.str("offload"), s.str("log-format"), s.str("log-level")
 	if s.given("netns") {
-		ns := str("netns")
-		if ns == "" {
-			return o, errors.New("--netns: empty namespace name")
+		if ns := s.str("netns"); ns == "" {
+			return cfg, errors.New("--netns: empty namespace name")
+		} else {
+			cfg.Netns = netns.Resolve(ns)
 		}
-		o.netns = tap.ResolveNetns(ns)
 	}
-	slot, mtu := num("slot"), 0
+	slot, mtu := s.int("slot"), 0
 	if s.given("mtu") {
-		if mtu = num("mtu"); mtu == 0 {
-			return o, errors.New("--mtu 0: out of range 1280..65520")
+		if mtu = s.int("mtu"); mtu == 0 {
+			return cfg, fielderr.Bad("mtu", 0, "out of range 1280..65520")
 		}
 	}
-	ov := plan.Overrides{GuestIPv4: str("guest-ipv4"), GuestIPv6: str("guest-ipv6"), GuestMAC: str("guest-mac"), MTU: mtu}
-	o.logFormat = str("log-format")
-	level := str("log-level")
-	ups := strs("dns-upstream")
-	o.maxConnections = num("max-connections")
-	o.metricsAddr = str("metrics-addr")
-	if o.pprof, err = s.bool("pprof"); err != nil {
-		return o, err
-	}
-	if o.pprof && o.metricsAddr == "" {
-		return o, errors.New("--pprof: needs --metrics-addr")
-	}
-	denyMode, onViolation := str("deny-mode"), str("on-violation")
-	o.dnsBlock, o.dnsBlockSuffix = strs("dns-block"), strs("dns-block-suffix")
-	noRebind, err := s.bool("no-rebind-protection")
-	if err != nil && first == nil {
-		first = err
-	}
-	o.rebind = !noRebind
-	o.onTerminate, o.guestPID, o.auditLog = str("on-terminate"), num("guest-pid"), str("audit-log")
-	pubs := append(strs("publish"), c.StringSlice("p")...)
-	if first != nil {
-		return o, first
+	ov := plan.Overrides{GuestIPv4: s.str("guest-ipv4"), GuestIPv6: s.str("guest-ipv6"), GuestMAC: s.str("guest-mac"), MTU: mtu}
+	ups := s.strs("dns-upstream")
+	cfg.MaxConnections, cfg.MetricsAddr, cfg.Pprof = s.int("max-connections"), s.str("metrics-addr"), s.bool("pprof")
+	denyMode, onViolation := s.str("deny-mode"), s.str("on-violation")
+	cfg.DNSBlock, cfg.DNSBlockSuffix, cfg.RebindProtection = s.strs("dns-block"), s.strs("dns-block-suffix"), !s.bool("no-rebind-protection")
+	cfg.OnTerminate, cfg.GuestPID, cfg.AuditLog = s.str("on-terminate"), s.int("guest-pid"), s.str("audit-log")
+	pubs := append(s.strs("publish"), c.StringSlice("p")...)
+	if s.err != nil {
+		return cfg, s.err
 	}
 
-	if o.vm {
-		if o.netns != "" {
-			return o, errors.New("--vm and --netns: a VM's TAP lives on the host; give one or the other")
+	if cfg.Offload, err = oneOf("offload", offload, map[string]bool{"on": true, "off": false}); err != nil {
+		return cfg, err
+	}
+	if cfg.VM {
+		if cfg.Netns != "" {
+			return cfg, errors.New("--vm and --netns: a VM's TAP lives on the host; give one or the other")
 		}
 		if !s.given("tap") {
-			o.tapName = fmt.Sprintf("msbtap%d", slot)
+			cfg.TapName = fmt.Sprintf("msbtap%d", slot)
 		}
 	} else {
-		if o.netns == "" && len(o.command) == 0 {
-			return o, errors.New("nothing to attach: give --netns NAME|PATH, --vm --tap NAME, or a command after --")
+		if cfg.Netns == "" && len(cfg.Command) == 0 {
+			return cfg, errors.New("nothing to attach: give --netns NAME|PATH, --vm --tap NAME, or a command after --")
 		}
 		if s.given("tap-owner") {
-			return o, errors.New("--tap-owner: only for --vm")
+			return cfg, errors.New("--tap-owner: only for --vm")
 		}
 	}
-	if o.tapOwner < -1 {
-		return o, fmt.Errorf("--tap-owner %d: not a user id", o.tapOwner)
+	if cfg.TapOwner < -1 {
+		return cfg, fielderr.Bad("tap_owner", cfg.TapOwner, "not a user id")
 	}
-	if n := len(o.tapName); n == 0 || n > 15 || strings.ContainsAny(o.tapName, "/ \t\n:") {
-		return o, fmt.Errorf("--tap %q: not a valid interface name (1 to 15 characters, no '/', ':' or spaces)", o.tapName)
+	if n := len(cfg.TapName); n == 0 || n > 15 || strings.ContainsAny(cfg.TapName, "/ \t\n:") {
+		return cfg, fielderr.Bad("tap", cfg.TapName, "not a valid interface name (1 to 15 characters, no '/', ':' or spaces)")
 	}
 	p, err := plan.ForSlot(slot)
 	if err != nil {
-		return o, fmt.Errorf("--slot: %w", err)
+		return cfg, err
 	}
-	if o.plan, err = p.Apply(ov); err != nil {
-		return o, err
+	if cfg.Plan, err = p.Apply(ov); err != nil {
+		return cfg, err
 	}
-	if o.readyFD == 0 || o.readyFD == 1 || o.readyFD == 2 || o.readyFD < -1 {
-		return o, fmt.Errorf("--ready-fd %d: must be an inherited descriptor above 2", o.readyFD)
+	if cfg.ReadyFD == 0 || cfg.ReadyFD == 1 || cfg.ReadyFD == 2 || cfg.ReadyFD < -1 {
+		return cfg, fielderr.Bad("ready_fd", cfg.ReadyFD, "must be an inherited descriptor above 2")
 	}
-	switch o.logFormat {
-	case "text", "json":
-	default:
-		return o, fmt.Errorf("--log-format %q: want text or json", o.logFormat)
+	if _, err := oneOf("log-format", logFormat, map[string]bool{"text": true, "json": true}); err != nil {
+		return cfg, err
 	}
-	if err := o.logLevel.UnmarshalText([]byte(level)); err != nil {
-		return o, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(level)); err != nil {
+		return cfg, fielderr.Bad("log_level", level, "want debug, info, warn or error")
 	}
+	cfg.Log = newLogger(os.Stderr, logFormat, lvl)
 	for _, u := range ups {
 		p, err := proxy.ParseUpstream(u)
 		if err != nil {
-			return o, fmt.Errorf("--dns-upstream: %w", err)
+			return cfg, fielderr.Wrap("dns_upstream", err)
 		}
-		o.dnsUpstreams = append(o.dnsUpstreams, p)
+		cfg.DNSUpstreams = append(cfg.DNSUpstreams, p)
 	}
-	if o.maxConnections < 1 {
-		return o, fmt.Errorf("--max-connections %d: must be at least 1", o.maxConnections)
+	if cfg.MaxConnections < 1 {
+		return cfg, fielderr.Bad("max_connections", cfg.MaxConnections, "must be at least 1")
 	}
-	if o.metricsAddr != "" {
-		if _, _, err := net.SplitHostPort(o.metricsAddr); err != nil {
-			return o, fmt.Errorf("--metrics-addr %q: want HOST:PORT", o.metricsAddr)
+	if cfg.Pprof && cfg.MetricsAddr == "" {
+		return cfg, errors.New("--pprof: needs --metrics-addr")
+	}
+	if cfg.MetricsAddr != "" {
+		if _, _, err := net.SplitHostPort(cfg.MetricsAddr); err != nil {
+			return cfg, fielderr.Bad("metrics_addr", cfg.MetricsAddr, "want HOST:PORT")
 		}
 	}
-	switch denyMode {
-	case "reject":
-		o.denyMode = stack.DenyReject
-	case "drop":
-		o.denyMode = stack.DenyDrop
-	default:
-		return o, fmt.Errorf("--deny-mode %q: want reject or drop", denyMode)
+	if cfg.DenyMode, err = oneOf("deny-mode", denyMode, map[string]stack.DenyMode{"reject": stack.DenyReject, "drop": stack.DenyDrop}); err != nil {
+		return cfg, err
 	}
-	switch onViolation {
-	case "deny":
-	case "terminate":
-		o.denyIsFatal = true
-	default:
-		return o, fmt.Errorf("--on-violation %q: want deny or terminate", onViolation)
+	if cfg.DenyIsFatal, err = oneOf("on-violation", onViolation, map[string]bool{"deny": false, "terminate": true}); err != nil {
+		return cfg, err
 	}
-	if o.guestPID < 0 {
-		return o, fmt.Errorf("--guest-pid %d: not a process id", o.guestPID)
+	if cfg.GuestPID < 0 {
+		return cfg, fielderr.Bad("guest_pid", cfg.GuestPID, "not a process id")
 	}
-	if _, err := policy.NewDNSGuard(policy.DNSGuardOptions{Block: o.dnsBlock, BlockSuffix: o.dnsBlockSuffix}); err != nil {
-		return o, fmt.Errorf("--dns-block: %w", err)
+	if _, err := policy.NewDNSGuard(policy.DNSGuardOptions{Block: cfg.DNSBlock, BlockSuffix: cfg.DNSBlockSuffix}); err != nil {
+		return cfg, fielderr.Wrap("dns_block", err)
 	}
-	seen := map[string]string{}
-	for _, spec := range pubs {
-		ps, err := proxy.ParsePublish(spec)
-		if err != nil {
-			return o, err
-		}
-		for _, p := range ps {
-			k := p.Proto + " " + p.Host.String()
-			if prev, dup := seen[k]; dup {
-				return o, fmt.Errorf("--publish %q: host port %s/%s is already published by %q", spec, p.Host, p.Proto, prev)
-			}
-			seen[k] = spec
-		}
-		o.publish = append(o.publish, ps...)
+	if cfg.Publish, err = parsePublishSpecs(pubs); err != nil {
+		return cfg, err
 	}
-	if err := s.loadPolicy(&o); err != nil {
-		return o, err
-	}
-	return o, nil
+	return cfg, s.loadPolicy(&cfg)
 }
 
 // loadPolicy reads --policy (or the config's "policy": a preset, a file
 // name, or an inline policy object).
-func (s *settings) loadPolicy(o *runOptions) error {
-	if !s.c.IsSet("policy") && s.cfg != nil {
-		if raw, ok := s.cfg["policy"]; ok {
-			var name string
-			if json.Unmarshal(raw, &name) != nil {
-				f, err := policy.ParseFile(raw)
-				if err != nil {
-					return fmt.Errorf("--config %s: %w", s.cfgPath, err)
-				}
-				o.policy = f
-				return nil
+func (s *settings) loadPolicy(cfg *agent.Config) error {
+	name := s.c.String("policy")
+	if raw, ok := s.cfg["policy"]; ok && !s.c.IsSet("policy") {
+		if json.Unmarshal(raw, &name) != nil {
+			f, err := policy.ParseFile(raw)
+			if err != nil {
+				return fmt.Errorf("--config %s: %w", s.cfgPath, err)
 			}
-			return o.setPolicy(name)
+			cfg.Policy = f
+			return nil
 		}
 	}
-	return o.setPolicy(s.c.String("policy"))
-}
-
-func (o *runOptions) setPolicy(name string) error {
 	f, err := policy.Load(name)
 	if err != nil {
-		return fmt.Errorf("--policy: %w", err)
+		return fielderr.Wrap("policy", err)
 	}
-	o.policy = f
+	cfg.Policy = f
 	if _, preset := policy.Preset(name); !preset {
-		o.policyPath = name
+		cfg.PolicyPath = name
 	}
 	return nil
 }

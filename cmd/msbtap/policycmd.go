@@ -8,6 +8,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/msbtap/msbtap/agent"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
 )
@@ -92,7 +93,7 @@ func explain(c *cli.Context) error {
 	if d := c.String("domain"); d != "" {
 		pins.Add(dst.Addr(), d, time.Hour)
 	}
-	e, err := policy.Compile(f, policy.Options{Host: hostAddrs(p), Pins: pins})
+	e, err := policy.Compile(f, policy.Options{Host: agent.HostAddrs(p), Pins: pins})
 	if err != nil {
 		return withStatus(1, err)
 	}

@@ -194,3 +194,21 @@ func Veth(t testing.TB, a *NS, aAddrs []string, b *NS, bAddrs []string) (aIf, bI
 	}
 	return aIf, bIf
 }
+
+// Buffer collects a command's output while the test reads it.
+type Buffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *Buffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *Buffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}

@@ -2,7 +2,6 @@ package testenv
 
 import (
 	"bufio"
-	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -46,7 +45,7 @@ type World struct {
 	Msbtap, Testhost        string
 
 	Agent    *exec.Cmd
-	AgentLog *bytes.Buffer
+	AgentLog *Buffer
 	agentErr chan error
 }
 
@@ -119,7 +118,7 @@ func (w *World) StartAgent(t testing.TB, extra ...string) {
 	args := []string{w.Msbtap, "run", "--netns", w.Guest.Name, "--dns-upstream", DNSHost4, "--ready-fd", "3", "--log-level", "debug"}
 	args = append(args, extra...)
 	cmd := w.Host.Command(args...)
-	w.AgentLog = &bytes.Buffer{}
+	w.AgentLog = &Buffer{}
 	cmd.Stdout, cmd.Stderr = w.AgentLog, w.AgentLog
 	pr, pw, err := os.Pipe()
 	if err != nil {

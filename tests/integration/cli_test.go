@@ -1,13 +1,11 @@
 package integration
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os/exec"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -176,29 +174,11 @@ func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 	}
 }
 
-// lockedBuffer collects a command's output while the test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // startCmd starts cmd with its output collected; done yields its exit.
 // Cleanup kills it if it still runs.
-func startCmd(t *testing.T, cmd *exec.Cmd) (out *lockedBuffer, done <-chan error) {
+func startCmd(t *testing.T, cmd *exec.Cmd) (out *testenv.Buffer, done <-chan error) {
 	t.Helper()
-	out = &lockedBuffer{}
+	out = &testenv.Buffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", cmd.Args[0], err)

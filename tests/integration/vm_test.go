@@ -75,23 +75,27 @@ func TestVMEndToEnd(t *testing.T) {
 	})
 
 	// While the VM runs, sample the VM TAP: link RX packets against the
-	// packets the tc filter redirected.
-	var linkRX, redirected int
+	// packets the tc filter redirected, and the host's neighbours on it.
+	// Only a sample whose three reads all succeeded counts: once the VM is
+	// gone msbtap removes the TAP, and a read then fails.
+	var linkRX, redirected, samples int
 	var neigh string
 	sample := func() {
 		l, err1 := w.Host.Run("ip", "-s", "link", "show", "msbtap3")
 		f, err2 := w.Host.Run("tc", "-s", "filter", "show", "dev", "msbtap3", "ingress")
-		n, _ := w.Host.Run("ip", "neigh", "show", "dev", "msbtap3")
-		if err1 != nil || err2 != nil {
+		n, err3 := w.Host.Run("ip", "neigh", "show", "dev", "msbtap3")
+		if err1 != nil || err2 != nil || err3 != nil {
 			return
 		}
-		if m := regexp.MustCompile(`RX:[^\n]*\n\s*(\d+)\s+(\d+)`).FindStringSubmatch(l); m != nil {
-			linkRX, _ = strconv.Atoi(m[2])
+		lm := regexp.MustCompile(`RX:[^\n]*\n\s*(\d+)\s+(\d+)`).FindStringSubmatch(l)
+		fm := regexp.MustCompile(`Sent \d+ bytes (\d+) pkt`).FindStringSubmatch(f)
+		if lm == nil || fm == nil {
+			return
 		}
-		if m := regexp.MustCompile(`Sent \d+ bytes (\d+) pkt`).FindStringSubmatch(f); m != nil {
-			redirected, _ = strconv.Atoi(m[1])
-		}
+		linkRX, _ = strconv.Atoi(lm[2])
+		redirected, _ = strconv.Atoi(fm[1])
 		neigh = n
+		samples++
 	}
 	timeout := time.After(4 * time.Minute)
 wait:
@@ -105,7 +109,7 @@ wait:
 		case <-timeout:
 			t.Fatal("the VM did not finish within 4 minutes")
 		case <-time.After(200 * time.Millisecond):
-			if strings.Contains(out.String(), "MSBTAP-VM: done") {
+			if strings.Contains(out.String(), "MSBTAP-VM: dhcp") {
 				sample()
 			}
 		}
@@ -123,8 +127,8 @@ wait:
 			t.Errorf("serial console lacks %q", want)
 		}
 	}
-	t.Logf("VM TAP while the guest ran: %d frames received, %d redirected by tc", linkRX, redirected)
-	if linkRX == 0 {
+	t.Logf("VM TAP while the guest ran (%d samples): %d frames received, %d redirected by tc", samples, linkRX, redirected)
+	if samples == 0 || linkRX == 0 {
 		t.Error("could not sample the VM TAP while the guest ran")
 	} else if redirected < linkRX {
 		t.Errorf("the VM TAP received %d frames but tc redirected only %d: the host stack saw some", linkRX, redirected)

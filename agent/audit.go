@@ -1,9 +1,8 @@
-package main
+package agent
 
 import (
 	"bufio"
 	"encoding/json"
-	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -11,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -59,7 +59,7 @@ func openAudit(path string, holder *policy.Holder, pins *policy.Pins, log *slog.
 	} else {
 		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
 		if err != nil {
-			return nil, fmt.Errorf("--audit-log: %w", err)
+			return nil, fielderr.Wrap("audit_log", err)
 		}
 		w, c = f, f
 	}

@@ -1,9 +1,8 @@
-package main
+package agent
 
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
@@ -15,7 +14,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/rings"
 	"github.com/msbtap/msbtap/stack"
 )
@@ -25,18 +26,21 @@ import (
 type collector struct {
 	sh     *rings.Shared
 	st     *stack.Stack
+	pub    *proxy.Publisher // nil without published ports
 	audit  *auditLog
 	counts *decisionCounts
 
-	bytes, frames, drops, flowsActive, flowsTotal, decisions, auditDrops, failures *prometheus.Desc
+	bytes, frames, drops, flowsActive, flowsTotal, decisions, auditDrops, failures, wakes *prometheus.Desc
 }
 
-func newCollector(sh *rings.Shared, st *stack.Stack, audit *auditLog, counts *decisionCounts) *collector {
+func newCollector(sh *rings.Shared, st *stack.Stack, pub *proxy.Publisher, audit *auditLog, counts *decisionCounts) *collector {
 	return &collector{
 		counts:      counts,
 		sh:          sh,
 		st:          st,
+		pub:         pub,
 		audit:       audit,
+		wakes:       prometheus.NewDesc("msbtap_wakes_total", "Wake calls on a ring (kind=wake) and the consumer wake-ups they cost (kind=wakeup); the difference is what coalescing saved.", []string{"ring", "kind"}, nil),
 		failures:    prometheus.NewDesc("msbtap_flow_failures_total", "Flows or datagrams the gateway could not relay, by reason.", []string{"reason"}, nil),
 		auditDrops:  prometheus.NewDesc("msbtap_audit_dropped_total", "Decision log lines dropped because the writer fell behind.", nil, nil),
 		bytes:       prometheus.NewDesc("msbtap_bytes_total", "Bytes at the guest boundary; direction tx = sent by the guest, rx = delivered to it.", []string{"direction"}, nil),
@@ -49,7 +53,7 @@ func newCollector(sh *rings.Shared, st *stack.Stack, audit *auditLog, counts *de
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions, c.auditDrops, c.failures} {
+	for _, d := range []*prometheus.Desc{c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions, c.auditDrops, c.failures, c.wakes} {
 		ch <- d
 	}
 }
@@ -66,13 +70,26 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for _, r := range rings.DropReasons() {
 		counter(c.drops, ct.Drops(r), r.String())
 	}
-	fs := c.st.FlowStats()
-	for _, f := range fs {
+	m := c.st.Metrics()
+	for _, f := range m.Flows {
 		ch <- prometheus.MustNewConstMetric(c.flowsActive, prometheus.GaugeValue, float64(f.Active), f.Proto)
 		counter(c.flowsTotal, f.Total, f.Proto)
 	}
-	for reason, n := range c.st.Failures() {
+	for reason, n := range m.Failures {
 		counter(c.failures, n, reason)
+	}
+	if c.pub != nil {
+		accepted, _, failed := c.pub.Stats()
+		counter(c.flowsTotal, accepted, "ingress")
+		counter(c.failures, failed, "ingress_guest_refused")
+	}
+	for _, w := range []struct {
+		ring string
+		wk   interface{ Stats() (uint64, uint64) }
+	}{{"tx", c.sh.TxWake}, {"rx", c.sh.RxWake}} {
+		wakes, wakeups := w.wk.Stats()
+		ch <- prometheus.MustNewConstMetric(c.wakes, prometheus.CounterValue, float64(wakes), w.ring, "wake")
+		ch <- prometheus.MustNewConstMetric(c.wakes, prometheus.CounterValue, float64(wakeups), w.ring, "wakeup")
 	}
 	for _, a := range []policy.Action{policy.Allow, policy.Deny, policy.Terminate} {
 		counter(c.decisions, c.counts.get(a), a.String())
@@ -86,16 +103,16 @@ type metricsServer struct {
 	addr net.Addr
 }
 
-func startMetrics(addr string, pprofOn bool, sh *rings.Shared, st *stack.Stack, audit *auditLog, counts *decisionCounts, log *slog.Logger) (*metricsServer, error) {
+func startMetrics(addr string, pprofOn bool, c *collector, log *slog.Logger) (*metricsServer, error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		newCollector(sh, st, audit, counts),
+		c,
 	)
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("--metrics-addr %s: %w", addr, err)
+		return nil, fielderr.Bad("metrics_addr", addr, "%w", err)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))

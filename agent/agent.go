@@ -1,0 +1,333 @@
+// Package agent runs one sandbox's network from start to end: it builds the
+// parts in order from a plain Config (policy, decision log, published ports,
+// link, rings and pump, gateway, metrics), runs until the sandbox goes away
+// or a fatal violation stops it, and tears everything down.
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/netns"
+	"github.com/msbtap/msbtap/plan"
+	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/proxy"
+	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/stack"
+	"github.com/msbtap/msbtap/tap"
+	"github.com/msbtap/msbtap/wire"
+)
+
+// Config is everything an agent is told, in plain Go types. Field errors
+// name the configuration key (see fielderr).
+type Config struct {
+	// Netns is the path of the network namespace to attach to. Empty
+	// means a fresh namespace for Command, or none in VM mode.
+	Netns string
+	// VM creates TapName on the host for a VMM instead of a TAP inside a
+	// namespace; TapOwner (≥ 0) is the user allowed to open it.
+	VM       bool
+	TapName  string
+	TapOwner int
+	// Plan is the sandbox's addresses and MTU.
+	Plan plan.Plan
+	// Offload puts virtio net headers with TSO and checksum offload on the
+	// TAP.
+	Offload bool
+	// Command runs in the sandbox (in VM mode: in msbtap's own namespace);
+	// the agent ends with it.
+	Command []string
+	// ReadyFD (≥ 3) is written "ready" and closed once the network works;
+	// -1 for none.
+	ReadyFD int
+	// PIDFile receives the agent's pid while it runs.
+	PIDFile string
+
+	// DNSUpstreams are the resolvers the sandbox's queries go to (default:
+	// the host's /etc/resolv.conf).
+	DNSUpstreams []string
+	// MaxConnections caps concurrent relayed TCP connections.
+	MaxConnections int
+	// MetricsAddr serves Prometheus /metrics (and, with Pprof, Go's
+	// profiler).
+	MetricsAddr string
+	Pprof       bool
+
+	// Policy is in force from the start; PolicyPath (if any) is re-read on
+	// SIGHUP.
+	Policy     *policy.File
+	PolicyPath string
+	DenyMode   stack.DenyMode
+	// DenyIsFatal makes every deny a terminate.
+	DenyIsFatal              bool
+	DNSBlock, DNSBlockSuffix []string
+	RebindProtection         bool
+	// OnTerminate is a shell command run after a fatal violation stopped
+	// the sandbox; GuestPID a process to kill then.
+	OnTerminate string
+	GuestPID    int
+	// AuditLog is a file (or "-" for stdout) for one JSON line per
+	// decision.
+	AuditLog string
+	// Publish are host ports relayed into the sandbox.
+	Publish []proxy.PortSpec
+
+	Log *slog.Logger
+}
+
+// Agent is one running sandbox network.
+type Agent struct {
+	cfg    Config
+	log    *slog.Logger
+	popts  policy.Options
+	holder *policy.Holder
+	audit  *auditLog
+	counts *decisionCounts
+	term   *terminator
+	pub    *proxy.Publisher
+	ns     netns.Handle
+	shared *rings.Shared
+	gw     *stack.Stack
+
+	undo      []func() // teardown steps, run last to first
+	closeOnce sync.Once
+	closed    chan struct{}
+}
+
+// New builds the sandbox's network in order — policy, decision log,
+// published ports, link, rings and pump, gateway, metrics, pid file — and
+// unwinds whatever it built if a step fails.
+func New(cfg Config) (a *Agent, err error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	a = &Agent{cfg: cfg, log: cfg.Log, ns: netns.None(), counts: &decisionCounts{}, closed: make(chan struct{})}
+	defer func() {
+		if err != nil {
+			a.Close()
+			a = nil
+		}
+	}()
+	if err := checkPrivileges(); err != nil {
+		return a, err
+	}
+	if cfg.ReadyFD >= 0 {
+		if _, err := unix.FcntlInt(uintptr(cfg.ReadyFD), unix.F_GETFD, 0); err != nil {
+			return a, fielderr.Bad("ready_fd", cfg.ReadyFD, "not an open file descriptor")
+		}
+	}
+	if err := a.buildPolicy(); err != nil {
+		return a, err
+	}
+	// Published ports are bound before anything else exists, so a port in
+	// use fails start-up with nothing half-made.
+	if len(cfg.Publish) > 0 {
+		if a.pub, err = proxy.ListenPublished(cfg.Publish); err != nil {
+			return a, err
+		}
+		a.onClose(a.pub.Close)
+	}
+	dev, err := a.buildLink()
+	if err != nil {
+		return a, err
+	}
+	if err := a.buildGateway(dev); err != nil {
+		return a, err
+	}
+	if cfg.MetricsAddr != "" {
+		m, err := startMetrics(cfg.MetricsAddr, cfg.Pprof, newCollector(a.shared, a.gw, a.pub, a.audit, a.counts), a.log)
+		if err != nil {
+			return a, err
+		}
+		a.onClose(func() { m.Close() })
+	}
+	if cfg.PIDFile != "" {
+		if err := os.WriteFile(cfg.PIDFile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+			return a, fielderr.Wrap("pid_file", err)
+		}
+		a.onClose(func() { os.Remove(cfg.PIDFile) })
+	}
+	return a, nil
+}
+
+func (a *Agent) onClose(f func()) { a.undo = append(a.undo, f) }
+
+// checkPrivileges fails early, with a clear message, when the agent lacks
+// what creating and attaching a TAP needs.
+func checkPrivileges() error {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return fmt.Errorf("read capabilities: %w", err)
+	}
+	has := func(c uint) bool { return data[c/32].Effective&(1<<(c%32)) != 0 }
+	if !has(unix.CAP_NET_ADMIN) {
+		return errors.New("missing CAP_NET_ADMIN: msbtap creates a TAP device and must run as root (sudo)")
+	}
+	if !has(unix.CAP_SYS_ADMIN) {
+		return errors.New("missing CAP_SYS_ADMIN: msbtap enters the sandbox's network namespace and must run as root (sudo)")
+	}
+	return nil
+}
+
+// HostAddrs returns the addresses that mean "the host itself" to the
+// policy: the gateway's and every address of msbtap's own namespace.
+func HostAddrs(p plan.Plan) *policy.HostSet {
+	addrs := []netip.Addr{p.GatewayV4, p.GatewayV6}
+	if ifAddrs, err := net.InterfaceAddrs(); err == nil {
+		for _, a := range ifAddrs {
+			if ipn, ok := a.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
+					addrs = append(addrs, ip.Unmap())
+				}
+			}
+		}
+	}
+	return policy.NewHostSet(addrs...)
+}
+
+// buildPolicy compiles the policy and opens the decision log: a bad
+// audit-log path fails before anything is created.
+func (a *Agent) buildPolicy() error {
+	a.popts = policy.Options{Host: HostAddrs(a.cfg.Plan), Pins: policy.NewPins(0), DenyIsFatal: a.cfg.DenyIsFatal}
+	engine, err := policy.Compile(a.cfg.Policy, a.popts)
+	if err != nil {
+		return fielderr.Wrap("policy", err)
+	}
+	a.holder = policy.NewHolder(engine)
+	if a.audit, err = openAudit(a.cfg.AuditLog, a.holder, a.popts.Pins, a.log); err != nil {
+		return err
+	}
+	a.onClose(func() { a.audit.Close() })
+	a.term = newTerminator(terminatorConfig{onTerminate: a.cfg.OnTerminate, guestPID: a.cfg.GuestPID}, a.holder, a.log)
+	return nil
+}
+
+// buildLink creates the sandbox's link: a TAP inside its namespace (the
+// user's, or a fresh one for the command), or a TAP on the host for a VMM.
+func (a *Agent) buildLink() (*tap.File, error) {
+	cfg := a.cfg
+	if cfg.VM {
+		vt, err := tap.CreateVMTap(cfg.TapName, cfg.TapOwner, cfg.Plan.MTU, cfg.Offload)
+		if err != nil {
+			return nil, err
+		}
+		a.onClose(func() { vt.Close() })
+		return vt.Agent, nil
+	}
+	var err error
+	if cfg.Netns != "" {
+		a.ns, err = netns.Open(cfg.Netns)
+	} else {
+		a.ns, err = netns.New()
+	}
+	if err != nil {
+		return nil, err
+	}
+	a.onClose(func() { a.ns.Close() })
+	dev, err := tap.CreateInNetns(a.ns, cfg.TapName, cfg.Offload)
+	if err != nil {
+		return nil, err
+	}
+	a.onClose(func() { dev.Close() })
+	if err := tap.ConfigureGuest(a.ns, dev.Name(), cfg.Plan); err != nil {
+		return nil, fmt.Errorf("configure %s in the sandbox: %w", dev.Name(), err)
+	}
+	return dev, nil
+}
+
+// buildGateway starts the rings and pump on dev, then the gateway, and
+// connects the published ports to it.
+func (a *Agent) buildGateway(dev *tap.File) error {
+	cfg := a.cfg
+	sizes := wire.SizesFor(cfg.Plan.MTU, cfg.Offload)
+	a.shared = rings.NewShared(rings.DefaultCapacity, sizes.Buffer)
+	a.shared.SetTerminationHook(a.term.hook)
+	pump := tap.StartPump(dev, a.shared, sizes.MaxFrame, a.log.With("component", "tap"))
+	a.onClose(func() { pump.Close(); pump.Wait() })
+
+	guard, err := policy.NewDNSGuard(policy.DNSGuardOptions{
+		Policy: a.holder, Pins: a.popts.Pins, Block: cfg.DNSBlock, BlockSuffix: cfg.DNSBlockSuffix,
+		RebindProtection: cfg.RebindProtection,
+	})
+	if err != nil {
+		return fielderr.Wrap("dns_block", err)
+	}
+	ups := cfg.DNSUpstreams
+	if len(ups) == 0 {
+		ups = proxy.HostUpstreams(proxy.DefaultResolvConf)
+		if len(ups) == 0 {
+			a.log.Warn("no DNS upstream: none given and none in " + proxy.DefaultResolvConf + "; the sandbox's queries will get SERVFAIL")
+		}
+	}
+	a.gw, err = stack.New(stack.Options{
+		Plan:           cfg.Plan,
+		Shared:         a.shared,
+		Policy:         a.holder,
+		OnDecision:     a.onDecision,
+		DenyMode:       cfg.DenyMode,
+		DNSUpstreams:   ups,
+		DNSFilter:      guard,
+		MaxConnections: cfg.MaxConnections,
+		Offload:        cfg.Offload,
+		Log:            a.log.With("component", "stack"),
+	})
+	if err != nil {
+		return err
+	}
+	a.onClose(func() { a.gw.Close(); a.gw.Wait() })
+	if a.pub != nil {
+		a.gw.SetIngressUDP(a.pub)
+		a.pub.Start(proxy.PublishOptions{
+			DialGuest:   a.gw.DialGuest,
+			SendToGuest: a.gw.SendUDPToGuest,
+			Allow: func(proto string, client, listen netip.AddrPort) bool {
+				pr := policy.TCP
+				if proto == "udp" {
+					pr = policy.UDP
+				}
+				return a.gw.CheckIngress(policy.Flow{Proto: pr, Src: client, Dst: listen})
+			},
+			Log: a.log.With("component", "publish"),
+		})
+		for _, p := range cfg.Publish {
+			a.log.Info("published", "host", p.Host, "guest_port", p.GuestPort, "proto", p.Proto)
+		}
+	}
+	return nil
+}
+
+// onDecision is told of every flow decision: counted, logged, and a
+// terminate is recorded for the termination hook the gateway fires next.
+func (a *Agent) onDecision(f policy.Flow, d policy.Decision) {
+	a.counts.add(d.Action)
+	a.audit.Log(f, d)
+	if d.Action == policy.Terminate {
+		a.term.record(f, d)
+	}
+}
+
+// Close tears the sandbox's network down, last part first: the command,
+// the metrics, the gateway (every relayed flow reset), the pump, the link
+// (the TAP disappears), the decision log. It is safe to call more than once.
+func (a *Agent) Close() error {
+	a.closeOnce.Do(func() {
+		for i := len(a.undo) - 1; i >= 0; i-- {
+			a.undo[i]()
+		}
+		close(a.closed)
+	})
+	return nil
+}
+
+// Wait blocks until Close has finished.
+func (a *Agent) Wait() { <-a.closed }

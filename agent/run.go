@@ -1,0 +1,195 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/msbtap/msbtap/netns"
+	"github.com/msbtap/msbtap/policy"
+)
+
+// ExitStatus is the command's own exit status (128+signal when a signal
+// killed it), which msbtap passes on.
+type ExitStatus struct{ Code int }
+
+func (e *ExitStatus) Error() string { return fmt.Sprintf("command exited with status %d", e.Code) }
+
+// Run starts the command (if any), reports readiness, and serves until the
+// sandbox goes away: SIGINT or SIGTERM, ctx cancelled, the command ending
+// (its status comes back as *ExitStatus), the namespace deleted, or a fatal
+// violation (a *Terminated error). SIGHUP re-reads the policy file. The
+// caller then calls Close.
+func (a *Agent) Run(ctx context.Context) error {
+	cfg := a.cfg
+	sigc := make(chan os.Signal, 4)
+	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigc)
+
+	var cmdDone chan error
+	if len(cfg.Command) > 0 {
+		cmd, err := a.startCommand()
+		if err != nil {
+			return err
+		}
+		cmdDone = make(chan error, 1)
+		go func() { cmdDone <- cmd.Wait() }()
+		a.onClose(func() { stopCommand(cmd, cmdDone) })
+	}
+
+	p := cfg.Plan
+	a.log.Info("ready", "tap", cfg.TapName, "netns", a.nsLabel(), "mode", a.modeLabel(), "guest_ipv4", p.GuestIPv4,
+		"guest_ipv6", p.GuestIPv6, "gateway_ipv4", p.GatewayV4, "gateway_ipv6", p.GatewayV6,
+		"mtu", p.MTU, "policy", a.policyLabel(), "dns_upstreams", a.gw.DNSUpstreams())
+	if cfg.ReadyFD >= 0 {
+		f := os.NewFile(uintptr(cfg.ReadyFD), "ready-fd")
+		if _, err := f.WriteString("ready\n"); err != nil {
+			a.log.Warn("write ready fd", "fd", cfg.ReadyFD, "err", err)
+		}
+		f.Close()
+	}
+
+	var nsGone <-chan time.Time
+	if cfg.Netns != "" {
+		t := time.NewTicker(500 * time.Millisecond)
+		defer t.Stop()
+		nsGone = t.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case sig := <-sigc:
+			if sig == syscall.SIGHUP {
+				a.reloadPolicy()
+				continue
+			}
+			a.log.Info("stopping", "signal", sig.String())
+			return nil
+		case werr := <-cmdDone:
+			cmdDone <- werr // for stopCommand
+			if a.term.firing.Load() {
+				// The command died because the termination hook killed it.
+				return a.term.finish(<-a.term.fired)
+			}
+			return commandStatus(werr)
+		case v := <-a.term.fired:
+			return a.term.finish(v)
+		case <-nsGone:
+			if !netns.Same(cfg.Netns, a.ns) {
+				a.log.Info("stopping: the sandbox's network namespace is gone", "netns", cfg.Netns)
+				return nil
+			}
+		}
+	}
+}
+
+// startCommand starts the command in the sandbox's namespace (in VM mode,
+// in msbtap's own: it is the VMM), in its own process group.
+func (a *Agent) startCommand() (*exec.Cmd, error) {
+	argv := a.cfg.Command
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	// The child is forked from a thread inside the sandbox's namespace, so
+	// it starts there.
+	start := cmd.Start
+	if a.ns.IsOpen() {
+		start = func() error { return netns.Do(a.ns, cmd.Start) }
+	}
+	if err := start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", argv[0], err)
+	}
+	a.term.setProcessGroup(cmd.Process.Pid)
+	return cmd, nil
+}
+
+// reloadPolicy re-reads the policy file on SIGHUP: validated first, then
+// swapped in for new flows; an invalid file leaves the old policy in force.
+func (a *Agent) reloadPolicy() {
+	path := a.cfg.PolicyPath
+	if path == "" {
+		a.log.Warn("SIGHUP: the policy is a preset or inline, nothing to reload")
+		return
+	}
+	f, err := policy.LoadFile(path)
+	if err == nil {
+		var e *policy.Engine
+		if e, err = policy.Compile(f, a.popts); err == nil {
+			a.holder.Store(e)
+			a.log.Info("policy reloaded", "file", path, "rules", len(f.Rules), "default_action", f.DefaultAction)
+			return
+		}
+	}
+	a.log.Error("policy reload failed; the old policy stays in force", "file", path, "err", err)
+}
+
+func (a *Agent) policyLabel() string {
+	if a.cfg.PolicyPath != "" {
+		return a.cfg.PolicyPath
+	}
+	for _, n := range policy.PresetNames() {
+		if f, _ := policy.Preset(n); f == a.cfg.Policy {
+			return n
+		}
+	}
+	return "inline"
+}
+
+func (a *Agent) nsLabel() string {
+	switch {
+	case a.cfg.VM:
+		return "(host)"
+	case a.cfg.Netns == "":
+		return "(new)"
+	}
+	return a.cfg.Netns
+}
+
+func (a *Agent) modeLabel() string {
+	if a.cfg.VM {
+		return "vm"
+	}
+	return "netns"
+}
+
+// commandStatus turns the command's end into msbtap's exit status: its own
+// status, or 128+signal as a shell reports it.
+func commandStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return &ExitStatus{Code: 128 + int(ws.Signal())}
+		}
+		return &ExitStatus{Code: ee.ExitCode()}
+	}
+	return fmt.Errorf("wait for command: %w", err)
+}
+
+// stopCommand ends the command's whole process group: SIGTERM, then SIGKILL
+// after a grace period.
+func stopCommand(cmd *exec.Cmd, done chan error) {
+	pgid := cmd.Process.Pid
+	select {
+	case err := <-done:
+		done <- err
+		_ = syscall.Kill(-pgid, syscall.SIGKILL) // stragglers in the group
+		return
+	default:
+	}
+	_ = syscall.Kill(-pgid, syscall.SIGTERM)
+	select {
+	case err := <-done:
+		done <- err
+	case <-time.After(5 * time.Second):
+	}
+	_ = syscall.Kill(-pgid, syscall.SIGKILL)
+}

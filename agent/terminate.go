@@ -1,0 +1,143 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/msbtap/msbtap/policy"
+)
+
+// Terminated is the error Run returns after a fatal violation stopped the
+// sandbox; msbtap exits with status 3.
+type Terminated struct {
+	Proto, Src, Dst, Domain, Rule string
+}
+
+func (t *Terminated) Error() string {
+	return fmt.Sprintf("sandbox terminated: %s flow %s -> %s violated %s", t.Proto, t.Src, t.Dst, t.Rule)
+}
+
+// terminatorConfig is what the terminator needs of the agent's settings.
+type terminatorConfig struct {
+	onTerminate string
+	guestPID    int
+}
+
+// terminator carries out the termination hook: once, on the first fatal
+// decision, it stops the sandbox and hands the violation to Run, which
+// runs --on-terminate and returns a *Terminated.
+type terminator struct {
+	c      terminatorConfig
+	holder *policy.Holder
+	log    *slog.Logger
+	pgid   atomic.Int64
+
+	mu      sync.Mutex // mu protects pending
+	pending *Terminated
+	once    sync.Once
+	firing  atomic.Bool // set before the sandbox is killed
+	fired   chan Terminated
+}
+
+func newTerminator(c terminatorConfig, holder *policy.Holder, log *slog.Logger) *terminator {
+	return &terminator{c: c, holder: holder, log: log, fired: make(chan Terminated, 1)}
+}
+
+func (t *terminator) setProcessGroup(pgid int) { t.pgid.Store(int64(pgid)) }
+
+// record keeps the first fatal violation for the hook, which the gateway
+// fires right after reporting it.
+func (t *terminator) record(f policy.Flow, d policy.Decision) {
+	v := &Terminated{Proto: protoLabel(f), Src: addrLabel(f.Src.String()), Dst: addrLabel(f.Dst.String()),
+		Domain: f.Domain, Rule: ruleLabel(d, t.holder.Load())}
+	t.mu.Lock()
+	if t.pending == nil {
+		t.pending = v
+	}
+	t.mu.Unlock()
+}
+
+// hook is the shared state's termination hook. It runs on the packet path,
+// so it only stops the sandbox's processes (at once, so nothing more gets
+// out) and wakes Run.
+func (t *terminator) hook() {
+	t.once.Do(func() {
+		t.firing.Store(true)
+		t.mu.Lock()
+		v := t.pending
+		t.mu.Unlock()
+		if v == nil {
+			v = &Terminated{Rule: "termination hook"}
+		}
+		t.kill()
+		t.fired <- *v
+	})
+}
+
+func (t *terminator) kill() {
+	if pg := t.pgid.Load(); pg > 0 {
+		_ = syscall.Kill(-int(pg), syscall.SIGKILL)
+	}
+	if t.c.guestPID > 0 {
+		_ = syscall.Kill(t.c.guestPID, syscall.SIGKILL)
+	}
+}
+
+// finish logs the violation, runs --on-terminate, and returns it.
+func (t *terminator) finish(v Terminated) error {
+	t.log.Error("policy violation: sandbox terminated", "proto", v.Proto, "src", v.Src,
+		"dst", v.Dst, "domain", v.Domain, "rule", v.Rule)
+	if t.c.onTerminate != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, "/bin/sh", "-c", t.c.onTerminate)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		cmd.Env = append(os.Environ(),
+			"MSBTAP_VIOLATION_PROTO="+v.Proto,
+			"MSBTAP_VIOLATION_SRC="+v.Src,
+			"MSBTAP_VIOLATION_DST="+v.Dst,
+			"MSBTAP_VIOLATION_DOMAIN="+v.Domain,
+			"MSBTAP_VIOLATION_RULE="+v.Rule,
+		)
+		if err := cmd.Run(); err != nil {
+			t.log.Error("--on-terminate failed", "err", err)
+		}
+	}
+	return &v
+}
+
+func protoLabel(f policy.Flow) string {
+	if f.DNS {
+		return "dns"
+	}
+	return f.Proto.String()
+}
+
+func addrLabel(s string) string {
+	if s == "invalid AddrPort" {
+		return ""
+	}
+	return s
+}
+
+// ruleLabel names the deciding rule: its index and description.
+func ruleLabel(d policy.Decision, e *policy.Engine) string {
+	switch d.Rule {
+	case policy.RuleBlockList:
+		return "dns block list"
+	case policy.RuleRebind:
+		return "dns rebinding protection"
+	}
+	if e == nil {
+		return strconv.Itoa(d.Rule)
+	}
+	return e.Describe(d.Rule)
+}

@@ -1,0 +1,71 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net"
+)
+
+func (p *Publisher) routineAcceptTCP(ln net.Listener, s PortSpec) {
+	defer p.wg.Done()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				p.o.Log.Error("published port stopped", "port", s.String(), "err", err)
+			}
+			return
+		}
+		p.wg.Add(1)
+		go p.serveTCP(c.(*net.TCPConn), s)
+	}
+}
+
+func (p *Publisher) serveTCP(c *net.TCPConn, s PortSpec) {
+	defer p.wg.Done()
+	client := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+	if !p.o.Allow("tcp", client, s.Host) {
+		p.denied.Add(1)
+		reset(c)
+		return
+	}
+	ctx, cancel := context.WithTimeout(p.ctx, p.o.DialTimeout)
+	g, err := p.o.DialGuest(ctx, s.GuestPort)
+	cancel()
+	if err != nil {
+		// Nothing listens on the guest port (or the guest is gone): the
+		// host client sees a reset at once, not a hang.
+		p.failed.Add(1)
+		p.o.Log.Debug("published port: guest refused", "port", s.String(), "client", client, "err", err)
+		reset(c)
+		return
+	}
+	p.accepted.Add(1)
+	if !p.track(c, g) {
+		reset(c)
+		reset(g)
+		return
+	}
+	Relay(c, g)
+	p.untrack(c, g)
+}
+
+func (p *Publisher) track(cs ...net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ctx.Err() != nil {
+		return false
+	}
+	for _, c := range cs {
+		p.conns[c] = struct{}{}
+	}
+	return true
+}
+
+func (p *Publisher) untrack(cs ...net.Conn) {
+	p.mu.Lock()
+	for _, c := range cs {
+		delete(p.conns, c)
+	}
+	p.mu.Unlock()
+}

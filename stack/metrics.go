@@ -1,0 +1,50 @@
+package stack
+
+import "sync/atomic"
+
+// tcpStats are the TCP relay's counters.
+type tcpStats struct {
+	total, overCap, dialFailed, relayFailed atomic.Uint64
+}
+
+// FlowStat is the number of open and total flows of one protocol.
+type FlowStat struct {
+	Proto  string
+	Active int
+	Total  uint64
+}
+
+// Metrics is one snapshot of the gateway's counters, read at scrape time.
+type Metrics struct {
+	// Flows are open and total flows by protocol (tcp, udp, icmp, dns).
+	Flows []FlowStat
+	// Failures are flows or packets the gateway could not relay, by
+	// reason.
+	Failures map[string]uint64
+}
+
+// Metrics returns a snapshot of the gateway's counters.
+func (st *Stack) Metrics() Metrics {
+	echo := st.echo.Stats()
+	dns := st.dns.Stats()
+	udp := st.udp.Stats()
+	return Metrics{
+		Flows: []FlowStat{
+			{"tcp", int(st.tcp.active.Load()), st.stats.total.Load()},
+			{"udp", udp.Active, udp.Total},
+			{"icmp", echo.InFlight, echo.Sent},
+			{"dns", dns.InFlight, dns.Queries},
+		},
+		Failures: map[string]uint64{
+			"tcp_over_cap":     st.stats.overCap.Load(),
+			"tcp_dial_failed":  st.stats.dialFailed.Load(),
+			"tcp_relay_failed": st.stats.relayFailed.Load(),
+			"udp_dropped":      udp.Dropped,
+			"udp_too_big":      udp.TooBig,
+			"icmp_dropped":     echo.Dropped,
+			"icmp_timeout":     echo.TimedOut,
+			"dns_dropped":      dns.Dropped,
+			"dns_no_upstream":  dns.Failures,
+		},
+	}
+}
