@@ -1,10 +1,148 @@
 package main
 
 import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"go.uber.org/goleak"
+
+	"github.com/msbtap/msbtap/agent"
+	"github.com/msbtap/msbtap/stack"
 )
 
 // TestMain fails the package's tests if any goroutine outlives them.
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func runApp(args ...string) (stdout string, err error) {
+	var out, errOut bytes.Buffer
+	err = newApp(&out, &errOut).Run(append([]string{"msbtap"}, args...))
+	return out.String(), err
+}
+
+func TestFlagErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"nothing to attach", []string{"run"}, "nothing to attach"},
+		{"slot too big", []string{"run", "--netns", "x", "--slot", "65536"}, "--slot"},
+		{"slot negative", []string{"run", "--netns", "x", "--slot", "-1"}, "--slot"},
+		{"slot not a number", []string{"run", "--netns", "x", "--slot", "abc"}, "slot"},
+		{"mtu too small", []string{"run", "--netns", "x", "--mtu", "500"}, "--mtu"},
+		{"mtu zero", []string{"run", "--netns", "x", "--mtu", "0"}, "--mtu"},
+		{"bad ipv4", []string{"run", "--netns", "x", "--guest-ipv4", "300.1.1.1"}, "--guest-ipv4"},
+		{"bad ipv6", []string{"run", "--netns", "x", "--guest-ipv6", "nope"}, "--guest-ipv6"},
+		{"bad mac", []string{"run", "--netns", "x", "--guest-mac", "02:00"}, "--guest-mac"},
+		{"bad log format", []string{"run", "--netns", "x", "--log-format", "xml"}, "--log-format"},
+		{"bad log level", []string{"run", "--netns", "x", "--log-level", "loud"}, "--log-level"},
+		{"unknown flag", []string{"run", "--netns", "x", "--frobnicate"}, "frobnicate"},
+		{"empty netns", []string{"run", "--netns", ""}, "--netns"},
+		{"long tap name", []string{"run", "--netns", "x", "--tap", "abcdefghijklmnop"}, "--tap"},
+		{"ready-fd stdout", []string{"run", "--netns", "x", "--ready-fd", "1"}, "--ready-fd"},
+		{"bad dns upstream", []string{"run", "--netns", "x", "--dns-upstream", "resolver.example"}, "--dns-upstream"},
+		{"max connections zero", []string{"run", "--netns", "x", "--max-connections", "0"}, "--max-connections"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := runApp(tc.args...)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an error mentioning %q", err, tc.want)
+			}
+			var ee *exitError
+			if !errors.As(err, &ee) || ee.code != 2 {
+				t.Fatalf("got %#v, want exit status 2 for a usage error", err)
+			}
+			if strings.Contains(err.Error(), "\n") {
+				t.Errorf("error is not one line: %q", err)
+			}
+		})
+	}
+}
+
+func TestVersion(t *testing.T) {
+	out, err := runApp("version")
+	if err != nil || !strings.HasPrefix(out, "msbtap ") {
+		t.Fatalf("got %q, %v", out, err)
+	}
+}
+
+func TestConfigCommand(t *testing.T) {
+	out, err := runApp("config", "--slot", "1")
+	if err != nil || !strings.Contains(out, "MSB_NET_IPV4_ADDRESS=100.96.0.6/30\n") || !strings.Contains(out, "MSB_NET_MAC=02:6d:73:00:01:02\n") ||
+		!strings.Contains(out, "MSB_NET_IPV6_GATEWAY=fd42:6d73:62:1::1\n") {
+		t.Errorf("env: %v\n%s", err, out)
+	}
+	out, err = runApp("config", "--slot", "1", "--format", "cmdline")
+	if want := "ip=100.96.0.6::100.96.0.5:255.255.255.252::eth0:off:100.96.0.5\n"; err != nil || out != want {
+		t.Errorf("cmdline: got %q, want %q (%v)", out, want, err)
+	}
+	out, err = runApp("config", "--slot", "65535", "--format", "json", "--mtu", "9000")
+	if err != nil || !strings.Contains(out, `"MSB_NET_MTU": "9000"`) || !strings.Contains(out, `"MSB_NET_IPV4_ADDRESS": "100.99.255.254/30"`) {
+		t.Errorf("json: %v\n%s", err, out)
+	}
+	if _, err := runApp("config", "--format", "yaml"); err == nil || !strings.Contains(err.Error(), "--format") {
+		t.Errorf("bad format: %v", err)
+	}
+}
+
+func TestConfigFileAndFlagsWin(t *testing.T) {
+	var got agent.Config
+	startAgent = func(c agent.Config) error { got = c; return nil }
+	defer func() { startAgent = runAgent }()
+	cfg := filepath.Join(t.TempDir(), "msbtap.json")
+	os.WriteFile(cfg, []byte(`{
+		"netns": "sbx", "slot": 2, "mtu": 9000, "dns_upstream": ["198.51.100.53"],
+		"publish": ["8080:80"], "deny_mode": "drop", "dns_block_suffix": ["ads.test"],
+		"policy": {"default_action": "deny", "rules": [{"destination": {"domain": "x.test"}, "action": "allow"}]}
+	}`), 0o644)
+	if _, err := runApp("run", "--config", cfg, "--mtu", "1500"); err != nil {
+		t.Fatal(err)
+	}
+	if got.Netns != "/run/netns/sbx" || got.Plan.Slot != 2 || got.Plan.MTU != 1500 {
+		t.Errorf("netns %q slot %d mtu %d: want /run/netns/sbx, 2 and 1500 (the flag wins)", got.Netns, got.Plan.Slot, got.Plan.MTU)
+	}
+	if len(got.DNSUpstreams) != 1 || got.DNSUpstreams[0] != "198.51.100.53:53" || len(got.Publish) != 1 || got.DenyMode != stack.DenyDrop ||
+		len(got.DNSBlockSuffix) != 1 || got.Policy == nil || got.Policy.DefaultAction != "deny" || len(got.Policy.Rules) != 1 {
+		t.Errorf("config not applied: %+v", got)
+	}
+	os.WriteFile(cfg, []byte(`{"netns": "sbx", "slto": 2}`), 0o644)
+	if _, err := runApp("run", "--config", cfg); err == nil || !strings.Contains(err.Error(), `unknown key "slto"`) {
+		t.Errorf("unknown key: %v", err)
+	}
+	os.WriteFile(cfg, []byte(`{"netns": "sbx", "policy": {"default_action": "deny", "rules": [{"destination": "any"}]}}`), 0o644)
+	if _, err := runApp("run", "--config", cfg); err == nil || !strings.Contains(err.Error(), "rules[0].action") {
+		t.Errorf("bad inline policy: %v", err)
+	}
+	// A bad value from the config file is named by its key, not a flag.
+	os.WriteFile(cfg, []byte(`{"netns": "sbx", "guest_ipv4": "300.1.1.1"}`), 0o644)
+	if _, err := runApp("run", "--config", cfg); err == nil || !strings.Contains(err.Error(), `guest_ipv4 (in --config `+cfg+`) "300.1.1.1": not an IPv4 address`) {
+		t.Errorf("bad config value: %v", err)
+	}
+}
+func TestPolicyCheckReportsEveryError(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "p.json")
+	os.WriteFile(f, []byte(`{"default_action": "deny", "rules": [
+		{"destination": {"group": "lan"}, "action": "allow"},
+		{"destination": "any", "protocols": ["sctp"], "action": "deny"},
+		{"destination": "any", "action": "alow"}]}`), 0o644)
+	var out, errOut bytes.Buffer
+	err := newApp(&out, &errOut).Run([]string{"msbtap", "policy", "check", f})
+	var ee *exitError
+	if !errors.As(err, &ee) || ee.code != 1 {
+		t.Fatalf("got %v, want exit status 1", err)
+	}
+	for _, want := range []string{
+		f + `: policy: rules[0].destination: group: unknown group "lan"`,
+		f + `: policy: rules[1].protocols[0]: "sctp"`,
+		f + `: policy: rules[2].action: "alow"`,
+		f + ": 3 error(s)",
+	} {
+		if !strings.Contains(errOut.String(), want+"") {
+			t.Errorf("output lacks %q:\n%s", want, errOut.String())
+		}
+	}
+}
