@@ -87,8 +87,23 @@ func (t Target) MarshalJSON() ([]byte, error) {
 	return json.Marshal(plain(t))
 }
 
-// ParseFile parses and validates a policy in JSON. Errors name the rule
-// index and field, e.g. `rules[2].ports[0]: start 500 is after end 400`.
+// Errors is every problem found in one policy, each naming its rule index
+// and field, e.g. `rules[2].ports[0]: start 500 is after end 400`.
+type Errors []error
+
+func (e Errors) Error() string {
+	lines := make([]string, len(e))
+	for i, err := range e {
+		lines[i] = err.Error()
+	}
+	return strings.Join(lines, "\n")
+}
+
+// Unwrap returns the errors, for errors.Is and errors.As.
+func (e Errors) Unwrap() []error { return e }
+
+// ParseFile parses and validates a policy in JSON. It reports every problem
+// it finds, not only the first, as Errors.
 func ParseFile(data []byte) (*File, error) {
 	var raw struct {
 		DefaultAction *string           `json:"default_action"`
@@ -97,35 +112,41 @@ func ParseFile(data []byte) (*File, error) {
 	d := json.NewDecoder(bytes.NewReader(data))
 	d.DisallowUnknownFields()
 	if err := d.Decode(&raw); err != nil {
-		return nil, fmt.Errorf("policy: %v", cleanJSONErr(err))
+		return nil, Errors{fmt.Errorf("policy: %v", cleanJSONErr(err))}
 	}
 	if d.More() {
-		return nil, errors.New("policy: trailing data after the JSON object")
+		return nil, Errors{errors.New("policy: trailing data after the JSON object")}
 	}
+	var errs Errors
 	f := &File{}
 	if raw.DefaultAction == nil {
-		return nil, errors.New("policy: default_action: missing (want allow, deny or terminate)")
-	}
-	f.DefaultAction = *raw.DefaultAction
-	if _, err := ParseAction(f.DefaultAction); err != nil {
-		return nil, fmt.Errorf("policy: default_action: %v", err)
+		errs = append(errs, errors.New("policy: default_action: missing (want allow, deny or terminate)"))
+	} else {
+		f.DefaultAction = *raw.DefaultAction
+		if _, err := ParseAction(f.DefaultAction); err != nil {
+			errs = append(errs, fmt.Errorf("policy: default_action: %v", err))
+		}
 	}
 	for i, rr := range raw.Rules {
 		var r FileRule
 		rd := json.NewDecoder(bytes.NewReader(rr))
 		rd.DisallowUnknownFields()
 		if err := rd.Decode(&r); err != nil {
-			return nil, fmt.Errorf("policy: rules[%d]: %v", i, cleanJSONErr(err))
+			errs = append(errs, fmt.Errorf("policy: rules[%d]: %v", i, cleanJSONErr(err)))
+			continue
 		}
-		if _, err := compileRule(r); err != nil {
-			return nil, fmt.Errorf("policy: rules[%d].%v", i, err)
+		for _, err := range ruleErrors(r) {
+			errs = append(errs, fmt.Errorf("policy: rules[%d].%v", i, err))
 		}
 		f.Rules = append(f.Rules, r)
+	}
+	if len(errs) > 0 {
+		return nil, errs
 	}
 	return f, nil
 }
 
-// LoadFile reads and parses a policy file.
+// LoadFile reads and parses a policy file; every error names the file.
 func LoadFile(path string) (*File, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -133,7 +154,12 @@ func LoadFile(path string) (*File, error) {
 	}
 	f, err := ParseFile(b)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+		var errs Errors
+		errors.As(err, &errs)
+		for i := range errs {
+			errs[i] = fmt.Errorf("%s: %w", path, errs[i])
+		}
+		return nil, errs
 	}
 	return f, nil
 }
@@ -261,56 +287,73 @@ type rule struct {
 	action Action
 }
 
+// compileRule compiles one rule, or returns its first error.
 func compileRule(r FileRule) (rule, error) {
-	var c rule
+	c, errs := compileRuleAll(r)
+	if len(errs) > 0 {
+		return c, errs[0]
+	}
+	return c, nil
+}
+
+// ruleErrors returns every problem of one rule.
+func ruleErrors(r FileRule) []error {
+	_, errs := compileRuleAll(r)
+	return errs
+}
+
+func compileRuleAll(r FileRule) (c rule, errs []error) {
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 	switch r.Direction {
 	case "", "egress":
 		c.dir = Egress
 		if r.Source != nil {
-			return c, errors.New("source: only ingress rules have a source")
+			bad("source: only ingress rules have a source")
 		}
 	case "ingress":
 		c.dir = Ingress
 	default:
-		return c, fmt.Errorf("direction: %q: want egress or ingress", r.Direction)
+		bad("direction: %q: want egress or ingress", r.Direction)
 	}
 	if c.dir == Egress && r.Destination == nil {
-		return c, errors.New("destination: missing (use \"any\" to match every destination)")
+		bad("destination: missing (use \"any\" to match every destination)")
 	}
 	var err error
 	if c.dst, err = compileTarget(r.Destination); err != nil {
-		return c, fmt.Errorf("destination: %v", err)
+		bad("destination: %v", err)
 	}
 	if c.src, err = compileTarget(r.Source); err != nil {
-		return c, fmt.Errorf("source: %v", err)
+		bad("source: %v", err)
 	}
 	if c.dir == Ingress && (c.dst.kind == matchDomain || c.dst.kind == matchSuffix || c.src.kind == matchDomain || c.src.kind == matchSuffix) {
-		return c, errors.New("source: ingress rules match addresses, not domains")
+		bad("source: ingress rules match addresses, not domains")
 	}
 	for i, p := range r.Protocols {
 		pr, err := ParseProto(p)
 		if err != nil {
-			return c, fmt.Errorf("protocols[%d]: %v", i, err)
+			bad("protocols[%d]: %v", i, err)
+			continue
 		}
 		c.protos |= 1 << pr
 	}
 	for i, pr := range r.Ports {
 		if pr.Start == 0 {
-			return c, fmt.Errorf("ports[%d]: start must be 1..65535", i)
+			bad("ports[%d]: start must be 1..65535", i)
+			continue
 		}
 		if pr.End == 0 {
 			pr.End = pr.Start
 		}
 		if pr.Start > pr.End {
-			return c, fmt.Errorf("ports[%d]: start %d is after end %d", i, pr.Start, pr.End)
+			bad("ports[%d]: start %d is after end %d", i, pr.Start, pr.End)
+			continue
 		}
 		c.ports = append(c.ports, pr)
 	}
 	if r.Action == "" {
-		return c, errors.New("action: missing (want allow, deny or terminate)")
+		bad("action: missing (want allow, deny or terminate)")
+	} else if c.action, err = ParseAction(r.Action); err != nil {
+		bad("action: %v", err)
 	}
-	if c.action, err = ParseAction(r.Action); err != nil {
-		return c, fmt.Errorf("action: %v", err)
-	}
-	return c, nil
+	return c, errs
 }

@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -354,6 +355,34 @@ func TestParseErrors(t *testing.T) {
 		_, err := ParseFile([]byte(tc.js))
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s:\n got %v\nwant an error containing %q", tc.js, err, tc.want)
+		}
+	}
+}
+
+// TestParseReportsEveryError: a file with three mistakes names all three,
+// each with its rule index and field.
+func TestParseReportsEveryError(t *testing.T) {
+	_, err := ParseFile([]byte(`{"default_action": "maybe", "rules": [
+		{"destination": "any", "action": "allow"},
+		{"destination": {"group": "lan"}, "protocols": ["sctp"], "action": "deny"},
+		{"destination": "any", "ports": [{"start": 9, "end": 2}]}]}`))
+	var errs Errors
+	if !errors.As(err, &errs) {
+		t.Fatalf("got %v, want Errors", err)
+	}
+	want := []string{
+		`policy: default_action: "maybe"`,
+		`policy: rules[1].destination: group: unknown group "lan"`,
+		`policy: rules[1].protocols[0]: "sctp"`,
+		`policy: rules[2].ports[0]: start 9 is after end 2`,
+		`policy: rules[2].action: missing`,
+	}
+	if len(errs) != len(want) {
+		t.Fatalf("got %d errors, want %d:\n%v", len(errs), len(want), err)
+	}
+	for i, w := range want {
+		if !strings.HasPrefix(errs[i].Error(), w) {
+			t.Errorf("error %d: got %q, want it to start with %q", i, errs[i], w)
 		}
 	}
 }

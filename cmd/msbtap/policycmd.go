@@ -29,6 +29,14 @@ func policyCommand() *cli.Command {
 						return withStatus(2, errors.New("policy check: want exactly one FILE"))
 					}
 					f, err := policy.LoadFile(c.Args().First())
+					var errs policy.Errors
+					if errors.As(err, &errs) {
+						for _, e := range errs {
+							fmt.Fprintln(c.App.ErrWriter, e)
+						}
+						fmt.Fprintf(c.App.ErrWriter, "%s: %d error(s)\n", c.Args().First(), len(errs))
+						return withStatus(1, nil)
+					}
 					if err != nil {
 						return withStatus(1, err)
 					}
