@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -16,27 +17,54 @@ import (
 
 // EchoOptions configure the ICMP echo relay.
 type EchoOptions struct {
-	Replier     Replier
-	Timeout     time.Duration // default 5 s
-	MaxInFlight int           // default 64
+	Replier Replier
+	// Timeout drops a request nobody answered (default 5 s).
+	Timeout time.Duration
+	// MaxInFlight caps requests waiting for their reply (default 64).
+	MaxInFlight int
 	Log         *slog.Logger
 }
 
-// Echo relays the guest's echo requests to other hosts through ICMP sockets
-// of the host (unprivileged datagram sockets where the host allows them, raw
-// sockets otherwise) and hands the replies back with the guest's identifier
-// and sequence number restored. Other ICMP types are never forwarded.
+// Echo relays the guest's echo requests to other hosts through one ICMP
+// socket of the host per address family (an unprivileged datagram socket
+// where the host allows them, a raw socket otherwise). Each request gets a
+// sequence number of the relay's own; a reply is matched by it (and, on a
+// raw socket, by the relay's identifier and the address it came from) and
+// handed back with the guest's identifier and sequence number restored.
+// Other ICMP types are never forwarded.
 type Echo struct {
 	o      EchoOptions
-	sem    chan struct{}
-	wg     sync.WaitGroup
-	done   chan struct{}
 	closed atomic.Bool
+	done   chan struct{}
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex // mu protects socks, pending and nextSeq
+	socks   [2]*echoSocket
+	pending map[echoKey]*echoRequest
+	nextSeq [2]uint16
 
 	sent, replied, timedOut, dropped atomic.Uint64
 }
 
-// NewEcho returns an echo relay.
+// echoKey finds a request by address family and the relay's sequence.
+type echoKey struct {
+	v6  bool
+	seq uint16
+}
+
+type echoRequest struct {
+	src, dst netip.Addr
+	id, seq  uint16 // the guest's
+	deadline time.Time
+}
+
+type echoSocket struct {
+	conn  *icmp.PacketConn
+	raw   bool // raw sockets see every ICMP message: match our identifier
+	ident int
+}
+
+// NewEcho returns an echo relay. Its sockets open at the first request.
 func NewEcho(o EchoOptions) *Echo {
 	if o.Timeout <= 0 {
 		o.Timeout = 5 * time.Second
@@ -47,102 +75,159 @@ func NewEcho(o EchoOptions) *Echo {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Echo{o: o, sem: make(chan struct{}, o.MaxInFlight), done: make(chan struct{})}
+	return &Echo{o: o, done: make(chan struct{}), pending: make(map[echoKey]*echoRequest)}
+}
+
+func family(v6 bool) int {
+	if v6 {
+		return 1
+	}
+	return 0
 }
 
 // Handle relays one echo request from the guest at src to dst. It returns
-// false when the request was dropped (too many in flight, relay closed).
+// false when the request was dropped (too many in flight, no socket, relay
+// closed).
 func (e *Echo) Handle(src, dst netip.Addr, id, seq uint16, payload []byte) bool {
 	if e.closed.Load() {
 		return false
 	}
-	select {
-	case e.sem <- struct{}{}:
-	default:
+	v6 := dst.Is6()
+	e.mu.Lock()
+	if len(e.pending) >= e.o.MaxInFlight {
+		e.mu.Unlock()
 		e.dropped.Add(1)
 		return false
 	}
-	data := append([]byte(nil), payload...)
-	e.wg.Add(1)
-	go func() {
-		defer e.wg.Done()
-		defer func() { <-e.sem }()
-		e.relay(src, dst, id, seq, data)
-	}()
-	return true
-}
-
-func (e *Echo) relay(src, dst netip.Addr, id, seq uint16, data []byte) {
-	v6 := dst.Is6()
-	conn, raw, err := listenICMP(v6)
+	sock, err := e.socketLocked(v6)
 	if err != nil {
+		e.mu.Unlock()
 		e.o.Log.Warn("icmp socket", "err", err)
 		e.dropped.Add(1)
-		return
+		return false
 	}
-	defer conn.Close()
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		select {
-		case <-e.done:
-			conn.SetReadDeadline(time.Now())
-		case <-stop:
+	var k echoKey
+	for {
+		k = echoKey{v6, e.nextSeq[family(v6)]}
+		e.nextSeq[family(v6)]++
+		if e.pending[k] == nil {
+			break // MaxInFlight < 65536: a free one comes soon
 		}
-	}()
-
-	ourID := int(id)
-	if raw {
-		ourID = int(rand.Uint32() & 0xffff)
 	}
+	e.pending[k] = &echoRequest{src: src, dst: dst, id: id, seq: seq, deadline: time.Now().Add(e.o.Timeout)}
+	e.mu.Unlock()
+
 	var typ icmp.Type = ipv4.ICMPTypeEcho
 	if v6 {
 		typ = ipv6.ICMPTypeEchoRequest
 	}
-	msg := icmp.Message{Type: typ, Body: &icmp.Echo{ID: ourID, Seq: int(seq), Data: data}}
-	wb, err := msg.Marshal(nil)
-	if err != nil {
-		return
-	}
+	// Marshal copies payload; the guest's frame goes back to the pool.
+	wb, err := (&icmp.Message{Type: typ, Body: &icmp.Echo{ID: sock.ident, Seq: int(k.seq), Data: payload}}).Marshal(nil)
 	var to net.Addr = &net.IPAddr{IP: dst.AsSlice()}
-	if !raw {
+	if !sock.raw {
 		to = &net.UDPAddr{IP: dst.AsSlice()}
 	}
-	if _, err := conn.WriteTo(wb, to); err != nil {
+	if err == nil {
+		_, err = sock.conn.WriteTo(wb, to)
+	}
+	if err != nil {
+		e.mu.Lock()
+		delete(e.pending, k)
+		e.mu.Unlock()
 		e.dropped.Add(1)
-		return
+		return false
 	}
 	e.sent.Add(1)
-	deadline := time.Now().Add(e.o.Timeout)
-	_ = conn.SetReadDeadline(deadline)
+	return true
+}
+
+// socketLocked returns the family's socket, opening it (and its reader and
+// sweeper) on first use.
+func (e *Echo) socketLocked(v6 bool) (*echoSocket, error) {
+	f := family(v6)
+	if s := e.socks[f]; s != nil {
+		return s, nil
+	}
+	if e.closed.Load() { // Close already closed the sockets it saw
+		return nil, net.ErrClosed
+	}
+	conn, raw, err := listenICMP(v6)
+	if err != nil {
+		return nil, err
+	}
+	s := &echoSocket{conn: conn, raw: raw}
+	if raw {
+		s.ident = int(rand.Uint32() & 0xffff)
+	}
+	e.socks[f] = s
+	first := e.socks[1-f] == nil
+	e.wg.Add(1)
+	go e.routineReplies(s, v6)
+	if first {
+		e.wg.Add(1)
+		go e.routineSweep()
+	}
+	return s, nil
+}
+
+// routineReplies reads the socket's ICMP messages and hands each echo reply
+// that answers a pending request to the guest.
+func (e *Echo) routineReplies(s *echoSocket, v6 bool) {
+	defer e.wg.Done()
 	proto := 1
 	if v6 {
 		proto = 58
 	}
 	rb := make([]byte, 65536)
 	for {
-		n, from, err := conn.ReadFrom(rb)
+		n, from, err := s.conn.ReadFrom(rb)
 		if err != nil {
-			e.timedOut.Add(1)
-			return
-		}
-		rm, err := icmp.ParseMessage(proto, rb[:n])
-		if err != nil {
+			if errors.Is(err, net.ErrClosed) || e.closed.Load() {
+				return
+			}
 			continue
 		}
-		if rm.Type != ipv4.ICMPTypeEchoReply && rm.Type != ipv6.ICMPTypeEchoReply {
+		rm, err := icmp.ParseMessage(proto, rb[:n])
+		if err != nil || (rm.Type != ipv4.ICMPTypeEchoReply && rm.Type != ipv6.ICMPTypeEchoReply) {
 			continue
 		}
 		echo, ok := rm.Body.(*icmp.Echo)
-		if !ok || echo.Seq != int(seq) {
+		if !ok || (s.raw && echo.ID != s.ident) {
 			continue
 		}
-		if raw && (echo.ID != ourID || !sameIP(from, dst)) {
+		k := echoKey{v6, uint16(echo.Seq)}
+		e.mu.Lock()
+		r := e.pending[k]
+		if r == nil || !sameIP(from, r.dst) {
+			e.mu.Unlock()
 			continue
 		}
+		delete(e.pending, k)
+		e.mu.Unlock()
 		e.replied.Add(1)
-		e.o.Replier.SendEchoReply(dst, src, id, seq, echo.Data)
-		return
+		e.o.Replier.SendEchoReply(r.dst, r.src, r.id, r.seq, echo.Data)
+	}
+}
+
+// routineSweep forgets requests nobody answered in time.
+func (e *Echo) routineSweep() {
+	defer e.wg.Done()
+	t := time.NewTicker(e.o.Timeout / 5)
+	defer t.Stop()
+	for {
+		select {
+		case <-e.done:
+			return
+		case now := <-t.C:
+			e.mu.Lock()
+			for k, r := range e.pending {
+				if now.After(r.deadline) {
+					delete(e.pending, k)
+					e.timedOut.Add(1)
+				}
+			}
+			e.mu.Unlock()
+		}
 	}
 }
 
@@ -177,10 +262,17 @@ func listenICMP(v6 bool) (c *icmp.PacketConn, raw bool, err error) {
 	return c, true, nil
 }
 
-// Close stops relaying and waits for requests in flight.
+// Close stops relaying: the sockets close and their goroutines end.
 func (e *Echo) Close() {
 	if e.closed.CompareAndSwap(false, true) {
 		close(e.done)
+		e.mu.Lock()
+		for _, s := range e.socks {
+			if s != nil {
+				s.conn.Close()
+			}
+		}
+		e.mu.Unlock()
 	}
 	e.wg.Wait()
 }
@@ -196,6 +288,9 @@ type EchoStats struct {
 
 // Stats returns the relay's counters.
 func (e *Echo) Stats() EchoStats {
-	return EchoStats{InFlight: len(e.sem), Sent: e.sent.Load(), Replied: e.replied.Load(),
+	e.mu.Lock()
+	n := len(e.pending)
+	e.mu.Unlock()
+	return EchoStats{InFlight: n, Sent: e.sent.Load(), Replied: e.replied.Load(),
 		TimedOut: e.timedOut.Load(), Dropped: e.dropped.Load()}
 }

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -367,4 +368,74 @@ func FuzzDNSQuery(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		d.HandleUDP(src, dst, b)
 	})
+}
+
+type echoReply struct {
+	src, dst netip.Addr
+	id, seq  uint16
+	data     string
+}
+
+type echoCapture struct {
+	captureReplier
+	replies chan echoReply
+}
+
+func (c *echoCapture) SendEchoReply(src, dst netip.Addr, id, seq uint16, p []byte) bool {
+	c.replies <- echoReply{src, dst, id, seq, string(p)}
+	return true
+}
+
+// TestEchoSharesOneSocketPerFamily: requests from two guest pings with the
+// same identifier space and sequence go out through one socket per family
+// and each reply comes back with its own guest identifier and sequence.
+func TestEchoSharesOneSocketPerFamily(t *testing.T) {
+	if c, _, err := listenICMP(false); err != nil {
+		t.Skipf("skipping: no ICMP socket (needs root or ping_group_range): %v", err)
+	} else {
+		c.Close()
+	}
+	r := &echoCapture{replies: make(chan echoReply, 8)}
+	e := NewEcho(EchoOptions{Replier: r, Timeout: 2 * time.Second})
+	defer e.Close()
+	guest := netip.MustParseAddr("100.96.0.2")
+	guest6 := netip.MustParseAddr("fd42:6d73:62::2")
+	want := map[echoReply]bool{}
+	for i, dst := range []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.0.0.1"), netip.IPv6Loopback()} {
+		src := guest
+		if dst.Is6() {
+			src = guest6
+		}
+		id := uint16(100 + i)
+		data := fmt.Sprintf("ping-%d", i)
+		if !e.Handle(src, dst, id, 1, []byte(data)) {
+			t.Fatalf("request %d dropped", i)
+		}
+		want[echoReply{dst, src, id, 1, data}] = true
+	}
+	for len(want) > 0 {
+		select {
+		case got := <-r.replies:
+			if !want[got] {
+				t.Errorf("unexpected reply %+v", got)
+			}
+			delete(want, got)
+		case <-time.After(3 * time.Second):
+			t.Fatalf("replies missing: %+v", want)
+		}
+	}
+	e.mu.Lock()
+	open := 0
+	for _, s := range e.socks {
+		if s != nil {
+			open++
+		}
+	}
+	e.mu.Unlock()
+	if open != 2 {
+		t.Errorf("%d sockets open, want one per family", open)
+	}
+	if st := e.Stats(); st.Sent != 3 || st.Replied != 3 || st.InFlight != 0 {
+		t.Errorf("stats %+v", st)
+	}
 }
