@@ -26,6 +26,7 @@ type auditLine struct {
 	Time      string `json:"time"`
 	Direction string `json:"direction"`
 	Proto     string `json:"proto"`
+	Transport string `json:"transport,omitempty"` // of a DNS query: udp or tcp
 	Src       string `json:"src"`
 	Dst       string `json:"dst,omitempty"`
 	Domain    string `json:"domain,omitempty"`
@@ -105,6 +106,7 @@ func (a *auditLog) routineWrite(log *slog.Logger) {
 		}
 		if e.f.DNS {
 			l.Dst = ""
+			l.Transport = e.f.Proto.String()
 		}
 		if l.Domain == "" && e.f.Dst.IsValid() {
 			if names := a.pins.Lookup(e.f.Dst.Addr()); len(names) > 0 {

@@ -123,10 +123,16 @@ func (d *DNS) Upstreams() []string { return d.upstreams }
 // the one that answered last and failing over in order), and SERVFAIL when
 // none answers in time. It never returns nil.
 func (d *DNS) Resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg) *dns.Msg {
+	return d.resolve(ctx, src, q, policy.UDP)
+}
+
+// resolve is Resolve for a query that came over transport (UDP or TCP), as
+// the decisions report it.
+func (d *DNS) resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg, transport policy.Proto) *dns.Msg {
 	d.queries.Add(1)
 	if d.o.Filter != nil {
 		m, v := d.o.Filter.Query(src, q)
-		d.report(v)
+		d.report(v, transport)
 		if m != nil {
 			return m
 		}
@@ -140,7 +146,7 @@ func (d *DNS) Resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg) *dns.
 	}
 	if d.o.Filter != nil {
 		m, v := d.o.Filter.Answer(src, q, a)
-		d.report(v)
+		d.report(v, transport)
 		if m != nil {
 			return m
 		}
@@ -148,8 +154,9 @@ func (d *DNS) Resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg) *dns.
 	return a
 }
 
-func (d *DNS) report(v *policy.Verdict) {
+func (d *DNS) report(v *policy.Verdict, transport policy.Proto) {
 	if v != nil && d.o.Report != nil {
+		v.Flow.Proto = transport
 		d.o.Report(v.Flow, v.Decision)
 	}
 }
@@ -263,7 +270,7 @@ func (d *DNS) ServeTCP(conn net.Conn, src netip.AddrPort) {
 			d.dropped.Add(1)
 			return
 		}
-		a := d.Resolve(d.ctx, src, q)
+		a := d.resolve(d.ctx, src, q, policy.TCP)
 		if err := dc.WriteMsg(a); err != nil {
 			return
 		}

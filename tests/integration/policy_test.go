@@ -261,6 +261,7 @@ func TestAuditLogAndMetrics(t *testing.T) {
 	}
 	m0 := metrics()
 	w.Guest.MustRun(t, "dig", "+short", testenv.TestDomain)
+	w.Guest.MustRun(t, "dig", "+short", "+tcp", testenv.TestDomain, "AAAA")
 	w.Guest.MustRun(t, "curl", "-sS", "-4", "http://"+testenv.TestDomain+"/")
 	w.Guest.Run(w.Testhost, "dial", testenv.PrivHost4+":80")
 	w.Guest.Run(w.Testhost, "udp", "169.254.169.254:53", "x") // port 53 is DNS: answered by the agent
@@ -281,8 +282,8 @@ func TestAuditLogAndMetrics(t *testing.T) {
 	}
 	defer f.Close()
 	type line struct {
-		Time, Direction, Proto, Src, Dst, Domain, Action, RuleText string
-		Rule                                                       int
+		Time, Direction, Proto, Transport, Src, Dst, Domain, Action, RuleText string
+		Rule                                                                  int
 	}
 	var lines []line
 	sc := bufio.NewScanner(f)
@@ -291,6 +292,7 @@ func TestAuditLogAndMetrics(t *testing.T) {
 			Time      string `json:"time"`
 			Direction string `json:"direction"`
 			Proto     string `json:"proto"`
+			Transport string `json:"transport"`
 			Src       string `json:"src"`
 			Dst       string `json:"dst"`
 			Domain    string `json:"domain"`
@@ -305,7 +307,7 @@ func TestAuditLogAndMetrics(t *testing.T) {
 			t.Errorf("audit line lacks fields: %s", sc.Text())
 			continue
 		}
-		lines = append(lines, line{l.Time, l.Direction, l.Proto, l.Src, l.Dst, l.Domain, l.Action, l.RuleText, *l.Rule})
+		lines = append(lines, line{l.Time, l.Direction, l.Proto, l.Transport, l.Src, l.Dst, l.Domain, l.Action, l.RuleText, *l.Rule})
 	}
 	has := func(pred func(line) bool) bool {
 		for _, l := range lines {
@@ -315,8 +317,15 @@ func TestAuditLogAndMetrics(t *testing.T) {
 		}
 		return false
 	}
-	if !has(func(l line) bool { return l.Proto == "dns" && l.Domain == testenv.TestDomain && l.Action == "allow" }) {
-		t.Errorf("no DNS decision for %s in %+v", testenv.TestDomain, lines)
+	if !has(func(l line) bool {
+		return l.Proto == "dns" && l.Transport == "udp" && l.Domain == testenv.TestDomain && l.Action == "allow"
+	}) {
+		t.Errorf("no DNS-over-UDP decision for %s in %+v", testenv.TestDomain, lines)
+	}
+	if !has(func(l line) bool {
+		return l.Proto == "dns" && l.Transport == "tcp" && l.Domain == testenv.TestDomain && l.Action == "allow"
+	}) {
+		t.Errorf("no DNS-over-TCP decision for %s in %+v", testenv.TestDomain, lines)
 	}
 	if !has(func(l line) bool {
 		return l.Proto == "tcp" && l.Dst == testenv.WebHost4+":80" && l.Domain == testenv.TestDomain && l.Action == "allow" && l.Rule == 2
