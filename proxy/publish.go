@@ -20,19 +20,28 @@ type PortSpec struct {
 	Proto     string // "tcp" or "udp"
 	Host      netip.AddrPort
 	GuestPort uint16
+	// GuestV6 sends every client to the guest's IPv6 address. Otherwise TCP
+	// goes to the IPv4 address, and to the IPv6 one when that refuses
+	// (a server that listens on [::] only, say); UDP goes to IPv4.
+	GuestV6 bool
 }
 
 func (p PortSpec) String() string {
-	return fmt.Sprintf("%s→%d/%s", p.Host, p.GuestPort, p.Proto)
+	v6 := ""
+	if p.GuestV6 {
+		v6 = "6"
+	}
+	return fmt.Sprintf("%s→%d/%s%s", p.Host, p.GuestPort, p.Proto, v6)
 }
 
 // PublishOptions connect published ports to the sandbox.
 type PublishOptions struct {
-	// DialGuest connects to the guest's port through the netstack.
-	DialGuest func(ctx context.Context, port uint16) (net.Conn, error)
-	// SendToGuest delivers a datagram to the guest's port, from the
-	// gateway's port gwPort.
-	SendToGuest func(gwPort, guestPort uint16, payload []byte) bool
+	// DialGuest connects to the guest's port through the netstack, at its
+	// IPv6 address or its IPv4 one.
+	DialGuest func(ctx context.Context, port uint16, v6 bool) (net.Conn, error)
+	// SendToGuest delivers a datagram to the guest's port (at its IPv6 or
+	// IPv4 address), from the gateway's port gwPort.
+	SendToGuest func(gwPort, guestPort uint16, v6 bool, payload []byte) bool
 	// Allow decides a new host client (the ingress policy).
 	Allow func(proto string, client, listen netip.AddrPort) bool
 	// UDPIdleTimeout ends idle UDP client sessions (default 60 s).
@@ -73,8 +82,13 @@ type ingressSession struct {
 	sock      *net.UDPConn
 	gwPort    uint16
 	guestPort uint16
+	v6        bool
 	lastSeen  atomic.Int64
 }
+
+// ErrGuestRefused means nothing listens on the guest's port at that address
+// (the guest answered the connection with a reset).
+var ErrGuestRefused = errors.New("guest refused the connection")
 
 // Ingress UDP sessions use gateway ports from this range.
 const (

@@ -30,7 +30,12 @@ func (p *Publisher) serveTCP(c *net.TCPConn, s PortSpec) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(p.ctx, p.o.DialTimeout)
-	g, err := p.o.DialGuest(ctx, s.GuestPort)
+	g, err := p.o.DialGuest(ctx, s.GuestPort, s.GuestV6)
+	if err != nil && !s.GuestV6 && errors.Is(err, ErrGuestRefused) {
+		// Nothing on the guest's IPv4 address: many servers listen on
+		// [::] only.
+		g, err = p.o.DialGuest(ctx, s.GuestPort, true)
+	}
 	cancel()
 	if err != nil {
 		// Nothing listens on the guest port (or the guest is gone): the

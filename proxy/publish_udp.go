@@ -24,7 +24,7 @@ func (p *Publisher) routineReadUDP(idx int, sock *net.UDPConn, s PortSpec) {
 			continue
 		}
 		sess.lastSeen.Store(time.Now().UnixNano())
-		p.o.SendToGuest(sess.gwPort, sess.guestPort, buf[:n])
+		p.o.SendToGuest(sess.gwPort, sess.guestPort, sess.v6, buf[:n])
 	}
 }
 
@@ -50,7 +50,7 @@ func (p *Publisher) udpSession(k udpClientKey, sock *net.UDPConn, s PortSpec) *i
 		p.failed.Add(1)
 		return nil
 	}
-	sess = &ingressSession{key: k, sock: sock, gwPort: port, guestPort: s.GuestPort}
+	sess = &ingressSession{key: k, sock: sock, gwPort: port, guestPort: s.GuestPort, v6: s.GuestV6}
 	sess.lastSeen.Store(time.Now().UnixNano())
 	p.sessions[k] = sess
 	p.byGwPort[port] = sess

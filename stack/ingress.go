@@ -10,9 +10,11 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
+	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/wire"
 )
 
@@ -26,18 +28,22 @@ type IngressUDP interface {
 func (st *Stack) SetIngressUDP(h IngressUDP) { st.ingress.Store(&h) }
 
 // DialGuest opens a TCP connection from the gateway to the guest's IPv4
-// address on port, through the netstack. A closed guest port fails at once
-// (the guest answers RST).
-func (st *Stack) DialGuest(ctx context.Context, port uint16) (net.Conn, error) {
+// (or IPv6) address on port, through the netstack. A closed guest port
+// fails at once (the guest answers RST) with proxy.ErrGuestRefused.
+func (st *Stack) DialGuest(ctx context.Context, port uint16, v6 bool) (net.Conn, error) {
 	var wq waiter.Queue
-	ep, terr := st.s.NewEndpoint(tcp.ProtocolNumber, ipv4.ProtocolNumber, &wq)
+	netProto, guest := ipv4.ProtocolNumber, st.o.Plan.GuestIPv4.Addr()
+	if v6 {
+		netProto, guest = ipv6.ProtocolNumber, st.o.Plan.GuestIPv6.Addr()
+	}
+	ep, terr := st.s.NewEndpoint(tcp.ProtocolNumber, netProto, &wq)
 	if terr != nil {
 		return nil, fmt.Errorf("guest endpoint: %s", terr)
 	}
 	entry, notify := waiter.NewChannelEntry(waiter.WritableEvents)
 	wq.EventRegister(&entry)
 	defer wq.EventUnregister(&entry)
-	to := tcpip.FullAddress{NIC: nicID, Addr: wire.TCPIPAddr(st.o.Plan.GuestIPv4.Addr()), Port: port}
+	to := tcpip.FullAddress{NIC: nicID, Addr: wire.TCPIPAddr(guest), Port: port}
 	terr = ep.Connect(to)
 	if _, started := terr.(*tcpip.ErrConnectStarted); started {
 		select {
@@ -53,14 +59,21 @@ func (st *Stack) DialGuest(ctx context.Context, port uint16) (net.Conn, error) {
 	}
 	if terr != nil {
 		ep.Close()
-		return nil, fmt.Errorf("connect to guest port %d: %s", port, terr)
+		if _, refused := terr.(*tcpip.ErrConnectionRefused); refused {
+			return nil, fmt.Errorf("connect to guest %s port %d: %w", guest, port, proxy.ErrGuestRefused)
+		}
+		return nil, fmt.Errorf("connect to guest %s port %d: %s", guest, port, terr)
 	}
 	return &guestConn{TCPConn: gonet.NewTCPConn(&wq, ep), ep: ep}, nil
 }
 
-// SendUDPToGuest delivers a datagram from the gateway's IPv4 address and
-// port gwPort to the guest's port.
-func (st *Stack) SendUDPToGuest(gwPort, guestPort uint16, payload []byte) bool {
+// SendUDPToGuest delivers a datagram from the gateway's address and port
+// gwPort to the guest's port, over IPv4 or IPv6.
+func (st *Stack) SendUDPToGuest(gwPort, guestPort uint16, v6 bool, payload []byte) bool {
 	p := st.o.Plan
-	return st.r.SendUDP(netip.AddrPortFrom(p.GatewayV4, gwPort), netip.AddrPortFrom(p.GuestIPv4.Addr(), guestPort), payload)
+	gw, guest := p.GatewayV4, p.GuestIPv4.Addr()
+	if v6 {
+		gw, guest = p.GatewayV6, p.GuestIPv6.Addr()
+	}
+	return st.r.SendUDP(netip.AddrPortFrom(gw, gwPort), netip.AddrPortFrom(guest, guestPort), payload)
 }

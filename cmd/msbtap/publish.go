@@ -9,16 +9,22 @@ import (
 	"github.com/msbtap/msbtap/proxy"
 )
 
-// ParsePublish parses [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp].
-// The host address defaults to 127.0.0.1; IPv6 addresses go in brackets.
+// parsePublish parses
+// [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp|/tcp6|/udp6]. The host
+// address defaults to 127.0.0.1; IPv6 addresses go in brackets; tcp6 and
+// udp6 relay to the guest's IPv6 address.
 func parsePublish(s string) ([]proxy.PortSpec, error) {
 	bad := func(why string) ([]proxy.PortSpec, error) {
-		return nil, fmt.Errorf("--publish %q: %s (want [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp])", s, why)
+		return nil, fmt.Errorf("--publish %q: %s (want [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp|/tcp6|/udp6])", s, why)
 	}
-	rest, proto := s, "tcp"
+	rest, proto, v6 := s, "tcp", false
 	if i := strings.LastIndexByte(rest, '/'); i >= 0 {
 		proto, rest = rest[i+1:], rest[:i]
-		if proto != "tcp" && proto != "udp" {
+		switch proto {
+		case "tcp", "udp":
+		case "tcp6", "udp6":
+			proto, v6 = proto[:3], true
+		default:
 			return bad(fmt.Sprintf("protocol %q", proto))
 		}
 	}
@@ -62,7 +68,7 @@ func parsePublish(s string) ([]proxy.PortSpec, error) {
 	}
 	var out []proxy.PortSpec
 	for i := 0; i <= int(h1-h0); i++ {
-		out = append(out, proxy.PortSpec{Proto: proto, Host: netip.AddrPortFrom(host, h0+uint16(i)), GuestPort: g0 + uint16(i)})
+		out = append(out, proxy.PortSpec{Proto: proto, Host: netip.AddrPortFrom(host, h0+uint16(i)), GuestPort: g0 + uint16(i), GuestV6: v6})
 	}
 	return out, nil
 }

@@ -92,6 +92,30 @@ func TestPublishUDP(t *testing.T) {
 	}
 }
 
+// TestPublishToIPv6OnlyGuest: a guest server that listens on its IPv6
+// address only is reached through a plain published TCP port (the IPv4
+// address refuses, so the relay tries IPv6), and through /tcp6 and /udp6.
+func TestPublishToIPv6OnlyGuest(t *testing.T) {
+	testenv.RequireTools(t, "curl")
+	w := testenv.NewWorld(t)
+	w.StartAgent(t, "-p", "18080:8081", "-p", "18081:8081/tcp6", "-p", "17003:7003/udp6")
+	ready := filepath.Join(t.TempDir(), "guest6-ready")
+	w.Guest.Start(t, w.Testhost, "serve", "--http", "[fd42:6d73:62::2]:8081", "--udp-echo", "[fd42:6d73:62::2]:7003", "--ready", ready)
+	waitFor(t, 10*time.Second, "guest servers", func() bool { _, err := os.Stat(ready); return err == nil })
+	if _, err := w.Guest.Run(w.Testhost, "dial", "100.96.0.2:8081"); err == nil {
+		t.Fatal("the guest server answers on IPv4 too: the test proves nothing")
+	}
+	for _, url := range []string{"http://127.0.0.1:18080/", "http://127.0.0.1:18081/"} {
+		out, err := w.Host.Run("curl", "-sS", "--max-time", "5", url)
+		if err != nil || !strings.Contains(out, "hello from testhost") {
+			t.Errorf("%s: %v %q", url, err, out)
+		}
+	}
+	if out := w.Host.MustRun(t, w.Testhost, "udp", "127.0.0.1:17003", "v6-echo"); strings.TrimSpace(out) != "v6-echo" {
+		t.Errorf("udp6: %q", out)
+	}
+}
+
 func TestPublishConcurrentClients(t *testing.T) {
 	w := testenv.NewWorld(t)
 	w.StartAgent(t, "-p", "18080:80")
