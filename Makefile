@@ -1,4 +1,4 @@
-# msbtap — see README.md. `sudo make demo` and `sudo make test` install what
+# msbtap — see README.md. `make demo` and `make test`, as root (or with sudo), install what
 # they need on a fresh Debian machine.
 
 GO        ?= go
@@ -6,7 +6,10 @@ BIN       := bin/msbtap
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
 DEB_PKGS  := iproute2 curl dnsutils iputils-ping iperf3 util-linux procps ca-certificates qemu-system-x86
 
-.PHONY: all build deps test unit integration bench bench-peers lint demo clean
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+
+.PHONY: all build deps test unit integration bench bench-peers lint demo clean man install
 
 all: build
 
@@ -49,6 +52,19 @@ lint:
 demo: deps build
 	$(GO) build -o bin/testhost ./internal/testhost
 	./scripts/demo.sh
+
+# man regenerates docs/msbtap.1 from the flag definitions (a unit test fails
+# when it is stale).
+man:
+	$(GO) run ./cmd/msbtap man > docs/msbtap.1
+
+# install puts msbtap, its man page and its shell completions under PREFIX.
+install: build
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/msbtap
+	install -D -m 0644 docs/msbtap.1 $(DESTDIR)$(PREFIX)/share/man/man1/msbtap.1
+	$(BIN) completion bash | install -D -m 0644 /dev/stdin $(DESTDIR)$(PREFIX)/share/bash-completion/completions/msbtap
+	$(BIN) completion zsh | install -D -m 0644 /dev/stdin $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_msbtap
+	$(BIN) completion fish | install -D -m 0644 /dev/stdin $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/msbtap.fish
 
 clean:
 	rm -rf bin results

@@ -171,10 +171,10 @@ func checkPrivileges() error {
 	}
 	has := func(c uint) bool { return data[c/32].Effective&(1<<(c%32)) != 0 }
 	if !has(unix.CAP_NET_ADMIN) {
-		return errors.New("missing CAP_NET_ADMIN: msbtap creates a TAP device and must run as root (sudo)")
+		return errors.New("missing CAP_NET_ADMIN: msbtap creates a TAP device and must run as root (or with sudo)")
 	}
 	if !has(unix.CAP_SYS_ADMIN) {
-		return errors.New("missing CAP_SYS_ADMIN: msbtap enters the sandbox's network namespace and must run as root (sudo)")
+		return errors.New("missing CAP_SYS_ADMIN: msbtap enters the sandbox's network namespace and must run as root (or with sudo)")
 	}
 	return nil
 }

@@ -4,7 +4,7 @@
 # msbtap and the test servers, and writes results/bench-peers.{json,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" -eq 0 ] || { echo "bench-peers: run as root (sudo make bench-peers)" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || { echo "bench-peers: run as root (or with sudo): make bench-peers" >&2; exit 1; }
 missing=""
 for p in slirp4netns passt iperf3 iproute2; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[ "$(id -u)" -eq 0 ] || { echo "demo: run as root (sudo make demo)" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || { echo "demo: run as root (or with sudo): make demo" >&2; exit 1; }
 MSBTAP=${MSBTAP:-bin/msbtap}
 TESTHOST=${TESTHOST:-bin/testhost}
 for b in "$MSBTAP" "$TESTHOST"; do

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Example VM launcher: one msbtap per sandbox.
 #
-#   sudo scripts/launch-qemu.sh [SLOT] [-- MSBTAP-RUN-FLAGS...]
+#   scripts/launch-qemu.sh (as root, or with sudo) [SLOT] [-- MSBTAP-RUN-FLAGS...]
 #
 # Starts msbtap in VM mode for SLOT (default 0), waits until it is ready,
 # boots QEMU on the TAP msbtap created, and stops msbtap when the VM exits.

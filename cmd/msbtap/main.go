@@ -41,6 +41,10 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Writer:          stdout,
 		ErrWriter:       stderr,
 		HideHelpCommand: true,
+		// The completion scripts ask msbtap for the words that fit.
+		EnableBashCompletion: true,
+		Description: "msbtap gives one sandbox (a network namespace or a VM) a TAP device whose traffic is terminated by a userspace TCP/IP stack on the host, " +
+			"checked against a policy, and relayed through the host's own sockets. Run as root (or with sudo).",
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
 			return withStatus(2, err)
 		},
@@ -49,6 +53,8 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			runCommand(),
 			policyCommand(),
 			configCommand(),
+			completionCommand(),
+			manCommand(),
 			{
 				Name:  "version",
 				Usage: "print the version",

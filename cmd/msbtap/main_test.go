@@ -146,3 +146,36 @@ func TestPolicyCheckReportsEveryError(t *testing.T) {
 		}
 	}
 }
+
+// TestManPageCurrent: docs/msbtap.1 is what the flag definitions generate
+// (run `make man` after changing a flag).
+func TestManPageCurrent(t *testing.T) {
+	out, err := runApp("man")
+	if err != nil {
+		t.Fatal(err)
+	}
+	have, err := os.ReadFile("../../docs/msbtap.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(have) != out {
+		t.Error("docs/msbtap.1 is stale: run `make man` and commit it")
+	}
+	for _, want := range []string{"--publish", "--policy", ".SS check", "completion"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("man page lacks %q", want)
+		}
+	}
+}
+
+func TestCompletionScripts(t *testing.T) {
+	for _, sh := range []string{"bash", "zsh", "fish"} {
+		out, err := runApp("completion", sh)
+		if err != nil || !strings.Contains(out, "msbtap") {
+			t.Errorf("%s: %v\n%s", sh, err, out)
+		}
+	}
+	if _, err := runApp("completion", "tcsh"); err == nil {
+		t.Error("tcsh: no error")
+	}
+}

@@ -65,7 +65,7 @@ func main() {
 	only := flag.String("only", "", "comma-separated backends to run (default all)")
 	flag.Parse()
 	if os.Geteuid() != 0 {
-		log.Fatal("run as root (sudo make bench-peers)")
+		log.Fatal("run as root (or with sudo): make bench-peers")
 	}
 	if *only != "" {
 		backends = strings.Split(*only, ",")

@@ -22,7 +22,7 @@ import (
 func RequireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("skipping: needs root (network namespaces and TAP devices); run `sudo make test`")
+		t.Skip("skipping: needs root (network namespaces and TAP devices); run `make test` as root (or with sudo)")
 	}
 }
 
@@ -31,7 +31,7 @@ func RequireTools(t testing.TB, names ...string) {
 	t.Helper()
 	for _, n := range names {
 		if _, err := exec.LookPath(n); err != nil {
-			t.Fatalf("%s not found: `sudo make deps` installs what the tests need", n)
+			t.Fatalf("%s not found: `make deps`, as root, installs what the tests need", n)
 		}
 	}
 }

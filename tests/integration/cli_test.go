@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -187,4 +189,35 @@ func startCmd(t *testing.T, cmd *exec.Cmd) (out *testenv.Buffer, done <-chan err
 	go func() { ch <- cmd.Wait() }()
 	t.Cleanup(func() { cmd.Process.Kill() })
 	return out, ch
+}
+
+// TestBashCompletion: the script msbtap prints completes subcommands and
+// flags by asking msbtap itself.
+func TestBashCompletion(t *testing.T) {
+	testenv.RequireTools(t, "bash")
+	msbtap, _ := testenv.Binaries(t)
+	script := filepath.Join(t.TempDir(), "msbtap.bash")
+	out, err := exec.Command(msbtap, "completion", "bash").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(script, out, 0o644)
+	complete := func(words ...string) string {
+		t.Helper()
+		sh := fmt.Sprintf(`source %s; COMP_WORDS=(%s); COMP_CWORD=%d; _msbtap; echo "${COMPREPLY[@]}"`,
+			script, strings.Join(words, " "), len(words)-1)
+		cmd := exec.Command("bash", "-c", sh)
+		cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(msbtap)+":"+os.Getenv("PATH"))
+		b, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("bash: %v\n%s", err, b)
+		}
+		return strings.TrimSpace(string(b))
+	}
+	if got := complete("msbtap", "pol"); got != "policy" {
+		t.Errorf("msbtap pol<TAB>: %q, want policy", got)
+	}
+	if got := complete("msbtap", "run", "--pub"); got != "--publish" {
+		t.Errorf("msbtap run --pub<TAB>: %q, want --publish", got)
+	}
 }

@@ -26,7 +26,7 @@ var (
 func vmImage(t *testing.T) (kernel, initrd string) {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("skipping: qemu-system-x86_64 not installed (`sudo make deps` installs qemu-system-x86)")
+		t.Skip("skipping: qemu-system-x86_64 not installed (`make deps` as root installs qemu-system-x86)")
 	}
 	vmImageOnce.Do(func() {
 		root := repoRoot()
