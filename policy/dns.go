@@ -32,9 +32,13 @@ type DNSGuard struct {
 
 // Decision rule numbers for verdicts that come from outside the rules.
 const (
-	RuleDefault   = -1 // the policy's default action
-	RuleBlockList = -2 // --dns-block / --dns-block-suffix
-	RuleRebind    = -3 // rebinding protection
+	RuleDefault     = -1 // the policy's default action
+	RuleBlockList   = -2 // --dns-block / --dns-block-suffix
+	RuleRebind      = -3 // rebinding protection
+	RuleResolveAll  = -4 // resolve "all" let an unlisted name resolve
+	RuleGatewayEcho = -5 // the gateway answers its own echo
+	RuleLocal       = -6 // the host's routing table says the destination is local
+	RuleUnspecified = -7 // an unspecified address is never dialed
 )
 
 // NewDNSGuard returns a guard; names in the block lists must be valid.
@@ -102,29 +106,53 @@ var privateZones = []target{
 	{kind: matchSuffix, name: "lan"},
 }
 
-// Answer implements proxy.DNSFilter.
+// Bounds on what one answer may pin.
+const (
+	maxCNAMEChain    = 8  // CNAME hops followed from the question
+	maxPinsPerAnswer = 32 // addresses pinned from one answer
+)
+
+func canonical(name string) string { return strings.ToLower(strings.TrimSuffix(name, ".")) }
+
+// Answer implements proxy.DNSFilter. Only records on the CNAME chain that
+// starts at the question count: they are checked (block lists on every
+// name of the chain, rebinding protection on every address) and their
+// addresses pinned to the chain's names; records about other names are
+// stripped, so an answer cannot pin an address to a name nobody asked for.
 func (g *DNSGuard) Answer(src netip.AddrPort, q, a *dns.Msg) (*dns.Msg, *Verdict) {
-	qname := strings.ToLower(strings.TrimSuffix(q.Question[0].Name, "."))
-	type pin struct {
-		addr netip.Addr
-		name string
-		ttl  time.Duration
+	qname := canonical(q.Question[0].Name)
+	chain := []string{qname}
+	for hop := 0; hop < maxCNAMEChain; hop++ {
+		next := ""
+		for _, rr := range a.Answer {
+			if c, ok := rr.(*dns.CNAME); ok && canonical(c.Hdr.Name) == chain[len(chain)-1] {
+				next = canonical(c.Target)
+				break
+			}
+		}
+		if next == "" || contains(chain, next) {
+			break
+		}
+		// A CNAME target is a name the sandbox may now connect to; a
+		// block on it applies as on the queried name.
+		if g.blockedName(next) {
+			return nxdomain(q), verdict(src, next, Decision{Action: Deny, Rule: RuleBlockList})
+		}
+		chain = append(chain, next)
 	}
-	var pins []pin
+	kept := make([]dns.RR, 0, len(a.Answer))
+	pinned := 0
 	for _, rr := range a.Answer {
+		if !contains(chain, canonical(rr.Header().Name)) {
+			continue // off the chain: stripped
+		}
+		kept = append(kept, rr)
 		var ip netip.Addr
 		switch r := rr.(type) {
 		case *dns.A:
 			ip, _ = netip.AddrFromSlice(r.A)
 		case *dns.AAAA:
 			ip, _ = netip.AddrFromSlice(r.AAAA)
-		case *dns.CNAME:
-			// A CNAME target is a name the sandbox may now connect to; a
-			// block on it applies as on the queried name.
-			if t := strings.ToLower(strings.TrimSuffix(r.Target, ".")); g.blockedName(t) {
-				return nxdomain(q), verdict(src, t, Decision{Action: Deny, Rule: RuleBlockList})
-			}
-			continue
 		default:
 			continue
 		}
@@ -132,14 +160,17 @@ func (g *DNSGuard) Answer(src netip.AddrPort, q, a *dns.Msg) (*dns.Msg, *Verdict
 		if g.o.RebindProtection && NonPublic(ip) && !isPrivateZone(qname) {
 			return nxdomain(q), verdict(src, qname, Decision{Action: Deny, Rule: RuleRebind})
 		}
-		ttl := time.Duration(rr.Header().Ttl) * time.Second
-		pins = append(pins, pin{ip, qname, ttl})
-		if owner := strings.ToLower(strings.TrimSuffix(rr.Header().Name, ".")); owner != qname {
-			pins = append(pins, pin{ip, owner, ttl})
+		if pinned < maxPinsPerAnswer {
+			pinned++
+			ttl := time.Duration(rr.Header().Ttl) * time.Second
+			for _, n := range chain {
+				g.o.Pins.Add(ip, n, ttl)
+			}
 		}
 	}
-	for _, p := range pins {
-		g.o.Pins.Add(p.addr, p.name, p.ttl)
+	if len(kept) != len(a.Answer) {
+		a.Answer = kept
+		return a, nil
 	}
 	return nil, nil
 }

@@ -10,13 +10,14 @@ import (
 // Engine is a compiled, immutable policy. Check is safe for concurrent use
 // and does not allocate.
 type Engine struct {
-	def      Action
-	rules    []rule
-	host     *HostSet
-	pins     *Pins
-	fatal    bool // every deny terminates (--on-violation terminate)
-	ipAllows bool // some address-based egress rule (or the default) allows
-	src      *File
+	def        Action
+	rules      []rule
+	host       *HostSet
+	pins       *Pins
+	fatal      bool // every deny terminates (--on-violation terminate)
+	allows     bool // some egress rule (or the default) allows something
+	resolveAll bool // under default deny, names no rule lists resolve too
+	src        *File
 }
 
 // Options are what an Engine needs besides the policy itself.
@@ -38,19 +39,41 @@ func Compile(f *File, o Options) (*Engine, error) {
 		return nil, fmt.Errorf("default_action: %v", err)
 	}
 	e := &Engine{def: def, host: o.Host, pins: o.Pins, fatal: o.DenyIsFatal, src: f}
-	e.ipAllows = def == Allow
+	e.allows = def == Allow
+	switch f.Resolve {
+	case "", ResolveListed:
+	case ResolveAll:
+		e.resolveAll = true
+	default:
+		return nil, fmt.Errorf("resolve: %q: want %s or %s", f.Resolve, ResolveListed, ResolveAll)
+	}
 	for i, fr := range f.Rules {
 		r, err := compileRule(fr)
 		if err != nil {
 			return nil, fmt.Errorf("rules[%d].%v", i, err)
 		}
-		if r.dir == Egress && r.action == Allow && r.dst.kind != matchDomain && r.dst.kind != matchSuffix {
-			e.ipAllows = true
+		if r.dir == Egress && r.action == Allow {
+			e.allows = true
 		}
 		e.rules = append(e.rules, r)
 	}
 	return e, nil
 }
+
+// Values of a policy's "resolve" setting.
+const (
+	// ResolveListed (the default): under default deny, only names that an
+	// allowing domain or domain_suffix rule matches resolve, so DNS is no
+	// channel out of a sandbox that has none.
+	ResolveListed = "listed"
+	// ResolveAll: under default deny, every name no rule denies resolves.
+	ResolveAll = "all"
+)
+
+// AllowsAnything reports whether the policy allows any egress flow at all
+// (the default or some rule). The gateway answers its own echo requests
+// under every policy that does.
+func (e *Engine) AllowsAnything() bool { return e.allows }
 
 func (e *Engine) decision(a Action, rule int) Decision {
 	if e.fatal && a == Deny {
@@ -61,7 +84,14 @@ func (e *Engine) decision(a Action, rule int) Decision {
 
 // Check decides a flow: the first rule that matches wins; no match gives
 // the default action for egress and allows ingress.
-func (e *Engine) Check(f Flow) Decision {
+func (e *Engine) Check(f Flow) Decision { return e.check(f, netip.Addr{}) }
+
+// CheckAsHost decides a flow as if its destination were one of the host's
+// own addresses (the kernel says it is local, though the host group did not
+// know it yet).
+func (e *Engine) CheckAsHost(f Flow) Decision { return e.check(f, f.Dst.Addr().Unmap()) }
+
+func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 	dst, src := f.Dst.Addr().Unmap(), f.Src.Addr().Unmap()
 	var names []string
 	namesLooked := false
@@ -102,7 +132,7 @@ func (e *Engine) Check(f Flow) Decision {
 				}
 			}
 		default:
-			if e.addrMatches(t, a) {
+			if e.addrMatches(t, a) || (extraHost.IsValid() && t.kind == matchGroup && t.group == GroupHost && a == extraHost) {
 				return e.decision(r.action, i)
 			}
 		}
@@ -119,9 +149,9 @@ func (e *Engine) Check(f Flow) Decision {
 // CheckQuery decides whether the sandbox may resolve name. The first rule
 // that matches the name decides, unless it is a deny limited to some
 // protocols or ports (the name may still be used for others). With no such
-// rule, the name resolves when any connection could be allowed by address
-// (the default allows, or some address-based egress rule does): address
-// rules never break name resolution, only domain rules and block lists do.
+// rule, the name resolves when the default allows, or when the policy says
+// resolve "all"; under default deny it is refused otherwise, so that DNS
+// carries nothing out of a sandbox the policy keeps in.
 func (e *Engine) CheckQuery(name string) Decision {
 	name = strings.ToLower(strings.TrimSuffix(name, "."))
 	for i := range e.rules {
@@ -134,10 +164,13 @@ func (e *Engine) CheckQuery(name string) Decision {
 		}
 		return e.decision(r.action, i)
 	}
-	if e.ipAllows {
-		return Decision{Action: Allow, Rule: -1}
+	if e.def == Allow {
+		return Decision{Action: Allow, Rule: RuleDefault}
 	}
-	return e.decision(e.def, -1)
+	if e.resolveAll {
+		return Decision{Action: Allow, Rule: RuleResolveAll}
+	}
+	return e.decision(e.def, RuleDefault)
 }
 
 func (e *Engine) addrMatches(t *target, a netip.Addr) bool {
@@ -145,24 +178,39 @@ func (e *Engine) addrMatches(t *target, a netip.Addr) bool {
 	case matchAny:
 		return true
 	case matchCIDR:
-		return t.prefix.Contains(a)
+		if t.prefix.Contains(a) {
+			return true
+		}
+		v4, ok := Embedded(a) // the IPv4 host a NAT64 or 6to4 address reaches
+		return ok && t.prefix.Contains(v4)
 	case matchGroup:
 		return InGroup(a, t.group, e.host)
 	}
 	return false
 }
 
+// nameMatches matches a name in DNS presentation format label by label: a
+// suffix matches only at a label boundary, and a dot escaped inside a label
+// ("evil\.example.com" is one label "evil.example" then "com") is no
+// boundary.
 func nameMatches(t *target, name string) bool {
-	if len(name) > 0 && name[len(name)-1] == '.' {
-		name = name[:len(name)-1]
+	if n := len(name); n > 0 && name[n-1] == '.' && !escaped(name, n-1) {
+		name = name[:n-1]
 	}
-	if t.kind == matchDomain {
+	if t.kind == matchDomain || len(name) == len(t.name) {
 		return strings.EqualFold(name, t.name)
 	}
-	if len(name) == len(t.name) {
-		return strings.EqualFold(name, t.name)
+	i := len(name) - len(t.name) - 1 // the dot before the suffix
+	return i > 0 && name[i] == '.' && !escaped(name, i) && strings.EqualFold(name[i+1:], t.name)
+}
+
+// escaped reports whether name[i] is escaped by an odd run of backslashes.
+func escaped(name string, i int) bool {
+	n := 0
+	for j := i - 1; j >= 0 && name[j] == '\\'; j-- {
+		n++
 	}
-	return len(name) > len(t.name) && name[len(name)-len(t.name)-1] == '.' && strings.EqualFold(name[len(name)-len(t.name):], t.name)
+	return n%2 == 1
 }
 
 func inRanges(rs []PortRange, p uint16) bool {
@@ -177,6 +225,12 @@ func inRanges(rs []PortRange, p uint16) bool {
 // Describe returns a one-line description of rule i (or of the default
 // action for -1), for logs and `msbtap policy explain`.
 func (e *Engine) Describe(i int) string {
+	if i == RuleResolveAll {
+		return `resolve "all": names no rule lists resolve`
+	}
+	if i == RuleGatewayEcho {
+		return "the gateway answers its own echo requests"
+	}
 	if i < 0 || i >= len(e.src.Rules) {
 		return "default_action " + e.src.DefaultAction
 	}

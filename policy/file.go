@@ -18,8 +18,11 @@ import (
 //	    "protocols": ["tcp"], "ports": [{"start": 443, "end": 443}],
 //	    "action": "allow"}]}
 type File struct {
-	DefaultAction string     `json:"default_action"`
-	Rules         []FileRule `json:"rules"`
+	DefaultAction string `json:"default_action"`
+	// Resolve says which names the sandbox may resolve under default
+	// deny: "listed" (the default) or "all"; see ResolveListed.
+	Resolve string     `json:"resolve,omitempty"`
+	Rules   []FileRule `json:"rules"`
 }
 
 // FileRule is one rule of a policy file.
@@ -107,6 +110,7 @@ func (e Errors) Unwrap() []error { return e }
 func ParseFile(data []byte) (*File, error) {
 	var raw struct {
 		DefaultAction *string           `json:"default_action"`
+		Resolve       string            `json:"resolve"`
 		Rules         []json.RawMessage `json:"rules"`
 	}
 	d := json.NewDecoder(bytes.NewReader(data))
@@ -126,6 +130,10 @@ func ParseFile(data []byte) (*File, error) {
 		if _, err := ParseAction(f.DefaultAction); err != nil {
 			errs = append(errs, fmt.Errorf("policy: default_action: %v", err))
 		}
+	}
+	f.Resolve = raw.Resolve
+	if raw.Resolve != "" && raw.Resolve != ResolveListed && raw.Resolve != ResolveAll {
+		errs = append(errs, fmt.Errorf("policy: resolve: %q: want %s or %s", raw.Resolve, ResolveListed, ResolveAll))
 	}
 	for i, rr := range raw.Rules {
 		var r FileRule
@@ -245,6 +253,9 @@ func compileTarget(t *Target) (target, error) {
 			p = netip.PrefixFrom(a, a.BitLen())
 		}
 		if p.Addr().Is4In6() {
+			if p.Bits() < 96 {
+				return target{}, fmt.Errorf("cidr: %q: a prefix of IPv4-mapped addresses must be /96 or longer (it is matched as IPv4)", t.CIDR)
+			}
 			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 		}
 		return target{kind: matchCIDR, prefix: p.Masked()}, nil

@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"container/list"
 	"net/netip"
 	"strings"
 	"sync"
@@ -18,15 +19,18 @@ const (
 // Pins records which names this sandbox's DNS answers mapped each address
 // to, for as long as the answers' TTL (at least MinPinTTL), bounded in size.
 // Domain rules match an address only through its pins: an address the
-// sandbox never looked up matches no domain rule.
+// sandbox never looked up matches no domain rule. When full, the entry
+// stored longest ago goes, in constant time.
 type Pins struct {
-	mu  sync.RWMutex // mu protects m
-	m   map[netip.Addr]pinEntry
-	max int
-	now func() time.Time
+	mu    sync.RWMutex // mu protects m and order
+	m     map[netip.Addr]*list.Element
+	order *list.List // of *pinEntry, least recently stored first
+	max   int
+	now   func() time.Time
 }
 
 type pinEntry struct {
+	addr    netip.Addr
 	names   []string // never mutated after store: readers may keep it
 	expires time.Time
 }
@@ -37,7 +41,7 @@ func NewPins(max int) *Pins {
 	if max <= 0 {
 		max = DefaultPins
 	}
-	return &Pins{m: make(map[netip.Addr]pinEntry), max: max, now: time.Now}
+	return &Pins{m: make(map[netip.Addr]*list.Element), order: list.New(), max: max, now: time.Now}
 }
 
 // Add records that name resolved to a for ttl.
@@ -47,57 +51,50 @@ func (p *Pins) Add(a netip.Addr, name string, ttl time.Duration) {
 	}
 	a = a.Unmap()
 	name = strings.ToLower(strings.TrimSuffix(name, "."))
-	if ttl < MinPinTTL {
-		ttl = MinPinTTL
-	}
-	if ttl > MaxPinTTL {
-		ttl = MaxPinTTL
-	}
+	ttl = min(max(ttl, MinPinTTL), MaxPinTTL)
 	now := p.now()
 	exp := now.Add(ttl)
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	old, ok := p.m[a]
-	if ok && old.expires.After(now) {
-		for _, n := range old.names {
-			if n == name {
-				if exp.After(old.expires) {
-					p.m[a] = pinEntry{names: old.names, expires: exp}
-				}
-				return
+	if el, ok := p.m[a]; ok {
+		old := el.Value.(*pinEntry)
+		if old.expires.After(now) {
+			names := old.names
+			if !contains(names, name) {
+				names = make([]string, 0, len(old.names)+1)
+				names = append(names, name)
+				names = append(names, old.names...)
+				names = names[:min(len(names), maxPinNames)]
 			}
+			el.Value = &pinEntry{addr: a, names: names, expires: maxTime(exp, old.expires)}
+		} else {
+			el.Value = &pinEntry{addr: a, names: []string{name}, expires: exp}
 		}
-		names := make([]string, 0, len(old.names)+1)
-		names = append(names, name)
-		names = append(names, old.names...)
-		if len(names) > maxPinNames {
-			names = names[:maxPinNames]
-		}
-		if old.expires.After(exp) {
-			exp = old.expires
-		}
-		p.m[a] = pinEntry{names: names, expires: exp}
+		p.order.MoveToBack(el)
 		return
 	}
-	if !ok && len(p.m) >= p.max {
-		p.evictLocked(now)
+	if len(p.m) >= p.max {
+		oldest := p.order.Front()
+		delete(p.m, oldest.Value.(*pinEntry).addr)
+		p.order.Remove(oldest)
 	}
-	p.m[a] = pinEntry{names: []string{name}, expires: exp}
+	p.m[a] = p.order.PushBack(&pinEntry{addr: a, names: []string{name}, expires: exp})
 }
 
-// evictLocked makes room: expired entries first, then arbitrary ones.
-func (p *Pins) evictLocked(now time.Time) {
-	for a, e := range p.m {
-		if !e.expires.After(now) {
-			delete(p.m, a)
+func contains(names []string, n string) bool {
+	for _, x := range names {
+		if x == n {
+			return true
 		}
 	}
-	for a := range p.m {
-		if len(p.m) < p.max {
-			return
-		}
-		delete(p.m, a)
+	return false
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
 	}
+	return b
 }
 
 // Lookup returns the names a resolved from, or nil. The slice must not be
@@ -107,9 +104,12 @@ func (p *Pins) Lookup(a netip.Addr) []string {
 		return nil
 	}
 	p.mu.RLock()
-	e, ok := p.m[a.Unmap()]
+	var e *pinEntry
+	if el, ok := p.m[a.Unmap()]; ok {
+		e = el.Value.(*pinEntry)
+	}
 	p.mu.RUnlock()
-	if !ok || !e.expires.After(p.now()) {
+	if e == nil || !e.expires.After(p.now()) {
 		return nil
 	}
 	return e.names

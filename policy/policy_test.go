@@ -84,9 +84,49 @@ func TestGroups(t *testing.T) {
 		{"::", GroupPublic, false},
 		{"fe80::1", GroupPublic, false},
 		{"fd00::1", GroupPublic, false},
+		// IPv6 that carries IPv4 is classified by the IPv4 it carries.
+		{"64:ff9b::a9fe:a9fe", GroupMetadata, true}, // NAT64 → 169.254.169.254
+		{"64:ff9b::a9fe:a9fe", GroupPublic, false},
+		{"64:ff9b::a00:1", GroupPrivate, true}, // NAT64 → 10.0.0.1
+		{"64:ff9b::7f00:1", GroupLoopback, true},
+		{"64:ff9b::c633:640a", GroupPublic, true}, // → 198.51.100.10
+		{"64:ff9b:1::a9fe:a9fe", GroupPublic, false},
+		{"2002:a9fe:a9fe::1", GroupMetadata, true}, // 6to4
+		{"2002:a00:1::1", GroupPublic, false},
+		{"2002:c633:640a::1", GroupPublic, true},
+		{"::a9fe:a9fe", GroupMetadata, true},         // IPv4-compatible
+		{"::ffff:0:a00:1", GroupPrivate, true},       // SIIT
+		{"::ffff:0:6440:6464", GroupMetadata, false}, // 100.64.100.100: CGNAT, not metadata
+		{"::ffff:0:6440:6464", GroupPrivate, true},
+		{"64:ff9b::6460:1", GroupHost, true},    // carries the gateway: conservative
+		{"64:ff9b::6460:1", GroupPrivate, true}, // 100.96.0.1: CGNAT
+		// Special-purpose ranges are never public.
+		{"0.1.2.3", GroupPublic, false},
+		{"240.0.0.1", GroupPublic, false},
+		{"198.18.0.1", GroupPublic, false},
+		{"192.0.0.170", GroupPublic, false},
+		{"2001::1", GroupPublic, false}, // Teredo
+		{"2001:2::1", GroupPublic, false},
+		{"100::1", GroupPublic, false},
+		{"fec0::1", GroupPublic, false},
+		{"192.0.2.1", GroupPublic, true}, // documentation ranges count as public
+		{"203.0.113.5", GroupPublic, true},
 	} {
 		if got := InGroup(netip.MustParseAddr(tc.addr), tc.group, host); got != tc.want {
 			t.Errorf("%s in %s: got %v, want %v", tc.addr, tc.group, got, tc.want)
+		}
+	}
+}
+
+func TestUnspecifiedInEveryForm(t *testing.T) {
+	for _, a := range []string{"0.0.0.0", "::", "::ffff:0.0.0.0", "64:ff9b::", "2002::1"} {
+		if !Unspecified(netip.MustParseAddr(a)) {
+			t.Errorf("%s: not seen as unspecified", a)
+		}
+	}
+	for _, a := range []string{"0.0.0.1", "::1", "198.51.100.1", "64:ff9b::1"} {
+		if Unspecified(netip.MustParseAddr(a)) {
+			t.Errorf("%s: seen as unspecified", a)
 		}
 	}
 }
@@ -325,6 +365,101 @@ func TestCheckQuery(t *testing.T) {
 	}
 	if got := denyName.CheckQuery("web.test"); got.Action != Allow {
 		t.Errorf("a port-limited deny must not stop resolution: %+v", got)
+	}
+}
+
+// TestDenyByDefaultResolvesOnlyListedNames: under default deny an address
+// rule that allows something no longer opens DNS to every name (a channel
+// out); "resolve": "all" does, explicitly.
+func TestDenyByDefaultResolvesOnlyListedNames(t *testing.T) {
+	js := `{"default_action": "deny", %s "rules": [
+		{"destination": {"cidr": "198.51.100.0/24"}, "protocols": ["udp"], "action": "allow"},
+		{"destination": {"domain_suffix": "pypi.org"}, "action": "allow"}]}`
+	e := mustCompile(t, fmt.Sprintf(js, ""), Options{})
+	if got := e.CheckQuery("exfil-4f2a9c.attacker.example"); got.Action != Deny {
+		t.Errorf("unlisted name under deny-by-default: %+v, want deny", got)
+	}
+	if got := e.CheckQuery("files.pypi.org"); got.Action != Allow || got.Rule != 1 {
+		t.Errorf("listed name: %+v", got)
+	}
+	all := mustCompile(t, fmt.Sprintf(js, `"resolve": "all",`), Options{})
+	if got := all.CheckQuery("anything.example"); got.Action != Allow || got.Rule != RuleResolveAll {
+		t.Errorf(`resolve "all": %+v`, got)
+	}
+	if d := all.Describe(RuleResolveAll); !strings.Contains(d, `resolve "all"`) {
+		t.Errorf("describe: %q", d)
+	}
+	if _, err := ParseFile([]byte(`{"default_action": "deny", "resolve": "some"}`)); err == nil || !strings.Contains(err.Error(), "resolve") {
+		t.Errorf("bad resolve value: %v", err)
+	}
+}
+
+// TestSuffixMatchesWholeLabels: a dot escaped inside a label is no label
+// boundary, so "x.evil\.example.com" is not under example.com.
+func TestSuffixMatchesWholeLabels(t *testing.T) {
+	e := mustCompile(t, `{"default_action": "deny", "rules": [
+		{"destination": {"domain_suffix": "example.com"}, "action": "allow"}]}`, Options{})
+	for name, want := range map[string]Action{
+		"example.com":            Allow,
+		"a.example.com.":         Allow,
+		"x.evil\\.example.com":   Deny,
+		"x.evil\\\\.example.com": Allow, // an escaped backslash, then a real dot
+		"evilexample.com":        Deny,
+		"example.com\\.":         Deny,
+	} {
+		if got := e.CheckQuery(name); got.Action != want {
+			t.Errorf("%s: %s, want %s", name, got.Action, want)
+		}
+	}
+}
+
+func TestMappedCIDRMustBeAtLeast96(t *testing.T) {
+	if _, err := ParseFile([]byte(`{"default_action": "allow", "rules": [{"destination": {"cidr": "::ffff:169.254.0.0/80"}, "action": "deny"}]}`)); err == nil ||
+		!strings.Contains(err.Error(), "/96 or longer") {
+		t.Errorf("mapped /80: %v", err)
+	}
+	e := mustCompile(t, `{"default_action": "allow", "rules": [{"destination": {"cidr": "::ffff:169.254.0.0/112"}, "action": "deny"}]}`, Options{})
+	if got := e.Check(flow(TCP, "169.254.169.254:80")); got.Action != Deny {
+		t.Errorf("mapped /112 does not match its IPv4 range: %+v", got)
+	}
+}
+
+// TestCIDRMatchesEmbeddedIPv4: a rule on an IPv4 range also decides the
+// NAT64 and 6to4 addresses that reach it.
+func TestCIDRMatchesEmbeddedIPv4(t *testing.T) {
+	e := mustCompile(t, `{"default_action": "allow", "rules": [{"destination": {"cidr": "169.254.0.0/16"}, "action": "deny"}]}`, Options{})
+	for _, dst := range []string{"[64:ff9b::a9fe:a9fe]:80", "[2002:a9fe:a9fe::1]:80"} {
+		if got := e.Check(flow(TCP, dst)); got.Action != Deny {
+			t.Errorf("%s: %+v, want deny", dst, got)
+		}
+	}
+	f, _ := Preset("public-only")
+	po, _ := Compile(f, Options{Host: host})
+	for _, dst := range []string{"[64:ff9b::a9fe:a9fe]:80", "[64:ff9b::a00:1]:80", "[2002:7f00:1::1]:80", "[2001::1]:80", "240.0.0.1:80"} {
+		if got := po.Check(flow(TCP, dst)); got.Action != Deny {
+			t.Errorf("public-only %s: %+v, want deny", dst, got)
+		}
+	}
+}
+
+func TestAllowsAnythingAndCheckAsHost(t *testing.T) {
+	none, _ := Preset("none")
+	e, _ := Compile(none, Options{Host: host})
+	if e.AllowsAnything() {
+		t.Error("none allows something")
+	}
+	po, _ := Preset("public-only")
+	e, _ = Compile(po, Options{Host: host})
+	if !e.AllowsAnything() {
+		t.Error("public-only allows nothing")
+	}
+	// An address the kernel calls local is decided as the host.
+	fl := flow(TCP, "198.51.100.99:22")
+	if got := e.Check(fl); got.Action != Allow {
+		t.Fatalf("public address: %+v", got)
+	}
+	if got := e.CheckAsHost(fl); got.Action != Deny || got.Rule != 0 {
+		t.Errorf("the same address as the host: %+v, want deny by rules[0]", got)
 	}
 }
 

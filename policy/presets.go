@@ -14,14 +14,14 @@ var presets = map[string]*File{
 	"none": {DefaultAction: "deny"},
 	// public-only: public addresses only; never the host, cloud metadata,
 	// loopback, private, link-local or multicast ranges.
-	"public-only": {DefaultAction: "deny", Rules: []FileRule{
+	"public-only": {DefaultAction: "deny", Resolve: ResolveAll, Rules: []FileRule{
 		{Destination: grp("host"), Action: "deny"},
 		{Destination: grp("metadata"), Action: "deny"},
 		{Destination: grp("public"), Action: "allow"},
 	}},
 	// non-local: public and private networks, but not the host itself,
 	// loopback, link-local, metadata or multicast.
-	"non-local": {DefaultAction: "deny", Rules: []FileRule{
+	"non-local": {DefaultAction: "deny", Resolve: ResolveAll, Rules: []FileRule{
 		{Destination: grp("host"), Action: "deny"},
 		{Destination: grp("metadata"), Action: "deny"},
 		{Destination: grp("public"), Action: "allow"},
