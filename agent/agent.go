@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"strconv"
@@ -179,26 +178,11 @@ func checkPrivileges() error {
 	return nil
 }
 
-// HostAddrs returns the addresses that mean "the host itself" to the
-// policy: the gateway's and every address of msbtap's own namespace.
-func HostAddrs(p plan.Plan) *policy.HostSet {
-	addrs := []netip.Addr{p.GatewayV4, p.GatewayV6}
-	if ifAddrs, err := net.InterfaceAddrs(); err == nil {
-		for _, a := range ifAddrs {
-			if ipn, ok := a.(*net.IPNet); ok {
-				if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
-					addrs = append(addrs, ip.Unmap())
-				}
-			}
-		}
-	}
-	return policy.NewHostSet(addrs...)
-}
-
 // buildPolicy compiles the policy and opens the decision log: a bad
 // audit-log path fails before anything is created.
 func (a *Agent) buildPolicy() error {
 	a.popts = policy.Options{Host: HostAddrs(a.cfg.Plan), Pins: policy.NewPins(0), DenyIsFatal: a.cfg.DenyIsFatal}
+	a.onClose(watchHostAddrs(a.cfg.Plan, a.popts.Host, a.log))
 	engine, err := policy.Compile(a.cfg.Policy, a.popts)
 	if err != nil {
 		return fielderr.Wrap("policy", err)
@@ -279,6 +263,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		DNSFilter:      guard,
 		MaxConnections: cfg.MaxConnections,
 		Offload:        cfg.Offload,
+		IsLocal:        newLocalRoutes().IsLocal,
 		Log:            a.log.With("component", "stack"),
 	})
 	if err != nil {

@@ -301,3 +301,9 @@ func (h *Holder) Store(e *Engine) { h.p.Store(e) }
 
 // Check implements Checker with the engine in force.
 func (h *Holder) Check(f Flow) Decision { return h.p.Load().Check(f) }
+
+// CheckAsHost is Engine.CheckAsHost with the engine in force.
+func (h *Holder) CheckAsHost(f Flow) Decision { return h.p.Load().CheckAsHost(f) }
+
+// AllowsAnything is Engine.AllowsAnything with the engine in force.
+func (h *Holder) AllowsAnything() bool { return h.p.Load().AllowsAnything() }

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,9 +24,16 @@ type DNSOptions struct {
 	Replier   Replier
 	// Timeout bounds one query across all upstreams (default 5 s).
 	Timeout time.Duration
-	// MaxInFlight caps concurrent UDP queries (default 256); excess are
-	// dropped and the guest's resolver retries.
+	// MaxInFlight caps queries being answered at once, over UDP and TCP
+	// together (default 256); excess UDP queries are dropped (the guest's
+	// resolver retries), excess TCP ones wait.
 	MaxInFlight int
+	// MaxTCPConns caps concurrent DNS-over-TCP connections (default 16);
+	// TCPIdleTimeout ends one that carries no query for that long (default
+	// 10 s); MaxTCPQueries closes one after that many queries (default 100).
+	MaxTCPConns    int
+	TCPIdleTimeout time.Duration
+	MaxTCPQueries  int
 	// MaxUDPPayload is the largest UDP answer that fits a frame to the guest.
 	MaxUDPPayload int
 	// Filter, when set, sees every query before it is forwarded and every
@@ -48,18 +56,39 @@ type DNSFilter interface {
 }
 
 // DNS answers every query the guest sends to port 53, whatever address it
-// was sent to, by forwarding it to the upstream resolvers in turn.
+// was sent to. The guest's message never leaves as it is: each query goes
+// upstream as a fresh message of the agent's own making (random ID, opcode
+// QUERY, class IN, a type from a known list, a minimal OPT), the answer
+// must match its question, and the guest gets it back under its own ID and
+// question.
 type DNS struct {
 	o         DNSOptions
 	upstreams []string
 	preferred atomic.Int32 // index of the upstream that answered last
 	sem       chan struct{}
-	wg        sync.WaitGroup
+	tcpConns  atomic.Int32
 	ctx       context.Context
 	cancel    context.CancelFunc
 
-	queries, failures, dropped atomic.Uint64
+	mu     sync.Mutex // mu protects closed and wg.Add
+	closed bool
+	wg     sync.WaitGroup
+
+	queries, failures, dropped, refused, tcpOverCap atomic.Uint64
 }
+
+// forwardedTypes are the query types sent upstream; others (ANY, AXFR,
+// IXFR, and everything obscure) are answered NOTIMP.
+var forwardedTypes = map[uint16]bool{
+	dns.TypeA: true, dns.TypeAAAA: true, dns.TypeCNAME: true, dns.TypeMX: true, dns.TypeTXT: true,
+	dns.TypeNS: true, dns.TypeSOA: true, dns.TypePTR: true, dns.TypeSRV: true, dns.TypeHTTPS: true,
+	dns.TypeSVCB: true, dns.TypeCAA: true, dns.TypeNAPTR: true, dns.TypeDS: true, dns.TypeDNSKEY: true,
+	dns.TypeTLSA: true, dns.TypeSSHFP: true,
+}
+
+// upstreamEDNSSize is the UDP payload size the agent offers upstream (the
+// DNS flag day 2020 value).
+const upstreamEDNSSize = 1232
 
 // ParseUpstream normalises "IP" or "IP:PORT" to "IP:PORT".
 func ParseUpstream(s string) (string, error) {
@@ -98,6 +127,15 @@ func NewDNS(o DNSOptions) (*DNS, error) {
 	if o.MaxInFlight <= 0 {
 		o.MaxInFlight = 256
 	}
+	if o.MaxTCPConns <= 0 {
+		o.MaxTCPConns = 16
+	}
+	if o.TCPIdleTimeout <= 0 {
+		o.TCPIdleTimeout = 10 * time.Second
+	}
+	if o.MaxTCPQueries <= 0 {
+		o.MaxTCPQueries = 100
+	}
 	if o.MaxUDPPayload <= 0 {
 		o.MaxUDPPayload = 1472
 	}
@@ -130,6 +168,11 @@ func (d *DNS) Resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg) *dns.
 // the decisions report it.
 func (d *DNS) resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg, transport policy.Proto) *dns.Msg {
 	d.queries.Add(1)
+	up, rcode := upstreamQuery(q)
+	if up == nil {
+		d.refused.Add(1)
+		return reply(q, rcode)
+	}
 	if d.o.Filter != nil {
 		m, v := d.o.Filter.Query(src, q)
 		d.report(v, transport)
@@ -137,21 +180,19 @@ func (d *DNS) resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg, trans
 			return m
 		}
 	}
-	a := d.forward(ctx, q)
+	a := d.forward(ctx, up)
 	if a == nil {
 		d.failures.Add(1)
-		m := new(dns.Msg)
-		m.SetRcode(q, dns.RcodeServerFailure)
-		return m
+		return reply(q, dns.RcodeServerFailure)
 	}
 	if d.o.Filter != nil {
 		m, v := d.o.Filter.Answer(src, q, a)
 		d.report(v, transport)
 		if m != nil {
-			return m
+			a = m
 		}
 	}
-	return a
+	return toGuest(q, a)
 }
 
 func (d *DNS) report(v *policy.Verdict, transport policy.Proto) {
@@ -159,6 +200,59 @@ func (d *DNS) report(v *policy.Verdict, transport policy.Proto) {
 		v.Flow.Proto = transport
 		d.o.Report(v.Flow, v.Decision)
 	}
+}
+
+func reply(q *dns.Msg, rcode int) *dns.Msg {
+	m := new(dns.Msg)
+	m.SetRcode(q, rcode)
+	m.RecursionAvailable = true
+	return m
+}
+
+// upstreamQuery builds the message sent upstream for the guest's query, or
+// says with which rcode to refuse it.
+func upstreamQuery(q *dns.Msg) (*dns.Msg, int) {
+	if q.Opcode != dns.OpcodeQuery {
+		return nil, dns.RcodeNotImplemented
+	}
+	qq := q.Question[0]
+	if qq.Qclass != dns.ClassINET || !forwardedTypes[qq.Qtype] {
+		return nil, dns.RcodeNotImplemented
+	}
+	m := new(dns.Msg)
+	m.Id = dns.Id()
+	m.RecursionDesired = true
+	m.CheckingDisabled = q.CheckingDisabled
+	m.Question = []dns.Question{{Name: qq.Name, Qtype: qq.Qtype, Qclass: dns.ClassINET}}
+	do := false
+	if opt := q.IsEdns0(); opt != nil {
+		do = opt.Do()
+	}
+	m.SetEdns0(upstreamEDNSSize, do)
+	return m, 0
+}
+
+// toGuest turns the upstream answer into the guest's: its own ID and
+// question (with its letter case), and an OPT record only if it sent one,
+// with no options of the upstream's.
+func toGuest(q, a *dns.Msg) *dns.Msg {
+	a.Id = q.Id
+	a.Question = q.Question
+	do := false
+	if opt := a.IsEdns0(); opt != nil {
+		do = opt.Do()
+	}
+	extra := a.Extra[:0]
+	for _, rr := range a.Extra {
+		if rr.Header().Rrtype != dns.TypeOPT {
+			extra = append(extra, rr)
+		}
+	}
+	a.Extra = extra
+	if opt := q.IsEdns0(); opt != nil {
+		a.SetEdns0(opt.UDPSize(), do)
+	}
+	return a
 }
 
 func (d *DNS) forward(ctx context.Context, q *dns.Msg) *dns.Msg {
@@ -202,7 +296,7 @@ func (d *DNS) forward(ctx context.Context, q *dns.Msg) *dns.Msg {
 func (d *DNS) exchange(ctx context.Context, q *dns.Msg, upstream string, timeout time.Duration) (*dns.Msg, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	c := &dns.Client{Net: "udp", UDPSize: dns.DefaultMsgSize}
+	c := &dns.Client{Net: "udp", UDPSize: upstreamEDNSSize}
 	a, _, err := c.ExchangeContext(ctx, q, upstream)
 	if err == nil && a.Truncated {
 		c = &dns.Client{Net: "tcp"}
@@ -211,10 +305,30 @@ func (d *DNS) exchange(ctx context.Context, q *dns.Msg, upstream string, timeout
 	if err != nil {
 		return nil, err
 	}
-	if a.Id != q.Id {
+	if a.Id != q.Id || !a.Response {
 		return nil, errors.New("answer id does not match the query")
 	}
+	if len(a.Question) != 1 || !strings.EqualFold(a.Question[0].Name, q.Question[0].Name) ||
+		a.Question[0].Qtype != q.Question[0].Qtype || a.Question[0].Qclass != q.Question[0].Qclass {
+		return nil, errors.New("answer question does not match the query")
+	}
 	return a, nil
+}
+
+// start runs f in a goroutine the forwarder waits for on Close; it reports
+// false (and runs nothing) once the forwarder is closed.
+func (d *DNS) start(f func()) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return false
+	}
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		f()
+	}()
+	return true
 }
 
 // HandleUDP answers one query datagram the guest at src sent to dst:53. It
@@ -232,36 +346,47 @@ func (d *DNS) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
 		d.dropped.Add(1)
 		return false
 	}
-	d.wg.Add(1)
-	go func() {
-		defer d.wg.Done()
+	ok := d.start(func() {
 		defer func() { <-d.sem }()
 		a := d.Resolve(d.ctx, src, q)
 		limit := dns.MinMsgSize
 		if opt := q.IsEdns0(); opt != nil && int(opt.UDPSize()) > limit {
 			limit = int(opt.UDPSize())
 		}
-		if limit > d.o.MaxUDPPayload {
-			limit = d.o.MaxUDPPayload
-		}
-		a.Truncate(limit)
+		a.Truncate(min(limit, d.o.MaxUDPPayload))
 		b, err := a.Pack()
 		if err != nil {
 			d.dropped.Add(1)
 			return
 		}
 		d.o.Replier.SendUDP(dst, src, b)
-	}()
-	return true
+	})
+	if !ok {
+		<-d.sem
+	}
+	return ok
+}
+
+// TryTCP takes one of the DNS-over-TCP connection slots; ok false means
+// the cap is reached and the connection is to be refused. release gives the
+// slot back.
+func (d *DNS) TryTCP() (release func(), ok bool) {
+	if d.tcpConns.Add(1) > int32(d.o.MaxTCPConns) {
+		d.tcpConns.Add(-1)
+		d.tcpOverCap.Add(1)
+		return nil, false
+	}
+	return func() { d.tcpConns.Add(-1) }, true
 }
 
 // ServeTCP answers length-prefixed queries on a TCP connection from the
-// guest at src until it closes or idles for two minutes.
+// guest at src, one at a time, until it closes, idles for TCPIdleTimeout,
+// or has asked MaxTCPQueries. The caller holds a slot from TryTCP.
 func (d *DNS) ServeTCP(conn net.Conn, src netip.AddrPort) {
 	defer conn.Close()
 	dc := &dns.Conn{Conn: conn}
-	for {
-		_ = conn.SetDeadline(time.Now().Add(2 * time.Minute))
+	for n := 0; n < d.o.MaxTCPQueries; n++ {
+		_ = conn.SetDeadline(time.Now().Add(d.o.TCPIdleTimeout))
 		q, err := dc.ReadMsg()
 		if err != nil {
 			return
@@ -270,7 +395,13 @@ func (d *DNS) ServeTCP(conn net.Conn, src netip.AddrPort) {
 			d.dropped.Add(1)
 			return
 		}
+		select {
+		case d.sem <- struct{}{}:
+		case <-d.ctx.Done():
+			return
+		}
 		a := d.resolve(d.ctx, src, q, policy.TCP)
+		<-d.sem
 		if err := dc.WriteMsg(a); err != nil {
 			return
 		}
@@ -279,20 +410,26 @@ func (d *DNS) ServeTCP(conn net.Conn, src netip.AddrPort) {
 
 // DNSStats are the forwarder's counters.
 type DNSStats struct {
-	// InFlight UDP queries are being answered now.
-	InFlight int
+	// InFlight queries are being answered now; TCPConns connections open.
+	InFlight, TCPConns int
 	// Queries answered, Failures no upstream answered, queries Dropped
-	// (malformed, over the in-flight cap).
-	Queries, Failures, Dropped uint64
+	// (malformed, over the in-flight cap), Refused (opcode, class or type
+	// not forwarded), TCP connections refused over the cap.
+	Queries, Failures, Dropped, Refused, TCPOverCap uint64
 }
 
 // Stats returns the forwarder's counters.
 func (d *DNS) Stats() DNSStats {
-	return DNSStats{InFlight: len(d.sem), Queries: d.queries.Load(), Failures: d.failures.Load(), Dropped: d.dropped.Load()}
+	return DNSStats{InFlight: len(d.sem), TCPConns: int(d.tcpConns.Load()), Queries: d.queries.Load(),
+		Failures: d.failures.Load(), Dropped: d.dropped.Load(), Refused: d.refused.Load(), TCPOverCap: d.tcpOverCap.Load()}
 }
 
-// Close cancels queries in flight and waits for them.
+// Close cancels queries in flight and waits for them; queries that arrive
+// afterwards are dropped.
 func (d *DNS) Close() {
+	d.mu.Lock()
+	d.closed = true
+	d.mu.Unlock()
 	d.cancel()
 	d.wg.Wait()
 }

@@ -230,20 +230,37 @@ func TestDNSHandleUDPDropsGarbage(t *testing.T) {
 }
 
 func TestDNSTruncatesToMTU(t *testing.T) {
-	// An upstream with a huge answer; the guest gets a truncated message
-	// that fits, with TC set so it retries over TCP.
+	// An upstream with a huge answer (it truncates over UDP to the size
+	// asked for, as real servers do, and answers whole over TCP); the
+	// guest gets a truncated message that fits, with TC set so it retries
+	// over TCP.
 	pc, _ := net.ListenPacket("udp", "127.0.0.1:0")
-	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
+	ln, err := net.Listen("tcp", pc.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
 		m := new(dns.Msg)
 		m.SetReply(q)
-		m.Compress = true // about 3.2 KB: fits the 4 KiB EDNS buffer, not a 1500 MTU
+		m.Compress = true // about 3.2 KB: more than a 1500 MTU
 		for i := 0; i < 200; i++ {
 			m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(198, 51, 100, byte(i))})
 		}
+		if _, udp := w.RemoteAddr().(*net.UDPAddr); udp {
+			size := dns.MinMsgSize
+			if opt := q.IsEdns0(); opt != nil {
+				size = int(opt.UDPSize())
+			}
+			m.Truncate(size)
+		}
 		w.WriteMsg(m)
-	})}
+	})
+	srv := &dns.Server{PacketConn: pc, Handler: h}
+	tsrv := &dns.Server{Listener: ln, Handler: h}
 	go srv.ActivateAndServe()
+	go tsrv.ActivateAndServe()
 	defer srv.Shutdown()
+	defer tsrv.Shutdown()
 	r := &captureReplier{got: make(chan struct{}, 1)}
 	d, _ := NewDNS(DNSOptions{Upstreams: []string{pc.LocalAddr().String()}, Replier: r, MaxUDPPayload: 1452})
 	defer d.Close()
@@ -437,5 +454,187 @@ func TestEchoSharesOneSocketPerFamily(t *testing.T) {
 	}
 	if st := e.Stats(); st.Sent != 3 || st.Replied != 3 || st.InFlight != 0 {
 		t.Errorf("stats %+v", st)
+	}
+}
+
+// recordingUpstream answers every query with one A record and remembers
+// what it received.
+type recordingUpstream struct {
+	mu   sync.Mutex
+	got  []*dns.Msg
+	addr string
+	// mangle, when set, changes the answer before it is sent.
+	mangle func(*dns.Msg)
+}
+
+func newRecordingUpstream(t *testing.T) *recordingUpstream {
+	u := &recordingUpstream{}
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
+		u.mu.Lock()
+		u.got = append(u.got, q.Copy())
+		mangle := u.mangle
+		u.mu.Unlock()
+		m := new(dns.Msg)
+		m.SetReply(q)
+		m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(198, 51, 100, 7)})
+		if mangle != nil {
+			mangle(m)
+		}
+		w.WriteMsg(m)
+	})}
+	go srv.ActivateAndServe()
+	t.Cleanup(func() { srv.Shutdown() })
+	u.addr = pc.LocalAddr().String()
+	return u
+}
+
+func (u *recordingUpstream) queries() []*dns.Msg {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return append([]*dns.Msg(nil), u.got...)
+}
+
+// TestDNSForwardsAFreshQuery: what reaches the upstream is the agent's own
+// message, never the guest's: random ID, opcode QUERY, class IN, a known
+// type, a minimal OPT; the guest gets its ID and question back.
+func TestDNSForwardsAFreshQuery(t *testing.T) {
+	up := newRecordingUpstream(t)
+	d, _ := NewDNS(DNSOptions{Upstreams: []string{up.addr}, Timeout: 2 * time.Second})
+	defer d.Close()
+	q := query("WwW.Example.TEST")
+	q.Id = 4242
+	q.SetEdns0(4096, true)
+	opt := q.IsEdns0()
+	opt.Option = append(opt.Option, &dns.EDNS0_SUBNET{Code: dns.EDNS0SUBNET, Family: 1, SourceNetmask: 24, Address: net.IPv4(100, 96, 0, 0).To4()},
+		&dns.EDNS0_LOCAL{Code: 65001, Data: []byte("secret-from-the-guest")})
+	a := d.Resolve(context.Background(), netip.AddrPort{}, q)
+	if a.Rcode != dns.RcodeSuccess || a.Id != 4242 || a.Question[0].Name != "WwW.Example.TEST." || len(a.Answer) != 1 {
+		t.Fatalf("guest's answer: id %d question %v rcode %d", a.Id, a.Question, a.Rcode)
+	}
+	got := up.queries()
+	if len(got) != 1 {
+		t.Fatalf("upstream saw %d queries", len(got))
+	}
+	u := got[0]
+	if u.Id == 4242 || u.Opcode != dns.OpcodeQuery || u.Question[0].Qclass != dns.ClassINET {
+		t.Errorf("upstream query: id %d opcode %d class %d", u.Id, u.Opcode, u.Question[0].Qclass)
+	}
+	uo := u.IsEdns0()
+	if uo == nil || len(uo.Option) != 0 || uo.UDPSize() != upstreamEDNSSize || !uo.Do() {
+		t.Errorf("upstream OPT: %v, want size %d, DO, no options", uo, upstreamEDNSSize)
+	}
+
+	// Messages that are not plain queries never go upstream.
+	for _, tc := range []struct {
+		name string
+		make func() *dns.Msg
+	}{
+		{"update", func() *dns.Msg { m := query("example.test"); m.Opcode = dns.OpcodeUpdate; return m }},
+		{"notify", func() *dns.Msg { m := query("example.test"); m.Opcode = dns.OpcodeNotify; return m }},
+		{"axfr", func() *dns.Msg { m := new(dns.Msg); m.SetAxfr("example.test."); return m }},
+		{"any", func() *dns.Msg { m := new(dns.Msg); m.SetQuestion("example.test.", dns.TypeANY); return m }},
+		{"chaos", func() *dns.Msg { m := query("version.bind"); m.Question[0].Qclass = dns.ClassCHAOS; return m }},
+	} {
+		a := d.Resolve(context.Background(), netip.AddrPort{}, tc.make())
+		if a.Rcode != dns.RcodeNotImplemented {
+			t.Errorf("%s: rcode %s, want NOTIMP", tc.name, dns.RcodeToString[a.Rcode])
+		}
+	}
+	if n := len(up.queries()); n != 1 {
+		t.Errorf("upstream saw %d queries, want only the plain one", n)
+	}
+}
+
+// TestDNSRefusesAnAnswerToAnotherQuestion: an upstream (or a spoofer)
+// answering a different question gets SERVFAIL, not the guest's trust.
+func TestDNSRefusesAnAnswerToAnotherQuestion(t *testing.T) {
+	up := newRecordingUpstream(t)
+	up.mu.Lock()
+	up.mangle = func(m *dns.Msg) { m.Question[0].Name = "other.example.test." }
+	up.mu.Unlock()
+	d, _ := NewDNS(DNSOptions{Upstreams: []string{up.addr}, Timeout: time.Second})
+	defer d.Close()
+	if a := d.Resolve(context.Background(), netip.AddrPort{}, query("www.example.test")); a.Rcode != dns.RcodeServerFailure {
+		t.Errorf("rcode %s, want SERVFAIL", dns.RcodeToString[a.Rcode])
+	}
+}
+
+// TestDNSOverTCPIsBounded: connections past the cap are refused; one
+// connection answers at most MaxTCPQueries and closes when idle.
+func TestDNSOverTCPIsBounded(t *testing.T) {
+	up := newRecordingUpstream(t)
+	d, _ := NewDNS(DNSOptions{Upstreams: []string{up.addr}, MaxTCPConns: 2, MaxTCPQueries: 3, TCPIdleTimeout: 200 * time.Millisecond})
+	defer d.Close()
+	r1, ok1 := d.TryTCP()
+	r2, ok2 := d.TryTCP()
+	if !ok1 || !ok2 {
+		t.Fatal("slots under the cap refused")
+	}
+	if _, ok := d.TryTCP(); ok {
+		t.Fatal("a third connection over a cap of 2")
+	}
+	guest, agent := net.Pipe()
+	done := make(chan struct{})
+	go func() { d.ServeTCP(agent, netip.AddrPort{}); close(done) }()
+	gc := &dns.Conn{Conn: guest}
+	answered := 0
+	for i := 0; i < 5; i++ {
+		if err := gc.WriteMsg(query("www.example.test")); err != nil {
+			break
+		}
+		if _, err := gc.ReadMsg(); err != nil {
+			break
+		}
+		answered++
+	}
+	<-done
+	r1()
+	if answered != 3 {
+		t.Errorf("answered %d queries on one connection, want 3", answered)
+	}
+	// An idle connection is closed.
+	guest, agent = net.Pipe()
+	start := time.Now()
+	d.ServeTCP(agent, netip.AddrPort{})
+	r2()
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("idle connection held for %s", took)
+	}
+	guest.Close()
+	if st := d.Stats(); st.TCPConns != 0 || st.TCPOverCap != 1 {
+		t.Errorf("stats %+v", st)
+	}
+}
+
+// TestDNSCloseRacesQueries: queries that arrive while the forwarder closes
+// are dropped, never a panic (sync: WaitGroup reused).
+func TestDNSCloseRacesQueries(t *testing.T) {
+	for round := 0; round < 20; round++ {
+		d, _ := NewDNS(DNSOptions{Replier: &captureReplier{got: make(chan struct{}, 1)}, Timeout: 10 * time.Millisecond})
+		b, _ := query("www.example.test").Pack()
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		for g := 0; g < 4; g++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+						d.HandleUDP(netip.MustParseAddrPort("100.96.0.2:5000"), netip.MustParseAddrPort("100.96.0.1:53"), b)
+					}
+				}
+			}()
+		}
+		time.Sleep(2 * time.Millisecond)
+		d.Close()
+		close(stop)
+		wg.Wait()
 	}
 }

@@ -275,15 +275,28 @@ func (st *Stack) handleEcho(b []byte, p *wire.Packet, proto policy.Proto) {
 		c.Drop(rings.DropOther)
 		return
 	}
-	if !st.decide(policy.Flow{Proto: proto, Src: netip.AddrPortFrom(p.Src, 0), Dst: netip.AddrPortFrom(p.Dst, 0)}) {
+	f := policy.Flow{Proto: proto, Src: netip.AddrPortFrom(p.Src, 0), Dst: netip.AddrPortFrom(p.Dst, 0)}
+	if st.isGateway(p.Dst) {
+		// The gateway answers its own echo requests: that exposes nothing
+		// of the host, and a user's first connectivity check works under
+		// every policy that allows anything at all.
+		if st.allowsAnything() {
+			st.report(f, policy.Decision{Action: policy.Allow, Rule: policy.RuleGatewayEcho})
+			st.ep.deliver(b)
+			return
+		}
+		st.report(f, policy.Decision{Action: policy.Deny, Rule: policy.RuleDefault})
 		c.Drop(rings.DropPolicy)
 		if st.o.DenyMode == DenyReject {
 			st.r.sendUnreachable(p, p.Dst, wire.AdminProhibited)
 		}
 		return
 	}
-	if st.isGateway(p.Dst) {
-		st.ep.deliver(b) // the gateway answers its own echo
+	if !st.decide(f) || !st.dialAllowed(f) {
+		c.Drop(rings.DropPolicy)
+		if st.o.DenyMode == DenyReject {
+			st.r.sendUnreachable(p, p.Dst, wire.AdminProhibited)
+		}
 		return
 	}
 	// Echo requests have the same layout in ICMPv4 and ICMPv6.

@@ -72,7 +72,11 @@ type Options struct {
 	// MapDst maps a destination to the host address to connect to (default:
 	// the gateway's addresses map to the host's loopback).
 	MapDst proxy.MapDst
-	Log    *slog.Logger
+	// IsLocal reports whether the host's routing table resolves an address
+	// as local (one of the host's own). A destination it says is local is
+	// dialed only if the policy allows it as the host. nil skips the check.
+	IsLocal func(netip.Addr) bool
+	Log     *slog.Logger
 }
 
 // Stack is the gateway of one sandbox.
@@ -232,15 +236,57 @@ func (st *Stack) report(f policy.Flow, d policy.Decision) {
 }
 
 // decide runs the policy on a new flow, reports the decision, and says
-// whether the flow may proceed.
+// whether the flow may proceed. An unspecified destination, in any form,
+// is never allowed.
 func (st *Stack) decide(f policy.Flow) bool {
-	d := st.o.Policy.Check(f)
+	var d policy.Decision
+	if f.Direction == policy.Egress && policy.Unspecified(f.Dst.Addr()) {
+		d = policy.Decision{Action: policy.Deny, Rule: policy.RuleUnspecified}
+	} else {
+		d = st.o.Policy.Check(f)
+	}
 	st.report(f, d)
 	return d.Action == policy.Allow
 }
 
+// hostChecker decides a flow as if its destination were the host.
+type hostChecker interface {
+	CheckAsHost(policy.Flow) policy.Decision
+}
+
+// dialAllowed is the check at dial time: a destination that the host's
+// routing table resolves as local (an address the host gained after the
+// policy's host group was read, or a local route) is dialed only if the
+// policy allows it as the host. A refusal is reported like any decision.
+func (st *Stack) dialAllowed(f policy.Flow) bool {
+	dst := f.Dst.Addr()
+	if st.o.IsLocal == nil || st.o.MapDst(f.Dst) != f.Dst || !st.o.IsLocal(dst) {
+		return true // the gateway's own addresses were decided as the host already
+	}
+	d := policy.Decision{Action: policy.Deny, Rule: policy.RuleLocal}
+	if hc, ok := st.o.Policy.(hostChecker); ok {
+		d = hc.CheckAsHost(f)
+	}
+	if d.Action == policy.Allow {
+		return true
+	}
+	st.o.Log.Debug("refused at dial: the destination is local to the host", "proto", f.Proto, "dst", f.Dst)
+	st.report(f, d)
+	return false
+}
+
 func (st *Stack) allowUDP(src, dst netip.AddrPort) bool {
-	return st.decide(policy.Flow{Proto: policy.UDP, Src: src, Dst: dst})
+	f := policy.Flow{Proto: policy.UDP, Src: src, Dst: dst}
+	return st.decide(f) && st.dialAllowed(f)
+}
+
+// allowsAnything says whether the policy allows any egress at all; the
+// gateway answers its own echo under every policy that does.
+func (st *Stack) allowsAnything() bool {
+	if a, ok := st.o.Policy.(interface{ AllowsAnything() bool }); ok {
+		return a.AllowsAnything()
+	}
+	return st.o.Policy.Check(policy.Flow{Proto: policy.ICMP}).Action == policy.Allow
 }
 
 // CheckIngress decides a host client's new flow to a published port, as the
@@ -254,11 +300,13 @@ func (st *Stack) CheckIngress(f policy.Flow) bool {
 // DNSUpstreams returns the resolvers in use.
 func (st *Stack) DNSUpstreams() []string { return st.dns.Upstreams() }
 
-// Close stops the poll loop, resets every relayed connection and stops the
-// proxies. It is safe to call more than once; Wait joins.
+// Close stops the poll loop and waits for it, so no new flow starts; then
+// it resets every relayed connection and stops the proxies. It is safe to
+// call more than once; Wait joins the rest.
 func (st *Stack) Close() error {
 	st.closeOnce.Do(func() {
 		close(st.done)
+		st.wg.Wait() // the poll loop: nothing hands the proxies work now
 		st.tcp.close()
 		st.udp.Close()
 		st.echo.Close()

@@ -13,6 +13,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
+	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/wire"
 )
@@ -34,8 +35,9 @@ type tcpRelay struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu    sync.Mutex // mu protects conns
-	conns map[*guestConn]struct{}
+	mu     sync.Mutex // mu protects conns, closed and wg.Add
+	conns  map[*guestConn]struct{}
+	closed bool
 }
 
 func newTCPRelay(st *Stack) *tcpRelay {
@@ -56,7 +58,14 @@ type guestConn struct {
 func (g *guestConn) Reset() { g.ep.Abort() }
 
 func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		r.Complete(true)
+		return
+	}
 	t.wg.Add(1)
+	t.mu.Unlock()
 	defer t.wg.Done()
 	st := t.st
 	id := r.ID()
@@ -64,10 +73,20 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	src := netip.AddrPortFrom(wire.NetipAddr(id.RemoteAddress), id.RemotePort)
 
 	if dst.Port() == wire.PortDNS {
+		// DNS over TCP is answered by the agent: a small cap of its own,
+		// not the relayed connections'.
+		release, ok := st.dns.TryTCP()
+		if !ok {
+			r.Complete(true)
+			return
+		}
+		defer release()
 		c, ok := t.accept(r)
 		if !ok {
 			return
 		}
+		t.track(c, true)
+		defer t.track(c, false)
 		st.dns.ServeTCP(c, src)
 		return
 	}
@@ -79,6 +98,10 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	}
 	defer t.active.Add(-1)
 
+	if !st.dialAllowed(policy.Flow{Proto: policy.TCP, Src: src, Dst: dst}) {
+		r.Complete(true)
+		return
+	}
 	d := net.Dialer{Timeout: st.o.DialTimeout, KeepAlive: 30 * time.Second}
 	up, err := d.DialContext(t.ctx, "tcp", st.o.MapDst(dst).String())
 	if err != nil {
@@ -130,15 +153,24 @@ func (t *tcpRelay) track(c *guestConn, add bool) {
 	t.mu.Unlock()
 }
 
-// close cancels pending dials and resets every relayed connection.
+// close cancels pending dials and resets every relayed connection; new
+// handshakes are refused from now on.
 func (t *tcpRelay) close() {
 	t.cancel()
 	t.mu.Lock()
+	t.closed = true
+	t.mu.Unlock()
+	t.resetAll()
+}
+
+// resetAll resets every relayed connection, both ends.
+func (t *tcpRelay) resetAll() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	for c := range t.conns {
 		c.Reset()
 		c.Close()
 	}
-	t.mu.Unlock()
 }
 
 func (t *tcpRelay) wait() { t.wg.Wait() }

@@ -108,13 +108,15 @@ func writePolicy(t *testing.T, js string) string {
 	return p
 }
 
-// TestDomainAllow: deny by default, allow one name. That name resolves and
-// connects; another name does not resolve; the allowed address reached
-// without a lookup is denied.
+// TestDomainAllow: deny by default, allow one name (and UDP to one address,
+// which must not open DNS to every name). That name resolves and connects;
+// another name does not resolve; the allowed address reached without a
+// lookup is denied.
 func TestDomainAllow(t *testing.T) {
 	testenv.RequireTools(t, "curl", "dig")
 	w := testenv.NewWorld(t)
 	pol := writePolicy(t, `{"default_action": "deny", "rules": [
+		{"destination": {"cidr": "`+testenv.WebHost4+`"}, "protocols": ["udp"], "ports": [{"start": 7002}], "action": "allow"},
 		{"destination": {"domain": "`+testenv.TestDomain+`"}, "action": "allow"}]}`)
 	w.StartAgent(t, "--policy", pol)
 

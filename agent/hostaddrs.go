@@ -1,0 +1,115 @@
+package agent
+
+import (
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/msbtap/msbtap/plan"
+	"github.com/msbtap/msbtap/policy"
+)
+
+// HostAddrs returns the addresses that mean "the host itself" to the
+// policy: the gateway's and every address of msbtap's own namespace.
+func HostAddrs(p plan.Plan) *policy.HostSet {
+	return policy.NewHostSet(hostAddrList(p)...)
+}
+
+func hostAddrList(p plan.Plan) []netip.Addr {
+	addrs := []netip.Addr{p.GatewayV4, p.GatewayV6}
+	if ifAddrs, err := net.InterfaceAddrs(); err == nil {
+		for _, a := range ifAddrs {
+			if ipn, ok := a.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
+					addrs = append(addrs, ip.Unmap())
+				}
+			}
+		}
+	}
+	return addrs
+}
+
+// watchHostAddrs keeps the host group current: whenever the kernel reports
+// an address added to or removed from msbtap's namespace, the set is read
+// again. stop ends the watch.
+func watchHostAddrs(p plan.Plan, hs *policy.HostSet, log *slog.Logger) (stop func()) {
+	updates := make(chan netlink.AddrUpdate, 64)
+	done := make(chan struct{})
+	err := netlink.AddrSubscribeWithOptions(updates, done, netlink.AddrSubscribeOptions{
+		ErrorCallback: func(err error) { log.Warn("host address watch", "err", err) },
+	})
+	if err != nil {
+		log.Warn("cannot watch the host's addresses; the host group is read once", "err", err)
+		return func() {}
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-done:
+				return
+			case _, ok := <-updates:
+				if !ok {
+					return
+				}
+				hs.Set(hostAddrList(p)...)
+			}
+		}
+	}()
+	var once sync.Once
+	return func() { once.Do(func() { close(done); wg.Wait() }) }
+}
+
+// localRoutes answers whether the host's routing table resolves an address
+// as local (route type local: an address of the host, or a local route
+// such as AnyIP), caching each answer for a moment.
+type localRoutes struct {
+	mu    sync.Mutex // mu protects cache
+	cache map[netip.Addr]localAnswer
+}
+
+type localAnswer struct {
+	local bool
+	at    time.Time
+}
+
+const (
+	localCacheTTL = 2 * time.Second
+	localCacheMax = 4096
+)
+
+func newLocalRoutes() *localRoutes { return &localRoutes{cache: make(map[netip.Addr]localAnswer)} }
+
+// IsLocal reports whether a routes to the host itself.
+func (l *localRoutes) IsLocal(a netip.Addr) bool {
+	a = a.Unmap()
+	now := time.Now()
+	l.mu.Lock()
+	if c, ok := l.cache[a]; ok && now.Sub(c.at) < localCacheTTL {
+		l.mu.Unlock()
+		return c.local
+	}
+	l.mu.Unlock()
+	local := false
+	if routes, err := netlink.RouteGet(a.AsSlice()); err == nil {
+		for _, r := range routes {
+			if r.Type == unix.RTN_LOCAL {
+				local = true
+			}
+		}
+	}
+	l.mu.Lock()
+	if len(l.cache) >= localCacheMax {
+		clear(l.cache)
+	}
+	l.cache[a] = localAnswer{local, now}
+	l.mu.Unlock()
+	return local
+}

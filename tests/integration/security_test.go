@@ -1,0 +1,99 @@
+package integration
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/msbtap/msbtap/internal/testenv"
+)
+
+// TestHostAddressesGainedLater: an address the host gains after msbtap
+// started, and an address the host answers through a local route, are the
+// host: refused under public-only, though they look public.
+func TestHostAddressesGainedLater(t *testing.T) {
+	w := testenv.NewWorld(t)
+	w.StartAgent(t) // public-only
+	w.Host.MustRun(t, "ip", "addr", "add", "198.51.100.200/32", "dev", "lo")
+	w.Host.MustRun(t, "ip", "route", "add", "local", "198.51.100.208/29", "dev", "lo")
+	ready := filepath.Join(t.TempDir(), "host-late-ready")
+	w.Host.Start(t, w.Testhost, "serve", "--http", "198.51.100.200:8081", "--http", "198.51.100.210:8081", "--ready", ready)
+	waitFor(t, 10*time.Second, "host servers", func() bool { _, err := os.Stat(ready); return err == nil })
+	for _, addr := range []string{"198.51.100.200:8081", "198.51.100.210:8081"} {
+		if out, err := w.Host.Run(w.Testhost, "dial", addr); err != nil {
+			t.Fatalf("the host's own server %s is not up: %s", addr, out)
+		}
+		if ok, out := reach(t, w, "tcp", addr); ok {
+			t.Errorf("%s, local to the host, reached from the sandbox: %s", addr, out)
+		}
+	}
+	// A public test host is still reachable.
+	if ok, out := reach(t, w, "tcp", testenv.WebHost4+":80"); !ok {
+		t.Errorf("public host: %s", out)
+	}
+}
+
+// TestEmbeddedIPv4Refused: IPv6 addresses that carry a private or metadata
+// IPv4 address (NAT64, 6to4, IPv4-compatible) are refused under
+// public-only, and the decision says so.
+func TestEmbeddedIPv4Refused(t *testing.T) {
+	w := testenv.NewWorld(t)
+	audit := filepath.Join(t.TempDir(), "audit.jsonl")
+	w.StartAgent(t, "--audit-log", audit)
+	for _, addr := range []string{"[64:ff9b::a9fe:a9fe]:80", "[64:ff9b::a4d:2]:80", "[2002:a9fe:a9fe::1]:80", "[::a9fe:a9fe]:80", "[2001::1]:80"} {
+		if ok, out := reach(t, w, "tcp", addr); ok {
+			t.Errorf("%s: got through: %s", addr, out)
+		}
+	}
+	w.StopAgent(t)
+	b, _ := os.ReadFile(audit)
+	if n := strings.Count(string(b), `"action":"deny"`); n < 5 {
+		t.Errorf("want a deny decision for each of 5 addresses, got %d:\n%s", n, b)
+	}
+	if strings.Contains(string(b), `"action":"allow"`) {
+		t.Errorf("an embedded address was allowed:\n%s", b)
+	}
+}
+
+// TestPingGatewayUnderEveryPresetButNone: the gateway answers its own echo
+// under public-only (the first check a user makes), not under none.
+func TestPingGatewayUnderEveryPresetButNone(t *testing.T) {
+	testenv.RequireTools(t, "ping")
+	w := testenv.NewWorld(t)
+	for _, tc := range []struct {
+		policy string
+		want   bool
+	}{{"public-only", true}, {"non-local", true}, {"none", false}} {
+		w.StartAgent(t, "--policy", tc.policy)
+		for _, gw := range []string{"100.96.0.1", "fd42:6d73:62::1"} {
+			if ok, out := reach(t, w, "ping", gw); ok != tc.want {
+				t.Errorf("%s: ping %s: got %v, want %v\n%s", tc.policy, gw, ok, tc.want, out)
+			}
+		}
+		w.StopAgent(t)
+	}
+}
+
+// TestDNSOverTCPCapped: held TCP connections to port 53 (of any address)
+// stop at the DNS cap instead of taking the agent's memory; queries over
+// TCP still work once they are gone; zone transfers are not forwarded.
+func TestDNSOverTCPCapped(t *testing.T) {
+	testenv.RequireTools(t, "dig")
+	w := testenv.NewWorld(t)
+	w.StartAgent(t, "--policy", writePolicy(t, `{"default_action": "deny"}`))
+	out := w.Guest.MustRun(t, w.Testhost, "hold", "198.51.100.99:53", "60", "2")
+	if strings.TrimSpace(out) != "open=16 refused=44" {
+		t.Errorf("60 held DNS-over-TCP connections: %s, want open=16 refused=44", out)
+	}
+	w.StopAgent(t)
+	w.StartAgent(t)
+	if out := w.Guest.MustRun(t, "dig", "+short", "+tcp", "@100.96.0.1", testenv.TestDomain); strings.TrimSpace(out) != testenv.WebHost4 {
+		t.Errorf("DNS over TCP: %q", out)
+	}
+	out, _ = w.Guest.Run("dig", "+time=3", "+tries=1", "@100.96.0.1", "example.test", "AXFR")
+	if strings.Contains(out, "XFR size") || !strings.Contains(out, "NOTIMP") && !strings.Contains(out, "failed") {
+		t.Errorf("AXFR: want it refused (NOTIMP), got:\n%s", out)
+	}
+}
