@@ -84,7 +84,7 @@ var (
 		"::/96",           // IPv4-compatible, deprecated (::1 and :: are classified before)
 		"::ffff:0:0:0/96", // SIIT IPv4-translated
 	)
-	nat64WKP = netip.MustParsePrefix("64:ff9b::/96")
+	nat64WKP  = netip.MustParsePrefix("64:ff9b::/96")
 	sixToFour = netip.MustParsePrefix("2002::/16")
 	compat    = netip.MustParsePrefix("::/96")
 	siit      = netip.MustParsePrefix("::ffff:0:0:0/96")
