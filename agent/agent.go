@@ -12,6 +12,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -96,6 +97,7 @@ type Agent struct {
 	ns     netns.Handle
 	shared *rings.Shared
 	gw     *stack.Stack
+	gwRef  atomic.Pointer[stack.Stack] // gw, for the termination hook
 
 	undo      []func() // teardown steps, run last to first
 	closeOnce sync.Once
@@ -192,7 +194,7 @@ func (a *Agent) buildPolicy() error {
 		return err
 	}
 	a.onClose(func() { a.audit.Close() })
-	a.term = newTerminator(terminatorConfig{onTerminate: a.cfg.OnTerminate, guestPID: a.cfg.GuestPID}, a.holder, a.log)
+	a.term = newTerminator(terminatorConfig{onTerminate: a.cfg.OnTerminate, guestPID: a.cfg.GuestPID, cut: a.cutNetwork}, a.holder, a.log)
 	return nil
 }
 
@@ -269,6 +271,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 	if err != nil {
 		return err
 	}
+	a.gwRef.Store(a.gw)
 	a.onClose(func() { a.gw.Close(); a.gw.Wait() })
 	if a.pub != nil {
 		a.gw.SetIngressUDP(a.pub)
@@ -289,6 +292,15 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		}
 	}
 	return nil
+}
+
+// cutNetwork cuts the sandbox off: the gateway refuses everything from now
+// on and resets every open flow, published-port clients included.
+func (a *Agent) cutNetwork() {
+	if gw := a.gwRef.Load(); gw != nil {
+		gw.Cut()
+	}
+	a.pub.ResetAll()
 }
 
 // onDecision is told of every flow decision: counted, logged, and a

@@ -25,10 +25,13 @@ func (t *Terminated) Error() string {
 	return fmt.Sprintf("sandbox terminated: %s flow %s -> %s violated %s", t.Proto, t.Src, t.Dst, t.Rule)
 }
 
-// terminatorConfig is what the terminator needs of the agent's settings.
+// terminatorConfig is what the terminator needs of the agent.
 type terminatorConfig struct {
 	onTerminate string
 	guestPID    int
+	// cut cuts the sandbox's network at once (deny everything, reset every
+	// open flow).
+	cut func()
 }
 
 // terminator carries out the termination hook: once, on the first fatal
@@ -65,9 +68,10 @@ func (t *terminator) record(f policy.Flow, d policy.Decision) {
 	t.mu.Unlock()
 }
 
-// hook is the shared state's termination hook. It runs on the packet path,
-// so it only stops the sandbox's processes (at once, so nothing more gets
-// out) and wakes Run.
+// hook is the shared state's termination hook. It runs on the packet path:
+// first it cuts the network (nothing more gets out, every open flow is
+// reset), then it stops the sandbox's processes, then it wakes Run, which
+// runs --on-terminate.
 func (t *terminator) hook() {
 	t.once.Do(func() {
 		t.firing.Store(true)
@@ -76,6 +80,9 @@ func (t *terminator) hook() {
 		t.mu.Unlock()
 		if v == nil {
 			v = &Terminated{Rule: "termination hook"}
+		}
+		if t.c.cut != nil {
+			t.c.cut()
 		}
 		t.kill()
 		t.fired <- *v

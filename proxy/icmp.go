@@ -262,6 +262,14 @@ func listenICMP(v6 bool) (c *icmp.PacketConn, raw bool, err error) {
 	return c, true, nil
 }
 
+// Forget drops every request in flight: their replies, if any come, are
+// not delivered.
+func (e *Echo) Forget() {
+	e.mu.Lock()
+	clear(e.pending)
+	e.mu.Unlock()
+}
+
 // Close stops relaying: the sockets close and their goroutines end.
 func (e *Echo) Close() {
 	if e.closed.CompareAndSwap(false, true) {

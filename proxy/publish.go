@@ -189,6 +189,21 @@ func (p *Publisher) Stats() (accepted, denied, failed uint64) {
 	return p.accepted.Load(), p.denied.Load(), p.failed.Load()
 }
 
+// ResetAll resets every relayed connection and forgets every UDP client
+// session; the listeners stay.
+func (p *Publisher) ResetAll() {
+	if p == nil || p.conns == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for c := range p.conns {
+		reset(c)
+	}
+	clear(p.sessions)
+	clear(p.byGwPort)
+}
+
 // Close stops listening, resets relayed connections and waits. Safe to call
 // on a Publisher that was never started, and more than once.
 func (p *Publisher) Close() {

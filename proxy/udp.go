@@ -208,9 +208,17 @@ func (u *UDP) Stats() UDPStats {
 func (u *UDP) Close() {
 	u.mu.Lock()
 	u.closed = true
+	u.mu.Unlock()
+	u.CloseSessions()
+	u.wg.Wait()
+}
+
+// CloseSessions ends every open session at once (their sockets close);
+// new ones may follow if the policy allows them.
+func (u *UDP) CloseSessions() {
+	u.mu.Lock()
 	for _, s := range u.sessions {
 		s.conn.Close()
 	}
 	u.mu.Unlock()
-	u.wg.Wait()
 }

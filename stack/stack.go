@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/miekg/dns"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
@@ -96,6 +97,9 @@ type Stack struct {
 	dns  *proxy.DNS
 	tcp  *tcpRelay
 
+	// cut is set by Cut: every decision from then on is a deny.
+	cut atomic.Bool
+
 	done      chan struct{}
 	closeOnce sync.Once
 	wg        sync.WaitGroup
@@ -155,7 +159,7 @@ func New(o Options) (*Stack, error) {
 		Upstreams:     o.DNSUpstreams,
 		Replier:       st.r,
 		MaxUDPPayload: st.sizes.MaxUDPPayload(true),
-		Filter:        o.DNSFilter,
+		Filter:        cutAware{st, o.DNSFilter},
 		Report:        st.report,
 		Log:           o.Log.With("component", "dns"),
 	})
@@ -224,13 +228,14 @@ func anySubnet(n int) tcpip.Subnet {
 	return s
 }
 
-// report tells OnDecision of a decision and, for a terminate, fires the
-// shared state's termination hook.
+// report tells OnDecision of a decision and, for a terminate, cuts the
+// network and fires the shared state's termination hook.
 func (st *Stack) report(f policy.Flow, d policy.Decision) {
 	if st.o.OnDecision != nil {
 		st.o.OnDecision(f, d)
 	}
 	if d.Action == policy.Terminate {
+		st.Cut()
 		st.o.Shared.TriggerTermination()
 	}
 }
@@ -240,6 +245,9 @@ func (st *Stack) report(f policy.Flow, d policy.Decision) {
 // is never allowed.
 func (st *Stack) decide(f policy.Flow) bool {
 	var d policy.Decision
+	if st.cut.Load() {
+		return false // the network is cut: no decision to report
+	}
 	if f.Direction == policy.Egress && policy.Unspecified(f.Dst.Addr()) {
 		d = policy.Decision{Action: policy.Deny, Rule: policy.RuleUnspecified}
 	} else {
@@ -283,10 +291,50 @@ func (st *Stack) allowUDP(src, dst netip.AddrPort) bool {
 // allowsAnything says whether the policy allows any egress at all; the
 // gateway answers its own echo under every policy that does.
 func (st *Stack) allowsAnything() bool {
+	if st.cut.Load() {
+		return false
+	}
 	if a, ok := st.o.Policy.(interface{ AllowsAnything() bool }); ok {
 		return a.AllowsAnything()
 	}
 	return st.o.Policy.Check(policy.Flow{Proto: policy.ICMP}).Action == policy.Allow
+}
+
+// cutAware refuses every query once the network is cut, and otherwise
+// defers to the policy's DNS filter (if any).
+type cutAware struct {
+	st    *Stack
+	inner proxy.DNSFilter
+}
+
+func (c cutAware) Query(src netip.AddrPort, q *dns.Msg) (*dns.Msg, *policy.Verdict) {
+	if c.st.cut.Load() {
+		m := new(dns.Msg)
+		m.SetRcode(q, dns.RcodeRefused)
+		return m, nil
+	}
+	if c.inner == nil {
+		return nil, nil
+	}
+	return c.inner.Query(src, q)
+}
+
+func (c cutAware) Answer(src netip.AddrPort, q, a *dns.Msg) (*dns.Msg, *policy.Verdict) {
+	if c.inner == nil {
+		return nil, nil
+	}
+	return c.inner.Answer(src, q, a)
+}
+
+// Cut cuts the sandbox off at once, as the first step of a termination:
+// every relayed TCP connection is reset (both ends), every UDP session and
+// echo in flight dropped, and every new flow, DNS query and echo to the
+// gateway refused from now on. It may run on the packet path.
+func (st *Stack) Cut() {
+	st.cut.Store(true)
+	st.tcp.resetAll()
+	st.udp.CloseSessions()
+	st.echo.Forget()
 }
 
 // CheckIngress decides a host client's new flow to a published port, as the

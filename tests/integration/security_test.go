@@ -97,3 +97,60 @@ func TestDNSOverTCPCapped(t *testing.T) {
 		t.Errorf("AXFR: want it refused (NOTIMP), got:\n%s", out)
 	}
 }
+
+// TestTerminationCutsTheNetworkFirst: in --netns mode with no process to
+// stop, a fatal violation resets the sandbox's open connections and refuses
+// new ones at once, while --on-terminate still runs; then msbtap exits 3.
+func TestTerminationCutsTheNetworkFirst(t *testing.T) {
+	w := testenv.NewWorld(t)
+	pol := writePolicy(t, `{"default_action": "allow", "rules": [
+		{"destination": {"group": "private"}, "protocols": ["tcp"], "action": "terminate"}]}`)
+	marker := filepath.Join(t.TempDir(), "hook-ran")
+	cmd := w.Host.Command(w.Msbtap, "run", "--netns", w.Guest.Name, "--policy", pol, "--dns-upstream", testenv.DNSHost4,
+		"--on-terminate", "sleep 4; touch "+marker)
+	out, done := startCmd(t, cmd)
+	waitFor(t, 10*time.Second, "msbtap ready", func() bool { return strings.Contains(out.String(), "ready") })
+
+	// An open connection, idle: it must see a reset, not a silent hang.
+	held := w.Guest.Command(w.Testhost, "hold", testenv.WebHost4+":7001", "1", "15")
+	heldOut := &testenv.Buffer{}
+	held.Stdout = heldOut
+	if err := held.Start(); err != nil {
+		t.Fatal(err)
+	}
+	heldDone := make(chan error, 1)
+	go func() { heldDone <- held.Wait() }()
+	time.Sleep(500 * time.Millisecond)
+
+	w.Guest.Run(w.Testhost, "dial", testenv.PrivHost4+":80") // the violation
+	start := time.Now()
+	select {
+	case <-heldDone:
+		if got := strings.TrimSpace(heldOut.String()); got != "open=0 refused=1" {
+			t.Errorf("the open connection: %q, want it reset", got)
+		}
+		if took := time.Since(start); took > 2*time.Second {
+			t.Errorf("the open connection was reset after %s", took)
+		}
+	case <-time.After(3 * time.Second):
+		t.Error("the open connection still stands 3 s after the violation")
+	}
+	// While --on-terminate runs, nothing new gets out.
+	if ok, o := reach(t, w, "tcp", testenv.WebHost4+":80"); ok {
+		t.Errorf("a new connection got out during termination: %s", o)
+	}
+	if _, err := os.Stat(marker); err == nil {
+		t.Fatal("--on-terminate ran before the network was cut and checked")
+	}
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatalf("msbtap did not exit\n%s", out.String())
+	}
+	if cmd.ProcessState.ExitCode() != 3 {
+		t.Errorf("exit status %d, want 3", cmd.ProcessState.ExitCode())
+	}
+	if _, err := os.Stat(marker); err != nil {
+		t.Errorf("--on-terminate did not run: %v", err)
+	}
+}
