@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/plan"
@@ -76,8 +77,10 @@ type Config struct {
 	OnTerminate string
 	GuestPID    int
 	// AuditLog is a file (or "-" for stdout) for one JSON line per
-	// decision.
-	AuditLog string
+	// decision (repeats folded); it rotates past AuditLogMaxBytes (default
+	// audit.DefaultMaxBytes).
+	AuditLog         string
+	AuditLogMaxBytes int64
 	// Publish are host ports relayed into the sandbox.
 	Publish []proxy.PortSpec
 
@@ -90,7 +93,7 @@ type Agent struct {
 	log    *slog.Logger
 	popts  policy.Options
 	holder *policy.Holder
-	audit  *auditLog
+	audit  *audit.Log
 	counts *decisionCounts
 	term   *terminator
 	pub    *proxy.Publisher
@@ -152,7 +155,7 @@ func New(cfg Config) (a *Agent, err error) {
 		a.onClose(func() { m.Close() })
 	}
 	if cfg.PIDFile != "" {
-		if err := os.WriteFile(cfg.PIDFile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+		if err := writePIDFile(cfg.PIDFile); err != nil {
 			return a, fielderr.Wrap("pid_file", err)
 		}
 		a.onClose(func() { os.Remove(cfg.PIDFile) })
@@ -161,6 +164,16 @@ func New(cfg Config) (a *Agent, err error) {
 }
 
 func (a *Agent) onClose(f func()) { a.undo = append(a.undo, f) }
+
+// writePIDFile writes the agent's pid without following a symbolic link.
+func writePIDFile(path string) error {
+	f, err := audit.OpenPrivate(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString(strconv.Itoa(os.Getpid()) + "\n")
+	return errors.Join(err, f.Close())
+}
 
 // checkPrivileges fails early, with a clear message, when the agent lacks
 // what creating and attaching a TAP needs.
@@ -190,10 +203,25 @@ func (a *Agent) buildPolicy() error {
 		return fielderr.Wrap("policy", err)
 	}
 	a.holder = policy.NewHolder(engine)
-	if a.audit, err = openAudit(a.cfg.AuditLog, a.holder, a.popts.Pins, a.log); err != nil {
-		return err
+	if a.cfg.AuditLog != "" {
+		pins := a.popts.Pins
+		a.audit, err = audit.Open(audit.Options{
+			Path:     a.cfg.AuditLog,
+			MaxBytes: a.cfg.AuditLogMaxBytes,
+			Describe: func(d policy.Decision) string { return ruleLabel(d, a.holder.Load()) },
+			Domain: func(ip netip.Addr) string {
+				if names := pins.Lookup(ip); len(names) > 0 {
+					return names[0]
+				}
+				return ""
+			},
+			Log: a.log.With("component", "audit"),
+		})
+		if err != nil {
+			return fielderr.Wrap("audit_log", err)
+		}
+		a.onClose(func() { a.audit.Close() })
 	}
-	a.onClose(func() { a.audit.Close() })
 	a.term = newTerminator(terminatorConfig{onTerminate: a.cfg.OnTerminate, guestPID: a.cfg.GuestPID, cut: a.cutNetwork}, a.holder, a.log)
 	return nil
 }
@@ -307,7 +335,7 @@ func (a *Agent) cutNetwork() {
 // terminate is recorded for the termination hook the gateway fires next.
 func (a *Agent) onDecision(f policy.Flow, d policy.Decision) {
 	a.counts.add(d.Action)
-	a.audit.Log(f, d)
+	a.audit.Decision(f, d)
 	if d.Action == policy.Terminate {
 		a.term.record(f, d)
 	}

@@ -41,7 +41,13 @@ func watchHostAddrs(p plan.Plan, hs *policy.HostSet, log *slog.Logger) (stop fun
 	updates := make(chan netlink.AddrUpdate, 64)
 	done := make(chan struct{})
 	err := netlink.AddrSubscribeWithOptions(updates, done, netlink.AddrSubscribeOptions{
-		ErrorCallback: func(err error) { log.Warn("host address watch", "err", err) },
+		ErrorCallback: func(err error) {
+			select {
+			case <-done: // the socket closing under the watch: expected
+			default:
+				log.Warn("host address watch", "err", err)
+			}
+		},
 	})
 	if err != nil {
 		log.Warn("cannot watch the host's addresses; the host group is read once", "err", err)

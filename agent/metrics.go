@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
@@ -27,22 +28,22 @@ type collector struct {
 	sh     *rings.Shared
 	st     *stack.Stack
 	pub    *proxy.Publisher // nil without published ports
-	audit  *auditLog
+	audit  *audit.Log
 	counts *decisionCounts
 
 	bytes, frames, drops, flowsActive, flowsTotal, decisions, auditDrops, failures, wakes *prometheus.Desc
 }
 
-func newCollector(sh *rings.Shared, st *stack.Stack, pub *proxy.Publisher, audit *auditLog, counts *decisionCounts) *collector {
+func newCollector(sh *rings.Shared, st *stack.Stack, pub *proxy.Publisher, alog *audit.Log, counts *decisionCounts) *collector {
 	return &collector{
 		counts:      counts,
 		sh:          sh,
 		st:          st,
 		pub:         pub,
-		audit:       audit,
+		audit:       alog,
 		wakes:       prometheus.NewDesc("msbtap_wakes_total", "Wake calls on a ring (kind=wake) and the consumer wake-ups they cost (kind=wakeup); the difference is what coalescing saved.", []string{"ring", "kind"}, nil),
 		failures:    prometheus.NewDesc("msbtap_flow_failures_total", "Flows or datagrams the gateway could not relay, by reason.", []string{"reason"}, nil),
-		auditDrops:  prometheus.NewDesc("msbtap_audit_dropped_total", "Decision log lines dropped because the writer fell behind.", nil, nil),
+		auditDrops:  prometheus.NewDesc("msbtap_audit_dropped_total", "Decisions not logged because one window held too many distinct ones (terminations and first denies never are).", nil, nil),
 		bytes:       prometheus.NewDesc("msbtap_bytes_total", "Bytes at the guest boundary; direction tx = sent by the guest, rx = delivered to it.", []string{"direction"}, nil),
 		frames:      prometheus.NewDesc("msbtap_frames_total", "Frames at the guest boundary; direction tx = sent by the guest, rx = delivered to it.", []string{"direction"}, nil),
 		drops:       prometheus.NewDesc("msbtap_drops_total", "Frames dropped, by reason.", []string{"reason"}, nil),

@@ -111,7 +111,7 @@ func (t *terminator) finish(v Terminated) error {
 			"MSBTAP_VIOLATION_PROTO="+v.Proto,
 			"MSBTAP_VIOLATION_SRC="+v.Src,
 			"MSBTAP_VIOLATION_DST="+v.Dst,
-			"MSBTAP_VIOLATION_DOMAIN="+v.Domain,
+			"MSBTAP_VIOLATION_DOMAIN="+safeName(v.Domain),
 			"MSBTAP_VIOLATION_RULE="+v.Rule,
 		)
 		if err := cmd.Run(); err != nil {
@@ -119,6 +119,20 @@ func (t *terminator) finish(v Terminated) error {
 		}
 	}
 	return &v
+}
+
+// safeName keeps only letters, digits, '-' and '.' of a name that came from
+// the guest's bytes, so that a shell running --on-terminate cannot be made
+// to run any of it.
+func safeName(s string) string {
+	b := make([]byte, 0, len(s))
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' {
+			b = append(b, c)
+		}
+	}
+	return string(b)
 }
 
 func protoLabel(f policy.Flow) string {

@@ -330,6 +330,42 @@ func TestUDPSessionsIdleOut(t *testing.T) {
 	}
 }
 
+// TestUDPReplySizedPerFamily: a reply that fits a packet over IPv4 but not
+// over IPv6 (its header is 20 bytes longer) is not sent to an IPv6 guest
+// in a frame larger than the MTU.
+func TestUDPReplySizedPerFamily(t *testing.T) {
+	big, err := net.ListenPacket("udp", "[::1]:0")
+	if err != nil {
+		t.Skipf("skipping: no IPv6 loopback: %v", err)
+	}
+	defer big.Close()
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			_, from, err := big.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			big.WriteTo(make([]byte, 1460), from) // fits 1500 over IPv4 (1488), not IPv6 (1508)
+		}
+	}()
+	r := &captureReplier{got: make(chan struct{}, 1)}
+	u := NewUDP(UDPOptions{Replier: r, MaxPayload4: 1472, MaxPayload6: 1452})
+	defer u.Close()
+	if err := u.Handle(netip.MustParseAddrPort("[fd42:6d73:62::2]:4000"), netip.MustParseAddrPort(big.LocalAddr().String()), []byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for u.Stats().TooBig == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.udp) != 0 || u.Stats().TooBig != 1 {
+		t.Errorf("a 1460-byte reply to an IPv6 guest: %d sent, %d counted too big; want 0 and 1", len(r.udp), u.Stats().TooBig)
+	}
+}
+
 func TestUDPDenied(t *testing.T) {
 	u := NewUDP(UDPOptions{Replier: &captureReplier{}, Allow: func(netip.AddrPort, netip.AddrPort) bool { return false }})
 	defer u.Close()

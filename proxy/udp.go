@@ -32,9 +32,10 @@ type UDPOptions struct {
 	IdleTimeout time.Duration
 	// MaxSessions caps concurrent sessions (default 1024).
 	MaxSessions int
-	// MaxPayload is the largest reply payload that fits a frame to the
-	// guest; larger replies are dropped and counted.
-	MaxPayload int
+	// MaxPayload4 and MaxPayload6 are the largest reply payloads that fit
+	// one packet of the MTU to the guest over IPv4 and IPv6; larger replies
+	// are dropped and counted.
+	MaxPayload4, MaxPayload6 int
 	Log        *slog.Logger
 }
 
@@ -71,8 +72,11 @@ func NewUDP(o UDPOptions) *UDP {
 	if o.MaxSessions <= 0 {
 		o.MaxSessions = 1024
 	}
-	if o.MaxPayload <= 0 {
-		o.MaxPayload = 1472
+	if o.MaxPayload4 <= 0 {
+		o.MaxPayload4 = 1472
+	}
+	if o.MaxPayload6 <= 0 {
+		o.MaxPayload6 = o.MaxPayload4 - 20
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
@@ -162,7 +166,11 @@ func (u *UDP) routineReply(s *udpSession) {
 		u.mu.Unlock()
 		s.conn.Close()
 	}()
-	buf := make([]byte, u.o.MaxPayload+1)
+	limit := u.o.MaxPayload4
+	if s.key.src.Addr().Is6() {
+		limit = u.o.MaxPayload6
+	}
+	buf := make([]byte, limit+1)
 	for {
 		last := time.Unix(0, s.lastSeen.Load())
 		if idle := time.Since(last); idle >= u.o.IdleTimeout {
@@ -176,7 +184,7 @@ func (u *UDP) routineReply(s *udpSession) {
 			}
 			return // closed
 		}
-		if n > u.o.MaxPayload {
+		if n > limit {
 			u.tooBig.Add(1)
 			continue
 		}

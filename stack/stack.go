@@ -151,7 +151,8 @@ func New(o Options) (*Stack, error) {
 		MapDst:      o.MapDst,
 		IdleTimeout: o.UDPIdleTimeout,
 		MaxSessions: o.MaxUDPSessions,
-		MaxPayload:  st.sizes.MaxUDPPayload(false),
+		MaxPayload4: st.sizes.MaxUDPPayload(false),
+		MaxPayload6: st.sizes.MaxUDPPayload(true),
 		Log:         o.Log.With("component", "udp"),
 	})
 	st.echo = proxy.NewEcho(proxy.EchoOptions{Replier: st.r, Log: o.Log.With("component", "icmp")})

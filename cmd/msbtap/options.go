@@ -50,7 +50,8 @@ func runFlags() []cli.Flag {
 		&cli.BoolFlag{Name: "no-rebind-protection", Usage: "let public names resolve to private, loopback, link-local or metadata addresses"},
 		&cli.StringFlag{Name: "on-terminate", Usage: "run shell `CMD` after a fatal violation stopped the sandbox (MSBTAP_VIOLATION_* in its environment)"},
 		&cli.IntFlag{Name: "guest-pid", Usage: "`PID` to kill on a fatal violation (the VMM, say); with -- COMMAND its process group is killed"},
-		&cli.StringFlag{Name: "audit-log", Usage: "write one JSON line per flow decision to `FILE` (- for stdout)"},
+		&cli.StringFlag{Name: "audit-log", Usage: "write one JSON line per flow decision to `FILE` (- for stdout); repeats within a second fold into one line"},
+		&cli.StringFlag{Name: "audit-log-max-size", Value: "64MiB", Usage: "rotate the audit log past `SIZE` (it becomes FILE.1): the log takes at most twice SIZE on disk"},
 		&cli.StringSliceFlag{Name: "publish", Usage: "publish a sandbox port on the host: `[HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp]` (repeatable, -p for short; HOSTIP defaults to 127.0.0.1)"},
 		// -p is its own flag rather than an alias so that -p and --publish
 		// can be mixed on one command line.
@@ -179,6 +180,7 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 	denyMode, onViolation := s.str("deny-mode"), s.str("on-violation")
 	cfg.DNSBlock, cfg.DNSBlockSuffix, cfg.RebindProtection = s.strs("dns-block"), s.strs("dns-block-suffix"), !s.bool("no-rebind-protection")
 	cfg.OnTerminate, cfg.GuestPID, cfg.AuditLog = s.str("on-terminate"), s.int("guest-pid"), s.str("audit-log")
+	auditMax := s.str("audit-log-max-size")
 	pubs := append(s.strs("publish"), c.StringSlice("p")...)
 	if s.err != nil {
 		return cfg, s.err
@@ -249,6 +251,9 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 	}
 	if cfg.DenyIsFatal, err = oneOf("on-violation", onViolation, map[string]bool{"deny": false, "terminate": true}); err != nil {
 		return cfg, err
+	}
+	if cfg.AuditLogMaxBytes, err = parseSize(auditMax); err != nil || cfg.AuditLogMaxBytes < 4096 {
+		return cfg, fielderr.Bad("audit_log_max_size", auditMax, "want a size of at least 4KiB, like 64MiB or 1GB")
 	}
 	if cfg.GuestPID < 0 {
 		return cfg, fielderr.Bad("guest_pid", cfg.GuestPID, "not a process id")

@@ -133,6 +133,12 @@ func TestStartupErrors(t *testing.T) {
 	msbtap, _ := testenv.Binaries(t)
 	ns := testenv.NewNS(t, "err")
 	ns.MustRun(t, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
+	// A pid file or audit log that is a symbolic link is never followed.
+	dir := t.TempDir()
+	victim := filepath.Join(dir, "victim")
+	os.WriteFile(victim, []byte("precious\n"), 0o644)
+	link := filepath.Join(dir, "link")
+	os.Symlink(victim, link)
 	for _, tc := range []struct {
 		name string
 		args []string
@@ -142,6 +148,8 @@ func TestStartupErrors(t *testing.T) {
 		{"existing tap", []string{"run", "--netns", ns.Name}, "already exists"},
 		{"not a namespace", []string{"run", "--netns", "/etc/hostname"}, "not a network namespace"},
 		{"closed ready fd", []string{"run", "--netns", ns.Name, "--tap", "tap1", "--ready-fd", "9"}, "--ready-fd"},
+		{"pid file symlink", []string{"run", "--netns", ns.Name, "--tap", "tap1", "--pid-file", link}, "--pid-file: " + link + ": is a symbolic link"},
+		{"audit log symlink", []string{"run", "--netns", ns.Name, "--tap", "tap1", "--audit-log", link}, "--audit-log: " + link + ": is a symbolic link"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, err := exec.Command(msbtap, tc.args...).CombinedOutput()
@@ -153,6 +161,9 @@ func TestStartupErrors(t *testing.T) {
 				t.Fatalf("want one line mentioning %q, got:\n%s", tc.want, out)
 			}
 		})
+	}
+	if b, _ := os.ReadFile(victim); string(b) != "precious\n" {
+		t.Errorf("a symbolic link was followed: the target now holds %q", b)
 	}
 	// Nothing half-made: no new link in the namespace.
 	if out := ns.MustRun(t, "ip", "-o", "link"); strings.Contains(out, "tap1") {
