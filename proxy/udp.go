@@ -36,7 +36,7 @@ type UDPOptions struct {
 	// one packet of the MTU to the guest over IPv4 and IPv6; larger replies
 	// are dropped and counted.
 	MaxPayload4, MaxPayload6 int
-	Log        *slog.Logger
+	Log                      *slog.Logger
 }
 
 type udpKey struct{ src, dst netip.AddrPort }
