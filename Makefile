@@ -13,8 +13,10 @@ DESTDIR   ?=
 
 all: build
 
+# CGO_ENABLED=0: msbtap drops capabilities on every thread, which Go can
+# only do in a binary without cgo.
 build:
-	$(GO) build -o $(BIN) ./cmd/msbtap
+	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/msbtap
 
 # deps installs the Debian packages the tests and the demo drive (when
 # missing and when root) and downloads the Go modules.
@@ -50,7 +52,7 @@ lint:
 	$(GO) vet ./...
 
 demo: deps build
-	$(GO) build -o bin/testhost ./internal/testhost
+	CGO_ENABLED=0 $(GO) build -o bin/testhost ./internal/testhost
 	./scripts/demo.sh
 
 # man regenerates docs/msbtap.1 from the flag definitions (a unit test fails

@@ -44,9 +44,16 @@ type Config struct {
 	// Offload puts virtio net headers with TSO and checksum offload on the
 	// TAP.
 	Offload bool
-	// Command runs in the sandbox (in VM mode: in msbtap's own namespace);
-	// the agent ends with it.
-	Command []string
+	// Command runs in the sandbox (in VM mode: in msbtap's own namespace)
+	// as CommandUID:CommandGID with CommandGroups, with no capabilities,
+	// in a PID and mount namespace of its own; the agent ends with it.
+	Command       []string
+	CommandUID    int
+	CommandGID    int
+	CommandGroups []int
+	// NoSeccomp leaves out the agent's seccomp allow-list (it still drops
+	// its capabilities and sets no_new_privs once set up).
+	NoSeccomp bool
 	// ReadyFD (≥ 3) is written "ready" and closed once the network works;
 	// -1 for none.
 	ReadyFD int
@@ -248,6 +255,15 @@ func (a *Agent) buildLink() (*tap.File, error) {
 		return nil, err
 	}
 	a.onClose(func() { a.ns.Close() })
+	if cfg.Netns == "" {
+		// The command runs unprivileged: let it ping (ICMP datagram
+		// sockets) and bind any port, in its own namespace only.
+		for _, kv := range [][2]string{{"net.ipv4.ping_group_range", "0 2147483647"}, {"net.ipv4.ip_unprivileged_port_start", "0"}} {
+			if err := netns.SetSysctl(a.ns, kv[0], kv[1]); err != nil {
+				return nil, err
+			}
+		}
+	}
 	dev, err := tap.CreateInNetns(a.ns, cfg.TapName, cfg.Offload)
 	if err != nil {
 		return nil, err

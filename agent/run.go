@@ -7,11 +7,18 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"os/user"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/msbtap/msbtap/harden"
 	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/sandbox"
 )
 
 // ExitStatus is the command's own exit status (128+signal when a signal
@@ -31,6 +38,18 @@ func (a *Agent) Run(ctx context.Context) error {
 	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigc)
 
+	if cfg.OnTerminate != "" {
+		r, err := startHookRunner()
+		if err != nil {
+			return err
+		}
+		a.term.runner = r
+		a.onClose(func() {
+			if a.term.runner != nil {
+				a.term.runner.close()
+			}
+		})
+	}
 	var cmdDone chan error
 	if len(cfg.Command) > 0 {
 		cmd, err := a.startCommand()
@@ -40,6 +59,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		cmdDone = make(chan error, 1)
 		go func() { cmdDone <- cmd.Wait() }()
 		a.onClose(func() { stopCommand(cmd, cmdDone) })
+	}
+	// Set-up is over: keep only what the data path needs.
+	if err := harden.Apply(harden.Options{Keep: a.keepCaps(), Seccomp: !cfg.NoSeccomp}); err != nil {
+		return fmt.Errorf("drop privileges: %w", err)
 	}
 
 	p := cfg.Plan
@@ -89,24 +112,50 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 }
 
+// keepCaps are the capabilities the running agent keeps: CAP_NET_RAW for
+// raw ICMP sockets (the echo relay, where the host's ping_group_range
+// allows no datagram ones), CAP_KILL to stop a --guest-pid of another user,
+// and in VM mode CAP_NET_ADMIN to remove the VM's TAP at the end.
+func (a *Agent) keepCaps() []uintptr {
+	keep := []uintptr{unix.CAP_NET_RAW, unix.CAP_KILL}
+	if a.cfg.VM {
+		keep = append(keep, unix.CAP_NET_ADMIN)
+	}
+	return keep
+}
+
 // startCommand starts the command in the sandbox's namespace (in VM mode,
-// in msbtap's own: it is the VMM), in its own process group.
+// in msbtap's own: it is the VMM), behind the sandbox's init.
 func (a *Agent) startCommand() (*exec.Cmd, error) {
-	argv := a.cfg.Command
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	// The child is forked from a thread inside the sandbox's namespace, so
-	// it starts there.
-	start := cmd.Start
-	if a.ns.IsOpen() {
-		start = func() error { return netns.Do(a.ns, cmd.Start) }
+	cfg := a.cfg
+	wd, _ := os.Getwd()
+	p, err := sandbox.Start(a.ns, sandbox.Spec{Argv: cfg.Command, Env: commandEnv(cfg.CommandUID), Dir: wd,
+		UID: cfg.CommandUID, GID: cfg.CommandGID, Groups: cfg.CommandGroups})
+	if err != nil {
+		return nil, err
 	}
-	if err := start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", argv[0], err)
+	a.term.setProcessGroup(p.Process.Pid)
+	return p.Cmd, nil
+}
+
+// commandEnv is msbtap's environment for the command, with HOME, USER and
+// LOGNAME of the user it runs as.
+func commandEnv(uid int) []string {
+	env := os.Environ()
+	if uid == os.Getuid() {
+		return env
 	}
-	a.term.setProcessGroup(cmd.Process.Pid)
-	return cmd, nil
+	u, err := user.LookupId(strconv.Itoa(uid))
+	if err != nil {
+		return env
+	}
+	out := env[:0:0]
+	for _, kv := range env {
+		if !strings.HasPrefix(kv, "HOME=") && !strings.HasPrefix(kv, "USER=") && !strings.HasPrefix(kv, "LOGNAME=") {
+			out = append(out, kv)
+		}
+	}
+	return append(out, "HOME="+u.HomeDir, "USER="+u.Username, "LOGNAME="+u.Username)
 }
 
 // reloadPolicy re-reads the policy file on SIGHUP: validated first, then

@@ -1,16 +1,12 @@
 package agent
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
-	"os"
-	"os/exec"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"time"
 
 	"github.com/msbtap/msbtap/policy"
 )
@@ -39,6 +35,7 @@ type terminatorConfig struct {
 // runs --on-terminate and returns a *Terminated.
 type terminator struct {
 	c      terminatorConfig
+	runner *hookRunner // runs --on-terminate; started before privileges drop
 	holder *policy.Holder
 	log    *slog.Logger
 	pgid   atomic.Int64
@@ -102,21 +99,18 @@ func (t *terminator) kill() {
 func (t *terminator) finish(v Terminated) error {
 	t.log.Error("policy violation: sandbox terminated", "proto", v.Proto, "src", v.Src,
 		"dst", v.Dst, "domain", v.Domain, "rule", v.Rule)
-	if t.c.onTerminate != "" {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, "/bin/sh", "-c", t.c.onTerminate)
-		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-		cmd.Env = append(os.Environ(),
-			"MSBTAP_VIOLATION_PROTO="+v.Proto,
-			"MSBTAP_VIOLATION_SRC="+v.Src,
-			"MSBTAP_VIOLATION_DST="+v.Dst,
-			"MSBTAP_VIOLATION_DOMAIN="+safeName(v.Domain),
-			"MSBTAP_VIOLATION_RULE="+v.Rule,
-		)
-		if err := cmd.Run(); err != nil {
+	if t.runner != nil {
+		env := []string{
+			"MSBTAP_VIOLATION_PROTO=" + v.Proto,
+			"MSBTAP_VIOLATION_SRC=" + v.Src,
+			"MSBTAP_VIOLATION_DST=" + v.Dst,
+			"MSBTAP_VIOLATION_DOMAIN=" + safeName(v.Domain),
+			"MSBTAP_VIOLATION_RULE=" + v.Rule,
+		}
+		if err := t.runner.run(t.c.onTerminate, env); err != nil {
 			t.log.Error("--on-terminate failed", "err", err)
 		}
+		t.runner = nil
 	}
 	return &v
 }

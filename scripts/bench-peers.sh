@@ -13,6 +13,6 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-go build -o bin/msbtap ./cmd/msbtap
-go build -o bin/testhost ./internal/testhost
+CGO_ENABLED=0 go build -o bin/msbtap ./cmd/msbtap
+CGO_ENABLED=0 go build -o bin/testhost ./internal/testhost
 go run ./internal/benchpeers "$@"

@@ -10,6 +10,9 @@ import (
 	"os"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/msbtap/msbtap/agent"
+	"github.com/msbtap/msbtap/sandbox"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -68,6 +71,12 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == sandbox.InitArg {
+		sandbox.Init() // msbtap re-executed as the sandbox's init
+	}
+	if len(os.Args) > 1 && os.Args[1] == agent.HookRunnerArg {
+		agent.HookRunner() // msbtap re-executed to run --on-terminate
+	}
 	err := newApp(os.Stdout, os.Stderr).Run(os.Args)
 	if err == nil {
 		return

@@ -18,6 +18,7 @@ import (
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
+	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/stack"
 )
 
@@ -27,6 +28,8 @@ func runFlags() []cli.Flag {
 		&cli.BoolFlag{Name: "vm", Usage: "VM mode: create a TAP named by --tap for the VMM to open (QEMU -netdev tap,ifname=NAME,script=no,downscript=no)"},
 		&cli.StringFlag{Name: "offload", Value: "on", Usage: "on: virtio net headers with TCP segmentation and checksum offload on the TAP (64 KiB segments whatever the MTU); off: plain frames"},
 		&cli.IntFlag{Name: "tap-owner", Value: -1, Usage: "VM mode: `UID` allowed to open the TAP (the VMM's user)"},
+		&cli.StringFlag{Name: "user", Usage: "run -- COMMAND as `USER[:GROUP]` (default: the user who ran sudo, else root); always with no capabilities and no_new_privs"},
+		&cli.StringFlag{Name: "seccomp", Value: "on", Usage: "on: once set up, msbtap refuses (EPERM) every system call off its allow-list; off: only drop capabilities"},
 		&cli.StringFlag{Name: "netns", Usage: "attach to network namespace `NAME|PATH` (a name is looked up in /run/netns)"},
 		&cli.StringFlag{Name: "tap", Value: "eth0", Usage: "`NAME` of the TAP interface (in VM mode: on the host; default msbtap<slot>)"},
 		&cli.IntFlag{Name: "slot", Value: 0, Usage: "sandbox slot `N` (0..65535) the default addresses derive from"},
@@ -181,6 +184,7 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 	cfg.DNSBlock, cfg.DNSBlockSuffix, cfg.RebindProtection = s.strs("dns-block"), s.strs("dns-block-suffix"), !s.bool("no-rebind-protection")
 	cfg.OnTerminate, cfg.GuestPID, cfg.AuditLog = s.str("on-terminate"), s.int("guest-pid"), s.str("audit-log")
 	auditMax := s.str("audit-log-max-size")
+	userSpec, seccompMode := s.str("user"), s.str("seccomp")
 	pubs := append(s.strs("publish"), c.StringSlice("p")...)
 	if s.err != nil {
 		return cfg, s.err
@@ -188,6 +192,17 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 
 	if cfg.Offload, err = oneOf("offload", offload, map[string]bool{"on": true, "off": false}); err != nil {
 		return cfg, err
+	}
+	if cfg.NoSeccomp, err = oneOf("seccomp", seccompMode, map[string]bool{"on": false, "off": true}); err != nil {
+		return cfg, err
+	}
+	if userSpec != "" && len(cfg.Command) == 0 {
+		return cfg, errors.New("--user: only with -- COMMAND")
+	}
+	if len(cfg.Command) > 0 {
+		if cfg.CommandUID, cfg.CommandGID, cfg.CommandGroups, err = sandbox.Credentials(userSpec); err != nil {
+			return cfg, fielderr.Bad("user", userSpec, "%w", err)
+		}
 	}
 	if cfg.VM {
 		if cfg.Netns != "" {

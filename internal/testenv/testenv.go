@@ -55,6 +55,7 @@ func Binaries(t testing.TB) (msbtap, testhost string) {
 		for _, b := range [][2]string{{"msbtap", "./cmd/msbtap"}, {"testhost", "./internal/testhost"}} {
 			cmd := exec.Command("go", "build", "-o", filepath.Join(buildDir, b[0]), b[1])
 			cmd.Dir = root
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0") // as make build: msbtap drops capabilities on every thread
 			if out, err := cmd.CombinedOutput(); err != nil {
 				buildErr = fmt.Errorf("go build %s: %v\n%s", b[1], err, out)
 				return

@@ -1,8 +1,11 @@
 package integration
 
 import (
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -152,5 +155,94 @@ func TestTerminationCutsTheNetworkFirst(t *testing.T) {
 	}
 	if _, err := os.Stat(marker); err != nil {
 		t.Errorf("--on-terminate did not run: %v", err)
+	}
+}
+
+// TestCommandIsConfined: the command msbtap starts has no capabilities and
+// no_new_privs, sees only its own PID namespace (so neither msbtap nor any
+// host process), and cannot enter another network namespace: the one-line
+// escape `nsenter --net=/proc/$PPID/ns/net` no longer works.
+func TestCommandIsConfined(t *testing.T) {
+	testenv.RequireRoot(t)
+	msbtap, _ := testenv.Binaries(t)
+	script := `grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/self/status
+echo "pid1: $(tr '\0' ' ' </proc/1/cmdline)"
+echo "procs: $(ls /proc | grep -c '^[0-9]')"
+nsenter --net=/proc/$PPID/ns/net ip -o link 2>&1 | head -3
+echo "links: $(ip -o link | wc -l)"`
+	out, err := exec.Command(msbtap, "run", "--", "sh", "-c", script).CombinedOutput()
+	if err != nil {
+		t.Fatalf("msbtap run: %v\n%s", err, out)
+	}
+	s := string(out)
+	for _, want := range []string{"CapInh:\t0000000000000000", "CapPrm:\t0000000000000000", "CapEff:\t0000000000000000",
+		"CapBnd:\t0000000000002000", "CapAmb:\t0000000000000000", "NoNewPrivs:\t1", "links: 2"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("want %q in:\n%s", want, s)
+		}
+	}
+	if !strings.Contains(s, "pid1: /") || !strings.Contains(s, "__msbtap-sandbox-init") {
+		t.Errorf("PID 1 is not the sandbox's init:\n%s", s)
+	}
+	if m := regexp.MustCompile(`procs: (\d+)`).FindStringSubmatch(s); m == nil || len(m[1]) > 1 {
+		t.Errorf("the sandbox sees more than its own few processes:\n%s", s)
+	}
+	if !strings.Contains(s, "Operation not permitted") && !strings.Contains(s, "Permission denied") {
+		t.Errorf("nsenter into another network namespace was not refused:\n%s", s)
+	}
+}
+
+// TestCommandRunsAsUser: --user picks the user; an unprivileged command can
+// still ping and bind a port below 1024 inside its sandbox.
+func TestCommandRunsAsUser(t *testing.T) {
+	testenv.RequireTools(t, "ping", "iperf3")
+	w := testenv.NewWorld(t)
+	script := fmt.Sprintf(`id -u; id -g
+ping -c 1 -W 2 %s >/dev/null && echo ping-ok
+timeout 1 iperf3 -s -p 80 2>&1 | grep -q 'listening on 80' && echo bind-ok`, testenv.WebHost4)
+	out, err := w.Host.Run(w.Msbtap, "run", "--user", "nobody", "--dns-upstream", testenv.DNSHost4, "--", "sh", "-c", script)
+	if err != nil {
+		t.Fatalf("msbtap run: %v\n%s", err, out)
+	}
+	for _, want := range []string{"65534\n65534\n", "ping-ok", "bind-ok"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("want %q in:\n%s", want, out)
+		}
+	}
+	// The user who ran sudo is the default.
+	cmd := w.Host.Command(w.Msbtap, "run", "--", "id", "-u")
+	cmd.Env = append(os.Environ(), "SUDO_UID=65534", "SUDO_GID=65534")
+	if b, err := cmd.Output(); err != nil || strings.TrimSpace(string(b)) != "65534" {
+		t.Errorf("with SUDO_UID: %v %q", err, b)
+	}
+}
+
+// TestAgentRunsHardened: once set up, msbtap holds only CAP_NET_RAW and
+// CAP_KILL, with no_new_privs and its seccomp filter; --seccomp off leaves
+// the filter out.
+func TestAgentRunsHardened(t *testing.T) {
+	w := testenv.NewWorld(t)
+	status := func() string {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", w.AgentPID()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	want := fmt.Sprintf("CapEff:\t%016x", uint64(1)<<13|uint64(1)<<5) // CAP_NET_RAW, CAP_KILL
+	w.StartAgent(t)
+	s := status()
+	for _, want := range []string{want, "NoNewPrivs:\t1", "Seccomp:\t2"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("want %q in the agent's status", want)
+		}
+	}
+	if ok, out := reach(t, w, "tcp", testenv.WebHost4+":80"); !ok {
+		t.Errorf("traffic under the filter: %s", out)
+	}
+	w.StopAgent(t)
+	w.StartAgent(t, "--seccomp", "off")
+	if s := status(); !strings.Contains(s, "Seccomp:\t0") || !strings.Contains(s, want) {
+		t.Errorf("--seccomp off: want no filter and the same capabilities:\n%s", s)
 	}
 }
