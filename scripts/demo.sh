@@ -87,8 +87,9 @@ step "Ping a test host, IPv4 and IPv6"
 in_guest ping -c 2 -i 0.3 198.51.100.10
 in_guest ping -6 -c 2 -i 0.3 2001:db8::10
 
-step "The default policy (public-only) refuses the host and cloud metadata"
+step "The gateway answers its own ping; the default policy (public-only) refuses the host and cloud metadata"
+in_guest ping -c 1 -W 1 100.96.0.1
 in_guest curl -sS --max-time 3 http://169.254.169.254/latest/meta-data/ || true
-in_guest ping -c 1 -W 1 100.96.0.1 || true
+in_guest curl -sS --max-time 3 http://100.96.0.1:22/ || true
 
 step "Done: every flow above left the host as msbtap's own socket; cleaning up"

@@ -179,3 +179,16 @@ func TestCompletionScripts(t *testing.T) {
 		t.Error("tcsh: no error")
 	}
 }
+
+func TestPolicyExplainShowsResolve(t *testing.T) {
+	for _, tc := range []struct{ policy, want string }{
+		{"none", `names no domain rule lists: NXDOMAIN ("resolve": "listed"`},
+		{"public-only", `names no domain rule lists: resolve ("resolve": "all")`},
+		{"allow-all", "names no domain rule lists: resolve (default_action allow)"},
+	} {
+		out, err := runApp("policy", "explain", "--policy", tc.policy, "--dst", "198.51.100.7:443")
+		if err != nil || !strings.Contains(out, tc.want) {
+			t.Errorf("%s: %v\n%s", tc.policy, err, out)
+		}
+	}
+}

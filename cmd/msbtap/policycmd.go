@@ -111,5 +111,17 @@ func explain(c *cli.Context) error {
 		q := e.CheckQuery(d)
 		fmt.Fprintf(c.App.Writer, "resolving %s: %s by %s\n", d, q.Action, e.Describe(q.Rule))
 	}
+	fmt.Fprintf(c.App.Writer, "names no domain rule lists: %s\n", unlistedNames(f))
 	return nil
+}
+
+// unlistedNames says how the policy treats a name no domain rule matches.
+func unlistedNames(f *policy.File) string {
+	switch {
+	case f.DefaultAction == "allow":
+		return "resolve (default_action allow)"
+	case f.Resolve == policy.ResolveAll:
+		return `resolve ("resolve": "all")`
+	}
+	return `NXDOMAIN ("resolve": "listed", the default under default_action ` + f.DefaultAction + `)`
 }
