@@ -54,6 +54,8 @@ type Config struct {
 	// NoSeccomp leaves out the agent's seccomp allow-list (it still drops
 	// its capabilities and sets no_new_privs once set up).
 	NoSeccomp bool
+	// MemoryLimit is Go's soft memory limit for the agent (0: none).
+	MemoryLimit int64
 	// ReadyFD (≥ 3) is written "ready" and closed once the network works;
 	// -1 for none.
 	ReadyFD int
@@ -136,6 +138,7 @@ func New(cfg Config) (a *Agent, err error) {
 			return a, fielderr.Bad("ready_fd", cfg.ReadyFD, "not an open file descriptor")
 		}
 	}
+	a.onClose(startTrimmer(cfg.MemoryLimit))
 	if err := a.buildPolicy(); err != nil {
 		return a, err
 	}

@@ -36,6 +36,9 @@ type DNSOptions struct {
 	MaxTCPQueries  int
 	// MaxUDPPayload is the largest UDP answer that fits a frame to the guest.
 	MaxUDPPayload int
+	// CacheSize bounds the answer cache in entries (default 4096; negative
+	// turns it off). Answers are kept for their TTL, at most 5 minutes.
+	CacheSize int
 	// Filter, when set, sees every query before it is forwarded and every
 	// answer before it is returned; see DNSFilter.
 	Filter DNSFilter
@@ -66,6 +69,7 @@ type DNS struct {
 	upstreams []string
 	preferred atomic.Int32 // index of the upstream that answered last
 	sem       chan struct{}
+	cache     *dnsCache
 	tcpConns  atomic.Int32
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -74,7 +78,7 @@ type DNS struct {
 	closed bool
 	wg     sync.WaitGroup
 
-	queries, failures, dropped, refused, tcpOverCap atomic.Uint64
+	queries, failures, dropped, refused, tcpOverCap, cacheHits atomic.Uint64
 }
 
 // forwardedTypes are the query types sent upstream; others (ANY, AXFR,
@@ -142,7 +146,7 @@ func NewDNS(o DNSOptions) (*DNS, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	d := &DNS{o: o, sem: make(chan struct{}, o.MaxInFlight)}
+	d := &DNS{o: o, sem: make(chan struct{}, o.MaxInFlight), cache: newDNSCache(o.CacheSize)}
 	for _, u := range o.Upstreams {
 		p, err := ParseUpstream(u)
 		if err != nil {
@@ -180,8 +184,12 @@ func (d *DNS) resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg, trans
 			return m
 		}
 	}
-	a := d.forward(ctx, up)
-	if a == nil {
+	a := d.cache.get(up)
+	if a != nil {
+		d.cacheHits.Add(1)
+	} else if a = d.forward(ctx, up); a != nil {
+		d.cache.put(up, a)
+	} else {
 		d.failures.Add(1)
 		return reply(q, dns.RcodeServerFailure)
 	}
@@ -414,14 +422,18 @@ type DNSStats struct {
 	InFlight, TCPConns int
 	// Queries answered, Failures no upstream answered, queries Dropped
 	// (malformed, over the in-flight cap), Refused (opcode, class or type
-	// not forwarded), TCP connections refused over the cap.
-	Queries, Failures, Dropped, Refused, TCPOverCap uint64
+	// not forwarded), TCP connections refused over the cap, answers from
+	// the cache.
+	Queries, Failures, Dropped, Refused, TCPOverCap, CacheHits uint64
+	// Cached answers now.
+	Cached int
 }
 
 // Stats returns the forwarder's counters.
 func (d *DNS) Stats() DNSStats {
 	return DNSStats{InFlight: len(d.sem), TCPConns: int(d.tcpConns.Load()), Queries: d.queries.Load(),
-		Failures: d.failures.Load(), Dropped: d.dropped.Load(), Refused: d.refused.Load(), TCPOverCap: d.tcpOverCap.Load()}
+		Failures: d.failures.Load(), Dropped: d.dropped.Load(), Refused: d.refused.Load(), TCPOverCap: d.tcpOverCap.Load(),
+		CacheHits: d.cacheHits.Load(), Cached: d.cache.len()}
 }
 
 // Close cancels queries in flight and waits for them; queries that arrive

@@ -20,8 +20,10 @@ type EchoOptions struct {
 	Replier Replier
 	// Timeout drops a request nobody answered (default 5 s).
 	Timeout time.Duration
-	// MaxInFlight caps requests waiting for their reply (default 64).
-	MaxInFlight int
+	// MaxInFlight caps requests waiting for their reply (default 64), and
+	// MaxPerDst those to one address (default 8), so that a flood toward
+	// one host leaves room for pings to others.
+	MaxInFlight, MaxPerDst int
 	Log         *slog.Logger
 }
 
@@ -38,9 +40,10 @@ type Echo struct {
 	done   chan struct{}
 	wg     sync.WaitGroup
 
-	mu      sync.Mutex // mu protects socks, pending and nextSeq
+	mu      sync.Mutex // mu protects socks, pending, perDst and nextSeq
 	socks   [2]*echoSocket
 	pending map[echoKey]*echoRequest
+	perDst  map[netip.Addr]int
 	nextSeq [2]uint16
 
 	sent, replied, timedOut, dropped atomic.Uint64
@@ -72,10 +75,13 @@ func NewEcho(o EchoOptions) *Echo {
 	if o.MaxInFlight <= 0 {
 		o.MaxInFlight = 64
 	}
+	if o.MaxPerDst <= 0 {
+		o.MaxPerDst = min(8, o.MaxInFlight)
+	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Echo{o: o, done: make(chan struct{}), pending: make(map[echoKey]*echoRequest)}
+	return &Echo{o: o, done: make(chan struct{}), pending: make(map[echoKey]*echoRequest), perDst: make(map[netip.Addr]int)}
 }
 
 func family(v6 bool) int {
@@ -94,7 +100,7 @@ func (e *Echo) Handle(src, dst netip.Addr, id, seq uint16, payload []byte) bool 
 	}
 	v6 := dst.Is6()
 	e.mu.Lock()
-	if len(e.pending) >= e.o.MaxInFlight {
+	if len(e.pending) >= e.o.MaxInFlight || e.perDst[dst] >= e.o.MaxPerDst {
 		e.mu.Unlock()
 		e.dropped.Add(1)
 		return false
@@ -115,6 +121,7 @@ func (e *Echo) Handle(src, dst netip.Addr, id, seq uint16, payload []byte) bool 
 		}
 	}
 	e.pending[k] = &echoRequest{src: src, dst: dst, id: id, seq: seq, deadline: time.Now().Add(e.o.Timeout)}
+	e.perDst[dst]++
 	e.mu.Unlock()
 
 	var typ icmp.Type = ipv4.ICMPTypeEcho
@@ -132,7 +139,7 @@ func (e *Echo) Handle(src, dst netip.Addr, id, seq uint16, payload []byte) bool 
 	}
 	if err != nil {
 		e.mu.Lock()
-		delete(e.pending, k)
+		e.forgetLocked(k)
 		e.mu.Unlock()
 		e.dropped.Add(1)
 		return false
@@ -202,7 +209,7 @@ func (e *Echo) routineReplies(s *echoSocket, v6 bool) {
 			e.mu.Unlock()
 			continue
 		}
-		delete(e.pending, k)
+		e.forgetLocked(k)
 		e.mu.Unlock()
 		e.replied.Add(1)
 		e.o.Replier.SendEchoReply(r.dst, r.src, r.id, r.seq, echo.Data)
@@ -222,7 +229,7 @@ func (e *Echo) routineSweep() {
 			e.mu.Lock()
 			for k, r := range e.pending {
 				if now.After(r.deadline) {
-					delete(e.pending, k)
+					e.forgetLocked(k)
 					e.timedOut.Add(1)
 				}
 			}
@@ -262,11 +269,22 @@ func listenICMP(v6 bool) (c *icmp.PacketConn, raw bool, err error) {
 	return c, true, nil
 }
 
+// forgetLocked drops request k.
+func (e *Echo) forgetLocked(k echoKey) {
+	if r := e.pending[k]; r != nil {
+		delete(e.pending, k)
+		if e.perDst[r.dst]--; e.perDst[r.dst] <= 0 {
+			delete(e.perDst, r.dst)
+		}
+	}
+}
+
 // Forget drops every request in flight: their replies, if any come, are
 // not delivered.
 func (e *Echo) Forget() {
 	e.mu.Lock()
 	clear(e.pending)
+	clear(e.perDst)
 	e.mu.Unlock()
 }
 

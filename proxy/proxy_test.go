@@ -314,8 +314,14 @@ func TestUDPSessionsIdleOut(t *testing.T) {
 		t.Fatal("no reply relayed")
 	}
 	u.Handle(netip.MustParseAddrPort("100.96.0.2:4001"), dst, []byte("x"))
+	select {
+	case <-r.got:
+	case <-time.After(2 * time.Second):
+		t.Fatal("no reply to the second session")
+	}
+	// Both sessions were answered: none gives way to a third.
 	if err := u.Handle(netip.MustParseAddrPort("100.96.0.2:4002"), dst, []byte("x")); err != ErrLimit {
-		t.Errorf("third session over a cap of 2: %v, want ErrLimit", err)
+		t.Errorf("third session over a cap of 2 answered ones: %v, want ErrLimit", err)
 	}
 	deadline := time.Now().Add(3 * time.Second)
 	for u.Stats().Active > 0 && time.Now().Before(deadline) {
@@ -327,6 +333,48 @@ func TestUDPSessionsIdleOut(t *testing.T) {
 	// A session that idled out is opened again by the next datagram.
 	if err := u.Handle(src, dst, []byte("again")); err != nil {
 		t.Fatalf("after idle timeout: %v", err)
+	}
+}
+
+// TestUDPUnansweredSessionsGiveWay: a flood of sessions nobody answers
+// neither holds the table for the idle timeout nor locks out a new flow:
+// they expire after UnansweredTimeout, and at the cap the oldest of them
+// makes room; an answered session stays.
+func TestUDPUnansweredSessionsGiveWay(t *testing.T) {
+	hole, _ := net.ListenPacket("udp", "127.0.0.1:0") // reads nothing, answers nothing
+	defer hole.Close()
+	echo, _ := net.ListenPacket("udp", "127.0.0.1:0")
+	defer echo.Close()
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := echo.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			echo.WriteTo(buf[:n], from)
+		}
+	}()
+	r := &captureReplier{got: make(chan struct{}, 1)}
+	u := NewUDP(UDPOptions{Replier: r, IdleTimeout: time.Minute, UnansweredTimeout: 300 * time.Millisecond, MaxSessions: 3})
+	defer u.Close()
+	holeAddr, echoAddr := netip.MustParseAddrPort(hole.LocalAddr().String()), netip.MustParseAddrPort(echo.LocalAddr().String())
+	u.Handle(netip.MustParseAddrPort("100.96.0.2:5000"), echoAddr, []byte("hi"))
+	<-r.got
+	for p := 6000; p < 6010; p++ { // a flood: each new session evicts the oldest unanswered one
+		if err := u.Handle(netip.AddrPortFrom(netip.MustParseAddr("100.96.0.2"), uint16(p)), holeAddr, []byte("x")); err != nil {
+			t.Fatalf("flood session %d: %v", p, err)
+		}
+	}
+	if st := u.Stats(); st.Active != 3 || st.Evicted != 8 {
+		t.Errorf("after the flood: %+v, want 3 active, 8 evicted", st)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for u.Stats().Active > 1 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := u.Stats().Active; n != 1 {
+		t.Errorf("%d sessions open, want only the answered one after the unanswered timeout", n)
 	}
 }
 
@@ -672,5 +720,60 @@ func TestDNSCloseRacesQueries(t *testing.T) {
 		d.Close()
 		close(stop)
 		wg.Wait()
+	}
+}
+
+// TestEchoPerDestinationCap: requests to one address stop at MaxPerDst
+// while another address still gets through.
+func TestEchoPerDestinationCap(t *testing.T) {
+	if c, _, err := listenICMP(false); err != nil {
+		t.Skipf("skipping: no ICMP socket (needs root or ping_group_range): %v", err)
+	} else {
+		c.Close()
+	}
+	r := &echoCapture{replies: make(chan echoReply, 64)}
+	e := NewEcho(EchoOptions{Replier: r, MaxPerDst: 2})
+	defer e.Close()
+	src := netip.MustParseAddr("100.96.0.2")
+	e.mu.Lock() // hold replies back: nothing leaves the table while we count
+	e.perDst[netip.MustParseAddr("127.0.0.1")] = 2
+	e.mu.Unlock()
+	if e.Handle(src, netip.MustParseAddr("127.0.0.1"), 1, 1, nil) {
+		t.Error("a third request to one address went out over MaxPerDst 2")
+	}
+	if !e.Handle(src, netip.MustParseAddr("127.0.0.2"), 1, 1, nil) {
+		t.Error("a request to another address was refused")
+	}
+	if st := e.Stats(); st.Dropped != 1 {
+		t.Errorf("dropped %d, want 1", st.Dropped)
+	}
+}
+
+// TestDNSCache: a repeated query is answered from the cache (TTLs counted
+// down), not upstream; a failure is never cached.
+func TestDNSCache(t *testing.T) {
+	up := newRecordingUpstream(t)
+	d, _ := NewDNS(DNSOptions{Upstreams: []string{up.addr}, Timeout: time.Second})
+	defer d.Close()
+	for i := 0; i < 3; i++ {
+		a := d.Resolve(context.Background(), netip.AddrPort{}, query("www.example.test"))
+		if a.Rcode != dns.RcodeSuccess || len(a.Answer) != 1 || a.Answer[0].Header().Ttl > 60 {
+			t.Fatalf("answer %d: %v", i, a)
+		}
+	}
+	if n := len(up.queries()); n != 1 {
+		t.Errorf("upstream saw %d queries, want 1", n)
+	}
+	if st := d.Stats(); st.CacheHits != 2 || st.Cached != 1 {
+		t.Errorf("stats %+v", st)
+	}
+	up.mu.Lock()
+	up.mangle = func(m *dns.Msg) { m.Rcode = dns.RcodeServerFailure; m.Answer = nil }
+	up.mu.Unlock()
+	for i := 0; i < 2; i++ {
+		d.Resolve(context.Background(), netip.AddrPort{}, query("fail.example.test"))
+	}
+	if n := len(up.queries()); n != 3 {
+		t.Errorf("upstream saw %d queries, want every SERVFAIL asked again (3)", n)
 	}
 }

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"container/list"
 	"errors"
 	"log/slog"
 	"net"
@@ -28,9 +29,11 @@ type UDPOptions struct {
 	// MapDst picks the host address to send to (default Identity).
 	MapDst MapDst
 	// IdleTimeout ends a session that has carried nothing for this long
-	// (default 60 s).
-	IdleTimeout time.Duration
-	// MaxSessions caps concurrent sessions (default 1024).
+	// (default 60 s); UnansweredTimeout ends sooner one that never got a
+	// reply (default 5 s), so that a flood's sessions do not linger.
+	IdleTimeout, UnansweredTimeout time.Duration
+	// MaxSessions caps concurrent sessions (default 1024); a new session
+	// past it replaces the oldest one that never got a reply.
 	MaxSessions int
 	// MaxPayload4 and MaxPayload6 are the largest reply payloads that fit
 	// one packet of the MTU to the guest over IPv4 and IPv6; larger replies
@@ -46,6 +49,8 @@ type udpSession struct {
 	conn     *net.UDPConn
 	raw      syscall.RawConn // for sends that never block
 	lastSeen atomic.Int64    // unix nanos of the last datagram either way
+	answered atomic.Bool     // a reply came back
+	waiting  *list.Element   // in UDP.unanswered until answered; under UDP.mu
 }
 
 // UDP relays the guest's UDP datagrams through connected host sockets, one
@@ -53,12 +58,13 @@ type udpSession struct {
 type UDP struct {
 	o UDPOptions
 
-	mu       sync.Mutex // mu protects sessions and closed
-	sessions map[udpKey]*udpSession
-	closed   bool
-	wg       sync.WaitGroup
+	mu         sync.Mutex // mu protects sessions, unanswered and closed
+	sessions   map[udpKey]*udpSession
+	unanswered *list.List // of *udpSession never answered, oldest first
+	closed     bool
+	wg         sync.WaitGroup
 
-	total, dropped, tooBig atomic.Uint64
+	total, dropped, tooBig, evicted atomic.Uint64
 }
 
 // NewUDP returns a UDP relay.
@@ -68,6 +74,9 @@ func NewUDP(o UDPOptions) *UDP {
 	}
 	if o.IdleTimeout <= 0 {
 		o.IdleTimeout = 60 * time.Second
+	}
+	if o.UnansweredTimeout <= 0 || o.UnansweredTimeout > o.IdleTimeout {
+		o.UnansweredTimeout = min(5*time.Second, o.IdleTimeout)
 	}
 	if o.MaxSessions <= 0 {
 		o.MaxSessions = 1024
@@ -84,7 +93,7 @@ func NewUDP(o UDPOptions) *UDP {
 	if o.Allow == nil {
 		o.Allow = func(netip.AddrPort, netip.AddrPort) bool { return true }
 	}
-	return &UDP{o: o, sessions: make(map[udpKey]*udpSession)}
+	return &UDP{o: o, sessions: make(map[udpKey]*udpSession), unanswered: list.New()}
 }
 
 // Handle relays one datagram from the guest. It returns ErrDenied when the
@@ -127,9 +136,17 @@ func (u *UDP) open(k udpKey) (*udpSession, error) {
 		return s, nil
 	}
 	if len(u.sessions) >= u.o.MaxSessions {
-		u.mu.Unlock()
-		u.dropped.Add(1)
-		return nil, ErrLimit
+		oldest := u.unanswered.Front()
+		if oldest == nil {
+			u.mu.Unlock()
+			u.dropped.Add(1)
+			return nil, ErrLimit
+		}
+		// Make room: the oldest session that never got a reply goes.
+		old := oldest.Value.(*udpSession)
+		u.forgetLocked(old)
+		old.conn.Close()
+		u.evicted.Add(1)
 	}
 	to := u.o.MapDst(k.dst)
 	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(to))
@@ -146,6 +163,7 @@ func (u *UDP) open(k udpKey) (*udpSession, error) {
 	}
 	s := &udpSession{key: k, conn: conn, raw: raw}
 	s.lastSeen.Store(time.Now().UnixNano())
+	s.waiting = u.unanswered.PushBack(s)
 	u.sessions[k] = s
 	u.total.Add(1)
 	u.wg.Add(1)
@@ -154,15 +172,25 @@ func (u *UDP) open(k udpKey) (*udpSession, error) {
 	return s, nil
 }
 
+// forgetLocked removes s from the session table and the unanswered list.
+func (u *UDP) forgetLocked(s *udpSession) {
+	if u.sessions[s.key] == s {
+		delete(u.sessions, s.key)
+	}
+	if s.waiting != nil {
+		u.unanswered.Remove(s.waiting)
+		s.waiting = nil
+	}
+}
+
 // routineReply carries a session's replies back to the guest until the
-// session has been idle for IdleTimeout or the relay closes.
+// session has been idle for IdleTimeout (UnansweredTimeout while no reply
+// came), it is evicted, or the relay closes.
 func (u *UDP) routineReply(s *udpSession) {
 	defer u.wg.Done()
 	defer func() {
 		u.mu.Lock()
-		if u.sessions[s.key] == s {
-			delete(u.sessions, s.key)
-		}
+		u.forgetLocked(s)
 		u.mu.Unlock()
 		s.conn.Close()
 	}()
@@ -172,11 +200,15 @@ func (u *UDP) routineReply(s *udpSession) {
 	}
 	buf := make([]byte, limit+1)
 	for {
+		timeout := u.o.IdleTimeout
+		if !s.answered.Load() {
+			timeout = u.o.UnansweredTimeout
+		}
 		last := time.Unix(0, s.lastSeen.Load())
-		if idle := time.Since(last); idle >= u.o.IdleTimeout {
+		if idle := time.Since(last); idle >= timeout {
 			return
 		}
-		_ = s.conn.SetReadDeadline(last.Add(u.o.IdleTimeout))
+		_ = s.conn.SetReadDeadline(last.Add(timeout))
 		n, err := s.conn.Read(buf)
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, unix.ECONNREFUSED) {
@@ -189,6 +221,15 @@ func (u *UDP) routineReply(s *udpSession) {
 			continue
 		}
 		s.lastSeen.Store(time.Now().UnixNano())
+		if !s.answered.Load() {
+			s.answered.Store(true)
+			u.mu.Lock()
+			if s.waiting != nil {
+				u.unanswered.Remove(s.waiting)
+				s.waiting = nil
+			}
+			u.mu.Unlock()
+		}
 		// Replies come from the address the guest sent to, not the mapped one.
 		u.o.Replier.SendUDP(s.key.dst, s.key.src, buf[:n])
 	}
@@ -199,9 +240,9 @@ type UDPStats struct {
 	// Active sessions now, and Total ever opened.
 	Active int
 	Total  uint64
-	// Dropped datagrams (session cap, socket errors), and replies TooBig
-	// for a frame to the guest.
-	Dropped, TooBig uint64
+	// Dropped datagrams (session cap, socket errors), replies TooBig for a
+	// frame to the guest, and sessions Evicted to make room.
+	Dropped, TooBig, Evicted uint64
 }
 
 // Stats returns the relay's counters.
@@ -209,7 +250,7 @@ func (u *UDP) Stats() UDPStats {
 	u.mu.Lock()
 	active := len(u.sessions)
 	u.mu.Unlock()
-	return UDPStats{Active: active, Total: u.total.Load(), Dropped: u.dropped.Load(), TooBig: u.tooBig.Load()}
+	return UDPStats{Active: active, Total: u.total.Load(), Dropped: u.dropped.Load(), TooBig: u.tooBig.Load(), Evicted: u.evicted.Load()}
 }
 
 // Close ends every session and waits for their goroutines.

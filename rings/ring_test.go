@@ -191,3 +191,32 @@ func BenchmarkFramePool(b *testing.B) {
 		p.Put(f)
 	}
 }
+
+// TestSharedBoundsBytes: a ring refuses frames past its byte bound even
+// with slots free, and takes more once popped.
+func TestSharedBoundsBytes(t *testing.T) {
+	s := NewShared(64, 65536)
+	s.SetMaxQueued(3 * (Headroom + SmallSize))
+	for i := 0; i < 3; i++ {
+		if !s.PushTx(s.Frames.Get()) {
+			t.Fatalf("small frame %d refused under the bound", i)
+		}
+	}
+	if s.PushTx(s.Frames.Get()) {
+		t.Fatal("a frame past the byte bound was queued")
+	}
+	if s.PushTx(s.Frames.GetLarge()) {
+		t.Fatal("a large frame past the byte bound was queued")
+	}
+	if got := s.Counters.Drops(DropTxFull); got != 2 {
+		t.Errorf("drops: %d, want 2", got)
+	}
+	f, _ := s.PopTx()
+	s.Frames.Put(f)
+	if !s.PushTx(s.Frames.Get()) {
+		t.Error("refused after a pop made room")
+	}
+	if tx, _ := s.Queued(); tx != 3*int64(Headroom+SmallSize) {
+		t.Errorf("queued %d bytes", tx)
+	}
+}

@@ -2,6 +2,7 @@ package rings
 
 import (
 	"sync"
+	"sync/atomic"
 
 	"github.com/msbtap/msbtap/wake"
 )
@@ -26,48 +27,88 @@ type Shared struct {
 	// Counters are the boundary counters.
 	Counters Counters
 
+	// maxQueued bounds the buffer bytes each ring holds, whatever the
+	// number of frames; txQueued and rxQueued are what they hold now.
+	maxQueued          int64
+	txQueued, rxQueued atomic.Int64
+
 	hookMu sync.Mutex
 	hook   func()
 }
 
+// DefaultMaxQueued is the default bound on the buffer bytes a ring holds.
+const DefaultMaxQueued = 8 << 20
+
 // NewShared returns shared state with rings of the given capacity (0 means
-// DefaultCapacity) and frame buffers of frameSize bytes.
+// DefaultCapacity) and frame buffers of up to frameSize bytes; each ring
+// holds at most DefaultMaxQueued bytes of buffers.
 func NewShared(capacity, frameSize int) *Shared {
 	if capacity <= 0 {
 		capacity = DefaultCapacity
 	}
 	return &Shared{
-		Tx:     NewRing[*Frame](capacity),
-		Rx:     NewRing[*Frame](capacity),
-		TxWake: wake.New(),
-		RxWake: wake.New(),
-		Frames: NewPool(frameSize),
+		Tx:        NewRing[*Frame](capacity),
+		Rx:        NewRing[*Frame](capacity),
+		TxWake:    wake.New(),
+		RxWake:    wake.New(),
+		Frames:    NewPool(frameSize),
+		maxQueued: DefaultMaxQueued,
 	}
+}
+
+// SetMaxQueued bounds the buffer bytes each ring holds (before use).
+func (s *Shared) SetMaxQueued(n int64) { s.maxQueued = n }
+
+// push queues f on r unless that would pass the ring's byte bound or its
+// frame count; a refused frame goes back to the pool and is counted.
+func (s *Shared) push(r *Ring[*Frame], queued *atomic.Int64, f *Frame, full DropReason) bool {
+	n := int64(len(f.buf))
+	if queued.Add(n) > s.maxQueued {
+		queued.Add(-n)
+	} else if r.Push(f) {
+		return true
+	} else {
+		queued.Add(-n)
+	}
+	s.Counters.Drop(full)
+	s.Frames.Put(f)
+	return false
+}
+
+func pop(r *Ring[*Frame], queued *atomic.Int64) (*Frame, bool) {
+	f, ok := r.Pop()
+	if ok {
+		queued.Add(-int64(len(f.buf)))
+	}
+	return f, ok
 }
 
 // PushTx queues a frame from the guest for the stack. A full ring drops the
 // frame (returned to the pool) and counts it, like a lossy NIC. It does not
 // wake the stack: callers batch pushes and wake once.
-func (s *Shared) PushTx(f *Frame) bool {
-	if s.Tx.Push(f) {
-		return true
-	}
-	s.Counters.Drop(DropTxFull)
-	s.Frames.Put(f)
-	return false
-}
+func (s *Shared) PushTx(f *Frame) bool { return s.push(s.Tx, &s.txQueued, f, DropTxFull) }
+
+// PopTx takes the oldest frame from the guest.
+func (s *Shared) PopTx() (*Frame, bool) { return pop(s.Tx, &s.txQueued) }
 
 // PushRx queues a frame for the guest and wakes the writer. A full ring drops
 // the frame and counts it.
 func (s *Shared) PushRx(f *Frame) bool {
-	if !s.Rx.Push(f) {
-		s.Counters.Drop(DropRxFull)
-		s.Frames.Put(f)
+	if !s.PushRxNoWake(f) {
 		return false
 	}
 	s.RxWake.Wake()
 	return true
 }
+
+// PushRxNoWake is PushRx for a batch: the caller wakes the writer once.
+func (s *Shared) PushRxNoWake(f *Frame) bool { return s.push(s.Rx, &s.rxQueued, f, DropRxFull) }
+
+// PopRx takes the oldest frame for the guest.
+func (s *Shared) PopRx() (*Frame, bool) { return pop(s.Rx, &s.rxQueued) }
+
+// Queued returns the buffer bytes the tx and rx rings hold now.
+func (s *Shared) Queued() (tx, rx int64) { return s.txQueued.Load(), s.rxQueued.Load() }
 
 // SetTerminationHook installs the function run when a fatal policy violation
 // asks for the sandbox to be stopped. It replaces any earlier hook.

@@ -182,11 +182,8 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 		for _, s := range pkt.AsSlices() {
 			off += copy(f.B[off:], s)
 		}
-		if e.sh.Rx.Push(f) {
+		if e.sh.PushRxNoWake(f) {
 			n++
-		} else {
-			e.sh.Counters.Drop(rings.DropRxFull)
-			e.sh.Frames.Put(f)
 		}
 	}
 	if n > 0 {

@@ -4,7 +4,7 @@ import "sync/atomic"
 
 // tcpStats are the TCP relay's counters.
 type tcpStats struct {
-	total, overCap, dialFailed, relayFailed atomic.Uint64
+	total, overCap, dialFailed, dialRefused, relayFailed atomic.Uint64
 }
 
 // FlowStat is the number of open and total flows of one protocol.
@@ -18,6 +18,8 @@ type FlowStat struct {
 type Metrics struct {
 	// Flows are open and total flows by protocol (tcp, udp, icmp, dns).
 	Flows []FlowStat
+	// PendingDials are TCP dials under way (guest handshakes waiting).
+	PendingDials int
 	// Failures are flows or packets the gateway could not relay, by
 	// reason.
 	Failures map[string]uint64
@@ -29,6 +31,7 @@ func (st *Stack) Metrics() Metrics {
 	dns := st.dns.Stats()
 	udp := st.udp.Stats()
 	return Metrics{
+		PendingDials: st.tcp.dials.pending(),
 		Flows: []FlowStat{
 			{"tcp", int(st.tcp.active.Load()), st.stats.total.Load()},
 			{"udp", udp.Active, udp.Total},

@@ -19,7 +19,7 @@ func (st *Stack) routinePoll() {
 		select {
 		case <-st.done:
 			for {
-				f, ok := sh.Tx.Pop()
+				f, ok := sh.PopTx()
 				if !ok {
 					return
 				}
@@ -28,7 +28,7 @@ func (st *Stack) routinePoll() {
 		case <-sh.TxWake.C():
 		}
 		for {
-			f, ok := sh.Tx.Pop()
+			f, ok := sh.PopTx()
 			if !ok {
 				break
 			}

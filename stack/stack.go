@@ -62,8 +62,11 @@ type Options struct {
 	// Offload says the TAP carries virtio net headers: take and hand over
 	// 64 KiB TCP segments with partial checksums.
 	Offload bool
-	// MaxConnections caps concurrent relayed TCP connections (default 256).
+	// MaxConnections caps concurrent established TCP relays (default 256).
 	MaxConnections int
+	// MaxPendingDials caps upstream TCP dials under way (default 512): a
+	// new one past it cancels the oldest.
+	MaxPendingDials int
 	// DialTimeout bounds the upstream dial of a TCP flow (default 10 s).
 	DialTimeout time.Duration
 	// UDPIdleTimeout ends idle UDP sessions (default 60 s).

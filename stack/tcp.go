@@ -30,7 +30,8 @@ const maxInFlight = 1024
 // dial succeeded, then relays the streams.
 type tcpRelay struct {
 	st     *Stack
-	active atomic.Int64
+	active atomic.Int64 // established relays
+	dials  *dialBudget
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -41,7 +42,7 @@ type tcpRelay struct {
 }
 
 func newTCPRelay(st *Stack) *tcpRelay {
-	t := &tcpRelay{st: st, conns: make(map[*guestConn]struct{})}
+	t := &tcpRelay{st: st, conns: make(map[*guestConn]struct{}), dials: newDialBudget(st.o.MaxPendingDials)}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	fwd := tcp.NewForwarder(st.s, forwarderWindow, maxInFlight, t.handle)
 	st.s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
@@ -90,26 +91,40 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 		st.dns.ServeTCP(c, src)
 		return
 	}
-	if t.active.Add(1) > int64(st.o.MaxConnections) {
-		t.active.Add(-1)
+	if t.active.Load() >= int64(st.o.MaxConnections) {
 		st.stats.overCap.Add(1)
 		r.Complete(true)
 		return
 	}
-	defer t.active.Add(-1)
-
 	if !st.dialAllowed(policy.Flow{Proto: policy.TCP, Src: src, Dst: dst}) {
 		r.Complete(true)
 		return
 	}
+	pd, ctx, err := t.dials.acquire(t.ctx, dst.Addr())
+	if err != nil {
+		st.stats.dialRefused.Add(1)
+		st.o.Log.Debug("tcp dial refused", "src", src, "dst", dst, "err", err)
+		r.Complete(true)
+		return
+	}
 	d := net.Dialer{Timeout: st.o.DialTimeout, KeepAlive: 30 * time.Second}
-	up, err := d.DialContext(t.ctx, "tcp", st.o.MapDst(dst).String())
+	up, err := d.DialContext(ctx, "tcp", st.o.MapDst(dst).String())
+	t.dials.release(pd, err)
 	if err != nil {
 		st.stats.dialFailed.Add(1)
 		st.o.Log.Debug("tcp dial failed", "src", src, "dst", dst, "err", err)
 		r.Complete(true)
 		return
 	}
+	// Established connections have their cap; pending dials had theirs.
+	if t.active.Add(1) > int64(st.o.MaxConnections) {
+		t.active.Add(-1)
+		st.stats.overCap.Add(1)
+		up.Close()
+		r.Complete(true)
+		return
+	}
+	defer t.active.Add(-1)
 	c, ok := t.accept(r)
 	if !ok {
 		up.Close()

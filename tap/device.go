@@ -17,9 +17,12 @@ import (
 // caller, so the hot path allocates nothing.
 type Device interface {
 	// Read reads up to len(bufs) frames, blocking until at least one is
-	// available, and stores each frame's length in sizes. It returns the
-	// number of frames read. After Close it returns os.ErrClosed.
-	Read(bufs [][]byte, sizes []int) (int, error)
+	// available, and stores each frame's length in sizes. Frame i fills
+	// bufs[i] and, past its end, spill[i] (one readv): small frames take
+	// small buffers, and a large one spills over. spill, or spill[i], may be
+	// nil. It returns the number of frames read. After Close it returns
+	// os.ErrClosed.
+	Read(bufs, spill [][]byte, sizes []int) (int, error)
 	// Write writes each of bufs as one frame and returns how many it wrote.
 	Write(bufs [][]byte) (int, error)
 	// Name is the interface name.
@@ -67,16 +70,24 @@ func (d *File) BatchSize() int { return d.batch }
 
 // Read implements Device. It drains every frame that is ready, up to
 // len(bufs), in one trip through the poller.
-func (d *File) Read(bufs [][]byte, sizes []int) (int, error) {
+func (d *File) Read(bufs, spill [][]byte, sizes []int) (int, error) {
 	rc, err := d.f.SyscallConn()
 	if err != nil {
 		return 0, closedOr(err)
 	}
 	n := 0
 	var rerr error
+	var iov [2][]byte
 	err = rc.Read(func(fd uintptr) bool {
 		for n < len(bufs) {
-			m, e := unix.Read(int(fd), bufs[n])
+			var m int
+			var e error
+			if spill != nil && spill[n] != nil {
+				iov[0], iov[1] = bufs[n], spill[n]
+				m, e = unix.Readv(int(fd), iov[:])
+			} else {
+				m, e = unix.Read(int(fd), bufs[n])
+			}
 			if e == unix.EINTR {
 				continue
 			}

@@ -40,27 +40,45 @@ func StartPump(dev Device, sh *rings.Shared, maxFrame int, log *slog.Logger) *Pu
 
 // RoutineReadFromTAP reads frames in batches and queues them for the stack,
 // waking it once per batch. It never blocks on the ring: a full ring drops.
+// Each frame is read into a small buffer, spilling over into a large one
+// only when it is larger (a GSO segment): a flood of small packets holds
+// small buffers only, and a large frame costs one copy of the small part.
 func (p *Pump) RoutineReadFromTAP() {
 	defer p.wg.Done()
-	batch, hl := p.dev.BatchSize(), p.dev.VNetHdrLen()
-	frames := make([]*rings.Frame, batch)
+	fr := p.sh.Frames
+	batch, hl, small := p.dev.BatchSize(), p.dev.VNetHdrLen(), fr.SmallSize()
+	smalls := make([]*rings.Frame, batch)
+	larges := make([]*rings.Frame, batch)
 	bufs := make([][]byte, batch)
+	var spill [][]byte
+	if fr.Size() > small {
+		spill = make([][]byte, batch)
+	}
 	sizes := make([]int, batch)
-	for i := range frames {
-		frames[i] = p.sh.Frames.Get()
+	for i := range smalls {
+		smalls[i] = fr.Get()
+		if spill != nil {
+			larges[i] = fr.GetLarge()
+		}
 	}
 	defer func() {
-		for _, f := range frames {
-			p.sh.Frames.Put(f)
+		for i := range smalls {
+			fr.Put(smalls[i])
+			if larges[i] != nil {
+				fr.Put(larges[i])
+			}
 		}
 	}()
 	for {
-		for i, f := range frames {
+		for i := range smalls {
 			// The virtio net header, if any, lands in the headroom and
 			// the frame right after it, where B starts.
-			bufs[i] = f.Buffer()[rings.Headroom-hl:]
+			bufs[i] = smalls[i].Buffer()[rings.Headroom-hl:]
+			if spill != nil {
+				spill[i] = larges[i].Buffer()[rings.Headroom+small:]
+			}
 		}
-		n, err := p.dev.Read(bufs, sizes)
+		n, err := p.dev.Read(bufs, spill, sizes)
 		if err != nil {
 			if !errors.Is(err, os.ErrClosed) && !p.closing() {
 				p.log.Error("tap reader stopped", "err", err)
@@ -69,9 +87,11 @@ func (p *Pump) RoutineReadFromTAP() {
 		}
 		pushed := 0
 		for i := 0; i < n; i++ {
-			size := sizes[i] - hl
-			f := frames[i]
-			if size > p.maxFrame || size >= cap(f.B) {
+			size, room := sizes[i]-hl, len(bufs[i])
+			if spill != nil {
+				room += len(spill[i])
+			}
+			if size > p.maxFrame || sizes[i] >= room { // a full read may be cut short
 				p.sh.Counters.Drop(rings.DropOversized)
 				continue
 			}
@@ -79,13 +99,20 @@ func (p *Pump) RoutineReadFromTAP() {
 				p.sh.Counters.Drop(rings.DropMalformed)
 				continue
 			}
+			var f *rings.Frame
+			if size <= small {
+				f, smalls[i] = smalls[i], fr.Get()
+			} else {
+				// Join the small part to the rest in the large buffer.
+				f, larges[i] = larges[i], fr.GetLarge()
+				copy(f.Buffer()[rings.Headroom-hl:rings.Headroom+small], bufs[i])
+			}
 			f.SetLen(size)
 			if hl > 0 {
 				decodeVNetHdr(f.Head(hl), &f.GSO)
 			}
 			p.sh.Counters.AddTx(size)
 			p.sh.PushTx(f) // on a full ring the frame goes back to the pool
-			frames[i] = p.sh.Frames.Get()
 			pushed++
 		}
 		if pushed > 0 {
@@ -111,7 +138,7 @@ func (p *Pump) RoutineWriteToTAP() {
 		for {
 			frames, bufs = frames[:0], bufs[:0]
 			for len(frames) < batch {
-				f, ok := p.sh.Rx.Pop()
+				f, ok := p.sh.PopRx()
 				if !ok {
 					break
 				}
@@ -156,7 +183,7 @@ func (p *Pump) closing() bool {
 
 func (p *Pump) drainRx() {
 	for {
-		f, ok := p.sh.Rx.Pop()
+		f, ok := p.sh.PopRx()
 		if !ok {
 			return
 		}

@@ -22,7 +22,7 @@ func TestPumpMovesFramesBothWays(t *testing.T) {
 	case <-time.After(2 * time.Second):
 		t.Fatal("reader did not wake the stack")
 	}
-	f, ok := sh.Tx.Pop()
+	f, ok := sh.PopTx()
 	if !ok || !bytes.Equal(f.B, frame) {
 		t.Fatalf("tx ring: got %v, want the injected frame", ok)
 	}
@@ -114,5 +114,40 @@ func TestVNetHdrRoundTrip(t *testing.T) {
 	decodeVNetHdr(h[:], &back)
 	if back.Type != rings.GSOTCPv4 {
 		t.Errorf("ECN bit not masked: type %d", back.Type)
+	}
+}
+
+// TestPumpSmallFramesStaySmall: with GSO-sized buffers, a small frame is
+// queued in a small buffer and a large one arrives whole, joined from the
+// small buffer and the spill.
+func TestPumpSmallFramesStaySmall(t *testing.T) {
+	dev := taptest.New(64)
+	sh := rings.NewShared(16, 65553+256)
+	p := StartPump(dev, sh, 65553, nil)
+	defer func() { p.Close(); p.Wait() }()
+	small := bytes.Repeat([]byte{0xab}, 60)
+	large := make([]byte, 9000)
+	for i := range large {
+		large[i] = byte(i * 7)
+	}
+	dev.Inject(small)
+	dev.Inject(large)
+	var got []*rings.Frame
+	deadline := time.Now().Add(2 * time.Second)
+	for len(got) < 2 && time.Now().Before(deadline) {
+		if f, ok := sh.PopTx(); ok {
+			got = append(got, f)
+			continue
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if len(got) != 2 {
+		t.Fatalf("got %d frames, want 2", len(got))
+	}
+	if !bytes.Equal(got[0].B, small) || got[0].Cap() != rings.SmallSize {
+		t.Errorf("small frame: %d bytes in a buffer of %d, want %d in one of %d", len(got[0].B), got[0].Cap(), len(small), rings.SmallSize)
+	}
+	if !bytes.Equal(got[1].B, large) {
+		t.Errorf("large frame not whole: %d bytes", len(got[1].B))
 	}
 }

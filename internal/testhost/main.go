@@ -57,6 +57,14 @@ func main() {
 		rrClient(args)
 	case "crr":
 		crrClient(args)
+	case "synflood":
+		synflood(args)
+	case "udpflood":
+		udpflood(args)
+	case "dnsflood":
+		dnsflood(args)
+	case "garbage":
+		garbage(args)
 	default:
 		log.Fatalf("unknown command %q", os.Args[1])
 	}

@@ -41,18 +41,20 @@ func (d *Device) VNetHdrLen() int { return 0 }
 // BatchSize implements tap.Device.
 func (d *Device) BatchSize() int { return d.batch }
 
-// Read implements tap.Device.
-func (d *Device) Read(bufs [][]byte, sizes []int) (int, error) {
+// Read implements tap.Device: as readv would, a frame fills bufs[i] and
+// then spill[i]; what fits neither is cut off (the size says so).
+func (d *Device) Read(bufs, spill [][]byte, sizes []int) (int, error) {
 	select {
 	case <-d.done:
 		return 0, os.ErrClosed
 	case f := <-d.in:
 		n := 0
 		for {
-			sizes[n] = copy(bufs[n], f)
-			if len(f) > len(bufs[n]) {
-				sizes[n] = len(f) // report the true size, as a truncated read would not
+			c := copy(bufs[n], f)
+			if spill != nil && spill[n] != nil {
+				copy(spill[n], f[c:])
 			}
+			sizes[n] = len(f)
 			n++
 			if n == len(bufs) {
 				return n, nil

@@ -1,0 +1,158 @@
+package proxy
+
+import (
+	"container/list"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// Cache bounds: an answer is kept for its smallest TTL, at most
+// maxCacheTTL; a negative answer (NXDOMAIN, or NOERROR with no data) for
+// its SOA's minimum, at most maxNegativeTTL.
+const (
+	defaultCacheSize = 4096
+	maxCacheTTL      = 5 * time.Minute
+	maxNegativeTTL   = 30 * time.Second
+)
+
+// dnsCache keeps upstream answers for their TTL, bounded in entries (the
+// least recently used go first), so that repeated lookups are answered at
+// once, during a flood too. Every answer still goes through the policy's
+// filter on its way to the guest.
+type dnsCache struct {
+	max int
+
+	mu    sync.Mutex // mu protects m and order
+	m     map[cacheKey]*list.Element
+	order *list.List // of *cacheEntry, least recently used first
+}
+
+type cacheKey struct {
+	name   string
+	qtype  uint16
+	do, cd bool
+}
+
+type cacheEntry struct {
+	key     cacheKey
+	msg     *dns.Msg
+	stored  time.Time
+	expires time.Time
+}
+
+func newDNSCache(size int) *dnsCache {
+	if size == 0 {
+		size = defaultCacheSize
+	}
+	if size < 0 {
+		return nil
+	}
+	return &dnsCache{max: size, m: make(map[cacheKey]*list.Element), order: list.New()}
+}
+
+func keyOf(q *dns.Msg) cacheKey {
+	k := cacheKey{name: strings.ToLower(q.Question[0].Name), qtype: q.Question[0].Qtype, cd: q.CheckingDisabled}
+	if opt := q.IsEdns0(); opt != nil {
+		k.do = opt.Do()
+	}
+	return k
+}
+
+// get returns a copy of the cached answer to q with its TTLs counted down,
+// or nil.
+func (c *dnsCache) get(q *dns.Msg) *dns.Msg {
+	if c == nil {
+		return nil
+	}
+	k := keyOf(q)
+	now := time.Now()
+	c.mu.Lock()
+	el, ok := c.m[k]
+	if !ok {
+		c.mu.Unlock()
+		return nil
+	}
+	e := el.Value.(*cacheEntry)
+	if !now.Before(e.expires) {
+		c.order.Remove(el)
+		delete(c.m, k)
+		c.mu.Unlock()
+		return nil
+	}
+	c.order.MoveToBack(el)
+	c.mu.Unlock()
+	m := e.msg.Copy()
+	m.Id = q.Id
+	age := uint32(now.Sub(e.stored) / time.Second)
+	for _, sec := range [][]dns.RR{m.Answer, m.Ns, m.Extra} {
+		for _, rr := range sec {
+			if h := rr.Header(); h.Rrtype != dns.TypeOPT {
+				h.Ttl -= min(age, h.Ttl)
+			}
+		}
+	}
+	return m
+}
+
+// put keeps a, the upstream's answer to q, if it may be cached.
+func (c *dnsCache) put(q, a *dns.Msg) {
+	if c == nil || a.Truncated {
+		return
+	}
+	ttl, ok := cacheTTL(a)
+	if !ok || ttl <= 0 {
+		return
+	}
+	now := time.Now()
+	k := keyOf(q)
+	e := &cacheEntry{key: k, msg: a.Copy(), stored: now, expires: now.Add(ttl)}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if el, ok := c.m[k]; ok {
+		el.Value = e
+		c.order.MoveToBack(el)
+		return
+	}
+	if c.order.Len() >= c.max {
+		oldest := c.order.Front()
+		delete(c.m, oldest.Value.(*cacheEntry).key)
+		c.order.Remove(oldest)
+	}
+	c.m[k] = c.order.PushBack(e)
+}
+
+// cacheTTL is how long a may be kept: the smallest TTL of its answer and
+// authority records, bounded; negative answers by their SOA.
+func cacheTTL(a *dns.Msg) (time.Duration, bool) {
+	switch {
+	case a.Rcode == dns.RcodeSuccess && len(a.Answer) > 0:
+		ttl := uint32(maxCacheTTL / time.Second)
+		for _, sec := range [][]dns.RR{a.Answer, a.Ns} {
+			for _, rr := range sec {
+				ttl = min(ttl, rr.Header().Ttl)
+			}
+		}
+		return time.Duration(ttl) * time.Second, true
+	case a.Rcode == dns.RcodeNameError || a.Rcode == dns.RcodeSuccess:
+		ttl := uint32(maxNegativeTTL / time.Second)
+		for _, rr := range a.Ns {
+			if soa, ok := rr.(*dns.SOA); ok {
+				ttl = min(ttl, soa.Minttl, soa.Hdr.Ttl)
+			}
+		}
+		return time.Duration(ttl) * time.Second, true
+	}
+	return 0, false // SERVFAIL, REFUSED and the like: never kept
+}
+
+func (c *dnsCache) len() int {
+	if c == nil {
+		return 0
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.order.Len()
+}
