@@ -24,7 +24,7 @@ type EchoOptions struct {
 	// MaxPerDst those to one address (default 8), so that a flood toward
 	// one host leaves room for pings to others.
 	MaxInFlight, MaxPerDst int
-	Log         *slog.Logger
+	Log                    *slog.Logger
 }
 
 // Echo relays the guest's echo requests to other hosts through one ICMP
