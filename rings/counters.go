@@ -13,10 +13,11 @@ const (
 	DropMalformed                   // frame the stack cannot parse
 	DropPolicy                      // frame of a flow the policy denied
 	DropOther                       // anything else (unsupported protocol, no route)
+	DropFragment                    // a fragment refused (overlap, tiny, over the reassembly bounds)
 	numDropReasons
 )
 
-var dropNames = [numDropReasons]string{"tx_full", "rx_full", "oversized", "malformed", "policy", "other"}
+var dropNames = [numDropReasons]string{"tx_full", "rx_full", "oversized", "malformed", "policy", "other", "fragment"}
 
 // String returns the reason's name as used in logs and metrics.
 func (r DropReason) String() string {

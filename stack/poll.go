@@ -136,9 +136,20 @@ func (st *Stack) handleIP(b []byte, v6, csumDone bool) {
 		return
 	}
 	if p.Frag {
-		// The guest's MTU matches ours and TCP sets DF; fragments are not
-		// reassembled outside the netstack, so they are not relayed.
-		c.Drop(rings.DropOther)
+		// Put the datagram back together first: every decision is made on
+		// a whole packet, never on a piece.
+		ip, err := st.frags.Add(&p)
+		if err != nil {
+			c.Drop(rings.DropFragment)
+			return
+		}
+		if ip == nil {
+			return // more to come
+		}
+		frame := make([]byte, wire.EthHdrLen+len(ip)) // rare: a buffer of its own
+		copy(frame, b[:wire.EthHdrLen])
+		copy(frame[wire.EthHdrLen:], ip)
+		st.handleIP(frame, v6, false)
 		return
 	}
 	switch {

@@ -95,10 +95,11 @@ type Stack struct {
 
 	ingress atomic.Pointer[IngressUDP]
 
-	udp  *proxy.UDP
-	echo *proxy.Echo
-	dns  *proxy.DNS
-	tcp  *tcpRelay
+	frags *wire.Reassembler
+	udp   *proxy.UDP
+	echo  *proxy.Echo
+	dns   *proxy.DNS
+	tcp   *tcpRelay
 
 	// cut is set by Cut: every decision from then on is a deny.
 	cut atomic.Bool
@@ -127,7 +128,7 @@ func New(o Options) (*Stack, error) {
 		o.Policy = policy.AllowAll{}
 	}
 	p := o.Plan
-	st := &Stack{o: o, done: make(chan struct{}), sizes: wire.SizesFor(p.MTU, o.Offload)}
+	st := &Stack{o: o, done: make(chan struct{}), sizes: wire.SizesFor(p.MTU, o.Offload), frags: wire.NewReassembler()}
 	copy(st.gwMAC[:], p.GatewayMAC)
 	st.gwLinkLocal = wire.GatewayLinkLocal(st.gwMAC)
 

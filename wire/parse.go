@@ -15,8 +15,16 @@ type Packet struct {
 	Src, Dst netip.Addr
 	// Proto is the transport protocol, after any IPv6 extension headers.
 	Proto uint8
-	// Frag says the packet is a fragment (or part of a fragmented datagram).
-	Frag bool
+	// Frag says the packet is a fragment (or part of a fragmented datagram);
+	// then FragID, FragOffset (bytes) and FragMore are its fragment fields,
+	// FragNext the protocol of the fragmentable part (IPv4: the protocol;
+	// IPv6: the fragment header's next header) and FragData that part.
+	Frag       bool
+	FragID     uint32
+	FragOffset int
+	FragMore   bool
+	FragNext   uint8
+	FragData   []byte
 	// CsumDone says the transport checksum needs no verification (the guest
 	// left it to the gateway with checksum offload, or validated it).
 	CsumDone bool
@@ -43,6 +51,10 @@ func parseIPv4(b []byte) (p Packet, ok bool) {
 	total := int(h.TotalLength())
 	p.Frag = h.More() || h.FragmentOffset() != 0
 	p.Proto = h.Protocol()
+	if p.Frag {
+		p.FragID, p.FragOffset, p.FragMore, p.FragNext = uint32(h.ID()), int(h.FragmentOffset()), h.More(), h.Protocol()
+		p.FragData = b[h.HeaderLength():total]
+	}
 	p.Src = netip.AddrFrom4([4]byte(h.SourceAddressSlice()))
 	p.Dst = netip.AddrFrom4([4]byte(h.DestinationAddressSlice()))
 	p.IP = b[:total]
@@ -79,6 +91,11 @@ func parseIPv6(b []byte) (p Packet, ok bool) {
 		case header.IPv6FragmentExtHdr:
 			if !hdr.IsAtomic() {
 				p.Frag = true
+				p.FragID, p.FragOffset, p.FragMore = hdr.ID(), int(hdr.FragmentOffset())*8, hdr.More()
+				p.FragNext = uint8(it.NextHeaderIdentifier())
+				if end := int(it.HeaderOffset()) + 8; end <= total {
+					p.FragData = b[end:total]
+				}
 			}
 		case header.IPv6RawPayloadHeader:
 			hdr.Release()

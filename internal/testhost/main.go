@@ -78,6 +78,8 @@ func serve(args []string) {
 	fs.Var(&records, "record", "DNS record NAME=IP (repeatable)")
 	fs.Var(&udpAddrs, "udp-echo", "echo UDP datagrams on ADDR (repeatable)")
 	fs.Var(&echoAddrs, "echo", "echo TCP on ADDR (repeatable)")
+	var sizeAddrs list
+	fs.Var(&sizeAddrs, "udp-size", "answer each UDP datagram on ADDR with its length (repeatable)")
 	fs.Var(&tcpAddrs, "halfclose", "on ADDR, read to EOF, then answer with the byte count and SHA-256 (repeatable)")
 	ready := fs.String("ready", "", "create this file once every server listens")
 	fs.Parse(args)
@@ -124,6 +126,22 @@ func serve(args []string) {
 					return
 				}
 				pc.WriteTo(buf[:n], from)
+			}
+		}()
+	}
+	for _, a := range sizeAddrs {
+		pc, err := net.ListenPacket("udp", a)
+		if err != nil {
+			log.Fatal(err)
+		}
+		go func() {
+			buf := make([]byte, 65536)
+			for {
+				n, from, err := pc.ReadFrom(buf)
+				if err != nil {
+					return
+				}
+				pc.WriteTo([]byte(strconv.Itoa(n)), from)
 			}
 		}()
 	}

@@ -267,3 +267,18 @@ func forOffloads(t *testing.T, f func(*testing.T, string)) {
 		t.Run("offload-"+mode, func(t *testing.T) { f(t, mode) })
 	}
 }
+
+// TestFragmentedUDP: a datagram larger than the MTU leaves the guest in
+// fragments; the gateway puts it back together, decides on the whole, and
+// relays it whole (the test host answers with the size it got).
+func TestFragmentedUDP(t *testing.T) {
+	w := testenv.NewWorld(t)
+	w.StartAgent(t)
+	big := strings.Repeat("f", 4000)
+	for _, addr := range []string{testenv.WebHost4 + ":7004", "[" + testenv.WebHost6 + "]:7004"} {
+		out, err := w.Guest.Run(w.Testhost, "udp", addr, big)
+		if err != nil || strings.TrimSpace(out) != "4000" {
+			t.Errorf("%s: a 4000-byte datagram in fragments: %v %q", addr, err, out)
+		}
+	}
+}
