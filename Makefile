@@ -32,13 +32,24 @@ deps:
 	fi
 	$(GO) mod download
 
-test: deps lint unit integration
+test: deps lint unit fuzz integration
 
 unit:
 	$(GO) test -race -count=1 $(UNIT_PKGS)
 
 integration:
-	$(GO) test -count=1 -timeout 20m ./tests/...
+	$(GO) test -count=1 -timeout 20m ./tests/integration
+
+# fuzz runs every fuzz target of a parser of guest or user input for
+# FUZZTIME each (the seed corpora are in each package's testdata/fuzz).
+FUZZTIME ?= 3s
+FUZZ_TARGETS := ./stack:FuzzHandleFrame ./stack:FuzzDHCP ./wire:FuzzParse ./wire:FuzzReassemble \
+	./tap:FuzzVNetHdr ./proxy:FuzzDNSQuery ./policy:FuzzParseFile ./cmd/msbtap:FuzzParsePublish
+fuzz:
+	@for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; name=$${t##*:}; \
+	  echo "fuzz $$pkg $$name ($(FUZZTIME))"; \
+	  $(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg >/tmp/msbtap-fuzz.log 2>&1 || { cat /tmp/msbtap-fuzz.log; exit 1; }; \
+	done
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./rings ./wake ./stack ./proxy ./policy

@@ -151,3 +151,24 @@ func TestPumpSmallFramesStaySmall(t *testing.T) {
 		t.Errorf("large frame not whole: %d bytes", len(got[1].B))
 	}
 }
+
+// FuzzVNetHdr: any 10 bytes decode, and what decodes encodes back to the
+// same bytes (flags and GSO type aside from the ECN bit).
+func FuzzVNetHdr(f *testing.F) {
+	f.Add([]byte{1, 1, 66, 0, 168, 5, 34, 0, 16, 0})
+	f.Add(make([]byte, VNetHdrLen))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if len(b) < VNetHdrLen {
+			return
+		}
+		var g rings.GSO
+		decodeVNetHdr(b[:VNetHdrLen], &g)
+		var back [VNetHdrLen]byte
+		encodeVNetHdr(back[:], &g)
+		var again rings.GSO
+		decodeVNetHdr(back[:], &again)
+		if again != g {
+			t.Fatalf("round trip: %+v became %+v", g, again)
+		}
+	})
+}

@@ -37,3 +37,22 @@ func TestParsePublish(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParsePublish: no spec makes the parser panic, and every spec it
+// accepts names ports 1..65535 and a known protocol.
+func FuzzParsePublish(f *testing.F) {
+	for _, s := range []string{"8080:80", "127.0.0.1:8000-8002:9000-9002/udp", "[::1]:8080:80/tcp6", "1:1"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		ps, err := parsePublish(s)
+		if err != nil {
+			return
+		}
+		for _, p := range ps {
+			if p.Host.Port() == 0 || p.GuestPort == 0 || (p.Proto != "tcp" && p.Proto != "udp") {
+				t.Fatalf("%q gave %+v", s, p)
+			}
+		}
+	})
+}
