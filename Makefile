@@ -9,7 +9,7 @@ DEB_PKGS  := iproute2 curl dnsutils iputils-ping iperf3 util-linux procps ca-cer
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 
-.PHONY: all build deps test unit integration bench bench-peers lint demo clean man install
+.PHONY: all build deps test unit integration stress stress-short fuzz bench bench-peers lint demo clean man install
 
 all: build
 
@@ -32,13 +32,25 @@ deps:
 	fi
 	$(GO) mod download
 
-test: deps lint unit fuzz integration
+test: deps lint unit fuzz integration stress-short
 
 unit:
 	$(GO) test -race -count=1 $(UNIT_PKGS)
 
 integration:
 	$(GO) test -count=1 -timeout 20m ./tests/integration
+
+# stress puts a hostile sandbox's floods, churn and faults on the agent
+# and reports its memory, goroutines, descriptors and whether legitimate
+# traffic survived; stress-short is the version make test runs.
+stress: deps
+	@mkdir -p results
+	MSBTAP_STRESS=full MSBTAP_STRESS_REPORT=$(CURDIR)/results/stress.md $(GO) test -count=1 -timeout 60m -run TestStress ./tests/stress
+
+stress-short:
+	@mkdir -p results
+	MSBTAP_STRESS=short MSBTAP_STRESS_REPORT=$(CURDIR)/results/stress-short.md $(GO) test -count=1 -timeout 20m -run TestStress ./tests/stress
+	@cat results/stress-short.md
 
 # fuzz runs every fuzz target of a parser of guest or user input for
 # FUZZTIME each (the seed corpora are in each package's testdata/fuzz).

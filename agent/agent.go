@@ -110,6 +110,8 @@ type Agent struct {
 	shared *rings.Shared
 	gw     *stack.Stack
 	gwRef  atomic.Pointer[stack.Stack] // gw, for the termination hook
+	// sharedRef is shared, for the memory trimmer.
+	sharedRef atomic.Pointer[rings.Shared]
 
 	undo      []func() // teardown steps, run last to first
 	closeOnce sync.Once
@@ -138,7 +140,7 @@ func New(cfg Config) (a *Agent, err error) {
 			return a, fielderr.Bad("ready_fd", cfg.ReadyFD, "not an open file descriptor")
 		}
 	}
-	a.onClose(startTrimmer(cfg.MemoryLimit))
+	a.onClose(startTrimmer(cfg.MemoryLimit, a.activity))
 	if err := a.buildPolicy(); err != nil {
 		return a, err
 	}
@@ -174,6 +176,15 @@ func New(cfg Config) (a *Agent, err error) {
 }
 
 func (a *Agent) onClose(f func()) { a.undo = append(a.undo, f) }
+
+// activity counts the frames the agent moved so far (0 before the rings
+// exist).
+func (a *Agent) activity() uint64 {
+	if sh := a.sharedRef.Load(); sh != nil {
+		return sh.Counters.TxFrames() + sh.Counters.RxFrames()
+	}
+	return 0
+}
 
 // writePIDFile writes the agent's pid without following a symbolic link.
 func writePIDFile(path string) error {
@@ -284,6 +295,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 	cfg := a.cfg
 	sizes := wire.SizesFor(cfg.Plan.MTU, cfg.Offload)
 	a.shared = rings.NewShared(rings.DefaultCapacity, sizes.Buffer)
+	a.sharedRef.Store(a.shared)
 	a.shared.SetTerminationHook(a.term.hook)
 	pump := tap.StartPump(dev, a.shared, sizes.MaxFrame, a.log.With("component", "tap"))
 	a.onClose(func() { pump.Close(); pump.Wait() })

@@ -64,6 +64,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := harden.Apply(harden.Options{Keep: a.keepCaps(), Seccomp: !cfg.NoSeccomp}); err != nil {
 		return fmt.Errorf("drop privileges: %w", err)
 	}
+	releaseImage()
 
 	p := cfg.Plan
 	a.log.Info("ready", "tap", cfg.TapName, "netns", a.nsLabel(), "mode", a.modeLabel(), "guest_ipv4", p.GuestIPv4,

@@ -120,6 +120,7 @@ var Allowed = []string{
 	"clock_gettime", "clock_getres", "gettimeofday", "sched_yield", "sched_getaffinity", "getrandom",
 	"uname", "sysinfo", "getrlimit", "prlimit64", "rseq", "set_robust_list", "set_tid_address",
 	"restart_syscall", "exit", "exit_group", "clone", "clone3", "wait4", "waitid", "pidfd_open",
+	"setitimer", "getitimer", "timer_create", "timer_settime", "timer_gettime", "timer_delete", // the CPU profiler (--pprof)
 	"pidfd_send_signal",
 	// polling
 	"epoll_create1", "epoll_ctl", "epoll_pwait", "epoll_pwait2", "epoll_wait", "eventfd2", "poll", "ppoll",

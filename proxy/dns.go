@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/time/rate"
 
 	"github.com/msbtap/msbtap/policy"
 )
@@ -39,6 +40,10 @@ type DNSOptions struct {
 	// CacheSize bounds the answer cache in entries (default 4096; negative
 	// turns it off). Answers are kept for their TTL, at most 5 minutes.
 	CacheSize int
+	// UpstreamRate bounds the queries sent upstream per second (default
+	// 1000, with bursts of a fifth of that): a flood of new names is
+	// dropped cheaply past it, and cached names are answered regardless.
+	UpstreamRate float64
 	// Filter, when set, sees every query before it is forwarded and every
 	// answer before it is returned; see DNSFilter.
 	Filter DNSFilter
@@ -70,6 +75,7 @@ type DNS struct {
 	preferred atomic.Int32 // index of the upstream that answered last
 	sem       chan struct{}
 	cache     *dnsCache
+	upRate    *rate.Limiter
 	tcpConns  atomic.Int32
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -78,7 +84,7 @@ type DNS struct {
 	closed bool
 	wg     sync.WaitGroup
 
-	queries, failures, dropped, refused, tcpOverCap, cacheHits atomic.Uint64
+	queries, failures, dropped, refused, tcpOverCap, cacheHits, rateLimited atomic.Uint64
 }
 
 // forwardedTypes are the query types sent upstream; others (ANY, AXFR,
@@ -143,10 +149,14 @@ func NewDNS(o DNSOptions) (*DNS, error) {
 	if o.MaxUDPPayload <= 0 {
 		o.MaxUDPPayload = 1472
 	}
+	if o.UpstreamRate <= 0 {
+		o.UpstreamRate = 1000
+	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	d := &DNS{o: o, sem: make(chan struct{}, o.MaxInFlight), cache: newDNSCache(o.CacheSize)}
+	d := &DNS{o: o, sem: make(chan struct{}, o.MaxInFlight), cache: newDNSCache(o.CacheSize),
+		upRate: rate.NewLimiter(rate.Limit(o.UpstreamRate), max(1, int(o.UpstreamRate/5)))}
 	for _, u := range o.Upstreams {
 		p, err := ParseUpstream(u)
 		if err != nil {
@@ -171,28 +181,58 @@ func (d *DNS) Resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg) *dns.
 // resolve is Resolve for a query that came over transport (UDP or TCP), as
 // the decisions report it.
 func (d *DNS) resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg, transport policy.Proto) *dns.Msg {
+	up, done := d.prepare(src, q, transport)
+	if done != nil {
+		return done
+	}
+	if a := d.fromCache(src, q, up, transport); a != nil {
+		return a
+	}
+	return d.fromUpstream(ctx, src, q, up, transport)
+}
+
+// prepare checks a query: refused, or decided by the filter (done), or the
+// message to send upstream.
+func (d *DNS) prepare(src netip.AddrPort, q *dns.Msg, transport policy.Proto) (up, done *dns.Msg) {
 	d.queries.Add(1)
 	up, rcode := upstreamQuery(q)
 	if up == nil {
 		d.refused.Add(1)
-		return reply(q, rcode)
+		return nil, reply(q, rcode)
 	}
 	if d.o.Filter != nil {
 		m, v := d.o.Filter.Query(src, q)
 		d.report(v, transport)
 		if m != nil {
-			return m
+			return nil, m
 		}
 	}
+	return up, nil
+}
+
+// fromCache answers a prepared query from the cache, or returns nil.
+func (d *DNS) fromCache(src netip.AddrPort, q, up *dns.Msg, transport policy.Proto) *dns.Msg {
 	a := d.cache.get(up)
-	if a != nil {
-		d.cacheHits.Add(1)
-	} else if a = d.forward(ctx, up); a != nil {
-		d.cache.put(up, a)
-	} else {
+	if a == nil {
+		return nil
+	}
+	d.cacheHits.Add(1)
+	return d.toGuest(src, q, a, transport)
+}
+
+// fromUpstream answers a prepared query from the upstreams.
+func (d *DNS) fromUpstream(ctx context.Context, src netip.AddrPort, q, up *dns.Msg, transport policy.Proto) *dns.Msg {
+	a := d.forward(ctx, up)
+	if a == nil {
 		d.failures.Add(1)
 		return reply(q, dns.RcodeServerFailure)
 	}
+	d.cache.put(up, a)
+	return d.toGuest(src, q, a, transport)
+}
+
+// toGuest passes an answer through the filter and readies it for the guest.
+func (d *DNS) toGuest(src netip.AddrPort, q, a *dns.Msg, transport policy.Proto) *dns.Msg {
 	if d.o.Filter != nil {
 		m, v := d.o.Filter.Answer(src, q, a)
 		d.report(v, transport)
@@ -339,24 +379,18 @@ func (d *DNS) start(f func()) bool {
 	return true
 }
 
-// HandleUDP answers one query datagram the guest at src sent to dst:53. It
-// works in its own goroutine and returns at once; malformed queries and
-// queries over the in-flight cap are dropped.
+// HandleUDP answers one query datagram the guest at src sent to dst:53. A
+// query refused by policy, or answered from the cache, is answered at once
+// (so that during a flood of new names, known ones still are); any other
+// goes upstream in a goroutine of its own, and HandleUDP returns at once.
+// Malformed queries and queries over the in-flight cap are dropped.
 func (d *DNS) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
 	q := new(dns.Msg)
 	if err := q.Unpack(payload); err != nil || q.Response || len(q.Question) != 1 {
 		d.dropped.Add(1)
 		return false
 	}
-	select {
-	case d.sem <- struct{}{}:
-	default:
-		d.dropped.Add(1)
-		return false
-	}
-	ok := d.start(func() {
-		defer func() { <-d.sem }()
-		a := d.Resolve(d.ctx, src, q)
+	send := func(a *dns.Msg) {
 		limit := dns.MinMsgSize
 		if opt := q.IsEdns0(); opt != nil && int(opt.UDPSize()) > limit {
 			limit = int(opt.UDPSize())
@@ -368,6 +402,41 @@ func (d *DNS) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
 			return
 		}
 		d.o.Replier.SendUDP(dst, src, b)
+	}
+	if d.cache.has(q) {
+		// Known answers cost no upstream round trip: answered here, ahead
+		// of any flood of new names.
+		up, done := d.prepare(src, q, policy.UDP)
+		if done == nil {
+			done = d.fromCache(src, q, up, policy.UDP)
+		}
+		if done != nil {
+			send(done)
+			return true
+		}
+	}
+	// Past the upstream rate or the in-flight cap a query is dropped
+	// before it costs anything more (the guest's resolver retries).
+	if !d.upRate.Allow() {
+		d.rateLimited.Add(1)
+		return false
+	}
+	select {
+	case d.sem <- struct{}{}:
+	default:
+		d.dropped.Add(1)
+		return false
+	}
+	ok := d.start(func() {
+		defer func() { <-d.sem }()
+		up, done := d.prepare(src, q, policy.UDP)
+		if done == nil {
+			done = d.fromCache(src, q, up, policy.UDP)
+		}
+		if done == nil {
+			done = d.fromUpstream(d.ctx, src, q, up, policy.UDP)
+		}
+		send(done)
 	})
 	if !ok {
 		<-d.sem
@@ -423,8 +492,8 @@ type DNSStats struct {
 	// Queries answered, Failures no upstream answered, queries Dropped
 	// (malformed, over the in-flight cap), Refused (opcode, class or type
 	// not forwarded), TCP connections refused over the cap, answers from
-	// the cache.
-	Queries, Failures, Dropped, Refused, TCPOverCap, CacheHits uint64
+	// the cache, queries dropped over the upstream rate.
+	Queries, Failures, Dropped, Refused, TCPOverCap, CacheHits, RateLimited uint64
 	// Cached answers now.
 	Cached int
 }
@@ -433,7 +502,7 @@ type DNSStats struct {
 func (d *DNS) Stats() DNSStats {
 	return DNSStats{InFlight: len(d.sem), TCPConns: int(d.tcpConns.Load()), Queries: d.queries.Load(),
 		Failures: d.failures.Load(), Dropped: d.dropped.Load(), Refused: d.refused.Load(), TCPOverCap: d.tcpOverCap.Load(),
-		CacheHits: d.cacheHits.Load(), Cached: d.cache.len()}
+		CacheHits: d.cacheHits.Load(), Cached: d.cache.len(), RateLimited: d.rateLimited.Load()}
 }
 
 // Close cancels queries in flight and waits for them; queries that arrive

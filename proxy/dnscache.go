@@ -20,12 +20,18 @@ const (
 
 // dnsCache keeps upstream answers for their TTL, bounded in entries (the
 // least recently used go first), so that repeated lookups are answered at
-// once, during a flood too. Every answer still goes through the policy's
-// filter on its way to the guest.
+// once, during a flood too. Negative answers have a smaller table of their
+// own: a flood of random names fills that one and never pushes out the
+// names the sandbox really uses. Every answer still goes through the
+// policy's filter on its way to the guest.
 type dnsCache struct {
-	max int
+	mu       sync.Mutex // mu protects both tables
+	pos, neg cacheTable
+}
 
-	mu    sync.Mutex // mu protects m and order
+// cacheTable is one LRU table.
+type cacheTable struct {
+	max   int
 	m     map[cacheKey]*list.Element
 	order *list.List // of *cacheEntry, least recently used first
 }
@@ -50,7 +56,30 @@ func newDNSCache(size int) *dnsCache {
 	if size < 0 {
 		return nil
 	}
-	return &dnsCache{max: size, m: make(map[cacheKey]*list.Element), order: list.New()}
+	return &dnsCache{
+		pos: cacheTable{max: size, m: make(map[cacheKey]*list.Element), order: list.New()},
+		neg: cacheTable{max: max(size/4, 1), m: make(map[cacheKey]*list.Element), order: list.New()},
+	}
+}
+
+// find returns the live entry for k in either table, dropping an expired
+// one.
+func (c *dnsCache) findLocked(k cacheKey, now time.Time) *cacheEntry {
+	for _, t := range []*cacheTable{&c.pos, &c.neg} {
+		el, ok := t.m[k]
+		if !ok {
+			continue
+		}
+		e := el.Value.(*cacheEntry)
+		if !now.Before(e.expires) {
+			t.order.Remove(el)
+			delete(t.m, k)
+			return nil
+		}
+		t.order.MoveToBack(el)
+		return e
+	}
+	return nil
 }
 
 func keyOf(q *dns.Msg) cacheKey {
@@ -67,23 +96,13 @@ func (c *dnsCache) get(q *dns.Msg) *dns.Msg {
 	if c == nil {
 		return nil
 	}
-	k := keyOf(q)
 	now := time.Now()
 	c.mu.Lock()
-	el, ok := c.m[k]
-	if !ok {
-		c.mu.Unlock()
-		return nil
-	}
-	e := el.Value.(*cacheEntry)
-	if !now.Before(e.expires) {
-		c.order.Remove(el)
-		delete(c.m, k)
-		c.mu.Unlock()
-		return nil
-	}
-	c.order.MoveToBack(el)
+	e := c.findLocked(keyOf(q), now)
 	c.mu.Unlock()
+	if e == nil {
+		return nil
+	}
 	m := e.msg.Copy()
 	m.Id = q.Id
 	age := uint32(now.Sub(e.stored) / time.Second)
@@ -97,12 +116,22 @@ func (c *dnsCache) get(q *dns.Msg) *dns.Msg {
 	return m
 }
 
+// has reports whether an unexpired answer to q is cached.
+func (c *dnsCache) has(q *dns.Msg) bool {
+	if c == nil {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.findLocked(keyOf(q), time.Now()) != nil
+}
+
 // put keeps a, the upstream's answer to q, if it may be cached.
 func (c *dnsCache) put(q, a *dns.Msg) {
 	if c == nil || a.Truncated {
 		return
 	}
-	ttl, ok := cacheTTL(a)
+	ttl, negative, ok := cacheTTL(a)
 	if !ok || ttl <= 0 {
 		return
 	}
@@ -111,22 +140,35 @@ func (c *dnsCache) put(q, a *dns.Msg) {
 	e := &cacheEntry{key: k, msg: a.Copy(), stored: now, expires: now.Add(ttl)}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if el, ok := c.m[k]; ok {
+	t, other := &c.pos, &c.neg
+	if negative {
+		t, other = &c.neg, &c.pos
+	}
+	if el, ok := other.m[k]; ok { // the name changed sides
+		other.order.Remove(el)
+		delete(other.m, k)
+	}
+	if el, ok := t.m[k]; ok {
 		el.Value = e
-		c.order.MoveToBack(el)
+		t.order.MoveToBack(el)
 		return
 	}
-	if c.order.Len() >= c.max {
-		oldest := c.order.Front()
-		delete(c.m, oldest.Value.(*cacheEntry).key)
-		c.order.Remove(oldest)
+	if t.order.Len() >= t.max {
+		oldest := t.order.Front()
+		delete(t.m, oldest.Value.(*cacheEntry).key)
+		t.order.Remove(oldest)
 	}
-	c.m[k] = c.order.PushBack(e)
+	t.m[k] = t.order.PushBack(e)
 }
 
 // cacheTTL is how long a may be kept: the smallest TTL of its answer and
 // authority records, bounded; negative answers by their SOA.
-func cacheTTL(a *dns.Msg) (time.Duration, bool) {
+func cacheTTL(a *dns.Msg) (ttl time.Duration, negative, ok bool) {
+	d, ok := cacheTTLOf(a)
+	return d, ok && (a.Rcode != dns.RcodeSuccess || len(a.Answer) == 0), ok
+}
+
+func cacheTTLOf(a *dns.Msg) (time.Duration, bool) {
 	switch {
 	case a.Rcode == dns.RcodeSuccess && len(a.Answer) > 0:
 		ttl := uint32(maxCacheTTL / time.Second)
@@ -154,5 +196,5 @@ func (c *dnsCache) len() int {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.order.Len()
+	return c.pos.order.Len() + c.neg.order.Len()
 }

@@ -14,14 +14,14 @@ import (
 // Pending dials (a guest SYN whose upstream connect is under way) have a
 // budget of their own, apart from established connections, so that a SYN
 // flood or a port scan cannot take the sandbox's other traffic down:
-//   - at most maxPending at once; a new one past that cancels the oldest,
+//   - at most 192 at once; a new one past that cancels the oldest,
 //     which is the likeliest to be dead (a live host answers in
 //     milliseconds);
 //   - at most maxPendingPerDst to one address;
 //   - an address whose dial just failed as unreachable is refused at once
 //     for deadFor, instead of a dial that waits for the kernel to give up.
 const (
-	defaultMaxPending = 512
+	defaultMaxPending = 192
 	maxPendingPerDst  = 32
 	deadFor           = 5 * time.Second
 	maxDeadAddrs      = 4096

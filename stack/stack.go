@@ -64,7 +64,7 @@ type Options struct {
 	Offload bool
 	// MaxConnections caps concurrent established TCP relays (default 256).
 	MaxConnections int
-	// MaxPendingDials caps upstream TCP dials under way (default 512): a
+	// MaxPendingDials caps upstream TCP dials under way (default 192): a
 	// new one past it cancels the oldest.
 	MaxPendingDials int
 	// DialTimeout bounds the upstream dial of a TCP flow (default 10 s).

@@ -22,9 +22,12 @@ import (
 // connection (Tailscale found 1 MiB a good default).
 const forwarderWindow = 1 << 20
 
-// maxInFlight bounds handshakes waiting on their upstream dial. Every
-// request is completed on every path, so a slot is never lost.
-const maxInFlight = 1024
+// maxInFlight bounds the guest handshakes gVisor's forwarder holds (each a
+// goroutine) while their upstream dial runs; past it a SYN is dropped and
+// the guest retransmits. Every request is completed on every path, so a
+// slot is never lost. Pending dials have a smaller budget of their own
+// (dials.go), so quick handshakes always find room.
+const maxInFlight = 256
 
 // tcpRelay completes the guest's TCP handshakes only after the upstream
 // dial succeeded, then relays the streams.

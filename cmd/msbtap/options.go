@@ -29,7 +29,7 @@ func runFlags() []cli.Flag {
 		&cli.StringFlag{Name: "offload", Value: "on", Usage: "on: virtio net headers with TCP segmentation and checksum offload on the TAP (64 KiB segments whatever the MTU); off: plain frames"},
 		&cli.IntFlag{Name: "tap-owner", Value: -1, Usage: "VM mode: `UID` allowed to open the TAP (the VMM's user)"},
 		&cli.StringFlag{Name: "user", Usage: "run -- COMMAND as `USER[:GROUP]` (default: the user who ran sudo, else root); always with no capabilities and no_new_privs"},
-		&cli.StringFlag{Name: "memory-limit", Usage: "Go's soft memory limit for the agent, `SIZE` like 64MiB (the garbage collector works harder near it)"},
+		&cli.StringFlag{Name: "memory-limit", Value: "48MiB", Usage: "Go's soft memory limit for the agent, `SIZE` (off for none): the garbage collector works harder near it, so floods stay small; raise it for sandboxes with many busy connections"},
 		&cli.StringFlag{Name: "seccomp", Value: "on", Usage: "on: once set up, msbtap refuses (EPERM) every system call off its allow-list; off: only drop capabilities"},
 		&cli.StringFlag{Name: "netns", Usage: "attach to network namespace `NAME|PATH` (a name is looked up in /run/netns)"},
 		&cli.StringFlag{Name: "tap", Value: "eth0", Usage: "`NAME` of the TAP interface (in VM mode: on the host; default msbtap<slot>)"},
@@ -271,9 +271,9 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 	if cfg.AuditLogMaxBytes, err = parseSize(auditMax); err != nil || cfg.AuditLogMaxBytes < 4096 {
 		return cfg, fielderr.Bad("audit_log_max_size", auditMax, "want a size of at least 4KiB, like 64MiB or 1GB")
 	}
-	if memLimit != "" {
+	if memLimit != "off" {
 		if cfg.MemoryLimit, err = parseSize(memLimit); err != nil || cfg.MemoryLimit < 16<<20 {
-			return cfg, fielderr.Bad("memory_limit", memLimit, "want a size of at least 16MiB, like 64MiB")
+			return cfg, fielderr.Bad("memory_limit", memLimit, "want a size of at least 16MiB, like 64MiB, or off")
 		}
 	}
 	if cfg.GuestPID < 0 {

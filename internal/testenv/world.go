@@ -19,7 +19,7 @@ import (
 const (
 	HostInet4 = "198.51.100.1"
 	Inet4     = "198.51.100.2"
-	WebHost4  = "198.51.100.10" // HTTP :80, half-close :7001, UDP echo :7002, UDP size :7004
+	WebHost4  = "198.51.100.10" // HTTP :80, half-close :7001, UDP echo :7002, UDP size :7004, TCP echo :7005
 	DNSHost4  = "198.51.100.53" // DNS :53
 	HostInet6 = "2001:db8::1"
 	Inet6     = "2001:db8::2"
@@ -81,6 +81,7 @@ func NewWorld(t testing.TB) *World {
 		"--halfclose", WebHost4+":7001", "--halfclose", "["+WebHost6+"]:7001",
 		"--udp-echo", WebHost4+":7002", "--udp-echo", "["+WebHost6+"]:7002",
 		"--udp-size", WebHost4+":7004", "--udp-size", "["+WebHost6+"]:7004",
+		"--echo", WebHost4+":7005",
 		"--dns", DNSHost4+":53",
 		"--record", TestDomain+"="+WebHost4, "--record", TestDomain+"="+WebHost6,
 		"--record", OtherDomain+"="+WebHost4,

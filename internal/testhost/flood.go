@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
 	"time"
 
 	"github.com/miekg/dns"
@@ -172,4 +173,73 @@ func garbage(args []string) {
 		}
 	}
 	fmt.Printf("sent=%d\n", n)
+}
+
+// churn ADDR N PAR: N TCP connections, PAR at a time, each connect, one
+// byte each way (an echo server), close; prints ok=X failed=Y.
+func churn(args []string) {
+	if len(args) != 3 {
+		log.Fatal("usage: testhost churn ADDR N PAR")
+	}
+	var n, par int
+	fmt.Sscan(args[1], &n)
+	fmt.Sscan(args[2], &par)
+	jobs := make(chan struct{}, n)
+	for i := 0; i < n; i++ {
+		jobs <- struct{}{}
+	}
+	close(jobs)
+	results := make(chan bool, n)
+	for w := 0; w < par; w++ {
+		go func() {
+			b := []byte{'x'}
+			for range jobs {
+				c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+				if err != nil {
+					results <- false
+					continue
+				}
+				c.SetDeadline(time.Now().Add(5 * time.Second))
+				_, err = c.Write(b)
+				if err == nil {
+					_, err = c.Read(b)
+				}
+				c.Close()
+				results <- err == nil
+			}
+		}()
+	}
+	ok, failed := 0, 0
+	for i := 0; i < n; i++ {
+		if <-results {
+			ok++
+		} else {
+			failed++
+		}
+	}
+	fmt.Printf("ok=%d failed=%d\n", ok, failed)
+}
+
+// resolve NAME SERVER: look NAME up (A) as a resolver with a fast retry
+// would, asking again every 250 ms for at most a second; prints the
+// address and how long it took, or fails.
+func resolveClient(args []string) {
+	if len(args) != 2 {
+		log.Fatal("usage: testhost resolve NAME SERVER")
+	}
+	c := &dns.Client{Net: "udp", Timeout: 250 * time.Millisecond}
+	q := new(dns.Msg)
+	q.SetQuestion(dns.Fqdn(args[0]), dns.TypeA)
+	start := time.Now()
+	for time.Since(start) < time.Second {
+		a, _, err := c.Exchange(q, args[1])
+		if err == nil && len(a.Answer) > 0 {
+			if rr, ok := a.Answer[0].(*dns.A); ok {
+				fmt.Printf("%s %d\n", rr.A, time.Since(start).Milliseconds())
+				return
+			}
+		}
+	}
+	fmt.Println("unanswered within 1 s")
+	os.Exit(1)
 }

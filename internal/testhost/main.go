@@ -65,6 +65,10 @@ func main() {
 		dnsflood(args)
 	case "garbage":
 		garbage(args)
+	case "churn":
+		churn(args)
+	case "resolve":
+		resolveClient(args)
 	default:
 		log.Fatalf("unknown command %q", os.Args[1])
 	}
