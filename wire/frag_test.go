@@ -196,4 +196,3 @@ func FuzzReassemble(f *testing.F) {
 		}
 	})
 }
-
