@@ -242,7 +242,7 @@ func udpFlood(t *testing.T, w *testenv.World, pr profile) (string, bool) {
 }
 
 func icmpFlood(t *testing.T, w *testenv.World, pr profile) (string, bool) {
-	wait := background(w, "ping", "-f", "-q", "-w", secs(pr.flood), testenv.WebHost4)
+	wait := background(w, "ping", "-f", "-q", "-w", strconv.Itoa(int(pr.flood.Seconds())), testenv.WebHost4)
 	time.Sleep(pr.flood / 4)
 	out, _ := w.Guest.Run("ping", "-c", "5", "-i", "0.2", "-W", "2", testenv.Inet4)
 	flood := wait()
