@@ -777,3 +777,35 @@ func TestDNSCache(t *testing.T) {
 		t.Errorf("upstream saw %d queries, want every SERVFAIL asked again (3)", n)
 	}
 }
+
+// TestDNSFloodIsBounded: a flood of new names stops at the upstream rate
+// and the in-flight cap, the cache stays within its tables, and a name
+// already cached is still answered during it.
+func TestDNSFloodIsBounded(t *testing.T) {
+	up := newRecordingUpstream(t)
+	r := &captureReplier{got: make(chan struct{}, 1)}
+	d, _ := NewDNS(DNSOptions{Upstreams: []string{up.addr}, Replier: r, UpstreamRate: 50, MaxInFlight: 4, CacheSize: 8})
+	defer d.Close()
+	src, dst := netip.MustParseAddrPort("100.96.0.2:5000"), netip.MustParseAddrPort("100.96.0.1:53")
+	known, _ := query("www.example.test").Pack()
+	d.HandleUDP(src, dst, known)
+	<-r.got
+	for i := 0; i < 500; i++ {
+		b, _ := query(fmt.Sprintf("r%d.flood.example.test", i)).Pack()
+		d.HandleUDP(src, dst, b)
+	}
+	if !d.HandleUDP(src, dst, known) {
+		t.Error("a cached name was not answered during the flood")
+	}
+	st := d.Stats()
+	if st.RateLimited+st.Dropped < 400 || len(up.queries()) > 100 {
+		t.Errorf("upstream saw %d queries; rate limited %d, dropped %d", len(up.queries()), st.RateLimited, st.Dropped)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for d.Stats().InFlight > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if st := d.Stats(); st.Cached > 8+2 {
+		t.Errorf("%d answers cached, tables of 8 and 2", st.Cached)
+	}
+}
