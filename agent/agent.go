@@ -337,14 +337,15 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		a.pub.Start(proxy.PublishOptions{
 			DialGuest:   a.gw.DialGuest,
 			SendToGuest: a.gw.SendUDPToGuest,
-			Allow: func(proto string, client, listen netip.AddrPort) bool {
+			Allow: func(proto string, client, listen netip.AddrPort) (uint64, bool) {
 				pr := policy.TCP
 				if proto == "udp" {
 					pr = policy.UDP
 				}
 				return a.gw.CheckIngress(policy.Flow{Proto: pr, Src: client, Dst: listen})
 			},
-			Log: a.log.With("component", "publish"),
+			Track: a.gw.TrackIngress,
+			Log:   a.log.With("component", "publish"),
 		})
 		for _, p := range cfg.Publish {
 			a.log.Info("published", "host", p.Host, "guest_port", p.GuestPort, "proto", p.Proto)

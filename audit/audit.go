@@ -22,6 +22,7 @@ import (
 // Record is one line of the decision log.
 type Record struct {
 	Time      string `json:"time"`
+	FlowID    uint64 `json:"flow_id,omitempty"`
 	Direction string `json:"direction"`
 	Proto     string `json:"proto"`
 	Transport string `json:"transport,omitempty"` // of a DNS query: udp or tcp
@@ -52,7 +53,8 @@ const (
 
 // Options configure a Log.
 type Options struct {
-	// Path is the file to append to, or "-" for standard output.
+	// Path is the file to append to, "-" for standard output, or "" for
+	// none (the records still go to subscribers).
 	Path string
 	// MaxBytes rotates the file once it would grow past this: it becomes
 	// PATH.1 (replacing the previous one) and a new file starts, so the
@@ -103,6 +105,9 @@ type Log struct {
 	order  *list.List // denied addresses, oldest first
 
 	dropped atomic.Uint64
+	subsMu  sync.Mutex // subsMu protects subs
+	subs    map[chan Record]struct{}
+	lost    atomic.Uint64 // records a slow subscriber missed
 	wake    chan struct{}
 	done    chan struct{}
 	stopped chan struct{}
@@ -128,10 +133,13 @@ func Open(o Options) (*Log, error) {
 		o.Describe = func(policy.Decision) string { return "" }
 	}
 	l := &Log{o: o, window: make(map[key]*pending), denied: make(map[netip.Addr]*list.Element), order: list.New(),
-		wake: make(chan struct{}, 1), done: make(chan struct{}), stopped: make(chan struct{})}
-	if o.Path == "-" {
+		subs: make(map[chan Record]struct{}), wake: make(chan struct{}, 1), done: make(chan struct{}), stopped: make(chan struct{})}
+	switch o.Path {
+	case "":
+		l.w = io.Discard
+	case "-":
 		l.w = os.Stdout
-	} else {
+	default:
 		r, err := openRotating(o.Path, o.MaxBytes)
 		if err != nil {
 			return nil, err
@@ -218,6 +226,7 @@ func (l *Log) routineWrite() {
 		if err := enc.Encode(&r); err != nil {
 			l.o.Log.Error("audit log write failed", "err", err)
 		}
+		l.publish(r)
 	}
 	for {
 		var closing, windowEnd bool
@@ -260,6 +269,7 @@ func (l *Log) record(p *pending, repeats int) Record {
 	f, d := p.f, p.d
 	r := Record{
 		Time:      p.at.UTC().Format(time.RFC3339Nano),
+		FlowID:    f.ID,
 		Direction: f.Direction.String(),
 		Proto:     f.Proto.String(),
 		Src:       addrLabel(f.Src),
@@ -287,6 +297,40 @@ func addrLabel(a netip.AddrPort) string {
 		return ""
 	}
 	return a.String()
+}
+
+// Subscribe returns a channel that gets every record from now on, as it is
+// written, and a function that ends the subscription. A subscriber that
+// falls more than n records behind loses records (counted by Lost) rather
+// than slow the log down.
+func (l *Log) Subscribe(n int) (<-chan Record, func()) {
+	ch := make(chan Record, n)
+	l.subsMu.Lock()
+	l.subs[ch] = struct{}{}
+	l.subsMu.Unlock()
+	var once sync.Once
+	return ch, func() {
+		once.Do(func() {
+			l.subsMu.Lock()
+			delete(l.subs, ch)
+			l.subsMu.Unlock()
+		})
+	}
+}
+
+// Lost returns the records subscribers missed by falling behind.
+func (l *Log) Lost() uint64 { return l.lost.Load() }
+
+func (l *Log) publish(r Record) {
+	l.subsMu.Lock()
+	defer l.subsMu.Unlock()
+	for ch := range l.subs {
+		select {
+		case ch <- r:
+		default:
+			l.lost.Add(1)
+		}
+	}
 }
 
 // Close writes what is pending and closes the file. Safe to call twice.

@@ -123,3 +123,35 @@ func TestRefusesSymlink(t *testing.T) {
 		t.Errorf("the link's target changed: %q", b)
 	}
 }
+
+// TestSubscribe: a subscriber sees a decision at once, the same record the
+// file gets; a slow one loses records instead of slowing the log.
+func TestSubscribe(t *testing.T) {
+	l, _ := Open(Options{Window: time.Hour})
+	defer l.Close()
+	ch, cancel := l.Subscribe(1)
+	defer cancel()
+	start := time.Now()
+	f, d := deny("198.51.100.9:22")
+	f.ID = 42
+	l.Decision(f, d)
+	select {
+	case r := <-ch:
+		if r.FlowID != 42 || r.Action != "deny" || r.Dst != "198.51.100.9:22" {
+			t.Errorf("record %+v", r)
+		}
+		if took := time.Since(start); took > 100*time.Millisecond {
+			t.Errorf("record came after %s", took)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("no record")
+	}
+	for i := 0; i < 5; i++ {
+		f, d := deny(fmt.Sprintf("198.51.100.%d:22", 10+i))
+		l.Decision(f, d)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if l.Lost() < 3 {
+		t.Errorf("lost %d, want the records past the subscriber's buffer", l.Lost())
+	}
+}

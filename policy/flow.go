@@ -77,6 +77,9 @@ func (a Action) String() string {
 // ports are zero. Domain is the name the destination was resolved from, when
 // known (or the queried name, for a DNS query).
 type Flow struct {
+	// ID names the flow in the decision log, the events and the control
+	// socket's list (0: none given).
+	ID        uint64
 	Direction Direction
 	Proto     Proto
 	Src, Dst  netip.AddrPort

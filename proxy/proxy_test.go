@@ -41,7 +41,7 @@ func TestRelayHalfClose(t *testing.T) {
 	guest, relayGuest := tcpPair(t)
 	relayUp, server := tcpPair(t)
 	done := make(chan struct{})
-	go func() { Relay(relayGuest, relayUp); close(done) }()
+	go func() { Relay(relayGuest, relayUp, nil, nil); close(done) }()
 
 	guest.Write([]byte("request"))
 	guest.CloseWrite()
@@ -67,7 +67,7 @@ func TestRelayHalfClose(t *testing.T) {
 func TestRelayResetPropagates(t *testing.T) {
 	guest, relayGuest := tcpPair(t)
 	relayUp, server := tcpPair(t)
-	go Relay(relayGuest, relayUp)
+	go Relay(relayGuest, relayUp, nil, nil)
 	guest.Write([]byte("x"))
 	buf := make([]byte, 1)
 	io.ReadFull(server, buf)
@@ -415,7 +415,7 @@ func TestUDPReplySizedPerFamily(t *testing.T) {
 }
 
 func TestUDPDenied(t *testing.T) {
-	u := NewUDP(UDPOptions{Replier: &captureReplier{}, Allow: func(netip.AddrPort, netip.AddrPort) bool { return false }})
+	u := NewUDP(UDPOptions{Replier: &captureReplier{}, Allow: func(netip.AddrPort, netip.AddrPort) (uint64, bool) { return 0, false }})
 	defer u.Close()
 	if err := u.Handle(netip.MustParseAddrPort("100.96.0.2:1"), netip.MustParseAddrPort("127.0.0.1:9"), nil); err != ErrDenied {
 		t.Fatalf("got %v, want ErrDenied", err)
@@ -442,7 +442,7 @@ func BenchmarkRelay(b *testing.B) {
 	go func() {
 		c, _ := ln2.Accept()
 		up, _ := net.Dial("tcp", ln.Addr().String())
-		Relay(c, up)
+		Relay(c, up, nil, nil)
 	}()
 	c, _ := net.Dial("tcp", ln2.Addr().String())
 	buf := make([]byte, 64<<10)

@@ -24,7 +24,8 @@ func (p *Publisher) routineAcceptTCP(ln net.Listener, s PortSpec) {
 func (p *Publisher) serveTCP(c *net.TCPConn, s PortSpec) {
 	defer p.wg.Done()
 	client := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-	if !p.o.Allow("tcp", client, s.Host) {
+	id, ok := p.o.Allow("tcp", client, s.Host)
+	if !ok {
 		p.denied.Add(1)
 		reset(c)
 		return
@@ -51,7 +52,13 @@ func (p *Publisher) serveTCP(c *net.TCPConn, s PortSpec) {
 		reset(g)
 		return
 	}
-	Relay(c, g)
+	var up, down *Meter
+	if p.o.Track != nil {
+		var done func()
+		up, down, done = p.o.Track("tcp", id, client, s.Host, func() { reset(c); reset(g) })
+		defer done()
+	}
+	Relay(c, g, up, down)
 	p.untrack(c, g)
 }
 

@@ -36,7 +36,7 @@ func (p *Publisher) udpSession(k udpClientKey, sock *net.UDPConn, s PortSpec) *i
 	if sess != nil {
 		return sess
 	}
-	if !p.o.Allow("udp", k.client, s.Host) {
+	if _, ok := p.o.Allow("udp", k.client, s.Host); !ok {
 		p.denied.Add(1)
 		return nil
 	}

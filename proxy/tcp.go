@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -26,25 +27,29 @@ type halfCloser interface {
 // Each direction is half-closed on its own: when a reaches EOF (its peer
 // sent FIN), b's write side is shut, and the other direction goes on. If a
 // direction fails (a reset, say), both connections are reset so that both
-// ends see it: nothing is silently truncated. Relay returns the bytes copied
-// a→b and b→a, and the first error either direction met (nil when both
-// ended cleanly).
-func Relay(a, b net.Conn) (ab, ba int64, err error) {
+// ends see it: nothing is silently truncated. abm and bam, when not nil,
+// count (and pace) the bytes a→b and b→a as they go. Relay returns the
+// bytes copied a→b and b→a, and the first error either direction met (nil
+// when both ended cleanly).
+func Relay(a, b net.Conn, abm, bam *Meter) (ab, ba int64, err error) {
 	type result struct {
 		aToB bool
 		n    int64
 		err  error
 	}
 	done := make(chan result, 2)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	var abort sync.Once
 	fail := func() {
 		abort.Do(func() {
+			cancel()
 			reset(a)
 			reset(b)
 		})
 	}
-	go func() { n, err := pipe(b, a, fail); done <- result{true, n, err} }()
-	go func() { n, err := pipe(a, b, fail); done <- result{false, n, err} }()
+	go func() { n, err := pipe(ctx, b, a, abm, fail); done <- result{true, n, err} }()
+	go func() { n, err := pipe(ctx, a, b, bam, fail); done <- result{false, n, err} }()
 	for range 2 {
 		r := <-done
 		if r.aToB {
@@ -61,9 +66,9 @@ func Relay(a, b net.Conn) (ab, ba int64, err error) {
 	return ab, ba, err
 }
 
-// pipe copies src→dst. At src's EOF it shuts dst's write side; on any error
-// it calls fail, which resets both ends.
-func pipe(dst, src net.Conn, fail func()) (int64, error) {
+// pipe copies src→dst, through m if given. At src's EOF it shuts dst's
+// write side; on any error it calls fail, which resets both ends.
+func pipe(ctx context.Context, dst, src net.Conn, m *Meter, fail func()) (int64, error) {
 	bp := relayBufs.Get().(*[]byte)
 	defer relayBufs.Put(bp)
 	buf := *bp
@@ -71,8 +76,17 @@ func pipe(dst, src net.Conn, fail func()) (int64, error) {
 	for {
 		n, rerr := src.Read(buf)
 		if n > 0 {
+			if m != nil {
+				if err := m.Shaper.Wait(ctx, n); err != nil {
+					fail()
+					return total, err
+				}
+			}
 			w, werr := dst.Write(buf[:n])
 			total += int64(w)
+			if m != nil {
+				m.Bytes.Add(uint64(w))
+			}
 			if werr != nil {
 				fail()
 				return total, werr
@@ -96,6 +110,9 @@ func pipe(dst, src net.Conn, fail func()) (int64, error) {
 		return total, rerr
 	}
 }
+
+// ResetConn aborts c with a TCP reset where it can, or closes it.
+func ResetConn(c net.Conn) { reset(c) }
 
 // reset aborts c with a TCP reset where it can, or closes it.
 func reset(c net.Conn) {

@@ -24,8 +24,13 @@ var ErrLimit = errors.New("too many concurrent flows")
 // UDPOptions configure a UDP relay.
 type UDPOptions struct {
 	Replier Replier
-	// Allow is asked once per new session, before any socket exists.
-	Allow func(src, dst netip.AddrPort) bool
+	// Allow is asked once per new session, before any socket exists; it
+	// returns the flow's id.
+	Allow func(src, dst netip.AddrPort) (id uint64, ok bool)
+	// Track, when set, is told of each new session (end ends it) and
+	// returns the meters of its bytes each way (up: from the guest) and
+	// what to call when it is over.
+	Track func(id uint64, src, dst netip.AddrPort, end func()) (up, down *Meter, done func())
 	// MapDst picks the host address to send to (default Identity).
 	MapDst MapDst
 	// IdleTimeout ends a session that has carried nothing for this long
@@ -51,6 +56,8 @@ type udpSession struct {
 	lastSeen atomic.Int64    // unix nanos of the last datagram either way
 	answered atomic.Bool     // a reply came back
 	waiting  *list.Element   // in UDP.unanswered until answered; under UDP.mu
+	up, down *Meter          // from Track, or nil
+	done     func()
 }
 
 // UDP relays the guest's UDP datagrams through connected host sockets, one
@@ -91,7 +98,7 @@ func NewUDP(o UDPOptions) *UDP {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	if o.Allow == nil {
-		o.Allow = func(netip.AddrPort, netip.AddrPort) bool { return true }
+		o.Allow = func(netip.AddrPort, netip.AddrPort) (uint64, bool) { return 0, true }
 	}
 	return &UDP{o: o, sessions: make(map[udpKey]*udpSession), unanswered: list.New()}
 }
@@ -111,6 +118,13 @@ func (u *UDP) Handle(src, dst netip.AddrPort, payload []byte) error {
 		}
 	}
 	s.lastSeen.Store(time.Now().UnixNano())
+	if s.up != nil {
+		if !s.up.Shaper.Allow(len(payload)) {
+			u.dropped.Add(1) // over the sandbox's rate: a datagram cannot wait
+			return nil
+		}
+		s.up.Bytes.Add(uint64(len(payload)))
+	}
 	var serr error
 	_ = s.raw.Write(func(fd uintptr) bool {
 		_, serr = unix.Write(int(fd), payload)
@@ -123,7 +137,8 @@ func (u *UDP) Handle(src, dst netip.AddrPort, payload []byte) error {
 }
 
 func (u *UDP) open(k udpKey) (*udpSession, error) {
-	if !u.o.Allow(k.src, k.dst) {
+	id, ok := u.o.Allow(k.src, k.dst)
+	if !ok {
 		return nil, ErrDenied
 	}
 	u.mu.Lock()
@@ -162,6 +177,9 @@ func (u *UDP) open(k udpKey) (*udpSession, error) {
 		return nil, err
 	}
 	s := &udpSession{key: k, conn: conn, raw: raw}
+	if u.o.Track != nil {
+		s.up, s.down, s.done = u.o.Track(id, k.src, k.dst, func() { conn.Close() })
+	}
 	s.lastSeen.Store(time.Now().UnixNano())
 	s.waiting = u.unanswered.PushBack(s)
 	u.sessions[k] = s
@@ -193,6 +211,9 @@ func (u *UDP) routineReply(s *udpSession) {
 		u.forgetLocked(s)
 		u.mu.Unlock()
 		s.conn.Close()
+		if s.done != nil {
+			s.done()
+		}
 	}()
 	limit := u.o.MaxPayload4
 	if s.key.src.Addr().Is6() {
@@ -229,6 +250,13 @@ func (u *UDP) routineReply(s *udpSession) {
 				s.waiting = nil
 			}
 			u.mu.Unlock()
+		}
+		if s.down != nil {
+			if !s.down.Shaper.Allow(n) {
+				u.dropped.Add(1)
+				continue
+			}
+			s.down.Bytes.Add(uint64(n))
 		}
 		// Replies come from the address the guest sent to, not the mapped one.
 		u.o.Replier.SendUDP(s.key.dst, s.key.src, buf[:n])

@@ -4,7 +4,7 @@ import "sync/atomic"
 
 // tcpStats are the TCP relay's counters.
 type tcpStats struct {
-	total, overCap, dialFailed, dialRefused, relayFailed atomic.Uint64
+	total, overCap, dialFailed, dialRefused, relayFailed, rateLimited atomic.Uint64
 }
 
 // FlowStat is the number of open and total flows of one protocol.

@@ -185,13 +185,22 @@ func (st *Stack) handleTCP(b []byte, p *wire.Packet) {
 	}
 	if seg.IsSYN() && seg.DstPort != wire.PortDNS { // DNS is answered by the agent; its policy is the name's
 		f := policy.Flow{Proto: policy.TCP, Src: netip.AddrPortFrom(p.Src, seg.SrcPort), Dst: netip.AddrPortFrom(p.Dst, seg.DstPort)}
-		if !st.decide(f) {
+		if !st.newConnAllowed() {
+			// Over --max-new-connections-per-second: refused before any
+			// decision or dial.
+			st.stats.rateLimited.Add(1)
+			st.r.sendTCPReset(p, seg)
+			return
+		}
+		d := st.decideFlow(&f)
+		if d.Action != policy.Allow {
 			c.Drop(rings.DropPolicy)
 			if st.o.DenyMode == DenyReject {
 				st.r.sendTCPReset(p, seg)
 			}
 			return
 		}
+		st.syns.put(synKey{f.Src, f.Dst}, synDecision{f.ID, d.Rule})
 	}
 	st.ep.deliver(b)
 }
@@ -303,7 +312,7 @@ func (st *Stack) handleEcho(b []byte, p *wire.Packet, proto policy.Proto) {
 		}
 		return
 	}
-	if !st.decide(f) || !st.dialAllowed(f) {
+	if !st.decide(&f) || !st.dialAllowed(f) {
 		c.Drop(rings.DropPolicy)
 		if st.o.DenyMode == DenyReject {
 			st.r.sendUnreachable(p, p.Dst, wire.AdminProhibited)

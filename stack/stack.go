@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/time/rate"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
@@ -80,7 +81,11 @@ type Options struct {
 	// as local (one of the host's own). A destination it says is local is
 	// dialed only if the policy allows it as the host. nil skips the check.
 	IsLocal func(netip.Addr) bool
-	Log     *slog.Logger
+	// RateUp and RateDown pace what the sandbox sends and receives, in
+	// bytes a second (0: no limit); NewConnsPerSecond bounds the TCP
+	// connections it opens a second (0: no limit). All can change later.
+	RateUp, RateDown, NewConnsPerSecond float64
+	Log                                 *slog.Logger
 }
 
 // Stack is the gateway of one sandbox.
@@ -103,6 +108,12 @@ type Stack struct {
 
 	// cut is set by Cut: every decision from then on is a deny.
 	cut atomic.Bool
+
+	ids      flowIDs
+	flows    *flowTable
+	up, down proxy.Shaper
+	newConns atomic.Pointer[rate.Limiter] // nil: no limit
+	syns     synTable
 
 	done      chan struct{}
 	closeOnce sync.Once
@@ -129,6 +140,9 @@ func New(o Options) (*Stack, error) {
 	}
 	p := o.Plan
 	st := &Stack{o: o, done: make(chan struct{}), sizes: wire.SizesFor(p.MTU, o.Offload), frags: wire.NewReassembler()}
+	st.flows = newFlowTable(&st.up, &st.down)
+	st.syns.m = make(map[synKey]synDecision)
+	st.SetRates(o.RateUp, o.RateDown, o.NewConnsPerSecond)
 	copy(st.gwMAC[:], p.GatewayMAC)
 	st.gwLinkLocal = wire.GatewayLinkLocal(st.gwMAC)
 
@@ -152,6 +166,7 @@ func New(o Options) (*Stack, error) {
 	st.udp = proxy.NewUDP(proxy.UDPOptions{
 		Replier:     st.r,
 		Allow:       st.allowUDP,
+		Track:       st.trackUDP,
 		MapDst:      o.MapDst,
 		IdleTimeout: o.UDPIdleTimeout,
 		MaxSessions: o.MaxUDPSessions,
@@ -245,21 +260,26 @@ func (st *Stack) report(f policy.Flow, d policy.Decision) {
 	}
 }
 
-// decide runs the policy on a new flow, reports the decision, and says
-// whether the flow may proceed. An unspecified destination, in any form,
-// is never allowed.
-func (st *Stack) decide(f policy.Flow) bool {
-	var d policy.Decision
+// decide runs the policy on a new flow (giving it its id), reports the
+// decision, and says whether the flow may proceed.
+func (st *Stack) decide(f *policy.Flow) bool { return st.decideFlow(f).Action == policy.Allow }
+
+// decideFlow is decide, returning the decision. An unspecified
+// destination, in any form, is never allowed; once the network is cut,
+// nothing is.
+func (st *Stack) decideFlow(f *policy.Flow) policy.Decision {
 	if st.cut.Load() {
-		return false // the network is cut: no decision to report
+		return policy.Decision{Action: policy.Deny, Rule: policy.RuleDefault} // no decision to report
 	}
+	f.ID = st.ids.next()
+	var d policy.Decision
 	if f.Direction == policy.Egress && policy.Unspecified(f.Dst.Addr()) {
 		d = policy.Decision{Action: policy.Deny, Rule: policy.RuleUnspecified}
 	} else {
-		d = st.o.Policy.Check(f)
+		d = st.o.Policy.Check(*f)
 	}
-	st.report(f, d)
-	return d.Action == policy.Allow
+	st.report(*f, d)
+	return d
 }
 
 // hostChecker decides a flow as if its destination were the host.
@@ -288,9 +308,23 @@ func (st *Stack) dialAllowed(f policy.Flow) bool {
 	return false
 }
 
-func (st *Stack) allowUDP(src, dst netip.AddrPort) bool {
+func (st *Stack) allowUDP(src, dst netip.AddrPort) (uint64, bool) {
 	f := policy.Flow{Proto: policy.UDP, Src: src, Dst: dst}
-	return st.decide(f) && st.dialAllowed(f)
+	d := st.decideFlow(&f)
+	if d.Action != policy.Allow || !st.dialAllowed(f) {
+		return f.ID, false
+	}
+	st.syns.put(synKey{src, dst}, synDecision{f.ID, d.Rule}) // for trackUDP, next
+	return f.ID, true
+}
+
+func (st *Stack) trackUDP(id uint64, src, dst netip.AddrPort, end func()) (up, down *proxy.Meter, done func()) {
+	rule := -1
+	if sd, ok := st.syns.take(synKey{src, dst}); ok && sd.id == id {
+		rule = sd.rule
+	}
+	fl := st.flows.add(policy.Flow{ID: id, Proto: policy.UDP, Src: src, Dst: dst}, rule, end)
+	return &fl.Up, &fl.Down, fl.Done
 }
 
 // allowsAnything says whether the policy allows any egress at all; the
@@ -344,10 +378,22 @@ func (st *Stack) Cut() {
 
 // CheckIngress decides a host client's new flow to a published port, as the
 // packet path decides the guest's: reported, and fatal if the policy says
-// terminate.
-func (st *Stack) CheckIngress(f policy.Flow) bool {
+// terminate. It returns the flow's id.
+func (st *Stack) CheckIngress(f policy.Flow) (uint64, bool) {
 	f.Direction = policy.Ingress
-	return st.decide(f)
+	ok := st.decide(&f)
+	return f.ID, ok
+}
+
+// TrackIngress puts a published-port client in the flow table (end ends
+// it); it returns the meters of its bytes and what to call when it is over.
+func (st *Stack) TrackIngress(proto string, id uint64, client, listen netip.AddrPort, end func()) (up, down *proxy.Meter, done func()) {
+	pr := policy.TCP
+	if proto == "udp" {
+		pr = policy.UDP
+	}
+	fl := st.flows.add(policy.Flow{ID: id, Direction: policy.Ingress, Proto: pr, Src: client, Dst: listen}, -1, end)
+	return &fl.Up, &fl.Down, fl.Done
 }
 
 // DNSUpstreams returns the resolvers in use.

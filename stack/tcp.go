@@ -136,7 +136,14 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	st.stats.total.Add(1)
 	t.track(c, true)
 	defer t.track(c, false)
-	if _, _, err := proxy.Relay(c, up); err != nil {
+	fid, rule := st.ids.next(), -1 // a SYN whose decision record is gone: a new id
+	if sd, ok := st.syns.take(synKey{src, dst}); ok {
+		fid, rule = sd.id, sd.rule
+	}
+	fl := st.flows.add(policy.Flow{ID: fid, Proto: policy.TCP, Src: src, Dst: dst}, rule,
+		func() { c.Reset(); proxy.ResetConn(up) })
+	defer fl.Done()
+	if _, _, err := proxy.Relay(c, up, &fl.Up, &fl.Down); err != nil {
 		st.stats.relayFailed.Add(1)
 		st.o.Log.Debug("tcp relay ended with an error", "src", src, "dst", dst, "err", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"github.com/msbtap/msbtap/rings"
 )
@@ -18,9 +19,22 @@ type Pump struct {
 	maxFrame int
 	log      *slog.Logger
 
+	// tap, when set, sees every frame both ways (a packet capture).
+	tap atomic.Pointer[func([]byte)]
+
 	done      chan struct{}
 	closeOnce sync.Once
 	wg        sync.WaitGroup
+}
+
+// SetTap makes f see every frame the pump moves, both ways, from now on
+// (nil stops it). f must copy what it keeps and never block.
+func (p *Pump) SetTap(f func([]byte)) {
+	if f == nil {
+		p.tap.Store(nil)
+		return
+	}
+	p.tap.Store(&f)
 }
 
 // StartPump starts moving frames. maxFrame is the largest frame accepted from
@@ -111,6 +125,9 @@ func (p *Pump) RoutineReadFromTAP() {
 			if hl > 0 {
 				decodeVNetHdr(f.Head(hl), &f.GSO)
 			}
+			if t := p.tap.Load(); t != nil {
+				(*t)(f.B)
+			}
 			p.sh.Counters.AddTx(size)
 			p.sh.PushTx(f) // on a full ring the frame goes back to the pool
 			pushed++
@@ -145,6 +162,9 @@ func (p *Pump) RoutineWriteToTAP() {
 				frames = append(frames, f)
 				if hl > 0 {
 					encodeVNetHdr(f.Head(hl), &f.GSO)
+				}
+				if t := p.tap.Load(); t != nil {
+					(*t)(f.B)
 				}
 				bufs = append(bufs, f.Full(hl))
 			}

@@ -14,6 +14,8 @@ import (
 
 	"github.com/msbtap/msbtap/agent"
 	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/internal/portspec"
+	"github.com/msbtap/msbtap/internal/units"
 	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
@@ -131,15 +133,28 @@ func (s *settings) given(name string) bool {
 
 // flagError names the flag (or config key) in a library's field error.
 func (s *settings) flagError(err error) error {
+	return asFlagError(err, func(field string) string {
+		if _, fromCfg := s.cfg[field]; fromCfg && !s.c.IsSet(strings.ReplaceAll(field, "_", "-")) {
+			return fmt.Sprintf("%s (in --config %s)", field, s.cfgPath)
+		}
+		return ""
+	})
+}
+
+// asFlagError turns the field a library's error names into its flag (or
+// what name gives, when it gives one).
+func asFlagError(err error, name func(field string) string) error {
 	var fe *fielderr.Error
 	if err == nil || !errors.As(err, &fe) {
 		return err
 	}
-	name := "--" + strings.ReplaceAll(fe.Field, "_", "-")
-	if _, fromCfg := s.cfg[fe.Field]; fromCfg && !s.c.IsSet(strings.ReplaceAll(fe.Field, "_", "-")) {
-		name = fmt.Sprintf("%s (in --config %s)", fe.Field, s.cfgPath)
+	n := "--" + strings.ReplaceAll(fe.Field, "_", "-")
+	if name != nil {
+		if m := name(fe.Field); m != "" {
+			n = m
+		}
 	}
-	msg := strings.Replace(err.Error(), fe.Field, name, 1)
+	msg := strings.Replace(err.Error(), fe.Field, n, 1)
 	var ee *exitError
 	if errors.As(err, &ee) {
 		return withStatus(ee.code, errors.New(msg))
@@ -268,11 +283,11 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 	if cfg.DenyIsFatal, err = oneOf("on-violation", onViolation, map[string]bool{"deny": false, "terminate": true}); err != nil {
 		return cfg, err
 	}
-	if cfg.AuditLogMaxBytes, err = parseSize(auditMax); err != nil || cfg.AuditLogMaxBytes < 4096 {
+	if cfg.AuditLogMaxBytes, err = units.ParseSize(auditMax); err != nil || cfg.AuditLogMaxBytes < 4096 {
 		return cfg, fielderr.Bad("audit_log_max_size", auditMax, "want a size of at least 4KiB, like 64MiB or 1GB")
 	}
 	if memLimit != "off" {
-		if cfg.MemoryLimit, err = parseSize(memLimit); err != nil || cfg.MemoryLimit < 16<<20 {
+		if cfg.MemoryLimit, err = units.ParseSize(memLimit); err != nil || cfg.MemoryLimit < 16<<20 {
 			return cfg, fielderr.Bad("memory_limit", memLimit, "want a size of at least 16MiB, like 64MiB, or off")
 		}
 	}
@@ -282,7 +297,7 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 	if _, err := policy.NewDNSGuard(policy.DNSGuardOptions{Block: cfg.DNSBlock, BlockSuffix: cfg.DNSBlockSuffix}); err != nil {
 		return cfg, fielderr.Wrap("dns_block", err)
 	}
-	if cfg.Publish, err = parsePublishSpecs(pubs); err != nil {
+	if cfg.Publish, err = portspec.ParseAll(pubs); err != nil {
 		return cfg, err
 	}
 	return cfg, s.loadPolicy(&cfg)

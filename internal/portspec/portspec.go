@@ -1,4 +1,6 @@
-package main
+// Package portspec parses published-port specs, as -p/--publish takes
+// them: [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp|/tcp6|/udp6].
+package portspec
 
 import (
 	"fmt"
@@ -9,11 +11,11 @@ import (
 	"github.com/msbtap/msbtap/proxy"
 )
 
-// parsePublish parses
+// Parse parses
 // [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp|/tcp6|/udp6]. The host
 // address defaults to 127.0.0.1; IPv6 addresses go in brackets; tcp6 and
 // udp6 relay to the guest's IPv6 address.
-func parsePublish(s string) ([]proxy.PortSpec, error) {
+func Parse(s string) ([]proxy.PortSpec, error) {
 	bad := func(why string) ([]proxy.PortSpec, error) {
 		return nil, fmt.Errorf("--publish %q: %s (want [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp|/tcp6|/udp6])", s, why)
 	}
@@ -97,13 +99,12 @@ func parsePortRange(s string) (lo, hi uint16, err error) {
 	return lo, hi, nil
 }
 
-// parsePublishSpecs parses every --publish value and refuses a host port
-// published twice.
-func parsePublishSpecs(specs []string) ([]proxy.PortSpec, error) {
+// ParseAll parses every spec and refuses a host port published twice.
+func ParseAll(specs []string) ([]proxy.PortSpec, error) {
 	var out []proxy.PortSpec
 	seen := map[string]string{}
 	for _, spec := range specs {
-		ps, err := parsePublish(spec)
+		ps, err := Parse(spec)
 		if err != nil {
 			return nil, err
 		}

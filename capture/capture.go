@@ -1,0 +1,145 @@
+// Package capture writes the sandbox's frames, both ways, to a pcap file
+// that tcpdump and Wireshark read, bounded in size by rotation, without
+// ever slowing the data path: frames are copied into a bounded queue that
+// a writer goroutine drains, and a full queue drops (and counts) frames.
+package capture
+
+import (
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/google/gopacket"
+	"github.com/google/gopacket/layers"
+	"github.com/google/gopacket/pcapgo"
+)
+
+// Defaults.
+const (
+	DefaultMaxBytes = 100 << 20
+	queueLen        = 4096
+	snapLen         = 65536 + 256
+)
+
+type frame struct {
+	at   time.Time
+	data []byte
+}
+
+// Capture is a running capture.
+type Capture struct {
+	path     string
+	maxBytes int64
+
+	mu      sync.RWMutex // mu protects closed against Frame racing Close
+	closed  bool
+	q       chan frame
+	dropped atomic.Uint64
+	written atomic.Uint64
+	done    chan struct{}
+	once    sync.Once
+
+	f    *os.File
+	w    *pcapgo.Writer
+	size int64
+}
+
+// Start opens path (without following a symbolic link, mode 0600) and
+// starts writing; the file rotates to PATH.1 past maxBytes (0: the
+// default), so a capture takes at most twice that on disk.
+func Start(path string, maxBytes int64) (*Capture, error) {
+	if maxBytes <= 0 {
+		maxBytes = DefaultMaxBytes
+	}
+	c := &Capture{path: path, maxBytes: maxBytes, q: make(chan frame, queueLen), done: make(chan struct{})}
+	if err := c.open(); err != nil {
+		return nil, err
+	}
+	go c.routineWrite()
+	return c, nil
+}
+
+func (c *Capture) open() error {
+	f, err := os.OpenFile(c.path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		if pe, ok := err.(*os.PathError); ok && pe.Err == syscall.ELOOP {
+			return fmt.Errorf("%s: is a symbolic link; refusing to follow it", c.path)
+		}
+		return err
+	}
+	w := pcapgo.NewWriter(f)
+	if err := w.WriteFileHeader(snapLen, layers.LinkTypeEthernet); err != nil {
+		f.Close()
+		return err
+	}
+	c.f, c.w, c.size = f, w, 24
+	return nil
+}
+
+// Frame queues a copy of one frame. It never blocks: a full queue drops it.
+func (c *Capture) Frame(b []byte) {
+	if c == nil {
+		return
+	}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.closed {
+		return
+	}
+	if len(c.q) == cap(c.q) {
+		c.dropped.Add(1)
+		return
+	}
+	fr := frame{at: time.Now(), data: append([]byte(nil), b...)}
+	select {
+	case c.q <- fr:
+	default:
+		c.dropped.Add(1)
+	}
+}
+
+func (c *Capture) routineWrite() {
+	defer close(c.done)
+	for fr := range c.q {
+		n := int64(16 + len(fr.data))
+		if c.size+n > c.maxBytes && c.size > 24 {
+			c.f.Close()
+			os.Rename(c.path, c.path+".1")
+			if err := c.open(); err != nil {
+				for range c.q { // keep draining, write nothing
+					c.dropped.Add(1)
+				}
+				return
+			}
+		}
+		ci := gopacket.CaptureInfo{Timestamp: fr.at, CaptureLength: len(fr.data), Length: len(fr.data)}
+		if err := c.w.WritePacket(ci, fr.data); err != nil {
+			c.dropped.Add(1)
+			continue
+		}
+		c.size += n
+		c.written.Add(1)
+	}
+	c.f.Close()
+}
+
+// Stats returns the frames written and dropped.
+func (c *Capture) Stats() (written, dropped uint64) { return c.written.Load(), c.dropped.Load() }
+
+// Path returns the file written.
+func (c *Capture) Path() string { return c.path }
+
+// Close writes what is queued and closes the file; frames given after it
+// are ignored. Safe to call twice.
+func (c *Capture) Close() {
+	c.once.Do(func() {
+		c.mu.Lock()
+		c.closed = true
+		close(c.q)
+		c.mu.Unlock()
+		<-c.done
+	})
+}
