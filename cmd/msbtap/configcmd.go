@@ -42,4 +42,3 @@ func configCommand() *cli.Command {
 		},
 	}
 }
-
