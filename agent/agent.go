@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"golang.org/x/sys/unix"
 
 	"github.com/msbtap/msbtap/audit"
@@ -93,6 +95,19 @@ type Config struct {
 	// Publish are host ports relayed into the sandbox.
 	Publish []proxy.PortSpec
 
+	// Control is the path of the control socket (none if empty), owned by
+	// ControlUID:ControlGID (-1: root).
+	Control                string
+	ControlUID, ControlGID int
+	// Pcap captures every frame into a file from the start, rotated past
+	// PcapMaxBytes (default capture.DefaultMaxBytes); a capture the control
+	// socket starts stops there.
+	Pcap         string
+	PcapMaxBytes int64
+	// RateUp and RateDown cap what the sandbox sends and receives, bytes a
+	// second; NewConnsPerSecond the TCP connections it opens (0: no limit).
+	RateUp, RateDown, NewConnsPerSecond float64
+
 	Log *slog.Logger
 }
 
@@ -102,14 +117,19 @@ type Agent struct {
 	log    *slog.Logger
 	popts  policy.Options
 	holder *policy.Holder
-	audit  *audit.Log
-	counts *decisionCounts
-	term   *terminator
-	pub    *proxy.Publisher
-	ns     netns.Handle
-	shared *rings.Shared
-	gw     *stack.Stack
-	gwRef  atomic.Pointer[stack.Stack] // gw, for the termination hook
+	// policyFile is the policy in force, as written.
+	policyFile atomic.Pointer[policy.File]
+	ctl        *controller
+	sandboxPID atomic.Int32 // the -- COMMAND's init
+	audit      *audit.Log
+	counts     *decisionCounts
+	term       *terminator
+	pub        *proxy.Publisher
+	ns         netns.Handle
+	shared     *rings.Shared
+	pump       *tap.Pump
+	gw         *stack.Stack
+	gwRef      atomic.Pointer[stack.Stack] // gw, for the termination hook
 	// sharedRef is shared, for the memory trimmer.
 	sharedRef atomic.Pointer[rings.Shared]
 
@@ -126,6 +146,7 @@ func New(cfg Config) (a *Agent, err error) {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	a = &Agent{cfg: cfg, log: cfg.Log, ns: netns.None(), counts: &decisionCounts{}, closed: make(chan struct{})}
+	a.ctl = &controller{a: a, reg: prometheus.NewRegistry()}
 	defer func() {
 		if err != nil {
 			a.Close()
@@ -159,8 +180,13 @@ func New(cfg Config) (a *Agent, err error) {
 	if err := a.buildGateway(dev); err != nil {
 		return a, err
 	}
+	a.ctl.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		newCollector(a.shared, a.gw, a.pub, a.audit, a.counts))
+	if err := a.startControl(a.pump); err != nil {
+		return a, err
+	}
 	if cfg.MetricsAddr != "" {
-		m, err := startMetrics(cfg.MetricsAddr, cfg.Pprof, newCollector(a.shared, a.gw, a.pub, a.audit, a.counts), a.log)
+		m, err := startMetrics(cfg.MetricsAddr, cfg.Pprof, a.ctl.reg, a.log)
 		if err != nil {
 			return a, err
 		}
@@ -224,7 +250,10 @@ func (a *Agent) buildPolicy() error {
 		return fielderr.Wrap("policy", err)
 	}
 	a.holder = policy.NewHolder(engine)
-	if a.cfg.AuditLog != "" {
+	a.policyFile.Store(a.cfg.Policy)
+	// The control socket streams the decision log: it runs (writing
+	// nowhere) without --audit-log too.
+	if a.cfg.AuditLog != "" || a.cfg.Control != "" {
 		pins := a.popts.Pins
 		a.audit, err = audit.Open(audit.Options{
 			Path:     a.cfg.AuditLog,
@@ -298,6 +327,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 	a.sharedRef.Store(a.shared)
 	a.shared.SetTerminationHook(a.term.hook)
 	pump := tap.StartPump(dev, a.shared, sizes.MaxFrame, a.log.With("component", "tap"))
+	a.pump = pump
 	a.onClose(func() { pump.Close(); pump.Wait() })
 
 	guard, err := policy.NewDNSGuard(policy.DNSGuardOptions{
@@ -325,7 +355,8 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		MaxConnections: cfg.MaxConnections,
 		Offload:        cfg.Offload,
 		IsLocal:        newLocalRoutes().IsLocal,
-		Log:            a.log.With("component", "stack"),
+		RateUp:         cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
+		Log: a.log.With("component", "stack"),
 	})
 	if err != nil {
 		return err

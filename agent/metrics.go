@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/msbtap/msbtap/audit"
@@ -104,13 +103,7 @@ type metricsServer struct {
 	addr net.Addr
 }
 
-func startMetrics(addr string, pprofOn bool, c *collector, log *slog.Logger) (*metricsServer, error) {
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(
-		collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		c,
-	)
+func startMetrics(addr string, pprofOn bool, reg *prometheus.Registry, log *slog.Logger) (*metricsServer, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fielderr.Bad("metrics_addr", addr, "%w", err)

@@ -130,11 +130,16 @@ func (a *Agent) keepCaps() []uintptr {
 func (a *Agent) startCommand() (*exec.Cmd, error) {
 	cfg := a.cfg
 	wd, _ := os.Getwd()
-	p, err := sandbox.Start(a.ns, sandbox.Spec{Argv: cfg.Command, Env: commandEnv(cfg.CommandUID), Dir: wd,
-		UID: cfg.CommandUID, GID: cfg.CommandGID, Groups: cfg.CommandGroups})
+	spec := sandbox.Spec{Argv: cfg.Command, Env: commandEnv(cfg.CommandUID), Dir: wd,
+		UID: cfg.CommandUID, GID: cfg.CommandGID, Groups: cfg.CommandGroups}
+	if cfg.Control != "" {
+		spec.Hide = append(spec.Hide, cfg.Control)
+	}
+	p, err := sandbox.Start(a.ns, spec)
 	if err != nil {
 		return nil, err
 	}
+	a.sandboxPID.Store(int32(p.Process.Pid))
 	a.term.setProcessGroup(p.Process.Pid)
 	return p.Cmd, nil
 }
@@ -169,14 +174,25 @@ func (a *Agent) reloadPolicy() {
 	}
 	f, err := policy.LoadFile(path)
 	if err == nil {
-		var e *policy.Engine
-		if e, err = policy.Compile(f, a.popts); err == nil {
-			a.holder.Store(e)
-			a.log.Info("policy reloaded", "file", path, "rules", len(f.Rules), "default_action", f.DefaultAction)
-			return
-		}
+		a.ctl.mu.Lock()
+		err = a.setPolicy(f, path)
+		a.ctl.mu.Unlock()
 	}
-	a.log.Error("policy reload failed; the old policy stays in force", "file", path, "err", err)
+	if err != nil {
+		a.log.Error("policy reload failed; the old policy stays in force", "file", path, "err", err)
+	}
+}
+
+// setPolicy compiles f and puts it in force for new flows.
+func (a *Agent) setPolicy(f *policy.File, from string) error {
+	e, err := policy.Compile(f, a.popts)
+	if err != nil {
+		return err
+	}
+	a.holder.Store(e)
+	a.policyFile.Store(f)
+	a.log.Info("policy replaced", "from", from, "rules", len(f.Rules), "default_action", f.DefaultAction)
+	return nil
 }
 
 func (a *Agent) policyLabel() string {

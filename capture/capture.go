@@ -15,6 +15,7 @@ import (
 	"github.com/google/gopacket"
 	"github.com/google/gopacket/layers"
 	"github.com/google/gopacket/pcapgo"
+	"golang.org/x/sys/unix"
 )
 
 // Defaults.
@@ -33,6 +34,7 @@ type frame struct {
 type Capture struct {
 	path     string
 	maxBytes int64
+	rotate   bool // false: the file was handed over, and stops at maxBytes
 
 	mu      sync.RWMutex // mu protects closed against Frame racing Close
 	closed  bool
@@ -54,12 +56,52 @@ func Start(path string, maxBytes int64) (*Capture, error) {
 	if maxBytes <= 0 {
 		maxBytes = DefaultMaxBytes
 	}
-	c := &Capture{path: path, maxBytes: maxBytes, q: make(chan frame, queueLen), done: make(chan struct{})}
+	c := &Capture{path: path, maxBytes: maxBytes, rotate: true, q: make(chan frame, queueLen), done: make(chan struct{})}
 	if err := c.open(); err != nil {
 		return nil, err
 	}
 	go c.routineWrite()
 	return c, nil
+}
+
+// StartFile writes to f, a regular file open for writing that someone else
+// opened (the control socket's client, as itself), from its current
+// offset; name is what Path reports. A file handed over cannot rotate: past
+// maxBytes (0: the default) further frames are dropped and counted.
+// StartFile owns f from then on, also when it fails.
+func StartFile(f *os.File, name string, maxBytes int64) (*Capture, error) {
+	if maxBytes <= 0 {
+		maxBytes = DefaultMaxBytes
+	}
+	st, err := f.Stat()
+	if err == nil && !st.Mode().IsRegular() {
+		err = fmt.Errorf("%s: not a regular file", name)
+	}
+	if err == nil {
+		err = checkWritable(f, name)
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	c := &Capture{path: name, maxBytes: maxBytes, q: make(chan frame, queueLen), done: make(chan struct{})}
+	if err := c.start(f); err != nil {
+		return nil, err
+	}
+	go c.routineWrite()
+	return c, nil
+}
+
+// checkWritable fails unless f was opened for writing.
+func checkWritable(f *os.File, name string) error {
+	fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		return err
+	}
+	if m := fl & unix.O_ACCMODE; m != unix.O_WRONLY && m != unix.O_RDWR {
+		return fmt.Errorf("%s: not open for writing", name)
+	}
+	return nil
 }
 
 func (c *Capture) open() error {
@@ -70,10 +112,15 @@ func (c *Capture) open() error {
 		}
 		return err
 	}
+	return c.start(f)
+}
+
+// start writes the file header to f and makes it the file written.
+func (c *Capture) start(f *os.File) error {
 	w := pcapgo.NewWriter(f)
 	if err := w.WriteFileHeader(snapLen, layers.LinkTypeEthernet); err != nil {
 		f.Close()
-		return err
+		return fmt.Errorf("%s: %w", c.path, err)
 	}
 	c.f, c.w, c.size = f, w, 24
 	return nil
@@ -105,6 +152,10 @@ func (c *Capture) routineWrite() {
 	defer close(c.done)
 	for fr := range c.q {
 		n := int64(16 + len(fr.data))
+		if c.size+n > c.maxBytes && !c.rotate {
+			c.dropped.Add(1)
+			continue
+		}
 		if c.size+n > c.maxBytes && c.size > 24 {
 			c.f.Close()
 			os.Rename(c.path, c.path+".1")

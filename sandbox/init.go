@@ -49,6 +49,11 @@ func initMain() (int, error) {
 		return 0, fmt.Errorf("mount /proc: %w", err)
 	}
 	_ = unix.Mount("sysfs", "/sys", "sysfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC|unix.MS_RDONLY, "")
+	for _, p := range spec.Hide {
+		if err := unix.Mount("/dev/null", p, "", unix.MS_BIND, ""); err != nil {
+			return 0, fmt.Errorf("hide %s from the sandbox: %w", p, err)
+		}
+	}
 
 	if err := dropBounding(keepBounding); err != nil {
 		return 0, err

@@ -32,6 +32,10 @@ type Spec struct {
 	UID    int
 	GID    int
 	Groups []int
+	// Hide are host files the sandbox must not reach (the control
+	// socket): /dev/null is mounted over each in the sandbox's mount
+	// namespace, so connecting or opening finds nothing there.
+	Hide []string
 }
 
 // Credentials resolves who runs the command: spec "USER[:GROUP]" (names or

@@ -42,6 +42,7 @@ func (st *Stack) Metrics() Metrics {
 			"tcp_over_cap":      st.stats.overCap.Load(),
 			"tcp_dial_failed":   st.stats.dialFailed.Load(),
 			"tcp_relay_failed":  st.stats.relayFailed.Load(),
+			"tcp_rate_limited":  st.stats.rateLimited.Load(),
 			"udp_dropped":       udp.Dropped,
 			"udp_too_big":       udp.TooBig,
 			"icmp_dropped":      echo.Dropped,
@@ -50,6 +51,9 @@ func (st *Stack) Metrics() Metrics {
 			"dns_no_upstream":   dns.Failures,
 			"dns_not_forwarded": dns.Refused,
 			"dns_tcp_over_cap":  dns.TCPOverCap,
+			// Segments the netstack dropped: a TCP receive queue over its
+			// memory, say.
+			"netstack_dropped": st.s.Stats().DroppedPackets.Value(),
 		},
 	}
 }

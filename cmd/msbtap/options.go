@@ -8,11 +8,13 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/msbtap/msbtap/agent"
+	"github.com/msbtap/msbtap/control"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/internal/portspec"
 	"github.com/msbtap/msbtap/internal/units"
@@ -59,6 +61,13 @@ func runFlags() []cli.Flag {
 		&cli.StringFlag{Name: "audit-log", Usage: "write one JSON line per flow decision to `FILE` (- for stdout); repeats within a second fold into one line"},
 		&cli.StringFlag{Name: "audit-log-max-size", Value: "64MiB", Usage: "rotate the audit log past `SIZE` (it becomes FILE.1): the log takes at most twice SIZE on disk"},
 		&cli.StringSliceFlag{Name: "publish", Usage: "publish a sandbox port on the host: `[HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp]` (repeatable, -p for short; HOSTIP defaults to 127.0.0.1)"},
+		&cli.StringFlag{Name: "control", Usage: "serve the control socket (HTTP+JSON; see msbtap ctl) at `PATH`, mode 0600"},
+		&cli.StringFlag{Name: "control-owner", Usage: "`USER[:GROUP]` who owns the control socket (default: the user who ran sudo, else root)"},
+		&cli.StringFlag{Name: "pcap", Usage: "capture every frame on the TAP, both ways, into pcap `FILE` (rotated to FILE.1 past --pcap-max-size)"},
+		&cli.StringFlag{Name: "pcap-max-size", Value: "100MiB", Usage: "`SIZE` a capture file grows to: --pcap rotates, a capture started by msbtap ctl stops"},
+		&cli.StringFlag{Name: "rate-up", Value: "off", Usage: "cap what the sandbox sends at `RATE` (100mbit, 20MB = bytes a second, off); paced, not dropped"},
+		&cli.StringFlag{Name: "rate-down", Value: "off", Usage: "cap what the sandbox receives at `RATE` (as --rate-up)"},
+		&cli.Float64Flag{Name: "max-new-connections-per-second", Usage: "TCP connections the sandbox may open a second, `N` (0: no limit); beyond, SYNs are reset"},
 		// -p is its own flag rather than an alias so that -p and --publish
 		// can be mixed on one command line.
 		&cli.StringSliceFlag{Name: "p", Hidden: true},
@@ -202,6 +211,9 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 	auditMax := s.str("audit-log-max-size")
 	userSpec, seccompMode, memLimit := s.str("user"), s.str("seccomp"), s.str("memory-limit")
 	pubs := append(s.strs("publish"), c.StringSlice("p")...)
+	cfg.Control, cfg.Pcap = s.str("control"), s.str("pcap")
+	ctlOwner, pcapMax, rateUp, rateDown := s.str("control-owner"), s.str("pcap-max-size"), s.str("rate-up"), s.str("rate-down")
+	get(s, "max-new-connections-per-second", &cfg.NewConnsPerSecond, c.Float64)
 	if s.err != nil {
 		return cfg, s.err
 	}
@@ -300,6 +312,9 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 	if cfg.Publish, err = portspec.ParseAll(pubs); err != nil {
 		return cfg, err
 	}
+	if err := controlConfig(&cfg, ctlOwner, pcapMax, rateUp, rateDown); err != nil {
+		return cfg, err
+	}
 	return cfg, s.loadPolicy(&cfg)
 }
 
@@ -324,6 +339,35 @@ func (s *settings) loadPolicy(cfg *agent.Config) error {
 	cfg.Policy = f
 	if _, preset := policy.Preset(name); !preset {
 		cfg.PolicyPath = name
+	}
+	return nil
+}
+
+// controlConfig checks the control socket, capture and rate settings.
+func controlConfig(cfg *agent.Config, owner, pcapMax, up, down string) (err error) {
+	cfg.ControlUID, cfg.ControlGID = -1, -1
+	if owner != "" && cfg.Control == "" {
+		return errors.New("--control-owner: only with --control")
+	}
+	if cfg.Control != "" {
+		if cfg.Control, err = filepath.Abs(cfg.Control); err != nil {
+			return fielderr.Bad("control", cfg.Control, "%w", err)
+		}
+		if cfg.ControlUID, cfg.ControlGID, _, err = sandbox.Credentials(owner); err != nil {
+			return fielderr.Bad("control_owner", owner, "%w", err)
+		}
+	}
+	if cfg.PcapMaxBytes, err = units.ParseSize(pcapMax); err != nil || cfg.PcapMaxBytes < 64<<10 {
+		return fielderr.Bad("pcap_max_size", pcapMax, "want a size of at least 64KiB, like 100MiB")
+	}
+	if cfg.RateUp, err = control.ParseRate(up); err != nil {
+		return fielderr.Bad("rate_up", up, "want a rate like 100mbit, 20MB (bytes a second) or off")
+	}
+	if cfg.RateDown, err = control.ParseRate(down); err != nil {
+		return fielderr.Bad("rate_down", down, "want a rate like 100mbit, 20MB (bytes a second) or off")
+	}
+	if cfg.NewConnsPerSecond < 0 {
+		return fielderr.Bad("max_new_connections_per_second", cfg.NewConnsPerSecond, "must be 0 (no limit) or more")
 	}
 	return nil
 }

@@ -51,6 +51,10 @@ func Binaries(t testing.TB) (msbtap, testhost string) {
 		if buildErr != nil {
 			return
 		}
+		// Tests run the binaries as other users too (nobody).
+		if buildErr = os.Chmod(buildDir, 0o755); buildErr != nil {
+			return
+		}
 		root := moduleRoot()
 		for _, b := range [][2]string{{"msbtap", "./cmd/msbtap"}, {"testhost", "./internal/testhost"}} {
 			cmd := exec.Command("go", "build", "-o", filepath.Join(buildDir, b[0]), b[1])

@@ -219,6 +219,27 @@ func httpHandler() http.Handler {
 		}
 		fmt.Fprintf(w, "%d %s\n", n, hex.EncodeToString(h.Sum(nil)))
 	})
+	// /drip?n=N sends N pattern bytes slowly, 16 KiB every 10 ms (about
+	// 1.6 MB/s): a long download a client reads as it comes.
+	mux.HandleFunc("/drip", func(w http.ResponseWriter, r *http.Request) {
+		n, err := strconv.ParseInt(r.URL.Query().Get("n"), 10, 64)
+		if err != nil || n < 0 {
+			http.Error(w, "bad n", http.StatusBadRequest)
+			return
+		}
+		w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+		src := pattern.Reader(n)
+		fl, _ := w.(http.Flusher)
+		for {
+			if _, err := io.CopyN(w, src, 16<<10); err != nil {
+				return
+			}
+			if fl != nil {
+				fl.Flush()
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	})
 	// /slow?ms=N answers after N milliseconds (keeps a connection busy).
 	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
 		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))

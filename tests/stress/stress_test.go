@@ -210,7 +210,10 @@ func downloadDuring(t *testing.T, w *testenv.World, pr profile, flood ...string)
 	took := time.Since(start)
 	sent := wait()
 	ok := err == nil && strings.TrimSpace(out) == strconv.Itoa(download)
-	return fmt.Sprintf("20 MB download %s in %.1f s (flood %s)", map[bool]string{true: "complete", false: "FAILED"}[ok], took.Seconds(), sent), ok
+	if !ok {
+		return fmt.Sprintf("20 MB download FAILED in %.1f s: %v %q (flood %s)", took.Seconds(), err, strings.TrimSpace(out), sent), false
+	}
+	return fmt.Sprintf("20 MB download complete in %.1f s (flood %s)", took.Seconds(), sent), ok
 }
 
 func synOneHost(t *testing.T, w *testenv.World, pr profile) (string, bool) {
