@@ -241,6 +241,9 @@ func udpFlood(t *testing.T, w *testenv.World, pr profile) (string, bool) {
 	start := time.Now()
 	after, err2 := w.Guest.Run(w.Testhost, "udp", testenv.WebHost4+":7002", "after")
 	ok := err1 == nil && strings.TrimSpace(during) == "during" && err2 == nil && strings.TrimSpace(after) == "after"
+	if !ok {
+		return fmt.Sprintf("new UDP flow FAILED: during the flood %q, after it %q (flood %s)", strings.TrimSpace(during), strings.TrimSpace(after), sent), false
+	}
 	return fmt.Sprintf("new UDP flow during the flood and %.1f s after it: %v (flood %s)", time.Since(start).Seconds(), ok, sent), ok
 }
 
