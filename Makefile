@@ -64,7 +64,7 @@ fuzz:
 	done
 
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./rings ./wake ./stack ./proxy ./policy
+	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./rings ./wake ./stack ./proxy ./policy ./intercept
 
 bench-peers: deps build
 	./scripts/bench-peers.sh

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/msbtap/msbtap/audit"
+	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/plan"
@@ -94,6 +95,8 @@ type Config struct {
 	AuditLogMaxBytes int64
 	// Publish are host ports relayed into the sandbox.
 	Publish []proxy.PortSpec
+	// TLS: name checks and interception.
+	TLS TLSConfig
 
 	// Control is the path of the control socket (none if empty), owned by
 	// ControlUID:ControlGID (-1: root).
@@ -121,6 +124,9 @@ type Agent struct {
 	policyFile atomic.Pointer[policy.File]
 	ctl        *controller
 	sandboxPID atomic.Int32 // the -- COMMAND's init
+	ca         *intercept.CA
+	l7         *intercept.Handler
+	bundle     string // the CA bundle the command trusts
 	audit      *audit.Log
 	counts     *decisionCounts
 	term       *terminator
@@ -181,7 +187,7 @@ func New(cfg Config) (a *Agent, err error) {
 		return a, err
 	}
 	a.ctl.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		newCollector(a.shared, a.gw, a.pub, a.audit, a.counts))
+		newCollector(a.shared, a.gw, a.pub, a.audit, a.counts, a.l7))
 	if err := a.startControl(a.pump); err != nil {
 		return a, err
 	}
@@ -243,7 +249,8 @@ func checkPrivileges() error {
 // buildPolicy compiles the policy and opens the decision log: a bad
 // audit-log path fails before anything is created.
 func (a *Agent) buildPolicy() error {
-	a.popts = policy.Options{Host: HostAddrs(a.cfg.Plan), Pins: policy.NewPins(0), DenyIsFatal: a.cfg.DenyIsFatal}
+	a.popts = policy.Options{Host: HostAddrs(a.cfg.Plan), Pins: policy.NewPins(0), DenyIsFatal: a.cfg.DenyIsFatal,
+		RefuseQUIC: a.cfg.TLS.Mode == intercept.All}
 	a.onClose(watchHostAddrs(a.cfg.Plan, a.popts.Host, a.log))
 	engine, err := policy.Compile(a.cfg.Policy, a.popts)
 	if err != nil {
@@ -330,9 +337,12 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 	a.pump = pump
 	a.onClose(func() { pump.Close(); pump.Wait() })
 
+	if err := a.buildIntercept(); err != nil {
+		return err
+	}
 	guard, err := policy.NewDNSGuard(policy.DNSGuardOptions{
 		Policy: a.holder, Pins: a.popts.Pins, Block: cfg.DNSBlock, BlockSuffix: cfg.DNSBlockSuffix,
-		RebindProtection: cfg.RebindProtection,
+		RebindProtection: cfg.RebindProtection, StripECH: cfg.TLS.Mode == intercept.All,
 	})
 	if err != nil {
 		return fielderr.Wrap("dns_block", err)
@@ -356,7 +366,9 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		Offload:        cfg.Offload,
 		IsLocal:        newLocalRoutes().IsLocal,
 		RateUp:         cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
-		Log: a.log.With("component", "stack"),
+		HandleTCP: a.handleTCP,
+		WantsTCP:  a.l7.Wants,
+		Log:       a.log.With("component", "stack"),
 	})
 	if err != nil {
 		return err

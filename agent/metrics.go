@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/msbtap/msbtap/audit"
+	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
@@ -29,12 +30,17 @@ type collector struct {
 	pub    *proxy.Publisher // nil without published ports
 	audit  *audit.Log
 	counts *decisionCounts
+	l7     *intercept.Handler
 
+	l7Flows, requests,
 	bytes, frames, drops, flowsActive, flowsTotal, decisions, auditDrops, failures, wakes *prometheus.Desc
 }
 
-func newCollector(sh *rings.Shared, st *stack.Stack, pub *proxy.Publisher, alog *audit.Log, counts *decisionCounts) *collector {
+func newCollector(sh *rings.Shared, st *stack.Stack, pub *proxy.Publisher, alog *audit.Log, counts *decisionCounts, l7 *intercept.Handler) *collector {
 	return &collector{
+		l7:          l7,
+		l7Flows:     prometheus.NewDesc("msbtap_inspected_flows_total", "TCP flows whose first bytes were looked at, by what became of them: spliced (relayed as they are after the name check), intercepted (TLS terminated by msbtap), proxied (plain HTTP, request by request) or refused.", []string{"mode"}, nil),
+		requests:    prometheus.NewDesc("msbtap_http_requests_total", "Requests on intercepted or proxied connections, by decision.", []string{"decision"}, nil),
 		counts:      counts,
 		sh:          sh,
 		st:          st,
@@ -53,7 +59,7 @@ func newCollector(sh *rings.Shared, st *stack.Stack, pub *proxy.Publisher, alog 
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions, c.auditDrops, c.failures, c.wakes} {
+	for _, d := range []*prometheus.Desc{c.l7Flows, c.requests, c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions, c.auditDrops, c.failures, c.wakes} {
 		ch <- d
 	}
 }
@@ -95,6 +101,15 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.decisions, c.counts.get(a), a.String())
 	}
 	ch <- prometheus.MustNewConstMetric(c.auditDrops, prometheus.CounterValue, float64(c.audit.Dropped()))
+	if c.l7 != nil {
+		s := c.l7.Stats()
+		counter(c.l7Flows, s.Spliced, "spliced")
+		counter(c.l7Flows, s.Intercepted, "intercepted")
+		counter(c.l7Flows, s.Proxied, "proxied")
+		counter(c.l7Flows, s.Refused, "refused")
+		counter(c.requests, s.RequestsAllowed, "allowed")
+		counter(c.requests, s.RequestsDenied, "denied")
+	}
 }
 
 // metricsServer serves Prometheus /metrics on addr until closed.

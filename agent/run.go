@@ -69,7 +69,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	p := cfg.Plan
 	a.log.Info("ready", "tap", cfg.TapName, "netns", a.nsLabel(), "mode", a.modeLabel(), "guest_ipv4", p.GuestIPv4,
 		"guest_ipv6", p.GuestIPv6, "gateway_ipv4", p.GatewayV4, "gateway_ipv6", p.GatewayV6,
-		"mtu", p.MTU, "policy", a.policyLabel(), "dns_upstreams", a.gw.DNSUpstreams())
+		"mtu", p.MTU, "policy", a.policyLabel(), "dns_upstreams", a.gw.DNSUpstreams(), "tls_intercept", cfg.TLS.Mode.String())
 	if cfg.ReadyFD >= 0 {
 		f := os.NewFile(uintptr(cfg.ReadyFD), "ready-fd")
 		if _, err := f.WriteString("ready\n"); err != nil {
@@ -130,7 +130,7 @@ func (a *Agent) keepCaps() []uintptr {
 func (a *Agent) startCommand() (*exec.Cmd, error) {
 	cfg := a.cfg
 	wd, _ := os.Getwd()
-	spec := sandbox.Spec{Argv: cfg.Command, Env: commandEnv(cfg.CommandUID), Dir: wd,
+	spec := sandbox.Spec{Argv: cfg.Command, Env: append(commandEnv(cfg.CommandUID), a.caEnv()...), Dir: wd,
 		UID: cfg.CommandUID, GID: cfg.CommandGID, Groups: cfg.CommandGroups}
 	if cfg.Control != "" {
 		spec.Hide = append(spec.Hide, cfg.Control)
@@ -191,7 +191,7 @@ func (a *Agent) setPolicy(f *policy.File, from string) error {
 	}
 	a.holder.Store(e)
 	a.policyFile.Store(f)
-	a.log.Info("policy replaced", "from", from, "rules", len(f.Rules), "default_action", f.DefaultAction)
+	a.log.Info("policy reloaded", "from", from, "rules", len(f.Rules), "default_action", f.DefaultAction)
 	return nil
 }
 

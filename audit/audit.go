@@ -37,6 +37,21 @@ type Record struct {
 	// folded into this line, the last of them at Until.
 	Repeats int    `json:"repeats,omitempty"`
 	Until   string `json:"until,omitempty"`
+	L7
+}
+
+// L7 is what msbtap saw inside a connection: how it handled it, the TLS
+// server name and ALPN, an HTTP request's method, host and path, the
+// secret involved, and why it refused.
+type L7 struct {
+	Mode   string `json:"mode,omitempty"`
+	SNI    string `json:"sni,omitempty"`
+	ALPN   string `json:"alpn,omitempty"`
+	Method string `json:"method,omitempty"`
+	Host   string `json:"host,omitempty"`
+	Path   string `json:"path,omitempty"`
+	Secret string `json:"secret,omitempty"`
+	Reason string `json:"reason,omitempty"`
 }
 
 // Defaults of Options.
@@ -81,12 +96,14 @@ type key struct {
 	dst    netip.Addr
 	rule   int
 	action policy.Action
+	l7     L7
 }
 
 type pending struct {
 	at    time.Time
 	f     policy.Flow
 	d     policy.Decision
+	l7    L7
 	count int
 	last  time.Time
 }
@@ -151,13 +168,17 @@ func Open(o Options) (*Log, error) {
 }
 
 // Decision records one decision. A nil Log ignores it.
-func (l *Log) Decision(f policy.Flow, d policy.Decision) {
+func (l *Log) Decision(f policy.Flow, d policy.Decision) { l.Inspected(f, d, L7{}) }
+
+// Inspected records a decision on what a connection carried (x). Repeats
+// fold as for Decision, when x is the same too.
+func (l *Log) Inspected(f policy.Flow, d policy.Decision, x L7) {
 	if l == nil {
 		return
 	}
 	now := time.Now()
 	dst := f.Dst.Addr().Unmap()
-	k := key{f.Direction, f.Proto, f.DNS, dst, d.Rule, d.Action}
+	k := key{f.Direction, f.Proto, f.DNS, dst, d.Rule, d.Action, x}
 	if f.DNS {
 		k.dst = netip.Addr{} // a query's "destination" is its name
 	}
@@ -177,7 +198,7 @@ func (l *Log) Decision(f policy.Flow, d policy.Decision) {
 	if d.Action != policy.Allow {
 		l.rememberDenyLocked(dst)
 	}
-	p := &pending{at: now, f: f, d: d, count: 1, last: now}
+	p := &pending{at: now, f: f, d: d, l7: x, count: 1, last: now}
 	l.window[k] = p
 	l.queue = append(l.queue, p)
 	l.mu.Unlock()
@@ -279,6 +300,7 @@ func (l *Log) record(p *pending, repeats int) Record {
 		RuleText:  l.o.Describe(d),
 		Action:    d.Action.String(),
 		Repeats:   repeats,
+		L7:        p.l7,
 	}
 	if repeats > 0 {
 		r.Until = p.last.UTC().Format(time.RFC3339Nano)

@@ -18,6 +18,10 @@ type DNSGuardOptions struct {
 	// RebindProtection refuses answers that map a public name to a
 	// non-public address.
 	RebindProtection bool
+	// StripECH removes the ech parameter from HTTPS and SVCB answers, so
+	// that clients send the server name in the clear; it is always on
+	// while the policy has domain rules.
+	StripECH bool
 }
 
 // DNSGuard applies the policy to name resolution: block lists, domain rules
@@ -39,6 +43,8 @@ const (
 	RuleGatewayEcho = -5 // the gateway answers its own echo
 	RuleLocal       = -6 // the host's routing table says the destination is local
 	RuleUnspecified = -7 // an unspecified address is never dialed
+	RuleQUIC        = -8 // QUIC refused where names are checked
+	RuleDoT         = -9 // DNS over TLS refused under domain rules
 )
 
 // NewDNSGuard returns a guard; names in the block lists must be valid.
@@ -141,38 +147,82 @@ func (g *DNSGuard) Answer(src netip.AddrPort, q, a *dns.Msg) (*dns.Msg, *Verdict
 		chain = append(chain, next)
 	}
 	kept := make([]dns.RR, 0, len(a.Answer))
-	pinned := 0
+	pinned, changed := 0, false
+	stripECH := g.o.StripECH || g.o.Policy.Load().HasDomainRules()
 	for _, rr := range a.Answer {
 		if !contains(chain, canonical(rr.Header().Name)) {
+			changed = true
 			continue // off the chain: stripped
 		}
 		kept = append(kept, rr)
-		var ip netip.Addr
+		var ips []netip.Addr
 		switch r := rr.(type) {
 		case *dns.A:
-			ip, _ = netip.AddrFromSlice(r.A)
+			ip, _ := netip.AddrFromSlice(r.A)
+			ips = append(ips, ip)
 		case *dns.AAAA:
-			ip, _ = netip.AddrFromSlice(r.AAAA)
-		default:
-			continue
+			ip, _ := netip.AddrFromSlice(r.AAAA)
+			ips = append(ips, ip)
+		case *dns.HTTPS:
+			ips, changed = svcb(&r.SVCB, stripECH, changed)
+		case *dns.SVCB:
+			ips, changed = svcb(r, stripECH, changed)
 		}
-		ip = ip.Unmap()
-		if g.o.RebindProtection && NonPublic(ip) && !isPrivateZone(qname) {
-			return nxdomain(q), verdict(src, qname, Decision{Action: Deny, Rule: RuleRebind})
-		}
-		if pinned < maxPinsPerAnswer {
-			pinned++
-			ttl := time.Duration(rr.Header().Ttl) * time.Second
-			for _, n := range chain {
-				g.o.Pins.Add(ip, n, ttl)
+		for _, ip := range ips {
+			ip = ip.Unmap()
+			if g.o.RebindProtection && NonPublic(ip) && !isPrivateZone(qname) {
+				return nxdomain(q), verdict(src, qname, Decision{Action: Deny, Rule: RuleRebind})
+			}
+			if pinned < maxPinsPerAnswer {
+				pinned++
+				ttl := time.Duration(rr.Header().Ttl) * time.Second
+				for _, n := range chain {
+					g.o.Pins.Add(ip, n, ttl)
+				}
 			}
 		}
 	}
-	if len(kept) != len(a.Answer) {
+	if changed {
 		a.Answer = kept
 		return a, nil
 	}
 	return nil, nil
+}
+
+// svcb returns the address hints of an HTTPS or SVCB record that points
+// at its own name (clients connect to them as to its A and AAAA records),
+// and strips its ech parameter if asked to.
+func svcb(r *dns.SVCB, stripECH, changed bool) ([]netip.Addr, bool) {
+	var ips []netip.Addr
+	kept := r.Value[:0]
+	for _, kv := range r.Value {
+		switch v := kv.(type) {
+		case *dns.SVCBECHConfig:
+			if stripECH {
+				changed = true
+				continue
+			}
+		case *dns.SVCBIPv4Hint:
+			if r.Target == "." {
+				for _, ip := range v.Hint {
+					if a, ok := netip.AddrFromSlice(ip); ok {
+						ips = append(ips, a)
+					}
+				}
+			}
+		case *dns.SVCBIPv6Hint:
+			if r.Target == "." {
+				for _, ip := range v.Hint {
+					if a, ok := netip.AddrFromSlice(ip); ok {
+						ips = append(ips, a)
+					}
+				}
+			}
+		}
+		kept = append(kept, kv)
+	}
+	r.Value = kept
+	return ips, changed
 }
 
 func isPrivateZone(name string) bool {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/miekg/dns"
@@ -130,5 +131,28 @@ func BenchmarkPinsAddFull(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		p.Add(netip.AddrFrom4([4]byte{11, byte(i >> 16), byte(i >> 8), byte(i)}), "n.example", MinPinTTL)
+	}
+}
+
+// Under domain rules, HTTPS records lose their ech parameter (the name
+// must travel in the clear) and their address hints are pinned like A
+// records.
+func TestAnswerStripsECH(t *testing.T) {
+	g, pins := newGuard(t, `{"default_action": "deny", "rules": [{"destination": {"domain": "web.test"}, "action": "allow"}]}`, true)
+	q := new(dns.Msg)
+	q.SetQuestion("web.test.", dns.TypeHTTPS)
+	a := new(dns.Msg)
+	a.SetReply(q)
+	rr, err := dns.NewRR(`web.test. 300 IN HTTPS 1 . alpn="h2" ipv4hint="198.51.100.9" ech="AEn+DQBFKwAgACABWIHUGj4u+PIggYXcR5JF0gYk3dCRioBW8uJq9H4mKAAIAAEAAQABAANAEnB1YmxpYy50bHMtZWNoLmRldgAA"`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Answer = append(a.Answer, rr)
+	m, _ := g.Answer(netip.AddrPort{}, q, a)
+	if m == nil || strings.Contains(m.Answer[0].String(), "ech=") || !strings.Contains(m.Answer[0].String(), "alpn=") {
+		t.Fatalf("answer: %v", m)
+	}
+	if names := pins.Lookup(netip.MustParseAddr("198.51.100.9")); len(names) != 1 || names[0] != "web.test" {
+		t.Fatalf("hint pins: %v", names)
 	}
 }

@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync/atomic"
 )
@@ -17,6 +18,8 @@ type Engine struct {
 	fatal      bool // every deny terminates (--on-violation terminate)
 	allows     bool // some egress rule (or the default) allows something
 	resolveAll bool // under default deny, names no rule lists resolve too
+	named      bool // some egress rule matches by name
+	refuseQUIC bool // UDP to 443 is refused whatever allows it
 	src        *File
 }
 
@@ -30,6 +33,10 @@ type Options struct {
 	Pins *Pins
 	// DenyIsFatal turns every deny into terminate.
 	DenyIsFatal bool
+	// RefuseQUIC refuses UDP to port 443 even where an address rule
+	// allows it (all TLS is to be intercepted, say). Flows allowed by
+	// name are refused it in any case: QUIC hides the name.
+	RefuseQUIC bool
 }
 
 // Compile builds an Engine from a parsed policy file.
@@ -38,7 +45,7 @@ func Compile(f *File, o Options) (*Engine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("default_action: %v", err)
 	}
-	e := &Engine{def: def, host: o.Host, pins: o.Pins, fatal: o.DenyIsFatal, src: f}
+	e := &Engine{def: def, host: o.Host, pins: o.Pins, fatal: o.DenyIsFatal, refuseQUIC: o.RefuseQUIC, src: f}
 	e.allows = def == Allow
 	switch f.Resolve {
 	case "", ResolveListed:
@@ -56,6 +63,9 @@ func Compile(f *File, o Options) (*Engine, error) {
 			e.allows = true
 		}
 		e.rules = append(e.rules, r)
+		if r.dir == Egress && (r.dst.kind == matchDomain || r.dst.kind == matchSuffix) {
+			e.named = true
+		}
 	}
 	return e, nil
 }
@@ -84,12 +94,40 @@ func (e *Engine) decision(a Action, rule int) Decision {
 
 // Check decides a flow: the first rule that matches wins; no match gives
 // the default action for egress and allows ingress.
-func (e *Engine) Check(f Flow) Decision { return e.check(f, netip.Addr{}) }
+func (e *Engine) Check(f Flow) Decision { return e.sideDoors(f, e.check(f, netip.Addr{})) }
 
 // CheckAsHost decides a flow as if its destination were one of the host's
 // own addresses (the kernel says it is local, though the host group did not
 // know it yet).
-func (e *Engine) CheckAsHost(f Flow) Decision { return e.check(f, f.Dst.Addr().Unmap()) }
+func (e *Engine) CheckAsHost(f Flow) Decision {
+	return e.sideDoors(f, e.check(f, f.Dst.Addr().Unmap()))
+}
+
+// Ports of the protocols that would carry names past the checks: QUIC
+// (TLS inside UDP) and DNS over TLS.
+const (
+	portQUIC = 443
+	portDoT  = 853
+)
+
+// sideDoors refuses, among allowed egress flows, those that would take a
+// name out of sight: QUIC where the name is checked (the client falls
+// back to TCP at once on the port unreachable it gets), and DNS over TLS
+// while domain rules depend on the sandbox's lookups going through the
+// agent. These refusals are never fatal: clients try them as a matter of
+// course.
+func (e *Engine) sideDoors(f Flow, d Decision) Decision {
+	if d.Action != Allow || f.Direction != Egress {
+		return d
+	}
+	switch {
+	case f.Proto == UDP && f.Dst.Port() == portQUIC && (d.ByName || e.refuseQUIC):
+		return Decision{Action: Deny, Rule: RuleQUIC}
+	case f.Proto == TCP && f.Dst.Port() == portDoT && e.named:
+		return Decision{Action: Deny, Rule: RuleDoT}
+	}
+	return d
+}
 
 func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 	dst, src := f.Dst.Addr().Unmap(), f.Src.Addr().Unmap()
@@ -119,7 +157,7 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 		case matchDomain, matchSuffix:
 			if f.Domain != "" {
 				if nameMatches(t, f.Domain) {
-					return e.decision(r.action, i)
+					return e.byName(r, i)
 				}
 				continue
 			}
@@ -128,7 +166,7 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 			}
 			for _, n := range names {
 				if nameMatches(t, n) {
-					return e.decision(r.action, i)
+					return e.byName(r, i)
 				}
 			}
 		default:
@@ -145,6 +183,96 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 	}
 	return e.decision(e.def, -1)
 }
+
+// byName is the decision of rule i, which matched by name. A rule with
+// HTTP conditions lets the flow start whatever its action: its requests
+// are decided one by one.
+func (e *Engine) byName(r *rule, i int) Decision {
+	if r.http != nil {
+		return Decision{Action: Allow, Rule: i, ByName: true, PerRequest: true}
+	}
+	d := e.decision(r.action, i)
+	d.ByName = true
+	return d
+}
+
+// CheckRequest decides one HTTP request on a flow to f.Domain (the
+// request's host): the first rule that matches the flow and, if it has
+// HTTP conditions, the method and path, decides; none gives the default.
+func (e *Engine) CheckRequest(f Flow, method, path string) Decision {
+	for i := range e.rules {
+		r := &e.rules[i]
+		if r.dir != Egress || (r.protos != 0 && r.protos&(1<<TCP) == 0) || (len(r.ports) > 0 && !inRanges(r.ports, f.Dst.Port())) {
+			continue
+		}
+		switch r.dst.kind {
+		case matchDomain, matchSuffix:
+			if !nameMatches(&r.dst, f.Domain) {
+				continue
+			}
+		default:
+			if !e.addrMatches(&r.dst, f.Dst.Addr().Unmap()) {
+				continue
+			}
+		}
+		if r.http != nil && !requestMatches(r.http, method, path) {
+			continue
+		}
+		return e.decision(r.action, i)
+	}
+	return e.decision(e.def, -1)
+}
+
+// requestMatches reports whether method and path satisfy h.
+func requestMatches(h *HTTPRule, method, path string) bool {
+	if len(h.Methods) > 0 && !slices.Contains(h.Methods, method) {
+		return false
+	}
+	if len(h.Paths) == 0 {
+		return true
+	}
+	for _, p := range h.Paths {
+		if pathMatches(p, path) {
+			return true
+		}
+	}
+	return false
+}
+
+// pathMatches matches a path against a prefix, or a glob whose '*' matches
+// any run of characters.
+func pathMatches(pattern, path string) bool {
+	if !strings.Contains(pattern, "*") {
+		return strings.HasPrefix(path, pattern)
+	}
+	parts := strings.Split(pattern, "*")
+	if !strings.HasPrefix(path, parts[0]) {
+		return false
+	}
+	path = path[len(parts[0]):]
+	for _, mid := range parts[1 : len(parts)-1] {
+		i := strings.Index(path, mid)
+		if i < 0 {
+			return false
+		}
+		path = path[i+len(mid):]
+	}
+	return strings.HasSuffix(path, parts[len(parts)-1])
+}
+
+// HasHTTPRules reports whether some rule decides requests, so that some
+// connections need intercepting.
+func (e *Engine) HasHTTPRules() bool {
+	for i := range e.rules {
+		if e.rules[i].http != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// HasDomainRules reports whether some egress rule matches by name.
+func (e *Engine) HasDomainRules() bool { return e.named }
 
 // CheckQuery decides whether the sandbox may resolve name. The first rule
 // that matches the name decides, unless it is a deny limited to some
@@ -231,6 +359,12 @@ func (e *Engine) Describe(i int) string {
 	if i == RuleGatewayEcho {
 		return "the gateway answers its own echo requests"
 	}
+	if i == RuleQUIC {
+		return "QUIC (UDP 443) refused: the server name must be checked over TCP"
+	}
+	if i == RuleDoT {
+		return "DNS over TLS (853) refused: domain rules need the sandbox's lookups"
+	}
 	if i < 0 || i >= len(e.src.Rules) {
 		return "default_action " + e.src.DefaultAction
 	}
@@ -261,6 +395,15 @@ func (e *Engine) Describe(i int) string {
 			fmt.Fprintf(&b, "%d", p.Start)
 		} else {
 			fmt.Fprintf(&b, "%d-%d", p.Start, p.End)
+		}
+	}
+	if r.HTTP != nil {
+		b.WriteString(" http")
+		if len(r.HTTP.Methods) > 0 {
+			b.WriteString(" " + strings.Join(r.HTTP.Methods, ","))
+		}
+		if len(r.HTTP.Paths) > 0 {
+			b.WriteString(" " + strings.Join(r.HTTP.Paths, ","))
 		}
 	}
 	return b.String()

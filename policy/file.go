@@ -41,8 +41,20 @@ type FileRule struct {
 	// Ports are inclusive ranges; empty means any. A rule with ports
 	// never matches ICMP.
 	Ports []PortRange `json:"ports,omitempty"`
+	// HTTP narrows an egress domain rule to some requests: it is decided
+	// per request, on intercepted connections (see HTTPRule).
+	HTTP *HTTPRule `json:"http,omitempty"`
 	// Action is allow, deny or terminate.
 	Action string `json:"action"`
+}
+
+// HTTPRule matches requests by method and path. Methods are upper-case
+// tokens (any if empty). A path without '*' is a prefix; in one with '*',
+// each '*' matches any run of characters, '/' included, and the whole path
+// must match (any if empty). The query string is not part of the path.
+type HTTPRule struct {
+	Methods []string `json:"methods,omitempty"`
+	Paths   []string `json:"paths,omitempty"`
 }
 
 // PortRange is an inclusive range of ports.
@@ -295,6 +307,7 @@ type rule struct {
 	ports  []PortRange
 	dst    target
 	src    target
+	http   *HTTPRule // nil: decides whole flows
 	action Action
 }
 
@@ -360,6 +373,25 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 			continue
 		}
 		c.ports = append(c.ports, pr)
+	}
+	if r.HTTP != nil {
+		if c.dir != Egress || (c.dst.kind != matchDomain && c.dst.kind != matchSuffix) {
+			bad("http: only egress rules to a domain or domain_suffix decide requests")
+		}
+		if c.protos&^(1<<TCP) != 0 {
+			bad("http: requests run over tcp; the rule's protocols say otherwise")
+		}
+		for i, m := range r.HTTP.Methods {
+			if m == "" || strings.ToUpper(m) != m || strings.ContainsAny(m, " /\t") {
+				bad("http.methods[%d]: %q is not an upper-case method like GET", i, m)
+			}
+		}
+		for i, p := range r.HTTP.Paths {
+			if !strings.HasPrefix(p, "/") {
+				bad("http.paths[%d]: %q must start with /", i, p)
+			}
+		}
+		c.http = r.HTTP
 	}
 	if r.Action == "" {
 		bad("action: missing (want allow, deny or terminate)")

@@ -92,6 +92,15 @@ type Flow struct {
 type Decision struct {
 	Action Action
 	Rule   int
+	// ByName: the deciding rule matched the destination by name (a domain
+	// or domain_suffix rule, through the DNS pins or Flow.Domain), so the
+	// name the connection then asks for (TLS SNI, HTTP Host) must be one
+	// the policy allows too.
+	ByName bool
+	// PerRequest: the deciding rule has HTTP conditions. The flow may
+	// start; each request on it is decided by CheckRequest, which needs
+	// the connection intercepted.
+	PerRequest bool
 }
 
 // Verdict is a decision together with the flow it decided, as a component

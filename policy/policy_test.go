@@ -585,3 +585,96 @@ func BenchmarkCheck100Rules(b *testing.B) {
 		}
 	}
 }
+
+func TestHTTPRules(t *testing.T) {
+	pins := NewPins(0)
+	e := mustCompile(t, `{"default_action": "deny", "rules": [
+		{"destination": {"domain": "api.github.com"}, "http": {"methods": ["GET"], "paths": ["/repos/org/*", "/user"]}, "action": "allow"},
+		{"destination": {"domain_suffix": "github.com"}, "http": {"methods": ["DELETE"]}, "action": "terminate"},
+		{"destination": {"domain": "web.test"}, "action": "allow"}]}`, Options{Pins: pins})
+	ip := netip.MustParseAddr("198.51.100.7")
+	pins.Add(ip, "api.github.com", time.Minute)
+	f := flow(TCP, "198.51.100.7:443")
+	// The flow starts (its requests decide) whatever the rule's action.
+	if d := e.Check(f); d.Action != Allow || !d.PerRequest || !d.ByName || d.Rule != 0 {
+		t.Fatalf("flow: %+v", d)
+	}
+	f.Domain = "api.github.com"
+	for _, tc := range []struct {
+		method, path string
+		want         Action
+		rule         int
+	}{
+		{"GET", "/repos/org/x/issues", Allow, 0},
+		{"GET", "/user", Allow, 0},
+		{"GET", "/users", Allow, 0}, // a prefix
+		{"GET", "/repos/other/x", Deny, -1},
+		{"POST", "/repos/org/x", Deny, -1},
+		{"DELETE", "/repos/org/x", Terminate, 1},
+	} {
+		if d := e.CheckRequest(f, tc.method, tc.path); d.Action != tc.want || d.Rule != tc.rule {
+			t.Errorf("%s %s: %+v, want %v by %d", tc.method, tc.path, d, tc.want, tc.rule)
+		}
+	}
+	// A rule without HTTP conditions decides every request of its host.
+	if d := e.CheckRequest(withName(f, "web.test"), "POST", "/anything"); d.Action != Allow || d.Rule != 2 {
+		t.Errorf("web.test: %+v", d)
+	}
+	if !e.HasHTTPRules() || !e.HasDomainRules() {
+		t.Error("HasHTTPRules or HasDomainRules is false")
+	}
+	for _, bad := range []string{
+		`{"rules": [{"destination": {"cidr": "10.0.0.0/8"}, "http": {}, "action": "allow"}]}`,
+		`{"rules": [{"destination": {"domain": "a.test"}, "protocols": ["udp"], "http": {}, "action": "allow"}]}`,
+		`{"rules": [{"destination": {"domain": "a.test"}, "http": {"methods": ["get"]}, "action": "allow"}]}`,
+		`{"rules": [{"destination": {"domain": "a.test"}, "http": {"paths": ["repos"]}, "action": "allow"}]}`,
+	} {
+		if _, err := ParseFile([]byte(bad)); err == nil {
+			t.Errorf("accepted: %s", bad)
+		}
+	}
+}
+
+func withName(f Flow, n string) Flow {
+	f.Domain = n
+	return f
+}
+
+func TestPathGlobs(t *testing.T) {
+	for _, tc := range []struct {
+		pattern, path string
+		want          bool
+	}{
+		{"/v1/", "/v1/x", true}, {"/v1/", "/v2/x", false},
+		{"/repos/*/issues", "/repos/a/b/issues", true}, {"/repos/*/issues", "/repos/a/pulls", false},
+		{"/a*b*c", "/abc", true}, {"/a*b*c", "/ac", false}, {"*", "/anything", true},
+	} {
+		if got := pathMatches(tc.pattern, tc.path); got != tc.want {
+			t.Errorf("%q ~ %q = %v", tc.pattern, tc.path, got)
+		}
+	}
+}
+
+// QUIC is refused where names are checked, DNS over TLS wherever domain
+// rules are; neither is fatal.
+func TestSideDoors(t *testing.T) {
+	pins := NewPins(0)
+	e := mustCompile(t, `{"default_action": "allow", "rules": [{"destination": {"domain": "web.test"}, "action": "allow"}]}`, Options{Pins: pins, DenyIsFatal: true})
+	pins.Add(netip.MustParseAddr("198.51.100.7"), "web.test", time.Minute)
+	if d := e.Check(flow(UDP, "198.51.100.7:443")); d.Action != Deny || d.Rule != RuleQUIC {
+		t.Errorf("QUIC to a pinned name: %+v", d)
+	}
+	if d := e.Check(flow(UDP, "198.51.100.8:443")); d.Action != Allow {
+		t.Errorf("QUIC to an address the default allows: %+v", d)
+	}
+	if d := e.Check(flow(TCP, "198.51.100.8:853")); d.Action != Deny || d.Rule != RuleDoT {
+		t.Errorf("DNS over TLS: %+v", d)
+	}
+	all := mustCompile(t, `{"default_action": "allow"}`, Options{RefuseQUIC: true})
+	if d := all.Check(flow(UDP, "198.51.100.8:443")); d.Rule != RuleQUIC {
+		t.Errorf("QUIC with RefuseQUIC: %+v", d)
+	}
+	if d := all.Check(flow(TCP, "198.51.100.8:853")); d.Action != Allow {
+		t.Errorf("DNS over TLS without domain rules: %+v", d)
+	}
+}

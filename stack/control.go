@@ -55,8 +55,8 @@ func (st *Stack) newConnAllowed() bool {
 type synKey struct{ src, dst netip.AddrPort }
 
 type synDecision struct {
-	id   uint64
-	rule int
+	id uint64
+	d  policy.Decision
 }
 
 // maxSyns bounds the table: a SYN the forwarder dropped never collects its

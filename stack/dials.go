@@ -17,23 +17,28 @@ import (
 //   - at most 192 at once; a new one past that cancels the oldest,
 //     which is the likeliest to be dead (a live host answers in
 //     milliseconds);
-//   - at most maxPendingPerDst to one address;
+//   - at most maxPendingPerDst to one address; more wait up to perDstWait
+//     for one of those to finish (a burst to a live host goes through,
+//     a flood at a dead one is refused);
 //   - an address whose dial just failed as unreachable is refused at once
 //     for deadFor, instead of a dial that waits for the kernel to give up.
 const (
 	defaultMaxPending = 192
 	maxPendingPerDst  = 32
+	perDstWait        = 3 * time.Second
 	deadFor           = 5 * time.Second
 	maxDeadAddrs      = 4096
 )
 
 type dialBudget struct {
 	max, perDst int
+	wait        time.Duration // perDstWait
 
 	mu      sync.Mutex // mu protects everything below
 	order   *list.List // of *pendingDial, oldest first
 	perAddr map[netip.Addr]int
 	dead    map[netip.Addr]time.Time
+	freed   chan struct{} // closed (and replaced) whenever a dial ends
 }
 
 type pendingDial struct {
@@ -46,8 +51,8 @@ func newDialBudget(max int) *dialBudget {
 	if max <= 0 {
 		max = defaultMaxPending
 	}
-	return &dialBudget{max: max, perDst: min(maxPendingPerDst, max), order: list.New(),
-		perAddr: make(map[netip.Addr]int), dead: make(map[netip.Addr]time.Time)}
+	return &dialBudget{max: max, perDst: min(maxPendingPerDst, max), wait: perDstWait, order: list.New(),
+		perAddr: make(map[netip.Addr]int), dead: make(map[netip.Addr]time.Time), freed: make(chan struct{})}
 }
 
 // Why a dial was refused before it started.
@@ -59,17 +64,36 @@ var (
 // acquire admits a dial to dst under ctx, or says why not. The returned
 // context is cancelled if the dial is evicted; release must follow.
 func (b *dialBudget) acquire(ctx context.Context, dst netip.Addr) (*pendingDial, context.Context, error) {
-	now := time.Now()
+	var timeout <-chan time.Time
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if t, ok := b.dead[dst]; ok {
-		if now.Sub(t) < deadFor {
-			return nil, nil, errDeadDst
+	for {
+		if t, ok := b.dead[dst]; ok {
+			if time.Since(t) < deadFor {
+				return nil, nil, errDeadDst
+			}
+			delete(b.dead, dst)
 		}
-		delete(b.dead, dst)
-	}
-	if b.perAddr[dst] >= b.perDst {
-		return nil, nil, errTooManyToDst
+		if b.perAddr[dst] < b.perDst {
+			break
+		}
+		if timeout == nil {
+			tm := time.NewTimer(b.wait)
+			defer tm.Stop()
+			timeout = tm.C
+		}
+		freed := b.freed
+		b.mu.Unlock()
+		select {
+		case <-freed:
+			b.mu.Lock()
+		case <-timeout:
+			b.mu.Lock()
+			return nil, nil, errTooManyToDst
+		case <-ctx.Done():
+			b.mu.Lock()
+			return nil, nil, ctx.Err()
+		}
 	}
 	if b.order.Len() >= b.max {
 		oldest := b.order.Front().Value.(*pendingDial)
@@ -92,6 +116,8 @@ func (b *dialBudget) removeLocked(p *pendingDial) {
 	if b.perAddr[p.dst]--; b.perAddr[p.dst] <= 0 {
 		delete(b.perAddr, p.dst)
 	}
+	close(b.freed)
+	b.freed = make(chan struct{})
 }
 
 // release ends a dial; err is how it failed, if it did. An address that

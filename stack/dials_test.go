@@ -5,11 +5,12 @@ import (
 	"net/netip"
 	"syscall"
 	"testing"
+	"time"
 )
 
 func TestDialBudget(t *testing.T) {
 	b := newDialBudget(3)
-	b.perDst = 2
+	b.perDst, b.wait = 2, 50*time.Millisecond
 	a, c := netip.MustParseAddr("198.51.100.1"), netip.MustParseAddr("198.51.100.2")
 	p1, ctx1, err := b.acquire(context.Background(), a)
 	if err != nil {
@@ -46,4 +47,23 @@ func TestDialBudget(t *testing.T) {
 	if _, _, err := b.acquire(context.Background(), netip.MustParseAddr("198.51.100.3")); err != nil {
 		t.Errorf("a reachable address: %v", err)
 	}
+}
+
+// A dial over the per-destination cap waits for one to that address to
+// end, and then goes ahead.
+func TestDialBudgetWaitsForASlot(t *testing.T) {
+	b := newDialBudget(10)
+	b.perDst = 1
+	a := netip.MustParseAddr("198.51.100.1")
+	p1, _, err := b.acquire(context.Background(), a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.AfterFunc(50*time.Millisecond, func() { b.release(p1, nil) })
+	start := time.Now()
+	p2, _, err := b.acquire(context.Background(), a)
+	if err != nil || time.Since(start) < 40*time.Millisecond {
+		t.Fatalf("the waiting dial: %v after %s", err, time.Since(start))
+	}
+	b.release(p2, nil)
 }

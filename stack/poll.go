@@ -200,7 +200,7 @@ func (st *Stack) handleTCP(b []byte, p *wire.Packet) {
 			}
 			return
 		}
-		st.syns.put(synKey{f.Src, f.Dst}, synDecision{f.ID, d.Rule})
+		st.syns.put(synKey{f.Src, f.Dst}, synDecision{f.ID, d})
 	}
 	st.ep.deliver(b)
 }
@@ -234,9 +234,15 @@ func (st *Stack) handleUDP(p *wire.Packet) {
 		c.Drop(rings.DropOther)
 		return
 	}
+	st.lastUDPRule = policy.RuleDefault
 	if err := st.udp.Handle(src, dst, d.Payload); err != nil {
 		c.Drop(rings.DropPolicy)
-		if st.o.DenyMode == DenyReject {
+		switch {
+		case st.lastUDPRule == policy.RuleQUIC:
+			// Port unreachable, whatever --deny-mode says: the client
+			// falls back to TCP at once.
+			st.r.sendUnreachable(p, p.Dst, wire.PortUnreachable)
+		case st.o.DenyMode == DenyReject:
 			st.r.sendUnreachable(p, p.Dst, wire.AdminProhibited)
 		}
 	}

@@ -5,8 +5,10 @@
 package stack
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -50,6 +52,10 @@ type Options struct {
 	Shared *rings.Shared
 	// Policy decides new flows; nil allows everything.
 	Policy policy.Checker
+	// HandleTCP, if set, serves the allowed TCP flows WantsTCP says yes
+	// to (their first bytes looked at, say) instead of a plain relay.
+	HandleTCP func(context.Context, TCPFlow) error
+	WantsTCP  func(policy.Decision) bool
 	// OnDecision, when set, is told of every flow decision (for the audit
 	// log and metrics); it runs on the packet path. A terminate decision
 	// then fires the shared state's termination hook.
@@ -88,6 +94,16 @@ type Options struct {
 	Log                                 *slog.Logger
 }
 
+// TCPFlow is one allowed TCP flow for Options.HandleTCP: the sandbox's
+// side accepted, the upstream dialled, the meters that count (and pace)
+// what the sandbox sends (Up) and receives (Down).
+type TCPFlow struct {
+	Guest, Up          net.Conn
+	Flow               policy.Flow
+	Decision           policy.Decision
+	UpMeter, DownMeter *proxy.Meter
+}
+
 // Stack is the gateway of one sandbox.
 type Stack struct {
 	o           Options
@@ -113,6 +129,9 @@ type Stack struct {
 	flows    *flowTable
 	up, down proxy.Shaper
 	newConns atomic.Pointer[rate.Limiter] // nil: no limit
+	// lastUDPRule is the rule of the last UDP session decision, for the
+	// refusal the poll loop sends (both run on the poll loop).
+	lastUDPRule int
 	syns     synTable
 
 	done      chan struct{}
@@ -311,17 +330,18 @@ func (st *Stack) dialAllowed(f policy.Flow) bool {
 func (st *Stack) allowUDP(src, dst netip.AddrPort) (uint64, bool) {
 	f := policy.Flow{Proto: policy.UDP, Src: src, Dst: dst}
 	d := st.decideFlow(&f)
+	st.lastUDPRule = d.Rule
 	if d.Action != policy.Allow || !st.dialAllowed(f) {
 		return f.ID, false
 	}
-	st.syns.put(synKey{src, dst}, synDecision{f.ID, d.Rule}) // for trackUDP, next
+	st.syns.put(synKey{src, dst}, synDecision{f.ID, d}) // for trackUDP, next
 	return f.ID, true
 }
 
 func (st *Stack) trackUDP(id uint64, src, dst netip.AddrPort, end func()) (up, down *proxy.Meter, done func()) {
 	rule := -1
 	if sd, ok := st.syns.take(synKey{src, dst}); ok && sd.id == id {
-		rule = sd.rule
+		rule = sd.d.Rule
 	}
 	fl := st.flows.add(policy.Flow{ID: id, Proto: policy.UDP, Src: src, Dst: dst}, rule, end)
 	return &fl.Up, &fl.Down, fl.Done

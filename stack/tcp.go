@@ -136,14 +136,20 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	st.stats.total.Add(1)
 	t.track(c, true)
 	defer t.track(c, false)
-	fid, rule := st.ids.next(), -1 // a SYN whose decision record is gone: a new id
-	if sd, ok := st.syns.take(synKey{src, dst}); ok {
-		fid, rule = sd.id, sd.rule
+	f := policy.Flow{Proto: policy.TCP, Src: src, Dst: dst}
+	sd, ok := st.syns.take(synKey{src, dst})
+	if !ok { // a SYN whose decision record is gone: a new id, decided again
+		sd = synDecision{st.ids.next(), st.o.Policy.Check(f)}
 	}
-	fl := st.flows.add(policy.Flow{ID: fid, Proto: policy.TCP, Src: src, Dst: dst}, rule,
-		func() { c.Reset(); proxy.ResetConn(up) })
+	f.ID = sd.id
+	fl := st.flows.add(f, sd.d.Rule, func() { c.Reset(); proxy.ResetConn(up) })
 	defer fl.Done()
-	if _, _, err := proxy.Relay(c, up, &fl.Up, &fl.Down); err != nil {
+	if st.o.HandleTCP != nil && st.o.WantsTCP(sd.d) {
+		err = st.o.HandleTCP(t.ctx, TCPFlow{Guest: c, Up: up, Flow: f, Decision: sd.d, UpMeter: &fl.Up, DownMeter: &fl.Down})
+	} else {
+		_, _, err = proxy.Relay(c, up, &fl.Up, &fl.Down)
+	}
+	if err != nil {
 		st.stats.relayFailed.Add(1)
 		st.o.Log.Debug("tcp relay ended with an error", "src", src, "dst", dst, "err", err)
 	}

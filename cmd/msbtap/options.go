@@ -15,6 +15,7 @@ import (
 
 	"github.com/msbtap/msbtap/agent"
 	"github.com/msbtap/msbtap/control"
+	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/internal/portspec"
 	"github.com/msbtap/msbtap/internal/units"
@@ -68,6 +69,12 @@ func runFlags() []cli.Flag {
 		&cli.StringFlag{Name: "rate-up", Value: "off", Usage: "cap what the sandbox sends at `RATE` (100mbit, 20MB = bytes a second, off); paced, not dropped"},
 		&cli.StringFlag{Name: "rate-down", Value: "off", Usage: "cap what the sandbox receives at `RATE` (as --rate-up)"},
 		&cli.Float64Flag{Name: "max-new-connections-per-second", Usage: "TCP connections the sandbox may open a second, `N` (0: no limit); beyond, SYNs are reset"},
+		&cli.StringFlag{Name: "tls-intercept", Value: "auto", Usage: "which TLS connections msbtap terminates: off, auto (those an HTTP rule or a secret needs) or all"},
+		&cli.StringFlag{Name: "tls-ca-cert", Usage: "issue intercepted hosts' certificates from this CA certificate `FILE` (PEM; default: a CA made for the run, in memory)"},
+		&cli.StringFlag{Name: "tls-ca-key", Usage: "the CA's private key `FILE` (PEM, mode 0600)"},
+		&cli.StringFlag{Name: "tls-ca-out", Usage: "write the CA certificate to `FILE` for the guest to trust"},
+		&cli.StringSliceFlag{Name: "tls-upstream-ca", Usage: "also trust this CA `FILE` (PEM) upstream, besides the host's roots (repeatable)"},
+		&cli.StringSliceFlag{Name: "tls-bypass", Usage: "never intercept `NAME` (exact, or *.suffix): hosts that pin their certificates (repeatable)"},
 		// -p is its own flag rather than an alias so that -p and --publish
 		// can be mixed on one command line.
 		&cli.StringSliceFlag{Name: "p", Hidden: true},
@@ -214,6 +221,9 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 	cfg.Control, cfg.Pcap = s.str("control"), s.str("pcap")
 	ctlOwner, pcapMax, rateUp, rateDown := s.str("control-owner"), s.str("pcap-max-size"), s.str("rate-up"), s.str("rate-down")
 	get(s, "max-new-connections-per-second", &cfg.NewConnsPerSecond, c.Float64)
+	tlsMode := s.str("tls-intercept")
+	cfg.TLS.CACert, cfg.TLS.CAKey, cfg.TLS.CAOut = s.str("tls-ca-cert"), s.str("tls-ca-key"), s.str("tls-ca-out")
+	cfg.TLS.UpstreamCA, cfg.TLS.Bypass = s.strs("tls-upstream-ca"), s.strs("tls-bypass")
 	if s.err != nil {
 		return cfg, s.err
 	}
@@ -314,6 +324,14 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 	}
 	if err := controlConfig(&cfg, ctlOwner, pcapMax, rateUp, rateDown); err != nil {
 		return cfg, err
+	}
+	if cfg.TLS.Mode, err = intercept.ParseMode(tlsMode); err != nil {
+		return cfg, fielderr.Bad("tls_intercept", tlsMode, "want off, auto or all")
+	}
+	for _, b := range cfg.TLS.Bypass {
+		if strings.Trim(b, "*.") == "" || strings.Contains(strings.TrimPrefix(b, "*."), "*") {
+			return cfg, fielderr.Bad("tls_bypass", b, "want a name, or *.suffix")
+		}
 	}
 	return cfg, s.loadPolicy(&cfg)
 }

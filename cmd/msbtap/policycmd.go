@@ -53,6 +53,9 @@ func policyCommand() *cli.Command {
 					&cli.StringFlag{Name: "dst", Required: true, Usage: "destination `IP:PORT` (an IP alone for icmp)"},
 					&cli.StringFlag{Name: "proto", Value: "tcp", Usage: "tcp, udp, icmp or icmpv6"},
 					&cli.StringFlag{Name: "domain", Usage: "the `NAME` the destination was resolved from"},
+					&cli.StringFlag{Name: "sni", Usage: "the server `NAME` (TLS SNI or HTTP Host) the connection then asks for"},
+					&cli.StringFlag{Name: "method", Usage: "an HTTP request's `METHOD`, for rules with http conditions"},
+					&cli.StringFlag{Name: "path", Value: "/", Usage: "an HTTP request's `PATH`"},
 					&cli.StringFlag{Name: "src", Usage: "source `IP:PORT` (default: the slot's guest address; the host client for ingress)"},
 					&cli.StringFlag{Name: "direction", Value: "egress", Usage: "egress or ingress"},
 					&cli.IntFlag{Name: "slot", Usage: "sandbox slot whose gateway counts as the host"},
@@ -107,6 +110,9 @@ func explain(c *cli.Context) error {
 	}
 	d := e.Check(fl)
 	fmt.Fprintf(c.App.Writer, "%s\nby %s\n", d.Action, e.Describe(d.Rule))
+	if sni := c.String("sni"); sni != "" {
+		explainName(c, e, fl, d, sni)
+	}
 	if d := c.String("domain"); d != "" {
 		q := e.CheckQuery(d)
 		fmt.Fprintf(c.App.Writer, "resolving %s: %s by %s\n", d, q.Action, e.Describe(q.Rule))
@@ -124,4 +130,25 @@ func unlistedNames(f *policy.File) string {
 		return `resolve ("resolve": "all")`
 	}
 	return `NXDOMAIN ("resolve": "listed", the default under default_action ` + f.DefaultAction + `)`
+}
+
+// explainName says what becomes of a connection that asks for name once
+// its first bytes are seen.
+func explainName(c *cli.Context, e *policy.Engine, fl policy.Flow, d policy.Decision, name string) {
+	w := c.App.Writer
+	if !d.ByName && !d.PerRequest {
+		fmt.Fprintf(w, "server name %s: not checked (the flow is decided by its address)\n", name)
+		return
+	}
+	fl.Domain = name
+	nd := e.Check(fl)
+	fmt.Fprintf(w, "server name %s: %s by %s\n", name, nd.Action, e.Describe(nd.Rule))
+	if nd.Action == policy.Allow && (nd.PerRequest || c.String("method") != "") {
+		m := c.String("method")
+		if m == "" {
+			m = "GET"
+		}
+		rd := e.CheckRequest(fl, m, c.String("path"))
+		fmt.Fprintf(w, "request %s %s%s: %s by %s (intercepted)\n", m, name, c.String("path"), rd.Action, e.Describe(rd.Rule))
+	}
 }

@@ -19,7 +19,7 @@ import (
 const (
 	HostInet4 = "198.51.100.1"
 	Inet4     = "198.51.100.2"
-	WebHost4  = "198.51.100.10" // HTTP :80, half-close :7001, UDP echo :7002, UDP size :7004, TCP echo :7005
+	WebHost4  = "198.51.100.10" // HTTP :80, half-close :7001, UDP echo :7002, UDP size :7004, TCP echo :7005, HTTPS :443 (untrusted :8443), banner :22
 	DNSHost4  = "198.51.100.53" // DNS :53
 	HostInet6 = "2001:db8::1"
 	Inet6     = "2001:db8::2"
@@ -43,6 +43,9 @@ const (
 type World struct {
 	Host, Guest, Inet, Priv *NS
 	Msbtap, Testhost        string
+	// TestCA is the CA certificate (PEM file) of the test internet's HTTPS
+	// servers, which serve TestDomain and OtherDomain.
+	TestCA string
 
 	Agent    *exec.Cmd
 	AgentLog *Buffer
@@ -75,6 +78,8 @@ func NewWorld(t testing.TB) *World {
 	}
 
 	dir := t.TempDir()
+	os.Chmod(dir, 0o755) // the sandbox's user reads the test CA
+	w.TestCA = filepath.Join(dir, "test-ca.pem")
 	ready := filepath.Join(dir, "inet-ready")
 	w.Inet.Start(t, w.Testhost, "serve",
 		"--http", WebHost4+":80", "--http", "["+WebHost6+"]:80",
@@ -82,6 +87,9 @@ func NewWorld(t testing.TB) *World {
 		"--udp-echo", WebHost4+":7002", "--udp-echo", "["+WebHost6+"]:7002",
 		"--udp-size", WebHost4+":7004", "--udp-size", "["+WebHost6+"]:7004",
 		"--echo", WebHost4+":7005",
+		"--https", WebHost4+":443", "--https", "["+WebHost6+"]:443", "--https-untrusted", WebHost4+":8443",
+		"--tls-names", TestDomain+","+OtherDomain, "--tls-ca-out", w.TestCA,
+		"--banner", WebHost4+":22",
 		"--dns", DNSHost4+":53",
 		"--record", TestDomain+"="+WebHost4, "--record", TestDomain+"="+WebHost6,
 		"--record", OtherDomain+"="+WebHost4,

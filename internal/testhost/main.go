@@ -69,6 +69,12 @@ func main() {
 		churn(args)
 	case "resolve":
 		resolveClient(args)
+	case "banner":
+		bannerClient(args)
+	case "tlsdial":
+		tlsDial(args)
+	case "send":
+		sendClient(args)
 	default:
 		log.Fatalf("unknown command %q", os.Args[1])
 	}
@@ -85,8 +91,18 @@ func serve(args []string) {
 	var sizeAddrs list
 	fs.Var(&sizeAddrs, "udp-size", "answer each UDP datagram on ADDR with its length (repeatable)")
 	fs.Var(&tcpAddrs, "halfclose", "on ADDR, read to EOF, then answer with the byte count and SHA-256 (repeatable)")
+	var httpsAddrs, untrustedAddrs, bannerAddrs list
+	fs.Var(&httpsAddrs, "https", "serve HTTPS (h2, http/1.1; /echo too) on ADDR, with a certificate of a CA made now (repeatable)")
+	fs.Var(&untrustedAddrs, "https-untrusted", "serve HTTPS on ADDR with a certificate of a CA nobody trusts (repeatable)")
+	fs.Var(&bannerAddrs, "banner", "on ADDR, speak first (an SSH-like banner), then echo the client's line (repeatable)")
+	tlsNames := fs.String("tls-names", "localhost", "the names (comma-separated) the HTTPS certificates are for")
+	caOut := fs.String("tls-ca-out", "", "write the CA certificate of --https to FILE")
 	ready := fs.String("ready", "", "create this file once every server listens")
 	fs.Parse(args)
+	setupTLS(httpsAddrs, untrustedAddrs, *tlsNames, *caOut)
+	for _, a := range bannerAddrs {
+		serveTCP(a, bannerServer)
+	}
 
 	for _, a := range httpAddrs {
 		ln, err := net.Listen("tcp", a)
@@ -199,6 +215,8 @@ func httpHandler() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "hello from testhost %s\n", r.Host)
 	})
+	// /echo answers with what it received (see echoRequest).
+	mux.HandleFunc("/echo", echoRequest)
 	// /bytes?n=N sends the deterministic pattern of N bytes.
 	mux.HandleFunc("/bytes", func(w http.ResponseWriter, r *http.Request) {
 		n, err := strconv.ParseInt(r.URL.Query().Get("n"), 10, 64)

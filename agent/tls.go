@@ -1,0 +1,151 @@
+package agent
+
+import (
+	"context"
+	"net"
+	"os"
+	"path/filepath"
+
+	"github.com/msbtap/msbtap/audit"
+	"github.com/msbtap/msbtap/intercept"
+	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/stack"
+)
+
+// TLSConfig is the TLS side of the agent: name checks, interception.
+type TLSConfig struct {
+	// Mode says which TLS connections are intercepted (intercept.Auto by
+	// default in msbtap run).
+	Mode intercept.Mode
+	// CACert and CAKey are a CA to issue from; empty: one made for the
+	// run, in memory.
+	CACert, CAKey string
+	// CAOut receives the CA certificate (PEM), for the guest to trust.
+	CAOut string
+	// UpstreamCA are PEM files trusted upstream besides the host's roots.
+	UpstreamCA []string
+	// Bypass are names spliced whatever the mode (exact or *.suffix).
+	Bypass []string
+}
+
+// buildIntercept makes the CA and the handler that looks at first bytes.
+func (a *Agent) buildIntercept() error {
+	tc := a.cfg.TLS
+	var ca *intercept.CA
+	var err error
+	if tc.CACert != "" || tc.CAKey != "" {
+		if tc.CACert == "" || tc.CAKey == "" {
+			return fielderr.Bad("tls_ca_cert", tc.CACert, "give both a CA certificate and its key")
+		}
+		if ca, err = intercept.LoadCA(tc.CACert, tc.CAKey); err != nil {
+			return fielderr.Wrap("tls_ca_cert", err)
+		}
+	} else if ca, err = intercept.NewCA(); err != nil {
+		return err
+	}
+	roots, err := intercept.UpstreamRoots(tc.UpstreamCA...)
+	if err != nil {
+		return fielderr.Wrap("tls_upstream_ca", err)
+	}
+	a.ca = ca
+	if tc.CAOut != "" {
+		if err := writeFile(tc.CAOut, ca.CertPEM(), 0o644); err != nil {
+			return fielderr.Wrap("tls_ca_out", err)
+		}
+	}
+	if tc.Mode != intercept.Off && len(a.cfg.Command) > 0 {
+		if err := a.writeBundle(); err != nil {
+			return err
+		}
+	}
+	var d net.Dialer
+	a.l7 = intercept.NewHandler(intercept.Options{
+		Mode: tc.Mode, CA: ca, Roots: roots, Bypass: tc.Bypass, Policy: a.holder,
+		Report:    a.onL7,
+		Terminate: a.terminateL7,
+		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
+			return d.DialContext(ctx, "tcp", addr)
+		},
+		Log: a.log.With("component", "intercept"),
+	})
+	return nil
+}
+
+// writeBundle writes the host's roots plus the CA where the command can
+// read them; its environment points at the file (see caEnv).
+func (a *Agent) writeBundle() error {
+	dir, err := os.MkdirTemp("", "msbtap-ca-")
+	if err != nil {
+		return err
+	}
+	a.onClose(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return err
+	}
+	a.bundle = filepath.Join(dir, "ca-bundle.pem")
+	return writeFile(a.bundle, a.ca.Bundle(), 0o644)
+}
+
+// caEnv points the usual tools of the command at the bundle.
+func (a *Agent) caEnv() []string {
+	if a.bundle == "" {
+		return nil
+	}
+	var env []string
+	for _, k := range []string{"SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO"} {
+		env = append(env, k+"="+a.bundle)
+	}
+	return env
+}
+
+func writeFile(path string, b []byte, perm os.FileMode) error {
+	f, err := audit.OpenPrivate(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Chmod(perm); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// handleTCP hands a flow to the handler.
+func (a *Agent) handleTCP(ctx context.Context, tf stack.TCPFlow) error {
+	return a.l7.Handle(ctx, intercept.Flow{Guest: tf.Guest, Up: tf.Up, Flow: tf.Flow, Decision: tf.Decision,
+		UpMeter: tf.UpMeter, DownMeter: tf.DownMeter})
+}
+
+// onL7 records what the handler decided.
+func (a *Agent) onL7(ev intercept.Event) {
+	if ev.Mode == "refused" || ev.Decision.Action != policy.Allow {
+		a.counts.add(ev.Decision.Action)
+	}
+	f := ev.Flow
+	if f.Domain == "" {
+		f.Domain = firstNonEmpty(ev.SNI, ev.Host)
+	}
+	a.audit.Inspected(f, ev.Decision, audit.L7{Mode: ev.Mode, SNI: ev.SNI, ALPN: ev.ALPN, Method: ev.Method,
+		Host: ev.Host, Path: ev.Path, Secret: ev.Secret, Reason: ev.Reason})
+}
+
+// terminateL7 stops the sandbox for a fatal violation found inside a
+// connection.
+func (a *Agent) terminateL7(f policy.Flow, d policy.Decision) {
+	a.term.record(f, d)
+	a.shared.TriggerTermination()
+}
+
+func firstNonEmpty(s ...string) string {
+	for _, x := range s {
+		if x != "" {
+			return x
+		}
+	}
+	return ""
+}

@@ -1,0 +1,239 @@
+// Package inspect reads the first bytes a client sends on a connection and
+// says what it asks for: the server name of a TLS ClientHello (and its ALPN
+// offer, and whether it hides the name with ECH), or the host of an HTTP/1
+// request. crypto/tls and net/http do the parsing; this package only frames
+// the bytes and bounds how many it looks at.
+package inspect
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/textproto"
+	"slices"
+	"strings"
+	"time"
+)
+
+// MaxPeek is the most a client may send before it has said what it wants.
+const MaxPeek = 16 << 10
+
+// Kind is what the first bytes turned out to be.
+type Kind int
+
+const (
+	// Other is any protocol that is neither TLS nor HTTP (SSH, say).
+	Other Kind = iota
+	// TLS is a TLS ClientHello.
+	TLS
+	// HTTP is an HTTP/1 request.
+	HTTP
+	// H2C is cleartext HTTP/2 with prior knowledge ("PRI * HTTP/2.0"):
+	// its host sits in compressed headers.
+	H2C
+)
+
+func (k Kind) String() string {
+	return [...]string{"other", "tls", "http", "h2c"}[k]
+}
+
+// Hello is what a client's first bytes ask for.
+type Hello struct {
+	Kind Kind
+	// Names are the server names asked for, lower case, without port: the
+	// SNI of a ClientHello (none if it sent none), or the host of an HTTP
+	// request (its Host header and, for an absolute URL, the URL's host).
+	Names []string
+	// ALPN is a ClientHello's protocol offer.
+	ALPN []string
+	// ECH: the ClientHello carries encrypted_client_hello, so the name
+	// that counts is not the one in the clear.
+	ECH bool
+	// Method and Path of an HTTP request.
+	Method, Path string
+}
+
+// ErrTooLong: the client sent MaxPeek bytes without a complete ClientHello
+// or request head.
+var ErrTooLong = errors.New("no complete ClientHello or request head in the first 16 KiB")
+
+// Classify looks at b, the client's bytes so far. It returns more = true
+// when it cannot tell yet, and an error for bytes that claim TLS or HTTP
+// but are malformed.
+func Classify(b []byte) (h Hello, more bool, err error) {
+	switch {
+	case len(b) == 0:
+		return h, true, nil
+	case b[0] == 0x16: // a TLS handshake record
+		return classifyTLS(b)
+	case looksHTTP(b):
+		return classifyHTTP(b)
+	}
+	return Hello{Kind: Other}, false, nil
+}
+
+// extensionECH is encrypted_client_hello (draft-ietf-tls-esni).
+const extensionECH = 0xfe0d
+
+func classifyTLS(b []byte) (Hello, bool, error) {
+	h := Hello{Kind: TLS}
+	// The ClientHello may span records: gather handshake bytes until the
+	// message's own length is there.
+	var hs []byte
+	for rest := b; ; {
+		if len(rest) < 5 {
+			return h, true, nil
+		}
+		if rest[0] != 0x16 || rest[1] != 3 {
+			return h, false, errors.New("tls: a record that is no handshake before the ClientHello ended")
+		}
+		n := int(rest[3])<<8 | int(rest[4])
+		if n == 0 || n > 1<<14 {
+			return h, false, fmt.Errorf("tls: record length %d", n)
+		}
+		if len(rest) < 5+n {
+			return h, true, nil
+		}
+		hs = append(hs, rest[5:5+n]...)
+		rest = rest[5+n:]
+		if len(hs) >= 4 {
+			if hs[0] != 1 {
+				return h, false, fmt.Errorf("tls: handshake message %d, want a ClientHello", hs[0])
+			}
+			if want := 4 + (int(hs[1])<<16 | int(hs[2])<<8 | int(hs[3])); len(hs) >= want {
+				break
+			}
+		}
+	}
+	// crypto/tls parses it: a server over the bytes, stopped as soon as it
+	// has read the hello.
+	var info *tls.ClientHelloInfo
+	stop := errors.New("stop")
+	srv := tls.Server(&replayConn{r: bytes.NewReader(b)}, &tls.Config{
+		GetConfigForClient: func(chi *tls.ClientHelloInfo) (*tls.Config, error) {
+			info = chi
+			return nil, stop
+		},
+	})
+	err := srv.HandshakeContext(context.Background())
+	if info == nil {
+		return h, false, fmt.Errorf("tls: not a ClientHello: %v", err)
+	}
+	if info.ServerName != "" {
+		h.Names = []string{strings.ToLower(strings.TrimSuffix(info.ServerName, "."))}
+	}
+	h.ALPN = slices.Clone(info.SupportedProtos)
+	h.ECH = slices.Contains(info.Extensions, extensionECH)
+	return h, false, nil
+}
+
+var methods = []string{"GET ", "POST ", "PUT ", "DELETE ", "HEAD ", "OPTIONS ", "PATCH ", "CONNECT ", "TRACE ", "PRI "}
+
+// looksHTTP reports whether b starts like an HTTP/1 request line (or a
+// prefix of one).
+func looksHTTP(b []byte) bool {
+	for _, m := range methods {
+		n := min(len(b), len(m))
+		if string(b[:n]) == m[:n] {
+			return true
+		}
+	}
+	return false
+}
+
+func classifyHTTP(b []byte) (Hello, bool, error) {
+	h := Hello{Kind: HTTP}
+	if bytes.HasPrefix(b, []byte("PRI * HTTP/2.0")) {
+		return Hello{Kind: H2C}, false, nil
+	}
+	if !bytes.Contains(b, []byte("\r\n\r\n")) && !bytes.Contains(b, []byte("\n\n")) {
+		return h, true, nil
+	}
+	req, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(b)))
+	if err != nil {
+		return h, false, fmt.Errorf("http: %v", err)
+	}
+	h.Method, h.Path = req.Method, req.URL.Path
+	add := func(host string) {
+		if host == "" {
+			return
+		}
+		if hn, _, err := net.SplitHostPort(host); err == nil {
+			host = hn
+		}
+		host = strings.ToLower(strings.TrimSuffix(strings.Trim(host, "[]"), "."))
+		if !slices.Contains(h.Names, host) {
+			h.Names = append(h.Names, host)
+		}
+	}
+	// ReadRequest keeps one host (the URL's, for an absolute URL); every
+	// Host header counts too.
+	tp := textproto.NewReader(bufio.NewReader(bytes.NewReader(b)))
+	tp.ReadLine()
+	if hdr, err := tp.ReadMIMEHeader(); err == nil {
+		for _, v := range hdr.Values("Host") {
+			add(v)
+		}
+	}
+	add(req.URL.Host)
+	return h, false, nil
+}
+
+// Peek reads c until Classify can tell what the client asks for, at most
+// MaxPeek bytes. The client may take as long as it likes (until ctx ends)
+// before its first byte, as an idle pooled connection does; from then on
+// it has patience to finish. Peek returns the bytes read, to be replayed
+// upstream, with the verdict.
+func Peek(ctx context.Context, c net.Conn, patience time.Duration) ([]byte, Hello, error) {
+	buf := make([]byte, 0, 4096)
+	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
+	defer c.SetReadDeadline(time.Time{})
+	for {
+		if len(buf) == cap(buf) {
+			if cap(buf) >= MaxPeek {
+				return buf, Hello{}, ErrTooLong
+			}
+			buf = slices.Grow(buf, min(cap(buf), MaxPeek-cap(buf)))
+		}
+		n, err := c.Read(buf[len(buf):cap(buf)])
+		if n > 0 && len(buf) == 0 && ctx.Err() == nil {
+			c.SetReadDeadline(time.Now().Add(patience))
+		}
+		buf = buf[:len(buf)+n]
+		if n > 0 {
+			h, more, cerr := Classify(buf)
+			if cerr != nil || !more {
+				return buf, h, cerr
+			}
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				err = ctx.Err()
+			}
+			return buf, Hello{}, err
+		}
+	}
+}
+
+// replayConn is a net.Conn that reads from r and swallows writes: a TLS
+// server can parse a ClientHello from it.
+type replayConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (c *replayConn) Read(b []byte) (int, error)       { return c.r.Read(b) }
+func (c *replayConn) Write(b []byte) (int, error)      { return len(b), nil }
+func (c *replayConn) Close() error                     { return nil }
+func (c *replayConn) SetDeadline(time.Time) error      { return nil }
+func (c *replayConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *replayConn) SetWriteDeadline(time.Time) error { return nil }
+func (c *replayConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
+func (c *replayConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }

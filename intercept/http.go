@@ -1,0 +1,331 @@
+package intercept
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+
+	"github.com/msbtap/msbtap/inspect"
+	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/proxy"
+)
+
+// HTTPRequest is the request a Rewriter changes.
+type HTTPRequest = http.Request
+
+// Headers msbtap sets on the answers it makes itself.
+const (
+	// ReasonHeader says why msbtap refused a request (403, 421).
+	ReasonHeader = "X-Msbtap-Reason"
+	// ErrorHeader says why msbtap could not reach the upstream (502).
+	ErrorHeader = "X-Msbtap-Error"
+)
+
+// upstreamTimeout bounds the upstream TLS handshake.
+const upstreamTimeout = 10 * time.Second
+
+// serveTLS stands in for the server: it completes TLS with the upstream
+// first (the sandbox's ALPN offer forwarded, the upstream's choice then
+// offered back), then with the sandbox under a certificate of the CA, and
+// proxies request by request.
+func (h *Handler) serveTLS(ctx context.Context, fl Flow, peeked []byte, hello inspect.Hello, d policy.Decision) error {
+	sni := hello.Names[0]
+	guest := proxy.WrapConn(fl.Guest, peeked, fl.UpMeter, fl.DownMeter)
+	defer guest.Close()
+	defer fl.Up.Close()
+	offer := slices.DeleteFunc(slices.Clone(hello.ALPN), func(p string) bool { return p != "h2" && p != "http/1.1" })
+	upCfg := &tls.Config{ServerName: sni, RootCAs: h.o.Roots, NextProtos: offer, MinVersion: tls.VersionTLS12}
+	hctx, cancel := context.WithTimeout(ctx, upstreamTimeout)
+	defer cancel()
+	upTLS := tls.Client(fl.Up, upCfg)
+	upErr := upTLS.HandshakeContext(hctx)
+	proto := ""
+	if upErr == nil {
+		proto = upTLS.ConnectionState().NegotiatedProtocol
+	} else if len(offer) > 0 {
+		proto = "http/1.1" // to tell the sandbox why, over whatever it speaks
+		if !slices.Contains(offer, proto) {
+			proto = offer[0]
+		}
+	}
+	leaf, err := h.o.CA.Leaf(sni)
+	if err != nil {
+		proxy.ResetConn(fl.Guest)
+		return err
+	}
+	gCfg := &tls.Config{Certificates: []tls.Certificate{*leaf}, MinVersion: tls.VersionTLS12}
+	if proto != "" {
+		gCfg.NextProtos = []string{proto}
+	}
+	gTLS := tls.Server(guest, gCfg)
+	if err := gTLS.HandshakeContext(hctx); err != nil {
+		// The sandbox does not trust the CA, most likely.
+		h.report(fl, hello, d, "intercepted", "the sandbox's TLS handshake failed: "+err.Error())
+		return err
+	}
+	cancel()
+	ev := Event{Flow: fl.Flow, Decision: d, Mode: "intercepted", SNI: sni, ALPN: proto}
+	if upErr != nil {
+		ev.Reason = "upstream: " + upErr.Error()
+	}
+	h.o.Report(ev)
+
+	rh := &requestHandler{h: h, fl: fl, host: sni, tls: true, scheme: "https"}
+	if upErr != nil {
+		rh.upErr = "upstream TLS: " + upErr.Error()
+	} else if proto == "h2" {
+		cc, err := (&http2.Transport{}).NewClientConn(upTLS)
+		if err != nil {
+			rh.upErr = "upstream HTTP/2: " + err.Error()
+		} else {
+			rh.rt = cc
+			defer cc.Close()
+		}
+	} else {
+		tr := h.upstreamTransport(fl, upTLS, func(ctx context.Context, c net.Conn) (net.Conn, error) {
+			cfg := upCfg.Clone()
+			cfg.NextProtos = []string{"http/1.1"}
+			t := tls.Client(c, cfg)
+			return t, t.HandshakeContext(ctx)
+		})
+		defer tr.CloseIdleConnections()
+		rh.rt = tr
+	}
+	if proto == "h2" {
+		(&http2.Server{IdleTimeout: 5 * time.Minute}).ServeConn(gTLS, &http2.ServeConnOpts{Context: ctx, Handler: rh.wrap()})
+		rh.wg.Wait()
+		return nil
+	}
+	return serveOne(ctx, gTLS, rh)
+}
+
+// serveHTTP proxies plain HTTP/1 request by request, so that every
+// request's host is checked, not only the first one's.
+func (h *Handler) serveHTTP(ctx context.Context, fl Flow, peeked []byte, host string, _ any) error {
+	guest := proxy.WrapConn(fl.Guest, peeked, fl.UpMeter, fl.DownMeter)
+	defer guest.Close()
+	defer fl.Up.Close()
+	tr := h.upstreamTransport(fl, fl.Up, nil)
+	defer tr.CloseIdleConnections()
+	rh := &requestHandler{h: h, fl: fl, host: host, scheme: "http", rt: tr}
+	return serveOne(ctx, guest, rh)
+}
+
+// upstreamTransport is an HTTP/1 transport whose first connection is the
+// flow's own (already dialled, policy-checked) upstream, and which dials
+// the same address again (wrapped by wrap, for TLS) when the client opens
+// more.
+func (h *Handler) upstreamTransport(fl Flow, first net.Conn, wrap func(context.Context, net.Conn) (net.Conn, error)) *http.Transport {
+	var mu sync.Mutex
+	take := func() net.Conn {
+		mu.Lock()
+		defer mu.Unlock()
+		c := first
+		first = nil
+		return c
+	}
+	dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
+		if c := take(); c != nil {
+			return c, nil
+		}
+		c, err := h.o.Dial(ctx, fl.Flow.Dst.String())
+		if err != nil || wrap == nil {
+			return c, err
+		}
+		return wrap(ctx, c)
+	}
+	tr := &http.Transport{MaxIdleConnsPerHost: 4, IdleConnTimeout: 90 * time.Second, DisableCompression: true}
+	if wrap != nil {
+		tr.DialTLSContext = dial
+	} else {
+		tr.DialContext = dial
+	}
+	return tr
+}
+
+// requestHandler decides and proxies the requests of one flow.
+type requestHandler struct {
+	h      *Handler
+	fl     Flow
+	host   string // the name the connection asked for (SNI), or the first request's host
+	tls    bool
+	scheme string
+	rt     http.RoundTripper
+	upErr  string // the upstream could not be reached: every request gets 502
+	wg     sync.WaitGroup
+	rpOnce sync.Once
+	rp     *httputil.ReverseProxy
+}
+
+// wrap counts the requests being served, so that the flow ends after them.
+func (rh *requestHandler) wrap() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rh.wg.Add(1)
+		defer rh.wg.Done()
+		rh.ServeHTTP(w, r)
+	})
+}
+
+func refuse(w http.ResponseWriter, code int, reason string) {
+	w.Header().Set(ReasonHeader, reason)
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Connection", "close")
+	w.WriteHeader(code)
+	fmt.Fprintf(w, "msbtap: %s\n", reason)
+}
+
+func hostOnly(hostport string) string {
+	h := hostport
+	if hn, _, err := net.SplitHostPort(hostport); err == nil {
+		h = hn
+	}
+	return strings.ToLower(strings.TrimSuffix(strings.Trim(h, "[]"), "."))
+}
+
+func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h := rh.h
+	host := hostOnly(r.Host)
+	ev := Event{Flow: rh.fl.Flow, Mode: "request", Method: r.Method, Host: host, Path: r.URL.Path}
+	if rh.tls {
+		ev.SNI = rh.host
+	}
+	deny := func(code int, d policy.Decision, reason string) {
+		if d.Action == policy.Allow {
+			d.Action = policy.Deny
+		}
+		ev.Decision, ev.Reason = d, reason
+		h.reqDenied.Add(1)
+		h.o.Report(ev)
+		refuse(w, code, reason)
+		if d.Action == policy.Terminate {
+			h.o.Terminate(rh.fl.Flow, d)
+		}
+	}
+	if rh.tls && host != rh.host {
+		deny(http.StatusMisdirectedRequest, policy.Decision{Action: policy.Deny, Rule: -1},
+			fmt.Sprintf("host %q is not the server name %q this connection asked for", host, rh.host))
+		return
+	}
+	if host == "" {
+		deny(http.StatusBadRequest, policy.Decision{Action: policy.Deny, Rule: -1}, "request without a host")
+		return
+	}
+	d := h.o.Policy.Load().CheckRequest(withDomain(rh.fl.Flow, host), r.Method, r.URL.Path)
+	ev.Decision = d
+	if d.Action != policy.Allow {
+		deny(http.StatusForbidden, d, fmt.Sprintf("%s %s%s is not allowed by the policy", r.Method, host, r.URL.Path))
+		return
+	}
+	if h.o.Rewriter != nil && h.o.Rewriter.Active() {
+		req := &Request{Host: host, TLS: rh.tls, HTTP: r, Report: func(secret, what string) {
+			e := ev
+			e.Secret, e.Reason = secret, what
+			h.o.Report(e)
+		}}
+		if reason, term := h.o.Rewriter.Request(req); reason != "" {
+			d := policy.Decision{Action: policy.Deny, Rule: -1}
+			if term {
+				d.Action = policy.Terminate
+			}
+			deny(http.StatusForbidden, d, reason)
+			return
+		}
+	}
+	if rh.upErr != "" {
+		ev.Reason = rh.upErr
+		h.o.Report(ev)
+		w.Header().Set(ErrorHeader, rh.upErr)
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(http.StatusBadGateway)
+		fmt.Fprintf(w, "msbtap: %s\n", rh.upErr)
+		return
+	}
+	h.reqAllowed.Add(1)
+	if d.Rule >= 0 && h.o.Policy.Load().HasHTTPRules() {
+		h.o.Report(ev)
+	}
+	rh.proxy().ServeHTTP(w, r)
+}
+
+func (rh *requestHandler) proxy() *httputil.ReverseProxy {
+	rh.rpOnce.Do(func() {
+		rh.rp = &httputil.ReverseProxy{
+			Rewrite: func(pr *httputil.ProxyRequest) {
+				pr.Out.URL.Scheme = rh.scheme
+				pr.Out.URL.Host = pr.In.Host
+				pr.Out.Host = pr.In.Host
+			},
+			Transport:     rh.rt,
+			FlushInterval: -1,
+			ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+				if errors.Is(err, context.Canceled) {
+					return
+				}
+				w.Header().Set(ErrorHeader, "upstream: "+err.Error())
+				w.WriteHeader(http.StatusBadGateway)
+			},
+		}
+		if rw, ok := rh.h.o.Rewriter.(interface {
+			Response(host string, hdr http.Header)
+		}); ok && rw != nil {
+			rh.rp.ModifyResponse = func(resp *http.Response) error {
+				rw.Response(rh.host, resp.Header)
+				return nil
+			}
+		}
+	})
+	return rh.rp
+}
+
+// serveOne serves HTTP/1 on one connection until it closes, and waits
+// for its handlers (an upgraded connection's included).
+func serveOne(ctx context.Context, c net.Conn, rh *requestHandler) error {
+	ln := &oneConnListener{c: c, done: make(chan struct{})}
+	srv := &http.Server{
+		Handler:           rh.wrap(),
+		ReadHeaderTimeout: time.Minute,
+		IdleTimeout:       5 * time.Minute,
+		ConnState: func(_ net.Conn, st http.ConnState) {
+			if st == http.StateClosed || st == http.StateHijacked {
+				ln.close()
+			}
+		},
+		ErrorLog: nil,
+	}
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	srv.Serve(ln)
+	rh.wg.Wait()
+	return nil
+}
+
+// oneConnListener hands out one connection, then waits until it is done.
+type oneConnListener struct {
+	c     net.Conn
+	taken bool
+	done  chan struct{}
+	once  sync.Once
+}
+
+func (l *oneConnListener) Accept() (net.Conn, error) {
+	if !l.taken {
+		l.taken = true
+		return l.c, nil
+	}
+	<-l.done
+	return nil, net.ErrClosed
+}
+
+func (l *oneConnListener) close()         { l.once.Do(func() { close(l.done) }) }
+func (l *oneConnListener) Close() error   { l.close(); return nil }
+func (l *oneConnListener) Addr() net.Addr { return l.c.LocalAddr() }
