@@ -132,7 +132,7 @@ type Stack struct {
 	// lastUDPRule is the rule of the last UDP session decision, for the
 	// refusal the poll loop sends (both run on the poll loop).
 	lastUDPRule int
-	syns     synTable
+	syns        synTable
 
 	done      chan struct{}
 	closeOnce sync.Once
