@@ -64,7 +64,7 @@ fuzz:
 	done
 
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./rings ./wake ./stack ./proxy ./policy ./intercept
+	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./rings ./wake ./stack ./proxy ./policy ./intercept ./secrets
 
 bench-peers: deps build
 	./scripts/bench-peers.sh

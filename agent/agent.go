@@ -26,6 +26,7 @@ import (
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
 	"github.com/msbtap/msbtap/tap"
 	"github.com/msbtap/msbtap/wire"
@@ -97,6 +98,8 @@ type Config struct {
 	Publish []proxy.PortSpec
 	// TLS: name checks and interception.
 	TLS TLSConfig
+	// Secrets are swapped in for their placeholders on the wire.
+	Secrets SecretsConfig
 
 	// Control is the path of the control socket (none if empty), owned by
 	// ControlUID:ControlGID (-1: root).
@@ -127,6 +130,7 @@ type Agent struct {
 	ca         *intercept.CA
 	l7         *intercept.Handler
 	bundle     string // the CA bundle the command trusts
+	secrets    *secrets.Store
 	audit      *audit.Log
 	counts     *decisionCounts
 	term       *terminator
@@ -187,7 +191,7 @@ func New(cfg Config) (a *Agent, err error) {
 		return a, err
 	}
 	a.ctl.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		newCollector(a.shared, a.gw, a.pub, a.audit, a.counts, a.l7))
+		newCollector(a.shared, a.gw, a.pub, a.audit, a.counts, a.l7, a.secrets))
 	if err := a.startControl(a.pump); err != nil {
 		return a, err
 	}
@@ -250,7 +254,7 @@ func checkPrivileges() error {
 // audit-log path fails before anything is created.
 func (a *Agent) buildPolicy() error {
 	a.popts = policy.Options{Host: HostAddrs(a.cfg.Plan), Pins: policy.NewPins(0), DenyIsFatal: a.cfg.DenyIsFatal,
-		RefuseQUIC: a.cfg.TLS.Mode == intercept.All}
+		RefuseQUIC: a.cfg.TLS.Mode == intercept.All || len(a.cfg.Secrets.Flags) > 0 || a.cfg.Secrets.File != ""}
 	a.onClose(watchHostAddrs(a.cfg.Plan, a.popts.Host, a.log))
 	engine, err := policy.Compile(a.cfg.Policy, a.popts)
 	if err != nil {
@@ -337,12 +341,15 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 	a.pump = pump
 	a.onClose(func() { pump.Close(); pump.Wait() })
 
+	if err := a.buildSecrets(); err != nil {
+		return err
+	}
 	if err := a.buildIntercept(); err != nil {
 		return err
 	}
 	guard, err := policy.NewDNSGuard(policy.DNSGuardOptions{
 		Policy: a.holder, Pins: a.popts.Pins, Block: cfg.DNSBlock, BlockSuffix: cfg.DNSBlockSuffix,
-		RebindProtection: cfg.RebindProtection, StripECH: cfg.TLS.Mode == intercept.All,
+		RebindProtection: cfg.RebindProtection, StripECH: cfg.TLS.Mode == intercept.All || a.secrets != nil,
 	})
 	if err != nil {
 		return fielderr.Wrap("dns_block", err)
@@ -361,7 +368,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		OnDecision:     a.onDecision,
 		DenyMode:       cfg.DenyMode,
 		DNSUpstreams:   ups,
-		DNSFilter:      guard,
+		DNSFilter:      a.dnsFilter(guard),
 		MaxConnections: cfg.MaxConnections,
 		Offload:        cfg.Offload,
 		IsLocal:        newLocalRoutes().IsLocal,

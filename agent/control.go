@@ -195,14 +195,6 @@ func (c *controller) SetRates(r control.Rates) error {
 	return nil
 }
 
-func (c *controller) SetSecret(name string, value []byte) error {
-	return fmt.Errorf("%w: secret %q: this sandbox has no secrets", control.ErrNotFound, name)
-}
-
-func (c *controller) RemoveSecret(name string) error {
-	return fmt.Errorf("%w: secret %q: this sandbox has no secrets", control.ErrNotFound, name)
-}
-
 // inSandbox reports whether process pid runs in the sandbox that -- COMMAND
 // started: a descendant of its init (orphans there are re-parented to the
 // init, so none leaves). A process that cannot be traced is refused.

@@ -19,6 +19,7 @@ import (
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
 )
 
@@ -31,14 +32,18 @@ type collector struct {
 	audit  *audit.Log
 	counts *decisionCounts
 	l7     *intercept.Handler
+	sec    *secrets.Store // nil without secrets
 
-	l7Flows, requests,
+	l7Flows, requests, secretSubs, secretViols,
 	bytes, frames, drops, flowsActive, flowsTotal, decisions, auditDrops, failures, wakes *prometheus.Desc
 }
 
-func newCollector(sh *rings.Shared, st *stack.Stack, pub *proxy.Publisher, alog *audit.Log, counts *decisionCounts, l7 *intercept.Handler) *collector {
+func newCollector(sh *rings.Shared, st *stack.Stack, pub *proxy.Publisher, alog *audit.Log, counts *decisionCounts, l7 *intercept.Handler, sec *secrets.Store) *collector {
 	return &collector{
 		l7:          l7,
+		sec:         sec,
+		secretSubs:  prometheus.NewDesc("msbtap_secret_substitutions_total", "Requests a secret's value was injected into, by secret name.", []string{"secret"}, nil),
+		secretViols: prometheus.NewDesc("msbtap_secret_violations_total", "Placeholders found where their secret may not go, by secret name.", []string{"secret"}, nil),
 		l7Flows:     prometheus.NewDesc("msbtap_inspected_flows_total", "TCP flows whose first bytes were looked at, by what became of them: spliced (relayed as they are after the name check), intercepted (TLS terminated by msbtap), proxied (plain HTTP, request by request) or refused.", []string{"mode"}, nil),
 		requests:    prometheus.NewDesc("msbtap_http_requests_total", "Requests on intercepted or proxied connections, by decision.", []string{"decision"}, nil),
 		counts:      counts,
@@ -59,7 +64,7 @@ func newCollector(sh *rings.Shared, st *stack.Stack, pub *proxy.Publisher, alog 
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.l7Flows, c.requests, c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions, c.auditDrops, c.failures, c.wakes} {
+	for _, d := range []*prometheus.Desc{c.l7Flows, c.requests, c.secretSubs, c.secretViols, c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions, c.auditDrops, c.failures, c.wakes} {
 		ch <- d
 	}
 }
@@ -109,6 +114,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.l7Flows, s.Refused, "refused")
 		counter(c.requests, s.RequestsAllowed, "allowed")
 		counter(c.requests, s.RequestsDenied, "denied")
+	}
+	if c.sec != nil {
+		for name, n := range c.sec.Counts() {
+			counter(c.secretSubs, n[0], name)
+			counter(c.secretViols, n[1], name)
+		}
 	}
 }
 

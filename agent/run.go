@@ -91,6 +91,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		case sig := <-sigc:
 			if sig == syscall.SIGHUP {
 				a.reloadPolicy()
+				a.reloadSecrets()
 				continue
 			}
 			a.log.Info("stopping", "signal", sig.String())
@@ -130,7 +131,8 @@ func (a *Agent) keepCaps() []uintptr {
 func (a *Agent) startCommand() (*exec.Cmd, error) {
 	cfg := a.cfg
 	wd, _ := os.Getwd()
-	spec := sandbox.Spec{Argv: cfg.Command, Env: append(commandEnv(cfg.CommandUID), a.caEnv()...), Dir: wd,
+	env := append(append(commandEnv(cfg.CommandUID), a.caEnv()...), a.secretsEnv()...)
+	spec := sandbox.Spec{Argv: cfg.Command, Env: env, Dir: wd,
 		UID: cfg.CommandUID, GID: cfg.CommandGID, Groups: cfg.CommandGroups}
 	if cfg.Control != "" {
 		spec.Hide = append(spec.Hide, cfg.Control)

@@ -15,6 +15,8 @@ import (
 // sandbox; msbtap exits with status 3.
 type Terminated struct {
 	Proto, Src, Dst, Domain, Rule string
+	// Secret names the secret whose placeholder went where it may not.
+	Secret string
 }
 
 func (t *Terminated) Error() string {
@@ -55,9 +57,12 @@ func (t *terminator) setProcessGroup(pgid int) { t.pgid.Store(int64(pgid)) }
 
 // record keeps the first fatal violation for the hook, which the gateway
 // fires right after reporting it.
-func (t *terminator) record(f policy.Flow, d policy.Decision) {
+func (t *terminator) record(f policy.Flow, d policy.Decision) { t.recordSecret(f, d, "") }
+
+// recordSecret is record for a violation that involves a secret.
+func (t *terminator) recordSecret(f policy.Flow, d policy.Decision, secret string) {
 	v := &Terminated{Proto: protoLabel(f), Src: addrLabel(f.Src.String()), Dst: addrLabel(f.Dst.String()),
-		Domain: f.Domain, Rule: ruleLabel(d, t.holder.Load())}
+		Domain: f.Domain, Rule: ruleLabel(d, t.holder.Load()), Secret: secret}
 	t.mu.Lock()
 	if t.pending == nil {
 		t.pending = v
@@ -98,7 +103,7 @@ func (t *terminator) kill() {
 // finish logs the violation, runs --on-terminate, and returns it.
 func (t *terminator) finish(v Terminated) error {
 	t.log.Error("policy violation: sandbox terminated", "proto", v.Proto, "src", v.Src,
-		"dst", v.Dst, "domain", v.Domain, "rule", v.Rule)
+		"dst", v.Dst, "domain", v.Domain, "rule", v.Rule, "secret", v.Secret)
 	if t.runner != nil {
 		env := []string{
 			"MSBTAP_VIOLATION_PROTO=" + v.Proto,
@@ -106,6 +111,9 @@ func (t *terminator) finish(v Terminated) error {
 			"MSBTAP_VIOLATION_DST=" + v.Dst,
 			"MSBTAP_VIOLATION_DOMAIN=" + safeName(v.Domain),
 			"MSBTAP_VIOLATION_RULE=" + v.Rule,
+		}
+		if v.Secret != "" {
+			env = append(env, "MSBTAP_VIOLATION_SECRET="+v.Secret) // a declared name: letters, digits, _
 		}
 		if err := t.runner.run(t.c.onTerminate, env); err != nil {
 			t.log.Error("--on-terminate failed", "err", err)

@@ -61,7 +61,7 @@ func (a *Agent) buildIntercept() error {
 	}
 	var d net.Dialer
 	a.l7 = intercept.NewHandler(intercept.Options{
-		Mode: tc.Mode, CA: ca, Roots: roots, Bypass: tc.Bypass, Policy: a.holder,
+		Mode: tc.Mode, CA: ca, Roots: roots, Bypass: tc.Bypass, Policy: a.holder, Rewriter: a.rewriter(),
 		Report:    a.onL7,
 		Terminate: a.terminateL7,
 		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
@@ -136,8 +136,12 @@ func (a *Agent) onL7(ev intercept.Event) {
 
 // terminateL7 stops the sandbox for a fatal violation found inside a
 // connection.
-func (a *Agent) terminateL7(f policy.Flow, d policy.Decision) {
-	a.term.record(f, d)
+func (a *Agent) terminateL7(ev intercept.Event) {
+	f := ev.Flow
+	if f.Domain == "" {
+		f.Domain = firstNonEmpty(ev.SNI, ev.Host)
+	}
+	a.term.recordSecret(f, ev.Decision, ev.Secret)
 	a.shared.TriggerTermination()
 }
 

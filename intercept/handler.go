@@ -55,9 +55,28 @@ type Rewriter interface {
 	// Active reports whether it has anything to do at all.
 	Active() bool
 	// Request rewrites r, a request to host (TLS says whether it came
-	// intercepted from TLS, or in the clear), or refuses it with a
-	// reason; terminate asks for the sandbox to be stopped.
-	Request(r *Request) (refuse string, terminate bool)
+	// intercepted from TLS, or in the clear), or refuses it.
+	Request(r *Request) *Refusal
+}
+
+// Refusal is why a Rewriter refused a request or a flow.
+type Refusal struct {
+	Reason string
+	// Secret names the secret involved, if any.
+	Secret string
+	// Terminate asks for the sandbox to be stopped.
+	Terminate bool
+	// Quiet: refuse without an audit line (a secret's "block").
+	Quiet bool
+}
+
+// decision is the refusal as a policy decision, for the log.
+func (r *Refusal) decision() policy.Decision {
+	d := policy.Decision{Action: policy.Deny, Rule: policy.RuleSecret}
+	if r.Terminate {
+		d.Action = policy.Terminate
+	}
+	return d
 }
 
 // Request is one request as a Rewriter sees it.
@@ -69,6 +88,12 @@ type Request struct {
 	HTTP *HTTPRequest
 	// Report records what the Rewriter did (the secret, for the audit).
 	Report func(secret, what string)
+}
+
+// FlowScanner, implemented by a Rewriter, looks for what may not leave
+// in a flow's server name and first bytes.
+type FlowScanner interface {
+	ScanFlow(name string, first []byte) *Refusal
 }
 
 // Event is one decision of the handler, for the decision log and counters.
@@ -97,9 +122,9 @@ type Options struct {
 	Rewriter Rewriter
 	// Report is told of every flow decision and refused request.
 	Report func(Event)
-	// Terminate stops the sandbox after a fatal violation (already
-	// reported).
-	Terminate func(policy.Flow, policy.Decision)
+	// Terminate stops the sandbox after a fatal violation (the event,
+	// already reported).
+	Terminate func(Event)
 	// Dial opens further upstream connections for a proxied host (an
 	// HTTP/1 client may open several on one intercepted flow's behalf).
 	Dial func(ctx context.Context, addr string) (net.Conn, error)
@@ -140,7 +165,7 @@ func NewHandler(o Options) *Handler {
 		o.Report = func(Event) {}
 	}
 	if o.Terminate == nil {
-		o.Terminate = func(policy.Flow, policy.Decision) {}
+		o.Terminate = func(Event) {}
 	}
 	if o.Dial == nil {
 		var d net.Dialer
@@ -212,6 +237,17 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 		return rerr
 	}
 	d := fl.Decision
+	if sc, ok := h.o.Rewriter.(FlowScanner); ok && h.o.Rewriter.Active() {
+		name := strings.Join(hello.Names, ",")
+		first := peeked
+		if hello.Kind == inspect.HTTP {
+			first = nil // proxied: every request is checked on its own
+		}
+		if ref := sc.ScanFlow(name, first); ref != nil {
+			h.refuseAs(fl, down, hello, ref.decision(), ref.Reason, ref.Secret)
+			return nil
+		}
+	}
 	switch hello.Kind {
 	case inspect.Other:
 		// Server-first or unknown protocols are decided by the address
@@ -293,8 +329,12 @@ func withDomain(f policy.Flow, name string) policy.Flow {
 	return f
 }
 
-func (h *Handler) report(fl Flow, hello inspect.Hello, d policy.Decision, mode, reason string) {
-	ev := Event{Flow: fl.Flow, Decision: d, Mode: mode, Reason: reason}
+func (h *Handler) report(fl Flow, hello inspect.Hello, d policy.Decision, mode, reason string) Event {
+	return h.reportSecret(fl, hello, d, mode, reason, "")
+}
+
+func (h *Handler) reportSecret(fl Flow, hello inspect.Hello, d policy.Decision, mode, reason, secret string) Event {
+	ev := Event{Flow: fl.Flow, Decision: d, Mode: mode, Reason: reason, Secret: secret}
 	switch hello.Kind {
 	case inspect.TLS:
 		if len(hello.Names) > 0 {
@@ -306,6 +346,7 @@ func (h *Handler) report(fl Flow, hello inspect.Hello, d policy.Decision, mode, 
 		ev.Host = strings.Join(hello.Names, ",")
 	}
 	h.o.Report(ev)
+	return ev
 }
 
 // splice relays the flow as it is, the peeked bytes first.
@@ -321,17 +362,21 @@ func (h *Handler) splice(fl Flow, down *downCopier, peeked []byte, hello inspect
 
 // refuse resets both ends and reports d (a terminate stops the sandbox).
 func (h *Handler) refuse(fl Flow, down *downCopier, hello inspect.Hello, d policy.Decision, reason string) {
+	h.refuseAs(fl, down, hello, d, reason, "")
+}
+
+func (h *Handler) refuseAs(fl Flow, down *downCopier, hello inspect.Hello, d policy.Decision, reason, secret string) {
 	if d.Action == policy.Allow {
 		d.Action = policy.Deny // allowed by rule, refused for what it sent
 	}
 	h.refused.Add(1)
-	h.report(fl, hello, d, "refused", reason)
+	ev := h.reportSecret(fl, hello, d, "refused", reason, secret)
 	proxy.ResetConn(fl.Guest)
 	proxy.ResetConn(fl.Up)
 	down.stop()
 	h.o.Log.Info("flow refused", "flow_id", fl.Flow.ID, "dst", fl.Flow.Dst, "reason", reason)
 	if d.Action == policy.Terminate {
-		h.o.Terminate(fl.Flow, d)
+		h.o.Terminate(ev)
 	}
 }
 

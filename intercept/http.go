@@ -199,16 +199,19 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if rh.tls {
 		ev.SNI = rh.host
 	}
+	quiet := false
 	deny := func(code int, d policy.Decision, reason string) {
 		if d.Action == policy.Allow {
 			d.Action = policy.Deny
 		}
 		ev.Decision, ev.Reason = d, reason
 		h.reqDenied.Add(1)
-		h.o.Report(ev)
+		if !quiet {
+			h.o.Report(ev)
+		}
 		refuse(w, code, reason)
 		if d.Action == policy.Terminate {
-			h.o.Terminate(rh.fl.Flow, d)
+			h.o.Terminate(ev)
 		}
 	}
 	if rh.tls && host != rh.host {
@@ -232,12 +235,9 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			e.Secret, e.Reason = secret, what
 			h.o.Report(e)
 		}}
-		if reason, term := h.o.Rewriter.Request(req); reason != "" {
-			d := policy.Decision{Action: policy.Deny, Rule: -1}
-			if term {
-				d.Action = policy.Terminate
-			}
-			deny(http.StatusForbidden, d, reason)
+		if ref := h.o.Rewriter.Request(req); ref != nil {
+			ev.Secret, quiet = ref.Secret, ref.Quiet
+			deny(http.StatusForbidden, ref.decision(), ref.Reason)
 			return
 		}
 	}
@@ -268,6 +268,22 @@ func (rh *requestHandler) proxy() *httputil.ReverseProxy {
 			Transport:     rh.rt,
 			FlushInterval: -1,
 			ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+				var rerr interface{ Refusal() *Refusal }
+				if errors.As(err, &rerr) {
+					// The Rewriter stopped the request mid-body.
+					ref := rerr.Refusal()
+					ev := Event{Flow: rh.fl.Flow, Decision: ref.decision(), Mode: "request", Method: r.Method,
+						Host: hostOnly(r.Host), Path: r.URL.Path, Reason: ref.Reason, Secret: ref.Secret}
+					rh.h.reqDenied.Add(1)
+					if !ref.Quiet {
+						rh.h.o.Report(ev)
+					}
+					refuse(w, http.StatusForbidden, ref.Reason)
+					if ref.Terminate {
+						rh.h.o.Terminate(ev)
+					}
+					return
+				}
 				if errors.Is(err, context.Canceled) {
 					return
 				}

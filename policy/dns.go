@@ -36,15 +36,16 @@ type DNSGuard struct {
 
 // Decision rule numbers for verdicts that come from outside the rules.
 const (
-	RuleDefault     = -1 // the policy's default action
-	RuleBlockList   = -2 // --dns-block / --dns-block-suffix
-	RuleRebind      = -3 // rebinding protection
-	RuleResolveAll  = -4 // resolve "all" let an unlisted name resolve
-	RuleGatewayEcho = -5 // the gateway answers its own echo
-	RuleLocal       = -6 // the host's routing table says the destination is local
-	RuleUnspecified = -7 // an unspecified address is never dialed
-	RuleQUIC        = -8 // QUIC refused where names are checked
-	RuleDoT         = -9 // DNS over TLS refused under domain rules
+	RuleDefault     = -1  // the policy's default action
+	RuleBlockList   = -2  // --dns-block / --dns-block-suffix
+	RuleRebind      = -3  // rebinding protection
+	RuleResolveAll  = -4  // resolve "all" let an unlisted name resolve
+	RuleGatewayEcho = -5  // the gateway answers its own echo
+	RuleLocal       = -6  // the host's routing table says the destination is local
+	RuleUnspecified = -7  // an unspecified address is never dialed
+	RuleQUIC        = -8  // QUIC refused where names are checked
+	RuleDoT         = -9  // DNS over TLS refused under domain rules
+	RuleSecret      = -10 // a secret's placeholder where it may not go
 )
 
 // NewDNSGuard returns a guard; names in the block lists must be valid.

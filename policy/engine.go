@@ -362,6 +362,9 @@ func (e *Engine) Describe(i int) string {
 	if i == RuleQUIC {
 		return "QUIC (UDP 443) refused: the server name must be checked over TCP"
 	}
+	if i == RuleSecret {
+		return "a secret's placeholder where the secret may not go"
+	}
 	if i == RuleDoT {
 		return "DNS over TLS (853) refused: domain rules need the sandbox's lookups"
 	}

@@ -56,6 +56,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			runCommand(),
 			policyCommand(),
 			ctlCommand(),
+			secretsCommand(),
 			configCommand(),
 			completionCommand(),
 			manCommand(),

@@ -24,6 +24,7 @@ import (
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/sandbox"
+	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
 )
 
@@ -75,6 +76,9 @@ func runFlags() []cli.Flag {
 		&cli.StringFlag{Name: "tls-ca-out", Usage: "write the CA certificate to `FILE` for the guest to trust"},
 		&cli.StringSliceFlag{Name: "tls-upstream-ca", Usage: "also trust this CA `FILE` (PEM) upstream, besides the host's roots (repeatable)"},
 		&cli.StringSliceFlag{Name: "tls-bypass", Usage: "never intercept `NAME` (exact, or *.suffix): hosts that pin their certificates (repeatable)"},
+		&cli.StringSliceFlag{Name: "secret", Usage: "a secret `NAME@HOST[,HOST…]`: the value is msbtap's environment variable NAME, the sandbox gets a placeholder in NAME, and msbtap swaps the value in on intercepted HTTPS to HOST (exact or *.suffix) only (repeatable)"},
+		&cli.StringFlag{Name: "secrets", Usage: "secrets `FILE` (JSON, mode 0600; see README), re-read on SIGHUP"},
+		&cli.StringFlag{Name: "secrets-env-out", Usage: "write the secrets' NAME=placeholder lines to `FILE` (for a VM or a namespace msbtap did not start)"},
 		// -p is its own flag rather than an alias so that -p and --publish
 		// can be mixed on one command line.
 		&cli.StringSliceFlag{Name: "p", Hidden: true},
@@ -224,6 +228,8 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 	tlsMode := s.str("tls-intercept")
 	cfg.TLS.CACert, cfg.TLS.CAKey, cfg.TLS.CAOut = s.str("tls-ca-cert"), s.str("tls-ca-key"), s.str("tls-ca-out")
 	cfg.TLS.UpstreamCA, cfg.TLS.Bypass = s.strs("tls-upstream-ca"), s.strs("tls-bypass")
+	secretFlags := s.strs("secret")
+	cfg.Secrets.File, cfg.Secrets.EnvOut = s.str("secrets"), s.str("secrets-env-out")
 	if s.err != nil {
 		return cfg, s.err
 	}
@@ -327,6 +333,13 @@ func (s *settings) agentConfig() (cfg agent.Config, err error) {
 	}
 	if cfg.TLS.Mode, err = intercept.ParseMode(tlsMode); err != nil {
 		return cfg, fielderr.Bad("tls_intercept", tlsMode, "want off, auto or all")
+	}
+	for _, f := range secretFlags {
+		sp, err := secrets.ParseFlag(f)
+		if err != nil {
+			return cfg, fielderr.Bad("secret", f, "%v", err)
+		}
+		cfg.Secrets.Flags = append(cfg.Secrets.Flags, sp)
 	}
 	for _, b := range cfg.TLS.Bypass {
 		if strings.Trim(b, "*.") == "" || strings.Contains(strings.TrimPrefix(b, "*."), "*") {

@@ -46,6 +46,9 @@ type World struct {
 	// TestCA is the CA certificate (PEM file) of the test internet's HTTPS
 	// servers, which serve TestDomain and OtherDomain.
 	TestCA string
+	// RequestLog has a "METHOD HOST PATH" line for every request the test
+	// internet's HTTP and HTTPS servers got.
+	RequestLog string
 
 	Agent    *exec.Cmd
 	AgentLog *Buffer
@@ -80,6 +83,7 @@ func NewWorld(t testing.TB) *World {
 	dir := t.TempDir()
 	os.Chmod(dir, 0o755) // the sandbox's user reads the test CA
 	w.TestCA = filepath.Join(dir, "test-ca.pem")
+	w.RequestLog = filepath.Join(dir, "requests.log")
 	ready := filepath.Join(dir, "inet-ready")
 	w.Inet.Start(t, w.Testhost, "serve",
 		"--http", WebHost4+":80", "--http", "["+WebHost6+"]:80",
@@ -88,7 +92,7 @@ func NewWorld(t testing.TB) *World {
 		"--udp-size", WebHost4+":7004", "--udp-size", "["+WebHost6+"]:7004",
 		"--echo", WebHost4+":7005",
 		"--https", WebHost4+":443", "--https", "["+WebHost6+"]:443", "--https-untrusted", WebHost4+":8443",
-		"--tls-names", TestDomain+","+OtherDomain, "--tls-ca-out", w.TestCA,
+		"--tls-names", TestDomain+","+OtherDomain, "--tls-ca-out", w.TestCA, "--request-log", w.RequestLog,
 		"--banner", WebHost4+":22",
 		"--dns", DNSHost4+":53",
 		"--record", TestDomain+"="+WebHost4, "--record", TestDomain+"="+WebHost6,

@@ -96,9 +96,17 @@ func serve(args []string) {
 	fs.Var(&untrustedAddrs, "https-untrusted", "serve HTTPS on ADDR with a certificate of a CA nobody trusts (repeatable)")
 	fs.Var(&bannerAddrs, "banner", "on ADDR, speak first (an SSH-like banner), then echo the client's line (repeatable)")
 	tlsNames := fs.String("tls-names", "localhost", "the names (comma-separated) the HTTPS certificates are for")
+	reqLog := fs.String("request-log", "", "append \"METHOD HOST PATH\" for every HTTP(S) request to FILE")
 	caOut := fs.String("tls-ca-out", "", "write the CA certificate of --https to FILE")
 	ready := fs.String("ready", "", "create this file once every server listens")
 	fs.Parse(args)
+	if *reqLog != "" {
+		f, err := os.OpenFile(*reqLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+		if err != nil {
+			log.Fatal(err)
+		}
+		requestLog = f
+	}
 	setupTLS(httpsAddrs, untrustedAddrs, *tlsNames, *caOut)
 	for _, a := range bannerAddrs {
 		serveTCP(a, bannerServer)
@@ -210,7 +218,27 @@ func serveTCP(addr string, handle func(net.Conn)) {
 	}()
 }
 
+// requestLog, if set, gets a line per HTTP request.
+var (
+	requestLog   *os.File
+	requestLogMu sync.Mutex
+)
+
+// httpHandler is httpMux, each request logged to --request-log if given.
 func httpHandler() http.Handler {
+	mux := httpMux()
+	if requestLog == nil {
+		return mux
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requestLogMu.Lock()
+		fmt.Fprintf(requestLog, "%s %s %s\n", r.Method, r.Host, r.URL.Path)
+		requestLogMu.Unlock()
+		mux.ServeHTTP(w, r)
+	})
+}
+
+func httpMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "hello from testhost %s\n", r.Host)

@@ -1,0 +1,178 @@
+package agent
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+
+	"github.com/miekg/dns"
+	"golang.org/x/sys/unix"
+
+	"github.com/msbtap/msbtap/control"
+	"github.com/msbtap/msbtap/intercept"
+	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/proxy"
+	"github.com/msbtap/msbtap/secrets"
+)
+
+// SecretsConfig declares the secrets.
+type SecretsConfig struct {
+	// Flags are the secrets from --secret; File (--secrets) holds more,
+	// and is re-read on SIGHUP.
+	Flags []secrets.Spec
+	File  string
+	// EnvOut receives NAME=placeholder lines, for a VM or a namespace
+	// msbtap did not start.
+	EnvOut string
+}
+
+// buildSecrets reads the secrets and checks that interception can carry
+// them.
+func (a *Agent) buildSecrets() error {
+	sc := a.cfg.Secrets
+	specs, err := sc.specs()
+	if err != nil {
+		return fielderr.Wrap("secrets", err)
+	}
+	if len(specs) == 0 {
+		return nil
+	}
+	if a.cfg.TLS.Mode == intercept.Off {
+		return fielderr.Bad("tls_intercept", "off", "secrets are injected into intercepted TLS: give --tls-intercept auto or all")
+	}
+	for _, sp := range specs {
+		for _, h := range sp.Hosts {
+			for _, b := range a.cfg.TLS.Bypass {
+				if intercept.MatchesAny([]string{b}, strings.TrimPrefix(h, "*.")) || intercept.MatchesAny([]string{h}, strings.TrimPrefix(b, "*.")) {
+					return fielderr.Bad("tls_bypass", b, "secret %s goes to %s, which would be spliced: a secret's host is never bypassed", sp.Name, h)
+				}
+			}
+		}
+	}
+	st, err := secrets.New(specs, os.Getenv)
+	if err != nil {
+		return fielderr.Wrap("secret", err)
+	}
+	a.secrets = st
+	// A core of the agent would hold the values: none is written, and no
+	// process of the same user may trace it.
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		return fmt.Errorf("keep secrets out of core dumps: %w", err)
+	}
+	if sc.EnvOut != "" {
+		if err := writeFile(sc.EnvOut, []byte(strings.Join(st.Env(), "\n")+"\n"), 0o600); err != nil {
+			return fielderr.Wrap("secrets_env_out", err)
+		}
+	}
+	return nil
+}
+
+// rewriter is what interception rewrites requests with: the secrets, if
+// any.
+func (a *Agent) rewriter() intercept.Rewriter {
+	if a.secrets == nil {
+		return nil
+	}
+	return a.secrets
+}
+
+// secretsEnv is NAME=placeholder for the command.
+func (a *Agent) secretsEnv() []string {
+	if a.secrets == nil {
+		return nil
+	}
+	return a.secrets.Env()
+}
+
+// specs are the flags' secrets and the file's.
+func (sc SecretsConfig) specs() ([]secrets.Spec, error) {
+	specs := append([]secrets.Spec(nil), sc.Flags...)
+	if sc.File != "" {
+		f, err := secrets.LoadFile(sc.File)
+		if err != nil {
+			return nil, err
+		}
+		specs = append(specs, f.Secrets...)
+	}
+	seen := map[string]bool{}
+	for _, s := range specs {
+		if seen[s.Name] {
+			return nil, fmt.Errorf("secret %s declared twice", s.Name)
+		}
+		seen[s.Name] = true
+	}
+	return specs, nil
+}
+
+// reloadSecrets re-reads the secrets file on SIGHUP: new values and hosts
+// apply to new requests; an invalid file leaves the old secrets in force.
+func (a *Agent) reloadSecrets() {
+	sc := a.cfg.Secrets
+	if sc.File == "" || a.secrets == nil {
+		return
+	}
+	specs, err := sc.specs()
+	if err == nil {
+		err = a.secrets.Reload(specs)
+	}
+	if err != nil {
+		a.log.Error("secrets reload failed; the old ones stay in force", "file", sc.File, "err", err)
+		return
+	}
+	a.log.Info("secrets reloaded", "file", sc.File, "secrets", len(specs))
+}
+
+// dnsFilter is the guard, behind the secrets' check of query names.
+func (a *Agent) dnsFilter(guard proxy.DNSFilter) proxy.DNSFilter {
+	if a.secrets == nil {
+		return guard
+	}
+	return secretDNS{guard, a.secrets}
+}
+
+// secretDNS checks query names for placeholders before the policy's guard
+// sees them: a name cannot carry a secret's placeholder out.
+type secretDNS struct {
+	proxy.DNSFilter
+	st *secrets.Store
+}
+
+func (s secretDNS) Query(src netip.AddrPort, q *dns.Msg) (*dns.Msg, *policy.Verdict) {
+	if len(q.Question) == 1 {
+		if ref := s.st.ScanName(q.Question[0].Name); ref != nil {
+			m := new(dns.Msg)
+			m.SetRcode(q, dns.RcodeRefused)
+			d := policy.Decision{Action: policy.Deny, Rule: policy.RuleSecret}
+			if ref.Terminate {
+				d.Action = policy.Terminate
+			}
+			return m, &policy.Verdict{Flow: policy.Flow{Proto: policy.UDP, Src: src, Domain: strings.TrimSuffix(q.Question[0].Name, "."), DNS: true}, Decision: d}
+		}
+	}
+	return s.DNSFilter.Query(src, q)
+}
+
+// SetSecret and RemoveSecret serve the control socket.
+func (c *controller) SetSecret(name string, value []byte) error {
+	if c.a.secrets == nil {
+		return fmt.Errorf("%w: secret %q: this sandbox has no secrets (declare them with --secret or --secrets)", control.ErrNotFound, name)
+	}
+	if err := c.a.secrets.Set(name, value); err != nil {
+		return fmt.Errorf("%w: %v", control.ErrNotFound, err)
+	}
+	c.a.log.Info("secret changed through the control socket", "secret", name)
+	return nil
+}
+
+func (c *controller) RemoveSecret(name string) error {
+	if c.a.secrets == nil {
+		return fmt.Errorf("%w: secret %q: this sandbox has no secrets", control.ErrNotFound, name)
+	}
+	if err := c.a.secrets.Remove(name); err != nil {
+		return fmt.Errorf("%w: %v", control.ErrNotFound, err)
+	}
+	c.a.log.Info("secret removed through the control socket", "secret", name)
+	return nil
+}

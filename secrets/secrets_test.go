@@ -1,0 +1,230 @@
+package secrets
+
+import (
+	"encoding/base64"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"testing/iotest"
+
+	"go.uber.org/goleak"
+
+	"github.com/msbtap/msbtap/intercept"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+func store(t *testing.T, specs ...Spec) *Store {
+	t.Helper()
+	vals := map[string]string{"TOKEN": "s3cr3t-value-0123456789", "SHORT": "abc", "OTHER": "other-secret-value-xyz"}
+	s, err := New(specs, env(vals))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func placeholder(s *Store, name string) string {
+	for _, kv := range s.Env() {
+		if n, v, _ := strings.Cut(kv, "="); n == name {
+			return v
+		}
+	}
+	return ""
+}
+
+func TestPlaceholders(t *testing.T) {
+	s := store(t, Spec{Name: "TOKEN", FromEnv: "TOKEN", Hosts: []string{"api.test"}},
+		Spec{Name: "SHORT", FromEnv: "SHORT", Hosts: []string{"api.test"}})
+	tok, short := placeholder(s, "TOKEN"), placeholder(s, "SHORT")
+	if len(tok) != len("s3cr3t-value-0123456789") {
+		t.Errorf("placeholder of %d characters for a value of %d", len(tok), len("s3cr3t-value-0123456789"))
+	}
+	if len(short) != minPlaceholder {
+		t.Errorf("short value's placeholder: %d characters, want %d", len(short), minPlaceholder)
+	}
+	if strings.Contains(tok, short) || strings.Contains(short, tok) {
+		t.Error("one placeholder is inside the other")
+	}
+	// Another run, other placeholders.
+	if s2 := store(t, Spec{Name: "TOKEN", FromEnv: "TOKEN", Hosts: []string{"api.test"}}); placeholder(s2, "TOKEN") == tok {
+		t.Error("two stores made the same placeholder")
+	}
+	// A reload keeps the placeholder.
+	if err := s.Reload([]Spec{{Name: "TOKEN", FromEnv: "OTHER", Hosts: []string{"api.test"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if placeholder(s, "TOKEN") != tok {
+		t.Error("a reload changed the placeholder")
+	}
+}
+
+// request runs one request through the store as intercept would.
+func request(s *Store, host string, tls bool, r *http.Request) (*intercept.Refusal, []string) {
+	var reports []string
+	ref := s.Request(&intercept.Request{Host: host, TLS: tls, HTTP: r, Report: func(sec, what string) { reports = append(reports, sec+": "+what) }})
+	return ref, reports
+}
+
+func TestInjection(t *testing.T) {
+	s := store(t, Spec{Name: "TOKEN", FromEnv: "TOKEN", Hosts: []string{"api.test", "*.api2.test"}, Inject: []string{"header", "basic_auth", "query", "body"}})
+	ph, val := placeholder(s, "TOKEN"), "s3cr3t-value-0123456789"
+	body := strings.Repeat("x", 100) + ph + strings.Repeat("y", 100)
+	r := httptest.NewRequest("POST", "https://api.test/v1?key="+ph+"&a=b", iotest.HalfReader(strings.NewReader(body)))
+	r.Header.Set("Authorization", "Bearer "+ph)
+	r.Header.Set("X-Other", "no secret here")
+	r.SetBasicAuth("user", ph)
+	r.Header.Set("Authorization", "Bearer "+ph) // header wins over basic for this test's header check
+	if ref, _ := request(s, "api.test", true, r); ref != nil {
+		t.Fatalf("refused: %+v", ref)
+	}
+	if got := r.Header.Get("Authorization"); got != "Bearer "+val {
+		t.Errorf("header: %q", got)
+	}
+	if !strings.Contains(r.URL.RawQuery, "key="+val) {
+		t.Errorf("query: %q", r.URL.RawQuery)
+	}
+	b, _ := io.ReadAll(r.Body)
+	if string(b) != strings.Repeat("x", 100)+val+strings.Repeat("y", 100) {
+		t.Errorf("body: %q", b)
+	}
+	// Basic auth, decoded and re-encoded.
+	r2 := httptest.NewRequest("GET", "https://x.api2.test/", nil)
+	r2.SetBasicAuth("user", ph)
+	request(s, "x.api2.test", true, r2)
+	if u, p, _ := r2.BasicAuth(); u != "user" || p != val {
+		t.Errorf("basic auth: %q %q", u, p)
+	}
+	if n := s.Counts()["TOKEN"][0]; n < 2 {
+		t.Errorf("substitutions counted: %d", n)
+	}
+}
+
+// A placeholder split across reads of the body is still found.
+func TestBodySplitAcrossReads(t *testing.T) {
+	s := store(t, Spec{Name: "TOKEN", FromEnv: "TOKEN", Hosts: []string{"api.test"}, Inject: []string{"body"}})
+	ph := placeholder(s, "TOKEN")
+	for cut := 1; cut < len(ph); cut += 5 {
+		r := httptest.NewRequest("POST", "https://api.test/", io.MultiReader(iotest.OneByteReader(strings.NewReader("a"+ph[:cut])), strings.NewReader(ph[cut:]+"b")))
+		request(s, "api.test", true, r)
+		b, _ := io.ReadAll(r.Body)
+		if string(b) != "as3cr3t-value-0123456789b" {
+			t.Fatalf("cut at %d: %q", cut, b)
+		}
+	}
+}
+
+func TestViolations(t *testing.T) {
+	for _, tc := range []struct {
+		action string
+		block  bool
+		term   bool
+	}{{"", true, false}, {"block", true, false}, {"terminate", true, true}, {"allow", false, false}} {
+		s := store(t, Spec{Name: "TOKEN", FromEnv: "TOKEN", Hosts: []string{"api.test"}, OnViolation: tc.action})
+		ph := placeholder(s, "TOKEN")
+		for _, where := range []struct {
+			host string
+			tls  bool
+			set  func(r *http.Request)
+		}{
+			{"evil.test", true, func(r *http.Request) { r.Header.Set("X-Key", ph) }},
+			{"api.test", false, func(r *http.Request) { r.Header.Set("X-Key", ph) }}, // plain HTTP
+			{"evil.test", true, func(r *http.Request) { r.SetBasicAuth("u", ph) }},
+			{"evil.test", true, func(r *http.Request) {
+				r.Header.Set("X-B64", base64.StdEncoding.EncodeToString([]byte("prefix "+ph)))
+			}},
+		} {
+			r := httptest.NewRequest("GET", "http://"+where.host+"/", nil)
+			where.set(r)
+			ref, _ := request(s, where.host, where.tls, r)
+			if (ref != nil) != tc.block || (ref != nil && (ref.Terminate != tc.term || ref.Secret != "TOKEN" || strings.Contains(ref.Reason, "s3cr3t"))) {
+				t.Errorf("on_violation %q, %s tls=%v: %+v", tc.action, where.host, where.tls, ref)
+			}
+		}
+	}
+	// Not injected into bodies: a body that mentions it is no violation.
+	s := store(t, Spec{Name: "TOKEN", FromEnv: "TOKEN", Hosts: []string{"api.test"}})
+	r := httptest.NewRequest("POST", "https://evil.test/", strings.NewReader("transcript: "+placeholder(s, "TOKEN")))
+	if ref, _ := request(s, "evil.test", true, r); ref != nil {
+		t.Errorf("a body mention without body injection: %+v", ref)
+	}
+	// With body injection, a body to another host fails mid-stream, before
+	// the placeholder is read out.
+	s = store(t, Spec{Name: "TOKEN", FromEnv: "TOKEN", Hosts: []string{"api.test"}, Inject: []string{"body"}})
+	ph := placeholder(s, "TOKEN")
+	r = httptest.NewRequest("POST", "https://evil.test/", strings.NewReader(strings.Repeat("z", 50)+ph))
+	request(s, "evil.test", true, r)
+	b, err := io.ReadAll(r.Body)
+	var v *Violation
+	if !errorsAs(err, &v) || strings.Contains(string(b), ph) {
+		t.Errorf("body to another host: %q %v", b, err)
+	}
+}
+
+func errorsAs(err error, v **Violation) bool {
+	x, ok := err.(*Violation)
+	*v = x
+	return ok
+}
+
+func TestScanNameAndFlow(t *testing.T) {
+	s := store(t, Spec{Name: "TOKEN", FromEnv: "TOKEN", Hosts: []string{"api.test"}, OnViolation: "terminate"})
+	ph := placeholder(s, "TOKEN")
+	// DNS names: case folded, split across labels.
+	name := strings.ToLower(ph[:8]) + "." + strings.ToLower(ph[8:]) + ".evil.test."
+	if ref := s.ScanName(name); ref == nil || !ref.Terminate || ref.Secret != "TOKEN" {
+		t.Errorf("DNS name: %+v", ref)
+	}
+	if ref := s.ScanName("api.test."); ref != nil {
+		t.Errorf("clean name: %+v", ref)
+	}
+	if ref := s.ScanFlow("", []byte("SSH-2.0 "+ph)); ref == nil {
+		t.Error("first bytes of a raw flow")
+	}
+}
+
+func TestResponseHeadersHideTheValue(t *testing.T) {
+	s := store(t, Spec{Name: "TOKEN", FromEnv: "TOKEN", Hosts: []string{"api.test"}})
+	h := http.Header{"X-Echo": {"you sent s3cr3t-value-0123456789"}}
+	s.Response("api.test", h)
+	if got := h.Get("X-Echo"); strings.Contains(got, "s3cr3t") || !strings.Contains(got, placeholder(s, "TOKEN")) {
+		t.Errorf("echoed header: %q", got)
+	}
+}
+
+func TestFiles(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "s.json")
+	os.WriteFile(p, []byte(`{"secrets": [{"name": "K", "from_env": "K", "hosts": ["a.test"], "inject": ["header:X-Key", "query"]}]}`), 0o644)
+	if _, err := LoadFile(p); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Errorf("a world-readable file: %v", err)
+	}
+	os.Chmod(p, 0o600)
+	if _, err := LoadFile(p); err != nil {
+		t.Error(err)
+	}
+	for _, bad := range []string{
+		`{"secrets": [{"name": "K-1", "from_env": "K", "hosts": ["a.test"]}]}`,
+		`{"secrets": [{"name": "K", "hosts": ["a.test"]}]}`,
+		`{"secrets": [{"name": "K", "from_env": "K", "hosts": []}]}`,
+		`{"secrets": [{"name": "K", "from_env": "K", "hosts": ["a.test"], "inject": ["cookie"]}]}`,
+		`{"secrets": [{"name": "K", "from_env": "K", "hosts": ["a.test"], "on_violation": "ignore"}]}`,
+		`{"secrets": [{"name": "K", "from_env": "K", "hosts": ["a.test"]}, {"name": "K", "from_env": "K", "hosts": ["a.test"]}]}`,
+	} {
+		if _, err := ParseFile([]byte(bad)); err == nil || !strings.Contains(err.Error(), "secrets[") {
+			t.Errorf("accepted or unclear: %s: %v", bad, err)
+		}
+	}
+	if _, err := ParseFlag("TOKEN@api.test,*.api2.test"); err != nil {
+		t.Error(err)
+	}
+	if _, err := ParseFlag("TOKEN"); err == nil {
+		t.Error("a flag without hosts")
+	}
+}
