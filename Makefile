@@ -9,7 +9,7 @@ DEB_PKGS  := iproute2 curl dnsutils iputils-ping iperf3 util-linux procps ca-cer
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 
-.PHONY: all build deps test unit integration stress stress-short fuzz bench bench-peers lint demo clean man install
+.PHONY: all build deps test unit integration stress stress-short fuzz bench bench-peers lint demo clean man install install-cni
 
 all: build
 
@@ -17,6 +17,7 @@ all: build
 # only do in a binary without cgo.
 build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/msbtap
+	CGO_ENABLED=0 $(GO) build -o bin/msbtap-cni ./cmd/msbtap-cni
 
 # deps installs the Debian packages the tests and the demo drive (when
 # missing and when root) and downloads the Go modules.
@@ -90,6 +91,13 @@ install: build
 	$(BIN) completion bash | install -D -m 0644 /dev/stdin $(DESTDIR)$(PREFIX)/share/bash-completion/completions/msbtap
 	$(BIN) completion zsh | install -D -m 0644 /dev/stdin $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_msbtap
 	$(BIN) completion fish | install -D -m 0644 /dev/stdin $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/msbtap.fish
+
+# install-cni puts the plugin and the agent side by side in the CNI
+# plugin directory, where containerd and CRI-O look (CNI_BIN_DIR).
+CNI_BIN_DIR ?= /opt/cni/bin
+install-cni: build
+	install -D -m 0755 bin/msbtap-cni $(DESTDIR)$(CNI_BIN_DIR)/msbtap-cni
+	install -D -m 0755 $(BIN) $(DESTDIR)$(CNI_BIN_DIR)/msbtap
 
 clean:
 	rm -rf bin results

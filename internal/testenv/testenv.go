@@ -56,7 +56,7 @@ func Binaries(t testing.TB) (msbtap, testhost string) {
 			return
 		}
 		root := moduleRoot()
-		for _, b := range [][2]string{{"msbtap", "./cmd/msbtap"}, {"testhost", "./internal/testhost"}} {
+		for _, b := range [][2]string{{"msbtap", "./cmd/msbtap"}, {"testhost", "./internal/testhost"}, {"msbtap-cni", "./cmd/msbtap-cni"}} {
 			cmd := exec.Command("go", "build", "-o", filepath.Join(buildDir, b[0]), b[1])
 			cmd.Dir = root
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0") // as make build: msbtap drops capabilities on every thread
