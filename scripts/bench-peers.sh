@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# make bench-peers: msbtap against the kernel path, slirp4netns and pasta,
-# in one run. Installs the peers from Debian's packages when missing, builds
+# make bench-peers: msbtap against the kernel path, slirp4netns, pasta and
+# gvproxy (gvisor-tap-vsock, built from its Go module), in one run. Installs the peers from Debian's packages when missing, builds
 # msbtap and the test servers, and writes results/bench-peers.{json,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +15,9 @@ if [ -n "$missing" ]; then
 fi
 CGO_ENABLED=0 go build -o bin/msbtap ./cmd/msbtap
 CGO_ENABLED=0 go build -o bin/testhost ./internal/testhost
+GVTAP=github.com/containers/gvisor-tap-vsock
+GVTAP_VERSION=${GVTAP_VERSION:-v0.8.9}
+mkdir -p bin/peers
+[ -x bin/peers/gvproxy ] && [ -x bin/peers/vm ] || \
+  CGO_ENABLED=0 GOBIN="$PWD/bin/peers" go install "$GVTAP/cmd/gvproxy@$GVTAP_VERSION" "$GVTAP/cmd/vm@$GVTAP_VERSION"
 go run ./internal/benchpeers "$@"

@@ -17,13 +17,14 @@ var barColors = map[string]color.RGBA{
 	"kernel":      {120, 120, 120, 255},
 	"slirp4netns": {230, 160, 40, 255},
 	"pasta":       {70, 130, 200, 255},
+	"gvproxy":     {170, 90, 190, 255},
 	"msbtap":      {40, 170, 90, 255},
 }
 
 // writeChart draws one panel per figure: a bar per backend, scaled to the
 // panel's largest value, with the values written above the bars.
 func writeChart(rep *Report, path string) error {
-	const pw, ph, cols = 300, 220, 4
+	const pw, ph, cols = 360, 220, 4
 	rows := (len(rep.Cells) + cols - 1) / cols
 	img := image.NewRGBA(image.Rect(0, 0, pw*cols, ph*rows+40))
 	draw.Draw(img, img.Bounds(), image.White, image.Point{}, draw.Src)
@@ -36,7 +37,11 @@ func writeChart(rep *Report, path string) error {
 	}
 	for i, c := range rep.Cells {
 		x0, y0 := (i%cols)*pw, 40+(i/cols)*ph
-		text(img, x0+10, y0+16, color.Black, fmt.Sprintf("%s MTU %d (%s)", c.Metric, c.MTU, c.Unit))
+		title := fmt.Sprintf("%s MTU %d (%s)", c.Metric, c.MTU, c.Unit)
+		if c.Unit == "µs" {
+			title = fmt.Sprintf("%s MTU %d (%s, lower is better)", c.Metric, c.MTU, c.Unit)
+		}
+		text(img, x0+10, y0+16, color.Black, title)
 		max := 0.0
 		for _, v := range c.Values {
 			if v > max {
@@ -53,10 +58,10 @@ func writeChart(rep *Report, path string) error {
 				continue
 			}
 			h := int(v / max * float64(height))
-			x := x0 + 20 + j*(bw+15)
+			x := x0 + 15 + j*(bw+15)
 			fill(img, image.Rect(x, base-h, x+bw, base), barColors[b])
 			label := fmt.Sprintf("%.0f", v)
-			if c.Unit == "Gbit/s" {
+			if c.Unit == "Gbit/s" || c.Unit == "µs" {
 				label = fmt.Sprintf("%.2f", v)
 			}
 			text(img, x, base-h-4, color.Black, label)

@@ -13,6 +13,7 @@ import (
 
 type result struct {
 	upload, download, rr, crr float64 // Gbit/s, Gbit/s, per second, per second
+	p50, p99                  float64 // one 1-byte exchange, µs
 	cpuPerGB                  float64
 	resources                 map[string]float64
 }
@@ -120,6 +121,34 @@ func (w *world) attach(b string, mtu int) (*exec.Cmd, error) {
 		p := w.start(w.host, "pasta", "--config-net", "--runas", "0:0", "-m", strconv.Itoa(mtu), "-f", "-q",
 			"--netns", "/run/netns/"+w.sandbox)
 		return p, waitRoute(w.sandbox)
+	case "gvproxy":
+		// gvproxy's default plan: the sandbox is 192.168.127.2/24 behind
+		// 192.168.127.1; its guest-side forwarder moves the frames of a
+		// TAP we make over a Unix socket to gvproxy on the host side.
+		if _, err := os.Stat(gvproxyBin); err != nil {
+			return nil, fmt.Errorf("gvproxy not built (make bench-peers builds it): %v", err)
+		}
+		sock := fmt.Sprintf("/tmp/%s-gvproxy.sock", w.sandbox)
+		os.Remove(sock)
+		p := w.start(w.host, gvproxyBin, "-listen", "unix://"+sock, "-mtu", strconv.Itoa(mtu))
+		must(ns(w.sandbox, "ip", "tuntap", "add", "tap0", "mode", "tap"))
+		must(ns(w.sandbox, "ip", "link", "set", "tap0", "address", "5a:94:ef:e4:0c:ee", "mtu", strconv.Itoa(mtu), "up"))
+		must(ns(w.sandbox, "ip", "addr", "add", "192.168.127.2/24", "dev", "tap0"))
+		must(ns(w.sandbox, "ip", "route", "add", "default", "via", "192.168.127.1"))
+		for i := 0; i < 100; i++ {
+			if _, err := os.Stat(sock); err == nil {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		w.start(w.sandbox, gvforwarderBin, "-preexisting", "-iface", "tap0", "-url", "unix://"+sock, "-mtu", strconv.Itoa(mtu), "-stop-if-exist", "")
+		for i := 0; i < 100; i++ {
+			if ns(w.sandbox, "ping", "-c", "1", "-W", "1", "192.168.127.1").Run() == nil {
+				return p, nil
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		return p, fmt.Errorf("gvproxy's gateway never answered")
 	case "msbtap":
 		p := w.start(w.host, msbtapBin, "run", "--netns", w.sandbox, "--policy", "allow-all", "--mtu", strconv.Itoa(mtu), "--log-level", "warn")
 		return p, waitLink(w.sandbox, "eth0")
@@ -193,8 +222,9 @@ func measure(b string, mtu int, resources bool) (r result, err error) {
 	if pid > 0 && bytes+bytes2 > 0 {
 		r.cpuPerGB = (cpuSeconds(pid) - cpu0) / ((bytes + bytes2) / 1e9)
 	}
-	if r.rr, err = number(ns(w.sandbox, testhostBin, "rr", serverIP+":"+echoPort, strconv.Itoa(seconds))); err != nil {
-		return r, fmt.Errorf("rr: %w", err)
+	out, err := ns(w.sandbox, testhostBin, "rr", serverIP+":"+echoPort, strconv.Itoa(seconds), "latency").CombinedOutput()
+	if _, serr := fmt.Sscan(string(out), &r.rr, &r.p50, &r.p99); err != nil || serr != nil {
+		return r, fmt.Errorf("rr: %v %v %s", err, serr, out)
 	}
 	if r.crr, err = number(ns(w.sandbox, testhostBin, "crr", serverIP+":"+echoPort, strconv.Itoa(seconds))); err != nil {
 		return r, fmt.Errorf("crr: %w", err)

@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -458,8 +459,8 @@ func dialClient(args []string) {
 // rr ADDR SECONDS: 1-byte request/response on one connection; prints
 // transactions per second.
 func rrClient(args []string) {
-	if len(args) != 2 {
-		log.Fatal("usage: testhost rr ADDR SECONDS")
+	if len(args) != 2 && (len(args) != 3 || args[2] != "latency") {
+		log.Fatal("usage: testhost rr ADDR SECONDS [latency]")
 	}
 	secs, _ := strconv.ParseFloat(args[1], 64)
 	c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
@@ -470,9 +471,10 @@ func rrClient(args []string) {
 	c.(*net.TCPConn).SetNoDelay(true)
 	b := []byte{'x'}
 	n := 0
+	lat := make([]time.Duration, 0, 1<<16)
 	start := time.Now()
 	end := start.Add(time.Duration(secs * float64(time.Second)))
-	for time.Now().Before(end) {
+	for t0 := start; t0.Before(end); {
 		if _, err := c.Write(b); err != nil {
 			log.Fatal(err)
 		}
@@ -480,8 +482,20 @@ func rrClient(args []string) {
 			log.Fatal(err)
 		}
 		n++
+		t1 := time.Now()
+		lat = append(lat, t1.Sub(t0))
+		t0 = t1
 	}
-	fmt.Printf("%.0f\n", float64(n)/time.Since(start).Seconds())
+	tps := float64(n) / time.Since(start).Seconds()
+	if len(args) == 3 {
+		// With "latency": also the median and 99th percentile of one
+		// exchange, in microseconds.
+		slices.Sort(lat)
+		us := func(q float64) float64 { return float64(lat[int(q*float64(len(lat)-1))]) / 1e3 }
+		fmt.Printf("%.0f %.1f %.1f\n", tps, us(0.5), us(0.99))
+		return
+	}
+	fmt.Printf("%.0f\n", tps)
 }
 
 // crr ADDR SECONDS: connect, 1-byte exchange, close, repeatedly; prints
