@@ -3,6 +3,7 @@ package rings
 import (
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/msbtap/msbtap/wake"
 )
@@ -34,6 +35,13 @@ type Shared struct {
 
 	hookMu sync.Mutex
 	hook   func()
+
+	// txOwner is held by whoever handles the guest's frames at a time:
+	// the stack's poll loop, or the TAP reader handling its own batch
+	// inline (run to completion) when the poll loop is idle. txHandler is
+	// what handles one frame (taking it back to the pool).
+	txOwner   atomic.Bool
+	txHandler atomic.Pointer[func(*Frame)]
 }
 
 // DefaultMaxQueued is the default bound on the buffer bytes a ring holds.
@@ -129,4 +137,46 @@ func (s *Shared) TriggerTermination() bool {
 	}
 	hook()
 	return true
+}
+
+// SetTxHandler sets what handles a guest frame (nil: none; the frames
+// then wait in Tx). It is called by the stack, once its poll loop runs.
+func (s *Shared) SetTxHandler(h func(*Frame)) {
+	if h == nil {
+		s.txHandler.Store(nil)
+		return
+	}
+	s.txHandler.Store(&h)
+}
+
+// AcquireTx takes the right to handle guest frames, if nobody holds it,
+// and returns the handler. The holder must drain Tx before ReleaseTx.
+func (s *Shared) AcquireTx() (func(*Frame), bool) {
+	h := s.txHandler.Load()
+	if h == nil || !s.txOwner.CompareAndSwap(false, true) {
+		return nil, false
+	}
+	if h = s.txHandler.Load(); h == nil { // taken away meanwhile
+		s.txOwner.Store(false)
+		return nil, false
+	}
+	return *h, true
+}
+
+// LockTx takes the right to handle guest frames for good, waiting for the
+// holder to let go: the stack, closing, makes sure nobody handles frames
+// once it is gone.
+func (s *Shared) LockTx() {
+	s.txHandler.Store(nil)
+	for !s.txOwner.CompareAndSwap(false, true) {
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// ReleaseTx lets go of the right to handle guest frames; it reports
+// whether frames arrived in Tx meanwhile, which the caller must then see
+// handled (by waking the poll loop).
+func (s *Shared) ReleaseTx() (pending bool) {
+	s.txOwner.Store(false)
+	return s.txQueued.Load() > 0
 }

@@ -11,7 +11,9 @@ import (
 )
 
 // routinePoll drains the tx ring whenever the TAP reader wakes it and
-// handles every frame before the netstack sees it.
+// handles every frame before the netstack sees it. The reader handles its
+// frames itself while nobody else does (see rings.Shared.AcquireTx): the
+// poll loop takes the ones that queued while a batch was being handled.
 func (st *Stack) routinePoll() {
 	defer st.wg.Done()
 	sh := st.o.Shared
@@ -28,14 +30,28 @@ func (st *Stack) routinePoll() {
 		case <-sh.TxWake.C():
 		}
 		for {
-			f, ok := sh.PopTx()
+			h, ok := sh.AcquireTx()
 			if !ok {
+				break // the reader handles them, and drains the ring before it lets go
+			}
+			for {
+				f, ok := sh.PopTx()
+				if !ok {
+					break
+				}
+				h(f)
+			}
+			if !sh.ReleaseTx() {
 				break
 			}
-			st.handleFrame(f.B, f.GSO.NeedsCsum || f.GSO.DataValid)
-			sh.Frames.Put(f)
 		}
 	}
+}
+
+// handleTx handles one guest frame and takes it back to the pool.
+func (st *Stack) handleTx(f *rings.Frame) {
+	st.handleFrame(f.B, f.GSO.NeedsCsum || f.GSO.DataValid)
+	st.o.Shared.Frames.Put(f)
 }
 
 // handleFrame classifies one guest frame: ARP and NDP only for the

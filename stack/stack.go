@@ -209,6 +209,7 @@ func New(o Options) (*Stack, error) {
 	st.dns = dns
 	st.tcp = newTCPRelay(st)
 
+	st.o.Shared.SetTxHandler(st.handleTx)
 	st.wg.Add(1)
 	go st.routinePoll()
 	return st, nil
@@ -425,7 +426,8 @@ func (st *Stack) DNSUpstreams() []string { return st.dns.Upstreams() }
 func (st *Stack) Close() error {
 	st.closeOnce.Do(func() {
 		close(st.done)
-		st.wg.Wait() // the poll loop: nothing hands the proxies work now
+		st.o.Shared.LockTx() // the TAP reader handles no frame of ours from now on
+		st.wg.Wait()         // the poll loop: nothing hands the proxies work now
 		st.tcp.close()
 		st.udp.Close()
 		st.echo.Close()

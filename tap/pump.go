@@ -69,6 +69,7 @@ func (p *Pump) RoutineReadFromTAP() {
 		spill = make([][]byte, batch)
 	}
 	sizes := make([]int, batch)
+	ready := make([]*rings.Frame, 0, batch)
 	for i := range smalls {
 		smalls[i] = fr.Get()
 		if spill != nil {
@@ -99,7 +100,7 @@ func (p *Pump) RoutineReadFromTAP() {
 			}
 			return
 		}
-		pushed := 0
+		ready = ready[:0]
 		for i := 0; i < n; i++ {
 			size, room := sizes[i]-hl, len(bufs[i])
 			if spill != nil {
@@ -129,13 +130,40 @@ func (p *Pump) RoutineReadFromTAP() {
 				(*t)(f.B)
 			}
 			p.sh.Counters.AddTx(size)
-			p.sh.PushTx(f) // on a full ring the frame goes back to the pool
-			pushed++
+			ready = append(ready, f)
 		}
-		if pushed > 0 {
-			p.sh.TxWake.Wake()
+		if len(ready) > 0 {
+			p.deliver(ready)
 		}
 	}
+}
+
+// deliver hands a batch of guest frames on. When nobody is handling guest
+// frames, the reader handles them itself, run to completion (through the
+// stack's classification and into the netstack), with whatever waits in
+// the ring first; otherwise they queue in the ring for the poll loop.
+func (p *Pump) deliver(frames []*rings.Frame) {
+	sh := p.sh
+	if h, ok := sh.AcquireTx(); ok {
+		for {
+			f, ok := sh.PopTx()
+			if !ok {
+				break
+			}
+			h(f)
+		}
+		for _, f := range frames {
+			h(f)
+		}
+		if sh.ReleaseTx() {
+			sh.TxWake.Wake()
+		}
+		return
+	}
+	for _, f := range frames {
+		sh.PushTx(f) // on a full ring the frame goes back to the pool
+	}
+	sh.TxWake.Wake()
 }
 
 // RoutineWriteToTAP waits for the rx wake, drains the rx ring in batches and
