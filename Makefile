@@ -57,7 +57,7 @@ stress-short:
 # FUZZTIME each (the seed corpora are in each package's testdata/fuzz).
 FUZZTIME ?= 3s
 FUZZ_TARGETS := ./stack:FuzzHandleFrame ./stack:FuzzDHCP ./wire:FuzzParse ./wire:FuzzReassemble \
-	./tap:FuzzVNetHdr ./proxy:FuzzDNSQuery ./policy:FuzzParseFile ./internal/portspec:FuzzParse
+	./tap:FuzzVNetHdr ./proxy:FuzzDNSQuery ./policy:FuzzParseFile ./internal/portspec:FuzzParse ./inspect:FuzzClassify
 fuzz:
 	@for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; name=$${t##*:}; \
 	  echo "fuzz $$pkg $$name ($(FUZZTIME))"; \

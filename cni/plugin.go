@@ -40,14 +40,24 @@ type state struct {
 // readyTimeout bounds how long ADD waits for the agent.
 const readyTimeout = 20 * time.Second
 
-// Add starts the agent for args' namespace and prints the result.
-func Add(args *skel.CmdArgs) error {
+// load parses the configuration and checks the container id, as the CNI
+// errors the runtime expects.
+func load(args *skel.CmdArgs) (*NetConf, error) {
 	c, err := ParseConf(args.StdinData, args.Args)
 	if err != nil {
-		return types.NewError(types.ErrInvalidNetworkConfig, "invalid network configuration", err.Error())
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "invalid network configuration", err.Error())
 	}
 	if err := checkID(args.ContainerID); err != nil {
-		return types.NewError(types.ErrInvalidEnvironmentVariables, err.Error(), "")
+		return nil, types.NewError(types.ErrInvalidEnvironmentVariables, err.Error(), "")
+	}
+	return c, nil
+}
+
+// Add starts the agent for args' namespace and prints the result.
+func Add(args *skel.CmdArgs) error {
+	c, err := load(args)
+	if err != nil {
+		return err
 	}
 	if n := len(args.IfName); n == 0 || n > 15 || strings.ContainsAny(args.IfName, "/ :") {
 		return types.NewError(types.ErrInvalidEnvironmentVariables, "CNI_IFNAME "+strconv.Quote(args.IfName)+": not an interface name", "")
@@ -337,12 +347,9 @@ func readState(dir string) (*state, error) {
 // there is nothing left to remove: after a failed ADD, a second DEL, a
 // killed agent, a namespace already gone.
 func Del(args *skel.CmdArgs) error {
-	c, err := ParseConf(args.StdinData, args.Args)
+	c, err := load(args)
 	if err != nil {
-		return types.NewError(types.ErrInvalidNetworkConfig, "invalid network configuration", err.Error())
-	}
-	if err := checkID(args.ContainerID); err != nil {
-		return types.NewError(types.ErrInvalidEnvironmentVariables, err.Error(), "")
+		return err
 	}
 	dir := filepath.Join(c.StateDir, args.ContainerID)
 	if st, err := readState(dir); err == nil {
@@ -356,12 +363,9 @@ func Del(args *skel.CmdArgs) error {
 // Check verifies that the agent runs and that the TAP and its addresses are
 // as ADD returned them.
 func Check(args *skel.CmdArgs) error {
-	c, err := ParseConf(args.StdinData, args.Args)
+	c, err := load(args)
 	if err != nil {
-		return types.NewError(types.ErrInvalidNetworkConfig, "invalid network configuration", err.Error())
-	}
-	if err := checkID(args.ContainerID); err != nil {
-		return types.NewError(types.ErrInvalidEnvironmentVariables, err.Error(), "")
+		return err
 	}
 	st, err := readState(filepath.Join(c.StateDir, args.ContainerID))
 	if err != nil {
