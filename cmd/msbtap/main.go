@@ -12,6 +12,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/msbtap/msbtap/agent"
+	"github.com/msbtap/msbtap/control"
 	"github.com/msbtap/msbtap/sandbox"
 )
 
@@ -55,7 +56,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Commands: []*cli.Command{
 			runCommand(),
 			policyCommand(),
-			ctlCommand(),
+			control.Command(func(err error) error { return withStatus(2, err) }),
 			secretsCommand(),
 			configCommand(),
 			completionCommand(),

@@ -5,27 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
-	"net"
 	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/msbtap/msbtap/agent"
-	"github.com/msbtap/msbtap/control"
-	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
-	"github.com/msbtap/msbtap/internal/portspec"
-	"github.com/msbtap/msbtap/internal/units"
-	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
-	"github.com/msbtap/msbtap/proxy"
-	"github.com/msbtap/msbtap/sandbox"
-	"github.com/msbtap/msbtap/secrets"
-	"github.com/msbtap/msbtap/stack"
 )
 
 func runFlags() []cli.Flag {
@@ -85,18 +72,18 @@ func runFlags() []cli.Flag {
 	}
 }
 
-// settings reads each option from the command line, else the --config
+// runOptions reads each option from the command line, else the --config
 // file, else the flag's default. The first value that fails to decode is
 // kept in err.
-type settings struct {
+type runOptions struct {
 	c       *cli.Context
 	cfg     map[string]json.RawMessage
 	cfgPath string
 	err     error
 }
 
-func loadSettings(c *cli.Context) (*settings, error) {
-	s := &settings{c: c}
+func loadSettings(c *cli.Context) (*runOptions, error) {
+	s := &runOptions{c: c}
 	path := c.String("config")
 	if path == "" {
 		return s, nil
@@ -128,7 +115,7 @@ func key(flag string) string { return strings.ReplaceAll(flag, "-", "_") }
 
 // get sets *v from the command line, else the config file, else the flag's
 // default (via def).
-func get[T any](s *settings, name string, v *T, def func(string) T) {
+func get[T any](s *runOptions, name string, v *T, def func(string) T) {
 	if !s.c.IsSet(name) && s.cfg != nil {
 		if raw, ok := s.cfg[key(name)]; ok {
 			if err := json.Unmarshal(raw, v); err != nil && s.err == nil {
@@ -140,19 +127,41 @@ func get[T any](s *settings, name string, v *T, def func(string) T) {
 	*v = def(name)
 }
 
-func (s *settings) str(name string) (v string)    { get(s, name, &v, s.c.String); return }
-func (s *settings) int(name string) (v int)       { get(s, name, &v, s.c.Int); return }
-func (s *settings) bool(name string) (v bool)     { get(s, name, &v, s.c.Bool); return }
-func (s *settings) strs(name string) (v []string) { get(s, name, &v, s.c.StringSlice); return }
+// runOptions implements settings.Source.
+func (s *runOptions) String(name string) (v string) { get(s, name, &v, s.c.String); return }
+func (s *runOptions) Int(name string) (v int)       { get(s, name, &v, s.c.Int); return }
+func (s *runOptions) Bool(name string) (v bool)     { get(s, name, &v, s.c.Bool); return }
+func (s *runOptions) Float(name string) (v float64) { get(s, name, &v, s.c.Float64); return }
+func (s *runOptions) Args() []string                { return s.c.Args().Slice() }
+func (s *runOptions) Err() error                    { return s.err }
 
-// given reports whether the option came from the command line or config.
-func (s *settings) given(name string) bool {
+// Strings is a list setting; --publish takes -p's values too.
+func (s *runOptions) Strings(name string) (v []string) {
+	get(s, name, &v, s.c.StringSlice)
+	if name == "publish" {
+		v = append(v, s.c.StringSlice("p")...)
+	}
+	return v
+}
+
+// IsGiven reports whether the option came from the command line or config.
+func (s *runOptions) IsGiven(name string) bool {
 	_, ok := s.cfg[key(name)]
 	return s.c.IsSet(name) || ok
 }
 
+// InlinePolicy is a config file's "policy" when it is an object.
+func (s *runOptions) InlinePolicy() (json.RawMessage, bool) {
+	raw, ok := s.cfg["policy"]
+	var name string
+	if !ok || s.c.IsSet("policy") || json.Unmarshal(raw, &name) == nil {
+		return nil, false
+	}
+	return raw, true
+}
+
 // flagError names the flag (or config key) in a library's field error.
-func (s *settings) flagError(err error) error {
+func (s *runOptions) flagError(err error) error {
 	return asFlagError(err, func(field string) string {
 		if _, fromCfg := s.cfg[field]; fromCfg && !s.c.IsSet(strings.ReplaceAll(field, "_", "-")) {
 			return fmt.Sprintf("%s (in --config %s)", field, s.cfgPath)
@@ -180,225 +189,4 @@ func asFlagError(err error, name func(field string) string) error {
 		return withStatus(ee.code, errors.New(msg))
 	}
 	return errors.New(msg)
-}
-
-func oneOf[T any](flag, v string, choices map[string]T) (T, error) {
-	if c, ok := choices[v]; ok {
-		return c, nil
-	}
-	var zero T
-	names := make([]string, 0, len(choices))
-	for k := range choices {
-		names = append(names, k)
-	}
-	return zero, fielderr.Bad(key(flag), v, "want one of %s", strings.Join(names, ", "))
-}
-
-// agentConfig turns the settings into the agent's Config, validated.
-func (s *settings) agentConfig() (cfg agent.Config, err error) {
-	c := s.c
-	cfg.TapName, cfg.ReadyFD, cfg.PIDFile, cfg.Command = s.str("tap"), s.int("ready-fd"), s.str("pid-file"), c.Args().Slice()
-	cfg.VM, cfg.TapOwner = s.bool("vm"), s.int("tap-owner")
-	offload, logFormat, level := s.str("offload"), s.str("log-format"), s.str("log-level")
-	if s.given("netns") {
-		if ns := s.str("netns"); ns == "" {
-			return cfg, errors.New("--netns: empty namespace name")
-		} else {
-			cfg.Netns = netns.Resolve(ns)
-		}
-	}
-	slot, mtu := s.int("slot"), 0
-	if s.given("mtu") {
-		if mtu = s.int("mtu"); mtu == 0 {
-			return cfg, fielderr.Bad("mtu", 0, "out of range 1280..65520")
-		}
-	}
-	ov := plan.Overrides{GuestIPv4: s.str("guest-ipv4"), GuestIPv6: s.str("guest-ipv6"), GuestMAC: s.str("guest-mac"), MTU: mtu}
-	ups := s.strs("dns-upstream")
-	cfg.MaxConnections, cfg.MetricsAddr, cfg.Pprof = s.int("max-connections"), s.str("metrics-addr"), s.bool("pprof")
-	denyMode, onViolation := s.str("deny-mode"), s.str("on-violation")
-	cfg.DNSBlock, cfg.DNSBlockSuffix, cfg.RebindProtection = s.strs("dns-block"), s.strs("dns-block-suffix"), !s.bool("no-rebind-protection")
-	cfg.OnTerminate, cfg.GuestPID, cfg.AuditLog = s.str("on-terminate"), s.int("guest-pid"), s.str("audit-log")
-	auditMax := s.str("audit-log-max-size")
-	userSpec, seccompMode, memLimit := s.str("user"), s.str("seccomp"), s.str("memory-limit")
-	pubs := append(s.strs("publish"), c.StringSlice("p")...)
-	cfg.Control, cfg.Pcap = s.str("control"), s.str("pcap")
-	ctlOwner, pcapMax, rateUp, rateDown := s.str("control-owner"), s.str("pcap-max-size"), s.str("rate-up"), s.str("rate-down")
-	get(s, "max-new-connections-per-second", &cfg.NewConnsPerSecond, c.Float64)
-	tlsMode := s.str("tls-intercept")
-	cfg.TLS.CACert, cfg.TLS.CAKey, cfg.TLS.CAOut = s.str("tls-ca-cert"), s.str("tls-ca-key"), s.str("tls-ca-out")
-	cfg.TLS.UpstreamCA, cfg.TLS.Bypass = s.strs("tls-upstream-ca"), s.strs("tls-bypass")
-	secretFlags := s.strs("secret")
-	cfg.Secrets.File, cfg.Secrets.EnvOut = s.str("secrets"), s.str("secrets-env-out")
-	if s.err != nil {
-		return cfg, s.err
-	}
-
-	if cfg.Offload, err = oneOf("offload", offload, map[string]bool{"on": true, "off": false}); err != nil {
-		return cfg, err
-	}
-	if cfg.NoSeccomp, err = oneOf("seccomp", seccompMode, map[string]bool{"on": false, "off": true}); err != nil {
-		return cfg, err
-	}
-	if userSpec != "" && len(cfg.Command) == 0 {
-		return cfg, errors.New("--user: only with -- COMMAND")
-	}
-	if len(cfg.Command) > 0 {
-		if cfg.CommandUID, cfg.CommandGID, cfg.CommandGroups, err = sandbox.Credentials(userSpec); err != nil {
-			return cfg, fielderr.Bad("user", userSpec, "%w", err)
-		}
-	}
-	if cfg.VM {
-		if cfg.Netns != "" {
-			return cfg, errors.New("--vm and --netns: a VM's TAP lives on the host; give one or the other")
-		}
-		if !s.given("tap") {
-			cfg.TapName = fmt.Sprintf("msbtap%d", slot)
-		}
-	} else {
-		if cfg.Netns == "" && len(cfg.Command) == 0 {
-			return cfg, errors.New("nothing to attach: give --netns NAME|PATH, --vm --tap NAME, or a command after --")
-		}
-		if s.given("tap-owner") {
-			return cfg, errors.New("--tap-owner: only for --vm")
-		}
-	}
-	if cfg.TapOwner < -1 {
-		return cfg, fielderr.Bad("tap_owner", cfg.TapOwner, "not a user id")
-	}
-	if n := len(cfg.TapName); n == 0 || n > 15 || strings.ContainsAny(cfg.TapName, "/ \t\n:") {
-		return cfg, fielderr.Bad("tap", cfg.TapName, "not a valid interface name (1 to 15 characters, no '/', ':' or spaces)")
-	}
-	p, err := plan.ForSlot(slot)
-	if err != nil {
-		return cfg, err
-	}
-	if cfg.Plan, err = p.Apply(ov); err != nil {
-		return cfg, err
-	}
-	if cfg.ReadyFD == 0 || cfg.ReadyFD == 1 || cfg.ReadyFD == 2 || cfg.ReadyFD < -1 {
-		return cfg, fielderr.Bad("ready_fd", cfg.ReadyFD, "must be an inherited descriptor above 2")
-	}
-	if _, err := oneOf("log-format", logFormat, map[string]bool{"text": true, "json": true}); err != nil {
-		return cfg, err
-	}
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(level)); err != nil {
-		return cfg, fielderr.Bad("log_level", level, "want debug, info, warn or error")
-	}
-	cfg.Log = newLogger(os.Stderr, logFormat, lvl)
-	for _, u := range ups {
-		p, err := proxy.ParseUpstream(u)
-		if err != nil {
-			return cfg, fielderr.Wrap("dns_upstream", err)
-		}
-		cfg.DNSUpstreams = append(cfg.DNSUpstreams, p)
-	}
-	if cfg.MaxConnections < 1 {
-		return cfg, fielderr.Bad("max_connections", cfg.MaxConnections, "must be at least 1")
-	}
-	if cfg.Pprof && cfg.MetricsAddr == "" {
-		return cfg, errors.New("--pprof: needs --metrics-addr")
-	}
-	if cfg.MetricsAddr != "" {
-		if _, _, err := net.SplitHostPort(cfg.MetricsAddr); err != nil {
-			return cfg, fielderr.Bad("metrics_addr", cfg.MetricsAddr, "want HOST:PORT")
-		}
-	}
-	if cfg.DenyMode, err = oneOf("deny-mode", denyMode, map[string]stack.DenyMode{"reject": stack.DenyReject, "drop": stack.DenyDrop}); err != nil {
-		return cfg, err
-	}
-	if cfg.DenyIsFatal, err = oneOf("on-violation", onViolation, map[string]bool{"deny": false, "terminate": true}); err != nil {
-		return cfg, err
-	}
-	if cfg.AuditLogMaxBytes, err = units.ParseSize(auditMax); err != nil || cfg.AuditLogMaxBytes < 4096 {
-		return cfg, fielderr.Bad("audit_log_max_size", auditMax, "want a size of at least 4KiB, like 64MiB or 1GB")
-	}
-	if memLimit != "off" {
-		if cfg.MemoryLimit, err = units.ParseSize(memLimit); err != nil || cfg.MemoryLimit < 16<<20 {
-			return cfg, fielderr.Bad("memory_limit", memLimit, "want a size of at least 16MiB, like 64MiB, or off")
-		}
-	}
-	if cfg.GuestPID < 0 {
-		return cfg, fielderr.Bad("guest_pid", cfg.GuestPID, "not a process id")
-	}
-	if _, err := policy.NewDNSGuard(policy.DNSGuardOptions{Block: cfg.DNSBlock, BlockSuffix: cfg.DNSBlockSuffix}); err != nil {
-		return cfg, fielderr.Wrap("dns_block", err)
-	}
-	if cfg.Publish, err = portspec.ParseAll(pubs); err != nil {
-		return cfg, err
-	}
-	if err := controlConfig(&cfg, ctlOwner, pcapMax, rateUp, rateDown); err != nil {
-		return cfg, err
-	}
-	if cfg.TLS.Mode, err = intercept.ParseMode(tlsMode); err != nil {
-		return cfg, fielderr.Bad("tls_intercept", tlsMode, "want off, auto or all")
-	}
-	for _, f := range secretFlags {
-		sp, err := secrets.ParseFlag(f)
-		if err != nil {
-			return cfg, fielderr.Bad("secret", f, "%v", err)
-		}
-		cfg.Secrets.Flags = append(cfg.Secrets.Flags, sp)
-	}
-	for _, b := range cfg.TLS.Bypass {
-		if strings.Trim(b, "*.") == "" || strings.Contains(strings.TrimPrefix(b, "*."), "*") {
-			return cfg, fielderr.Bad("tls_bypass", b, "want a name, or *.suffix")
-		}
-	}
-	return cfg, s.loadPolicy(&cfg)
-}
-
-// loadPolicy reads --policy (or the config's "policy": a preset, a file
-// name, or an inline policy object).
-func (s *settings) loadPolicy(cfg *agent.Config) error {
-	name := s.c.String("policy")
-	if raw, ok := s.cfg["policy"]; ok && !s.c.IsSet("policy") {
-		if json.Unmarshal(raw, &name) != nil {
-			f, err := policy.ParseFile(raw)
-			if err != nil {
-				return fmt.Errorf("--config %s: %w", s.cfgPath, err)
-			}
-			cfg.Policy = f
-			return nil
-		}
-	}
-	f, err := policy.Load(name)
-	if err != nil {
-		return fielderr.Wrap("policy", err)
-	}
-	cfg.Policy = f
-	if _, preset := policy.Preset(name); !preset {
-		cfg.PolicyPath = name
-	}
-	return nil
-}
-
-// controlConfig checks the control socket, capture and rate settings.
-func controlConfig(cfg *agent.Config, owner, pcapMax, up, down string) (err error) {
-	cfg.ControlUID, cfg.ControlGID = -1, -1
-	if owner != "" && cfg.Control == "" {
-		return errors.New("--control-owner: only with --control")
-	}
-	if cfg.Control != "" {
-		if cfg.Control, err = filepath.Abs(cfg.Control); err != nil {
-			return fielderr.Bad("control", cfg.Control, "%w", err)
-		}
-		if cfg.ControlUID, cfg.ControlGID, _, err = sandbox.Credentials(owner); err != nil {
-			return fielderr.Bad("control_owner", owner, "%w", err)
-		}
-	}
-	if cfg.PcapMaxBytes, err = units.ParseSize(pcapMax); err != nil || cfg.PcapMaxBytes < 64<<10 {
-		return fielderr.Bad("pcap_max_size", pcapMax, "want a size of at least 64KiB, like 100MiB")
-	}
-	if cfg.RateUp, err = control.ParseRate(up); err != nil {
-		return fielderr.Bad("rate_up", up, "want a rate like 100mbit, 20MB (bytes a second) or off")
-	}
-	if cfg.RateDown, err = control.ParseRate(down); err != nil {
-		return fielderr.Bad("rate_down", down, "want a rate like 100mbit, 20MB (bytes a second) or off")
-	}
-	if cfg.NewConnsPerSecond < 0 {
-		return fielderr.Bad("max_new_connections_per_second", cfg.NewConnsPerSecond, "must be 0 (no limit) or more")
-	}
-	return nil
 }

@@ -3,12 +3,12 @@ package main
 import (
 	"context"
 	"errors"
-	"io"
-	"log/slog"
+	"os"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/msbtap/msbtap/agent"
+	"github.com/msbtap/msbtap/settings"
 )
 
 func runCommand() *cli.Command {
@@ -25,7 +25,7 @@ func runCommand() *cli.Command {
 			if err != nil {
 				return withStatus(2, err)
 			}
-			cfg, err := s.agentConfig()
+			cfg, err := settings.Build(s, os.Stderr)
 			if err != nil {
 				return withStatus(2, s.flagError(err))
 			}
@@ -36,14 +36,6 @@ func runCommand() *cli.Command {
 
 // startAgent runs the agent; tests replace it to see the parsed config.
 var startAgent = runAgent
-
-func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
-	ho := &slog.HandlerOptions{Level: level}
-	if format == "json" {
-		return slog.New(slog.NewJSONHandler(w, ho))
-	}
-	return slog.New(slog.NewTextHandler(w, ho))
-}
 
 // runAgent builds the agent, runs it until the sandbox goes away, and maps
 // how it ended to msbtap's exit status: the command's own, 3 after a fatal

@@ -1,4 +1,4 @@
-package main
+package control
 
 import (
 	"context"
@@ -17,20 +17,21 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/msbtap/msbtap/audit"
-	"github.com/msbtap/msbtap/control"
 )
 
-// ctlCommand is the control socket's client.
-func ctlCommand() *cli.Command {
-	client := func(c *cli.Context) (*control.Client, error) {
+// Command is `msbtap ctl`, the socket's client on the command line; usage
+// wraps an error that is the caller's mistake (msbtap exits 2 for it).
+func Command(usage func(error) error) *cli.Command {
+	withStatus := func(_ int, err error) error { return usage(err) }
+	client := func(c *cli.Context) (*Client, error) {
 		p := c.String("control")
 		if p == "" {
 			return nil, withStatus(2, errors.New("--control: give the control socket's PATH (or set MSBTAP_CONTROL)"))
 		}
-		return control.NewClient(p), nil
+		return NewClient(p), nil
 	}
 	// do runs f with a client; errors come back as msbtap's status 1.
-	do := func(f func(c *cli.Context, cl *control.Client) error) cli.ActionFunc {
+	do := func(f func(c *cli.Context, cl *Client) error) cli.ActionFunc {
 		return func(c *cli.Context) error {
 			cl, err := client(c)
 			if err != nil {
@@ -54,7 +55,7 @@ func ctlCommand() *cli.Command {
 				Name:  "flows",
 				Usage: "list the open flows (id, proto, src, dst, domain, rule, bytes each way, age)",
 				Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
-				Action: do(func(c *cli.Context, cl *control.Client) error {
+				Action: do(func(c *cli.Context, cl *Client) error {
 					fs, err := cl.Flows()
 					if err != nil {
 						return err
@@ -74,7 +75,7 @@ func ctlCommand() *cli.Command {
 					Name:      "close",
 					Usage:     "reset a flow (both ends see the reset)",
 					ArgsUsage: "ID",
-					Action: do(func(c *cli.Context, cl *control.Client) error {
+					Action: do(func(c *cli.Context, cl *Client) error {
 						id, err := strconv.ParseUint(c.Args().First(), 10, 64)
 						if err != nil || c.NArg() != 1 {
 							return withStatus(2, fmt.Errorf("flows close: want one flow ID, got %q", c.Args().Slice()))
@@ -87,7 +88,7 @@ func ctlCommand() *cli.Command {
 				Name:  "policy",
 				Usage: "read or replace the policy in force",
 				Subcommands: []*cli.Command{
-					{Name: "get", Usage: "print the policy in force (JSON)", Action: do(func(c *cli.Context, cl *control.Client) error {
+					{Name: "get", Usage: "print the policy in force (JSON)", Action: do(func(c *cli.Context, cl *Client) error {
 						p, err := cl.Policy()
 						if err != nil {
 							return err
@@ -97,8 +98,8 @@ func ctlCommand() *cli.Command {
 					{
 						Name: "set", Usage: "validate FILE (- for stdin) and put it in force for new flows", ArgsUsage: "FILE",
 						Flags: []cli.Flag{&cli.BoolFlag{Name: "revoke", Usage: "also reset the open flows the new policy denies"}},
-						Action: do(func(c *cli.Context, cl *control.Client) error {
-							raw, err := readArg(c, "policy set")
+						Action: do(func(c *cli.Context, cl *Client) error {
+							raw, err := readArg(c, "policy set", usage)
 							if err != nil {
 								return err
 							}
@@ -115,7 +116,7 @@ func ctlCommand() *cli.Command {
 				Name:  "secrets",
 				Usage: "change secrets while the sandbox runs",
 				Subcommands: []*cli.Command{
-					{Name: "set", Usage: "set secret NAME to the value read from stdin", ArgsUsage: "NAME", Action: do(func(c *cli.Context, cl *control.Client) error {
+					{Name: "set", Usage: "set secret NAME to the value read from stdin", ArgsUsage: "NAME", Action: do(func(c *cli.Context, cl *Client) error {
 						if c.NArg() != 1 {
 							return withStatus(2, errors.New("secrets set: want one NAME (the value comes on stdin)"))
 						}
@@ -129,7 +130,7 @@ func ctlCommand() *cli.Command {
 						defer clear(v)
 						return cl.SetSecret(c.Args().First(), v)
 					})},
-					{Name: "rm", Usage: "remove secret NAME", ArgsUsage: "NAME", Action: do(func(c *cli.Context, cl *control.Client) error {
+					{Name: "rm", Usage: "remove secret NAME", ArgsUsage: "NAME", Action: do(func(c *cli.Context, cl *Client) error {
 						if c.NArg() != 1 {
 							return withStatus(2, errors.New("secrets rm: want one NAME"))
 						}
@@ -140,7 +141,7 @@ func ctlCommand() *cli.Command {
 			{
 				Name:  "events",
 				Usage: "stream decisions and violations as JSON lines (the audit log's records) until interrupted",
-				Action: do(func(c *cli.Context, cl *control.Client) error {
+				Action: do(func(c *cli.Context, cl *Client) error {
 					ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 					defer stop()
 					enc := json.NewEncoder(c.App.Writer)
@@ -150,7 +151,7 @@ func ctlCommand() *cli.Command {
 			{
 				Name:  "stats",
 				Usage: "print the counters of /metrics as JSON",
-				Action: do(func(c *cli.Context, cl *control.Client) error {
+				Action: do(func(c *cli.Context, cl *Client) error {
 					st, err := cl.Stats()
 					if err != nil {
 						return err
@@ -163,7 +164,7 @@ func ctlCommand() *cli.Command {
 				Usage: "capture the sandbox's frames into a file",
 				Subcommands: []*cli.Command{
 					{Name: "start", Usage: "capture into FILE (created by you, as you; the agent writes to it)", ArgsUsage: "FILE",
-						Action: do(func(c *cli.Context, cl *control.Client) error {
+						Action: do(func(c *cli.Context, cl *Client) error {
 							if c.NArg() != 1 {
 								return withStatus(2, errors.New("pcap start: want one FILE"))
 							}
@@ -178,7 +179,7 @@ func ctlCommand() *cli.Command {
 							}
 							return cl.StartCapture(f, name)
 						})},
-					{Name: "stop", Usage: "end the capture (started here or by --pcap)", Action: do(func(c *cli.Context, cl *control.Client) error {
+					{Name: "stop", Usage: "end the capture (started here or by --pcap)", Action: do(func(c *cli.Context, cl *Client) error {
 						ci, err := cl.StopCapture()
 						if err != nil {
 							return err
@@ -195,7 +196,7 @@ func ctlCommand() *cli.Command {
 					&cli.StringFlag{Name: "down", Usage: "what the sandbox receives, `RATE`"},
 					&cli.Float64Flag{Name: "new-connections-per-second", Usage: "TCP connections a second, `N` (0: no limit)"},
 				},
-				Action: do(func(c *cli.Context, cl *control.Client) error {
+				Action: do(func(c *cli.Context, cl *Client) error {
 					change := map[string]any{}
 					for flag, key := range map[string]string{"up": "up", "down": "down"} {
 						if c.IsSet(flag) {
@@ -205,7 +206,7 @@ func ctlCommand() *cli.Command {
 					if c.IsSet("new-connections-per-second") {
 						change["new_connections_per_second"] = c.Float64("new-connections-per-second")
 					}
-					var r control.RatesText
+					var r RatesText
 					var err error
 					if len(change) == 0 {
 						r, err = cl.Rates()
@@ -223,9 +224,9 @@ func ctlCommand() *cli.Command {
 }
 
 // readArg reads the file the one argument names, or stdin for "-".
-func readArg(c *cli.Context, what string) ([]byte, error) {
+func readArg(c *cli.Context, what string, usage func(error) error) ([]byte, error) {
 	if c.NArg() != 1 {
-		return nil, withStatus(2, fmt.Errorf("%s: want one FILE (- for stdin)", what))
+		return nil, usage(fmt.Errorf("%s: want one FILE (- for stdin)", what))
 	}
 	if c.Args().First() == "-" {
 		return io.ReadAll(os.Stdin)
