@@ -378,6 +378,76 @@ func TestUDPUnansweredSessionsGiveWay(t *testing.T) {
 	}
 }
 
+// TestUDPSprayChurnsItsOwnSessions: guest sockets spraying datagrams at
+// many ports evict their own unanswered sessions, not one that another
+// socket opened and that is still waiting for its reply (the stress test's
+// UDP flood lost such a flow when the oldest of all gave way).
+func TestUDPSprayChurnsItsOwnSessions(t *testing.T) {
+	hole, _ := net.ListenPacket("udp", "127.0.0.1:0") // answers nothing
+	defer hole.Close()
+	u := NewUDP(UDPOptions{Replier: &captureReplier{}, UnansweredTimeout: time.Minute, MaxSessions: 8})
+	defer u.Close()
+	guest := netip.MustParseAddr("100.96.0.2")
+	holeAddr := netip.MustParseAddrPort(hole.LocalAddr().String())
+	waiting := udpKey{netip.AddrPortFrom(guest, 5000), holeAddr}
+	if err := u.Handle(waiting.src, waiting.dst, []byte("question")); err != nil {
+		t.Fatal(err)
+	}
+	for round := 0; round < 50; round++ {
+		for sprayer := uint16(6000); sprayer < 6004; sprayer++ {
+			dst := netip.AddrPortFrom(holeAddr.Addr(), 10000+uint16(round))
+			if err := u.Handle(netip.AddrPortFrom(guest, sprayer), dst, []byte("x")); err != nil {
+				t.Fatalf("spray from %d: %v", sprayer, err)
+			}
+		}
+	}
+	u.mu.Lock()
+	_, kept := u.sessions[waiting]
+	perSource := map[uint16]int{}
+	for k := range u.sessions {
+		perSource[k.src.Port()]++
+	}
+	u.mu.Unlock()
+	if !kept {
+		t.Error("the waiting session of another socket was evicted by the spray")
+	}
+	for port, n := range perSource {
+		if n > 2 {
+			t.Errorf("socket %d holds %d sessions, over its cap of 2 (a quarter of 8)", port, n)
+		}
+	}
+	// A newcomer at the full table gets in, at the expense of a sprayer.
+	newcomer := netip.AddrPortFrom(guest, 7000)
+	if err := u.Handle(newcomer, holeAddr, []byte("hello")); err != nil {
+		t.Fatalf("a new socket at the full table: %v", err)
+	}
+	if err := u.Handle(netip.AddrPortFrom(guest, 6000), netip.AddrPortFrom(holeAddr.Addr(), 20000), []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	u.mu.Lock()
+	_, kept = u.sessions[waiting]
+	_, newKept := u.sessions[udpKey{newcomer, holeAddr}]
+	n, sources := len(u.sessions), len(u.sources)
+	u.mu.Unlock()
+	if !kept || !newKept || n > 8 {
+		t.Errorf("after a newcomer and more spray: waiting kept %v, newcomer kept %v, %d sessions (cap 8)", kept, newKept, n)
+	}
+	u.CloseSessions()
+	deadline := time.Now().Add(2 * time.Second)
+	for time.Now().Before(deadline) {
+		u.mu.Lock()
+		n, sources = len(u.sessions), len(u.sources)
+		u.mu.Unlock()
+		if n == 0 && sources == 0 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n != 0 || sources != 0 {
+		t.Errorf("after closing every session: %d sessions, %d sources left in the table", n, sources)
+	}
+}
+
 // TestUDPReplySizedPerFamily: a reply that fits a packet over IPv4 but not
 // over IPv6 (its header is 20 bytes longer) is not sent to an IPv6 guest
 // in a frame larger than the MTU.

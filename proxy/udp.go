@@ -37,9 +37,13 @@ type UDPOptions struct {
 	// (default 60 s); UnansweredTimeout ends sooner one that never got a
 	// reply (default 5 s), so that a flood's sessions do not linger.
 	IdleTimeout, UnansweredTimeout time.Duration
-	// MaxSessions caps concurrent sessions (default 1024); a new session
-	// past it replaces the oldest one that never got a reply.
-	MaxSessions int
+	// MaxSessions caps concurrent sessions (default 1024) and MaxPerSource
+	// those of one guest socket (default a quarter of MaxSessions). A new
+	// session past a cap replaces the oldest one that never got a reply:
+	// its own socket's at the socket's cap, else that of the socket holding
+	// the most sessions. So sockets spraying datagrams at many ports churn
+	// their own sessions, not those of the guest's other flows.
+	MaxSessions, MaxPerSource int
 	// MaxPayload4 and MaxPayload6 are the largest reply payloads that fit
 	// one packet of the MTU to the guest over IPv4 and IPv6; larger replies
 	// are dropped and counted.
@@ -49,15 +53,24 @@ type UDPOptions struct {
 
 type udpKey struct{ src, dst netip.AddrPort }
 
+// udpSource is what one guest socket holds in the table.
+type udpSource struct {
+	sessions   int
+	unanswered list.List     // of *udpSession never answered, oldest first
+	inCount    *list.Element // in UDP.byCount[sessions]
+}
+
 type udpSession struct {
 	key      udpKey
 	conn     *net.UDPConn
 	raw      syscall.RawConn // for sends that never block
 	lastSeen atomic.Int64    // unix nanos of the last datagram either way
 	answered atomic.Bool     // a reply came back
-	waiting  *list.Element   // in UDP.unanswered until answered; under UDP.mu
-	up, down *Meter          // from Track, or nil
-	done     func()
+	// waiting and srcWaiting are s in UDP.unanswered and in its source's
+	// list until answered; under UDP.mu.
+	waiting, srcWaiting *list.Element
+	up, down            *Meter // from Track, or nil
+	done                func()
 }
 
 // UDP relays the guest's UDP datagrams through connected host sockets, one
@@ -65,9 +78,12 @@ type udpSession struct {
 type UDP struct {
 	o UDPOptions
 
-	mu         sync.Mutex // mu protects sessions, unanswered and closed
+	mu         sync.Mutex // mu protects sessions, unanswered, sources and closed
 	sessions   map[udpKey]*udpSession
 	unanswered *list.List // of *udpSession never answered, oldest first
+	sources    map[netip.AddrPort]*udpSource
+	byCount    []list.List // of *udpSource, by their number of sessions
+	maxCount   int         // the highest non-empty byCount
 	closed     bool
 	wg         sync.WaitGroup
 
@@ -88,6 +104,9 @@ func NewUDP(o UDPOptions) *UDP {
 	if o.MaxSessions <= 0 {
 		o.MaxSessions = 1024
 	}
+	if o.MaxPerSource <= 0 || o.MaxPerSource > o.MaxSessions {
+		o.MaxPerSource = max(1, o.MaxSessions/4)
+	}
 	if o.MaxPayload4 <= 0 {
 		o.MaxPayload4 = 1472
 	}
@@ -100,7 +119,8 @@ func NewUDP(o UDPOptions) *UDP {
 	if o.Allow == nil {
 		o.Allow = func(netip.AddrPort, netip.AddrPort) (uint64, bool) { return 0, true }
 	}
-	return &UDP{o: o, sessions: make(map[udpKey]*udpSession), unanswered: list.New()}
+	return &UDP{o: o, sessions: make(map[udpKey]*udpSession), unanswered: list.New(),
+		sources: make(map[netip.AddrPort]*udpSource), byCount: make([]list.List, o.MaxPerSource+1)}
 }
 
 // Handle relays one datagram from the guest. It returns ErrDenied when the
@@ -150,17 +170,18 @@ func (u *UDP) open(k udpKey) (*udpSession, error) {
 		u.mu.Unlock()
 		return s, nil
 	}
-	if len(u.sessions) >= u.o.MaxSessions {
-		oldest := u.unanswered.Front()
-		if oldest == nil {
+	src := u.sources[k.src]
+	if src == nil {
+		src = &udpSource{}
+	}
+	if victim, full := u.victimLocked(src); full {
+		if victim == nil {
 			u.mu.Unlock()
 			u.dropped.Add(1)
 			return nil, ErrLimit
 		}
-		// Make room: the oldest session that never got a reply goes.
-		old := oldest.Value.(*udpSession)
-		u.forgetLocked(old)
-		old.conn.Close()
+		u.forgetLocked(victim)
+		victim.conn.Close()
 		u.evicted.Add(1)
 	}
 	to := u.o.MapDst(k.dst)
@@ -181,7 +202,9 @@ func (u *UDP) open(k udpKey) (*udpSession, error) {
 		s.up, s.down, s.done = u.o.Track(id, k.src, k.dst, func() { conn.Close() })
 	}
 	s.lastSeen.Store(time.Now().UnixNano())
-	s.waiting = u.unanswered.PushBack(s)
+	s.waiting, s.srcWaiting = u.unanswered.PushBack(s), src.unanswered.PushBack(s)
+	u.countLocked(src, +1)
+	u.sources[k.src] = src
 	u.sessions[k] = s
 	u.total.Add(1)
 	u.wg.Add(1)
@@ -190,14 +213,66 @@ func (u *UDP) open(k udpKey) (*udpSession, error) {
 	return s, nil
 }
 
-// forgetLocked removes s from the session table and the unanswered list.
-func (u *UDP) forgetLocked(s *udpSession) {
-	if u.sessions[s.key] == s {
-		delete(u.sessions, s.key)
+// victimLocked says whether a new session from src finds a cap reached,
+// and then which unanswered session gives way (nil: none can).
+func (u *UDP) victimLocked(src *udpSource) (victim *udpSession, full bool) {
+	if src.sessions >= u.o.MaxPerSource {
+		if e := src.unanswered.Front(); e != nil {
+			return e.Value.(*udpSession), true
+		}
+		return nil, true
 	}
+	if len(u.sessions) < u.o.MaxSessions {
+		return nil, false
+	}
+	if u.unanswered.Len() == 0 {
+		return nil, true
+	}
+	for c := u.maxCount; c > 0; c-- {
+		for e := u.byCount[c].Front(); e != nil; e = e.Next() {
+			if w := e.Value.(*udpSource).unanswered.Front(); w != nil {
+				return w.Value.(*udpSession), true
+			}
+		}
+	}
+	return nil, true
+}
+
+// countLocked moves src to its new number of sessions.
+func (u *UDP) countLocked(src *udpSource, delta int) {
+	if src.inCount != nil {
+		u.byCount[src.sessions].Remove(src.inCount)
+		src.inCount = nil
+	}
+	src.sessions += delta
+	if src.sessions > 0 {
+		src.inCount = u.byCount[src.sessions].PushBack(src)
+	}
+	u.maxCount = max(u.maxCount, src.sessions)
+	for u.maxCount > 0 && u.byCount[u.maxCount].Len() == 0 {
+		u.maxCount--
+	}
+}
+
+// forgetLocked removes s from the session table and the unanswered lists.
+func (u *UDP) forgetLocked(s *udpSession) {
+	if u.sessions[s.key] != s {
+		return
+	}
+	delete(u.sessions, s.key)
+	src := u.sources[s.key.src]
+	u.answeredLocked(s, src)
+	if u.countLocked(src, -1); src.sessions == 0 {
+		delete(u.sources, s.key.src)
+	}
+}
+
+// answeredLocked takes s off the unanswered lists.
+func (u *UDP) answeredLocked(s *udpSession, src *udpSource) {
 	if s.waiting != nil {
 		u.unanswered.Remove(s.waiting)
-		s.waiting = nil
+		src.unanswered.Remove(s.srcWaiting)
+		s.waiting, s.srcWaiting = nil, nil
 	}
 }
 
@@ -245,9 +320,8 @@ func (u *UDP) routineReply(s *udpSession) {
 		if !s.answered.Load() {
 			s.answered.Store(true)
 			u.mu.Lock()
-			if s.waiting != nil {
-				u.unanswered.Remove(s.waiting)
-				s.waiting = nil
+			if u.sessions[s.key] == s {
+				u.answeredLocked(s, u.sources[s.key.src])
 			}
 			u.mu.Unlock()
 		}

@@ -45,6 +45,7 @@ func (st *Stack) Metrics() Metrics {
 			"tcp_rate_limited":  st.stats.rateLimited.Load(),
 			"udp_dropped":       udp.Dropped,
 			"udp_too_big":       udp.TooBig,
+			"udp_evicted":       udp.Evicted,
 			"icmp_dropped":      echo.Dropped,
 			"icmp_timeout":      echo.TimedOut,
 			"dns_dropped":       dns.Dropped,

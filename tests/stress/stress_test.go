@@ -242,6 +242,14 @@ func udpFlood(t *testing.T, w *testenv.World, pr profile) (string, bool) {
 	after, err2 := w.Guest.Run(w.Testhost, "udp", testenv.WebHost4+":7002", "after")
 	ok := err1 == nil && strings.TrimSpace(during) == "during" && err2 == nil && strings.TrimSpace(after) == "after"
 	if !ok {
+		m, _ := w.Host.Run("curl", "-sS", "--max-time", "5", "http://127.0.0.1:9464/metrics")
+		var keep []string
+		for _, l := range strings.Split(m, "\n") {
+			if !strings.HasPrefix(l, "#") && (strings.Contains(l, "udp") || strings.Contains(l, "drop")) {
+				keep = append(keep, l)
+			}
+		}
+		t.Logf("counters:\n%s", strings.Join(keep, "\n"))
 		return fmt.Sprintf("new UDP flow FAILED: during the flood %q, after it %q (flood %s)", strings.TrimSpace(during), strings.TrimSpace(after), sent), false
 	}
 	return fmt.Sprintf("new UDP flow during the flood and %.1f s after it: %v (flood %s)", time.Since(start).Seconds(), ok, sent), ok
