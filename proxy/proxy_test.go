@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -445,6 +446,47 @@ func TestUDPSprayChurnsItsOwnSessions(t *testing.T) {
 	}
 	if n != 0 || sources != 0 {
 		t.Errorf("after closing every session: %d sessions, %d sources left in the table", n, sources)
+	}
+}
+
+// TestUDPSprayerThrottled: a socket at its cap of unanswered sessions has
+// its new datagrams dropped before the policy or a socket is spent on them,
+// until its oldest session has waited sprayTurnover; another socket opens
+// sessions meanwhile.
+func TestUDPSprayerThrottled(t *testing.T) {
+	hole, _ := net.ListenPacket("udp", "127.0.0.1:0")
+	defer hole.Close()
+	var asked atomic.Int64
+	u := NewUDP(UDPOptions{Replier: &captureReplier{}, MaxSessions: 16, // 4 per socket
+		Allow: func(netip.AddrPort, netip.AddrPort) (uint64, bool) { asked.Add(1); return 0, true }})
+	defer u.Close()
+	guest := netip.MustParseAddr("100.96.0.2")
+	sprayer := netip.AddrPortFrom(guest, 6000)
+	to := func(port int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
+	}
+	var limited int
+	for p := 10000; p < 10100; p++ {
+		switch err := u.Handle(sprayer, to(p), []byte("x")); err {
+		case nil:
+		case ErrLimit:
+			limited++
+		default:
+			t.Fatal(err)
+		}
+	}
+	if limited != 96 || asked.Load() != 4 {
+		t.Errorf("100 ports from one socket: %d dropped at the cap, the policy asked %d times; want 96 and 4", limited, asked.Load())
+	}
+	if err := u.Handle(netip.AddrPortFrom(guest, 7000), to(10000), []byte("x")); err != nil {
+		t.Errorf("another socket while the sprayer is throttled: %v", err)
+	}
+	time.Sleep(sprayTurnover + 100*time.Millisecond)
+	if err := u.Handle(sprayer, to(20000), []byte("x")); err != nil {
+		t.Errorf("the sprayer after its oldest session waited %s: %v", sprayTurnover, err)
+	}
+	if st := u.Stats(); st.Active != 5 || st.Evicted != 1 {
+		t.Errorf("%+v, want 5 sessions (4 of the sprayer's) and 1 evicted", st)
 	}
 }
 

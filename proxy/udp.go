@@ -66,6 +66,7 @@ type udpSession struct {
 	raw      syscall.RawConn // for sends that never block
 	lastSeen atomic.Int64    // unix nanos of the last datagram either way
 	answered atomic.Bool     // a reply came back
+	opened   int64           // unix nanos
 	// waiting and srcWaiting are s in UDP.unanswered and in its source's
 	// list until answered; under UDP.mu.
 	waiting, srcWaiting *list.Element
@@ -124,7 +125,8 @@ func NewUDP(o UDPOptions) *UDP {
 }
 
 // Handle relays one datagram from the guest. It returns ErrDenied when the
-// policy refused a new session and ErrLimit when the session cap is reached.
+// policy refused a new session and ErrLimit when a session cap is reached
+// (the datagram is dropped and counted).
 // It never blocks: a host socket that cannot take the datagram drops it.
 func (u *UDP) Handle(src, dst netip.AddrPort, payload []byte) error {
 	k := udpKey{src, dst}
@@ -157,6 +159,11 @@ func (u *UDP) Handle(src, dst netip.AddrPort, payload []byte) error {
 }
 
 func (u *UDP) open(k udpKey) (*udpSession, error) {
+	now := time.Now().UnixNano()
+	if u.spraying(k.src, now) {
+		u.dropped.Add(1)
+		return nil, ErrLimit
+	}
 	id, ok := u.o.Allow(k.src, k.dst)
 	if !ok {
 		return nil, ErrDenied
@@ -197,7 +204,7 @@ func (u *UDP) open(k udpKey) (*udpSession, error) {
 		u.mu.Unlock()
 		return nil, err
 	}
-	s := &udpSession{key: k, conn: conn, raw: raw}
+	s := &udpSession{key: k, conn: conn, raw: raw, opened: now}
 	if u.o.Track != nil {
 		s.up, s.down, s.done = u.o.Track(id, k.src, k.dst, func() { conn.Close() })
 	}
@@ -211,6 +218,26 @@ func (u *UDP) open(k udpKey) (*udpSession, error) {
 	u.mu.Unlock()
 	go u.routineReply(s)
 	return s, nil
+}
+
+// sprayTurnover is how long a socket at its cap keeps its unanswered
+// sessions before new ones may replace them.
+const sprayTurnover = time.Second
+
+// spraying says whether src is at its cap with no unanswered session older
+// than sprayTurnover: its new datagram is dropped before the policy, a
+// socket and a goroutine are spent on it, so a socket spraying ports
+// opens at most MaxPerSource sessions a second and costs the agent little
+// more than reading its frames.
+func (u *UDP) spraying(src netip.AddrPort, now int64) bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	s := u.sources[src]
+	if s == nil || s.sessions < u.o.MaxPerSource {
+		return false
+	}
+	e := s.unanswered.Front()
+	return e != nil && now-e.Value.(*udpSession).opened < int64(sprayTurnover)
 }
 
 // victimLocked says whether a new session from src finds a cap reached,

@@ -1,11 +1,13 @@
 package stack
 
 import (
+	"errors"
 	"net/netip"
 
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
 	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/rings"
 	"github.com/msbtap/msbtap/wire"
 )
@@ -252,6 +254,9 @@ func (st *Stack) handleUDP(p *wire.Packet) {
 	}
 	st.lastUDPRule = policy.RuleDefault
 	if err := st.udp.Handle(src, dst, d.Payload); err != nil {
+		if errors.Is(err, proxy.ErrLimit) {
+			return // over a session cap: counted as udp_dropped, no ICMP
+		}
 		c.Drop(rings.DropPolicy)
 		switch {
 		case st.lastUDPRule == policy.RuleQUIC:

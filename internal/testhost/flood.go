@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/binary"
+	"errors"
 	"flag"
 	"fmt"
 	"log"
@@ -189,14 +190,14 @@ func churn(args []string) {
 		jobs <- struct{}{}
 	}
 	close(jobs)
-	results := make(chan bool, n)
+	results := make(chan error, n)
 	for w := 0; w < par; w++ {
 		go func() {
 			b := []byte{'x'}
 			for range jobs {
 				c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
 				if err != nil {
-					results <- false
+					results <- err
 					continue
 				}
 				c.SetDeadline(time.Now().Add(5 * time.Second))
@@ -205,19 +206,30 @@ func churn(args []string) {
 					_, err = c.Read(b)
 				}
 				c.Close()
-				results <- err == nil
+				results <- err
 			}
 		}()
 	}
 	ok, failed := 0, 0
+	kinds := map[string]int{} // what failed, without the ports
 	for i := 0; i < n; i++ {
-		if <-results {
-			ok++
-		} else {
+		if err := <-results; err != nil {
 			failed++
+			var op *net.OpError
+			if errors.As(err, &op) {
+				kinds[op.Op+": "+op.Err.Error()]++
+			} else {
+				kinds[err.Error()]++
+			}
+		} else {
+			ok++
 		}
 	}
-	fmt.Printf("ok=%d failed=%d\n", ok, failed)
+	fmt.Printf("ok=%d failed=%d", ok, failed)
+	for k, v := range kinds {
+		fmt.Printf(" [%d× %s]", v, k)
+	}
+	fmt.Println()
 }
 
 // resolve NAME SERVER: look NAME up (A) as a resolver with a fast retry
