@@ -134,6 +134,7 @@ func (p *Pump) RoutineReadFromTAP() {
 		}
 		if len(ready) > 0 {
 			p.deliver(ready)
+			clear(ready) // the stack owns them now: keep none alive here
 		}
 	}
 }
@@ -208,6 +209,10 @@ func (p *Pump) RoutineWriteToTAP() {
 				}
 				p.sh.Frames.Put(f)
 			}
+			// Forget the batch: a slice cut to [:0] would still hold its
+			// frames, up to a batch of 64 KiB buffers after a burst.
+			clear(frames)
+			clear(bufs)
 			if err != nil {
 				if !errors.Is(err, os.ErrClosed) && !p.closing() {
 					p.log.Error("tap writer stopped", "err", err)
