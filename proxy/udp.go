@@ -130,16 +130,22 @@ func NewUDP(o UDPOptions) *UDP {
 // It never blocks: a host socket that cannot take the datagram drops it.
 func (u *UDP) Handle(src, dst netip.AddrPort, payload []byte) error {
 	k := udpKey{src, dst}
+	now := time.Now().UnixNano()
 	u.mu.Lock()
 	s := u.sessions[k]
+	spraying := s == nil && u.sprayingLocked(src, now)
 	u.mu.Unlock()
+	if spraying {
+		u.dropped.Add(1)
+		return ErrLimit
+	}
 	if s == nil {
 		var err error
-		if s, err = u.open(k); err != nil {
+		if s, err = u.open(k, now); err != nil {
 			return err
 		}
 	}
-	s.lastSeen.Store(time.Now().UnixNano())
+	s.lastSeen.Store(now)
 	if s.up != nil {
 		if !s.up.Shaper.Allow(len(payload)) {
 			u.dropped.Add(1) // over the sandbox's rate: a datagram cannot wait
@@ -158,12 +164,7 @@ func (u *UDP) Handle(src, dst netip.AddrPort, payload []byte) error {
 	return nil
 }
 
-func (u *UDP) open(k udpKey) (*udpSession, error) {
-	now := time.Now().UnixNano()
-	if u.spraying(k.src, now) {
-		u.dropped.Add(1)
-		return nil, ErrLimit
-	}
+func (u *UDP) open(k udpKey, now int64) (*udpSession, error) {
 	id, ok := u.o.Allow(k.src, k.dst)
 	if !ok {
 		return nil, ErrDenied
@@ -224,14 +225,12 @@ func (u *UDP) open(k udpKey) (*udpSession, error) {
 // sessions before new ones may replace them.
 const sprayTurnover = time.Second
 
-// spraying says whether src is at its cap with no unanswered session older
+// sprayingLocked says whether src is at its cap with no unanswered session older
 // than sprayTurnover: its new datagram is dropped before the policy, a
 // socket and a goroutine are spent on it, so a socket spraying ports
 // opens at most MaxPerSource sessions a second and costs the agent little
 // more than reading its frames.
-func (u *UDP) spraying(src netip.AddrPort, now int64) bool {
-	u.mu.Lock()
-	defer u.mu.Unlock()
+func (u *UDP) sprayingLocked(src netip.AddrPort, now int64) bool {
 	s := u.sources[src]
 	if s == nil || s.sessions < u.o.MaxPerSource {
 		return false
