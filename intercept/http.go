@@ -176,10 +176,15 @@ func (rh *requestHandler) wrap() http.Handler {
 	})
 }
 
-func refuse(w http.ResponseWriter, code int, reason string) {
+func refuse(w http.ResponseWriter, r *http.Request, code int, reason string) {
 	w.Header().Set(ReasonHeader, reason)
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.Header().Set("Connection", "close")
+	if r.ProtoMajor < 2 {
+		// HTTP/2 takes this as a GOAWAY and a teardown, which could cut
+		// the refusal's own body short (curl: partial file); its other
+		// streams are checked one by one anyway.
+		w.Header().Set("Connection", "close")
+	}
 	w.WriteHeader(code)
 	fmt.Fprintf(w, "msbtap: %s\n", reason)
 }
@@ -209,7 +214,7 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if !quiet {
 			h.o.Report(ev)
 		}
-		refuse(w, code, reason)
+		refuse(w, r, code, reason)
 		if d.Action == policy.Terminate {
 			h.o.Terminate(ev)
 		}
@@ -278,7 +283,7 @@ func (rh *requestHandler) proxy() *httputil.ReverseProxy {
 					if !ref.Quiet {
 						rh.h.o.Report(ev)
 					}
-					refuse(w, http.StatusForbidden, ref.Reason)
+					refuse(w, r, http.StatusForbidden, ref.Reason)
 					if ref.Terminate {
 						rh.h.o.Terminate(ev)
 					}
