@@ -513,6 +513,7 @@ func (d *DNS) Close() {
 	d.mu.Unlock()
 	d.cancel()
 	d.wg.Wait()
+	d.cache.close()
 }
 
 // DefaultResolvConf is where the host's resolvers are read from.

@@ -921,3 +921,44 @@ func TestDNSFloodIsBounded(t *testing.T) {
 		t.Errorf("%d answers cached, tables of 8 and 2", st.Cached)
 	}
 }
+
+// TestDNSCacheSweepsExpired: answers that expire leave the cache on their
+// own, without another query to push them out, and the table's map is made
+// anew once it has emptied (a flood of random names otherwise left a full
+// table of dead answers pinning the heap it had grown).
+func TestDNSCacheSweepsExpired(t *testing.T) {
+	defer func(d time.Duration) { sweepEvery = d }(sweepEvery)
+	sweepEvery = 50 * time.Millisecond
+	c := newDNSCache(64)
+	defer c.close()
+	for i := 0; i < 100; i++ {
+		q := query(fmt.Sprintf("r%d.flood.example.test", i))
+		a := new(dns.Msg)
+		a.SetRcode(q, dns.RcodeNameError)
+		a.Ns = []dns.RR{&dns.SOA{Hdr: dns.RR_Header{Name: "example.test.", Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: 1}, Minttl: 1}}
+		c.put(q, a)
+	}
+	keep := query("www.example.test")
+	a := new(dns.Msg)
+	a.SetReply(keep)
+	a.Answer = []dns.RR{&dns.A{Hdr: dns.RR_Header{Name: "www.example.test.", Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.IPv4(198, 51, 100, 10)}}
+	c.put(keep, a)
+	if n := c.len(); n != 17 { // 16 negative (a quarter of 64) and 1
+		t.Fatalf("%d cached, want 17", n)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for c.len() > 1 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := c.len(); n != 1 || c.get(keep) == nil {
+		t.Fatalf("%d cached after the negative answers expired, want the live one only", n)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.neg.peak != 0 || len(c.neg.m) != 0 {
+		t.Errorf("negative table: peak %d, %d in map; want a new empty map", c.neg.peak, len(c.neg.m))
+	}
+	if c.sweep == nil {
+		t.Error("no sweep pending while an entry is cached")
+	}
+}

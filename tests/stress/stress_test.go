@@ -144,13 +144,23 @@ func goroutines(t *testing.T, w *testenv.World) int {
 // RSS all along.
 func measure(t *testing.T, name string, pr profile, run func(*testing.T, *testenv.World, profile) (string, bool)) {
 	w := testenv.NewWorld(t)
-	w.StartAgent(t, "--metrics-addr", "127.0.0.1:9464", "--log-level", "warn")
+	// MSBTAP_STRESS_HEAP=DIR keeps a heap profile of the agent at "after"
+	// in DIR, one per case: what the agent still holds after the abuse.
+	heapDir := os.Getenv("MSBTAP_STRESS_HEAP")
+	args := []string{"--metrics-addr", "127.0.0.1:9464", "--log-level", "warn"}
+	if heapDir != "" {
+		args = append(args, "--pprof")
+	}
+	w.StartAgent(t, args...)
 	pid := w.AgentPID()
 	// A first round of ordinary traffic, so pools and lazy goroutines exist,
 	// then a quiet while: "before" is an idle agent that has served.
 	w.Guest.Run("curl", "-sS", "-o", "/dev/null", "http://"+testenv.TestDomain+"/")
 	time.Sleep(quiet)
 	r := row{name: name, before: rss(pid), gBefore: goroutines(t, w), fdBefore: fds(pid)}
+	if heapDir != "" {
+		keepProfile(t, w, heapDir, name+" before", pid)
+	}
 	var peak atomic.Int64
 	stop := make(chan struct{})
 	sampled := make(chan struct{})
@@ -172,6 +182,9 @@ func measure(t *testing.T, name string, pr profile, run func(*testing.T, *testen
 	<-sampled
 	time.Sleep(pr.settle)
 	r.peak, r.after, r.gAfter, r.fdAfter = int(peak.Load()), rss(pid), goroutines(t, w), fds(pid)
+	if heapDir != "" {
+		keepProfile(t, w, heapDir, name+" after", pid)
+	}
 	if r.gAfter > r.gBefore+10 || r.fdAfter > r.fdBefore+5 {
 		t.Errorf("leak: goroutines %d → %d, fds %d → %d", r.gBefore, r.gAfter, r.fdBefore, r.fdAfter)
 		r.pass = false
@@ -194,6 +207,24 @@ func background(w *testenv.World, args ...string) (wait func() string) {
 	done := make(chan struct{})
 	go func() { cmd.Wait(); close(done) }()
 	return func() string { <-done; return strings.TrimSpace(out.String()) }
+}
+
+// keepProfile saves the agent's heap profile, its metrics and its memory
+// map in dir, named after the case and the moment.
+func keepProfile(t *testing.T, w *testenv.World, dir, name string, pid int) {
+	base := filepath.Join(dir, strings.Map(func(r rune) rune {
+		if r == ' ' || r == '/' || r == ',' {
+			return '_'
+		}
+		return r
+	}, name))
+	smaps, _ := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid)) // before the requests fault pages in
+	os.WriteFile(base+".smaps", smaps, 0o644)
+	for file, path := range map[string]string{base + ".heap": "/debug/pprof/heap", base + ".metrics": "/metrics"} {
+		if _, err := w.Host.Run("curl", "-sS", "--max-time", "10", "-o", file, "http://127.0.0.1:9464"+path); err != nil {
+			t.Logf("%s: %v", path, err)
+		}
+	}
 }
 
 func secs(d time.Duration) string { return strconv.FormatFloat(d.Seconds(), 'f', 1, 64) }
