@@ -3,6 +3,7 @@ package stack
 import (
 	"net/netip"
 	"sync"
+	"time"
 
 	"golang.org/x/time/rate"
 
@@ -63,24 +64,81 @@ type synDecision struct {
 // entry.
 const maxSyns = 4096
 
+// synAge is how often the table ages: an entry lives one to two ages,
+// far longer than a SYN waits for the forwarder (a pending dial waits up
+// to 3 s for a slot). A record that is gone only means the flow is decided
+// again.
+var synAge = 5 * time.Second
+
+// synTable keeps the records in two generations: new ones go to cur, and
+// each age (or when cur is full) cur becomes old and old is dropped, map
+// and all. The ageing runs on a timer only while records are kept, so the
+// records of SYNs nobody took leave on their own: after a flood of SYNs to
+// random addresses, a table of 4096 dead records once stayed for good.
 type synTable struct {
-	mu sync.Mutex // mu protects m
-	m  map[synKey]synDecision
+	mu       sync.Mutex // mu protects what follows
+	cur, old map[synKey]synDecision
+	ager     *time.Timer // pending while records are kept
+	closed   bool
 }
 
 func (t *synTable) put(k synKey, d synDecision) {
 	t.mu.Lock()
-	if len(t.m) >= maxSyns {
-		clear(t.m)
+	defer t.mu.Unlock()
+	if len(t.cur) >= maxSyns/2 {
+		t.old, t.cur = t.cur, nil
 	}
-	t.m[k] = d
-	t.mu.Unlock()
+	if t.cur == nil {
+		t.cur = make(map[synKey]synDecision)
+	}
+	t.cur[k] = d
+	if t.ager == nil && !t.closed {
+		t.ager = time.AfterFunc(synAge, t.age)
+	}
 }
 
 func (t *synTable) take(k synKey) (synDecision, bool) {
 	t.mu.Lock()
-	d, ok := t.m[k]
-	delete(t.m, k)
-	t.mu.Unlock()
+	defer t.mu.Unlock()
+	if d, ok := t.cur[k]; ok {
+		delete(t.cur, k)
+		return d, true
+	}
+	d, ok := t.old[k]
+	delete(t.old, k)
 	return d, ok
+}
+
+// age drops the old generation and makes the current one old.
+func (t *synTable) age() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.ager = nil
+	if t.closed {
+		return
+	}
+	t.old, t.cur = t.cur, nil
+	if len(t.old) == 0 {
+		t.old = nil
+		return
+	}
+	t.ager = time.AfterFunc(synAge, t.age)
+}
+
+// len returns how many records are kept.
+func (t *synTable) len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.cur) + len(t.old)
+}
+
+// close stops the ageing.
+func (t *synTable) close() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.closed = true
+	if t.ager != nil {
+		t.ager.Stop()
+		t.ager = nil
+	}
 }

@@ -160,7 +160,6 @@ func New(o Options) (*Stack, error) {
 	p := o.Plan
 	st := &Stack{o: o, done: make(chan struct{}), sizes: wire.SizesFor(p.MTU, o.Offload), frags: wire.NewReassembler()}
 	st.flows = newFlowTable(&st.up, &st.down)
-	st.syns.m = make(map[synKey]synDecision)
 	st.SetRates(o.RateUp, o.RateDown, o.NewConnsPerSecond)
 	copy(st.gwMAC[:], p.GatewayMAC)
 	st.gwLinkLocal = wire.GatewayLinkLocal(st.gwMAC)
@@ -432,6 +431,7 @@ func (st *Stack) Close() error {
 		st.udp.Close()
 		st.echo.Close()
 		st.dns.Close()
+		st.syns.close()
 		st.s.Close()
 	})
 	return nil
