@@ -69,6 +69,7 @@ func main() {
 	flag.IntVar(&seconds, "seconds", 4, "seconds per throughput, rr and crr run")
 	out := flag.String("out", "results", "folder for the JSON and PNG results")
 	only := flag.String("only", "", "comma-separated backends to run (default all)")
+	flag.StringVar(&profileDir, "profile", "", "folder for CPU profiles of msbtap during rr and crr (default none)")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		log.Fatal("run as root (or with sudo): make bench-peers")

@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"log"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -150,7 +152,11 @@ func (w *world) attach(b string, mtu int) (*exec.Cmd, error) {
 		}
 		return p, fmt.Errorf("gvproxy's gateway never answered")
 	case "msbtap":
-		p := w.start(w.host, msbtapBin, "run", "--netns", w.sandbox, "--policy", "allow-all", "--mtu", strconv.Itoa(mtu), "--log-level", "warn")
+		args := []string{"run", "--netns", w.sandbox, "--policy", "allow-all", "--mtu", strconv.Itoa(mtu), "--log-level", "warn"}
+		if profileDir != "" {
+			args = append(args, "--metrics-addr", profileAddr, "--pprof")
+		}
+		p := w.start(w.host, append([]string{msbtapBin}, args...)...)
 		return p, waitLink(w.sandbox, "eth0")
 	}
 	return nil, fmt.Errorf("unknown backend %q", b)
@@ -222,14 +228,46 @@ func measure(b string, mtu int, resources bool) (r result, err error) {
 	if pid > 0 && bytes+bytes2 > 0 {
 		r.cpuPerGB = (cpuSeconds(pid) - cpu0) / ((bytes + bytes2) / 1e9)
 	}
+	stopProfile := w.profile(b, "rr", mtu)
 	out, err := ns(w.sandbox, testhostBin, "rr", serverIP+":"+echoPort, strconv.Itoa(seconds), "latency").CombinedOutput()
+	stopProfile()
 	if _, serr := fmt.Sscan(string(out), &r.rr, &r.p50, &r.p99); err != nil || serr != nil {
 		return r, fmt.Errorf("rr: %v %v %s", err, serr, out)
 	}
-	if r.crr, err = number(ns(w.sandbox, testhostBin, "crr", serverIP+":"+echoPort, strconv.Itoa(seconds))); err != nil {
+	stopProfile = w.profile(b, "crr", mtu)
+	r.crr, err = number(ns(w.sandbox, testhostBin, "crr", serverIP+":"+echoPort, strconv.Itoa(seconds)))
+	stopProfile()
+	if err != nil {
 		return r, fmt.Errorf("crr: %w", err)
 	}
 	return r, nil
+}
+
+// profileDir (-profile DIR) keeps CPU profiles of msbtap during its rr and
+// crr runs, for the latency work: DIR/msbtap-rr-1500.pprof and so on, read
+// with go tool pprof bin/msbtap FILE.
+var profileDir string
+
+const profileAddr = "127.0.0.1:9465"
+
+// profile starts a CPU profile of msbtap for the run that follows, a
+// second shorter than it; the returned func waits for the file.
+func (w *world) profile(b, metric string, mtu int) (wait func()) {
+	if profileDir == "" || b != "msbtap" {
+		return func() {}
+	}
+	file := filepath.Join(profileDir, fmt.Sprintf("msbtap-%s-%d.pprof", metric, mtu))
+	url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", profileAddr, max(seconds-1, 1))
+	c := ns(w.host, "curl", "-sS", "-o", file, url)
+	if err := c.Start(); err != nil {
+		log.Printf("profile: %v", err)
+		return func() {}
+	}
+	return func() {
+		if err := c.Wait(); err != nil {
+			log.Printf("profile %s: %v", file, err)
+		}
+	}
 }
 
 func iperf(sandbox string, reverse bool) (gbps, bytes float64, err error) {
