@@ -310,13 +310,15 @@ func (rh *requestHandler) proxy() *httputil.ReverseProxy {
 
 // serveOne serves HTTP/1 on one connection until it closes, and waits
 // for its handlers (an upgraded connection's included).
-func serveOne(ctx context.Context, c net.Conn, rh *requestHandler) error {
+func serveOne(ctx context.Context, conn net.Conn, rh *requestHandler) error {
+	c := newHoldEOF(conn)
 	ln := &oneConnListener{c: c, done: make(chan struct{})}
 	srv := &http.Server{
 		Handler:           rh.wrap(),
 		ReadHeaderTimeout: time.Minute,
 		IdleTimeout:       5 * time.Minute,
 		ConnState: func(_ net.Conn, st http.ConnState) {
+			c.state(st)
 			if st == http.StateClosed || st == http.StateHijacked {
 				ln.close()
 			}

@@ -88,6 +88,9 @@ func newWorld(t testing.TB, mode Mode, policyJSON string) *world {
 func newWorldRoots(t testing.TB, mode Mode, policyJSON string, trusted bool) *world {
 	t.Helper()
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" { // answers after the client has had time to half-close
+			time.Sleep(200 * time.Millisecond)
+		}
 		if r.URL.Path == "/bytes" {
 			n, _ := strconv.Atoi(r.URL.Query().Get("n"))
 			w.Header().Set("Content-Length", strconv.Itoa(n))
@@ -221,6 +224,37 @@ func TestInterceptsAndChecksHost(t *testing.T) {
 			}
 			c.Close()
 		}
+	}
+}
+
+// TestHalfCloseAfterRequest: a client that sends its request and then
+// shuts its write side (TLS close_notify and TCP FIN) still gets the whole
+// answer. Go's HTTP/1 server took the end of its stream for a client gone
+// and cancelled the request in flight, so nothing came back.
+func TestHalfCloseAfterRequest(t *testing.T) {
+	w := newWorld(t, All, allowWeb)
+	pool := x509.NewCertPool()
+	pool.AddCert(w.ca.Cert())
+	guest, _ := w.serve(t)
+	c := tls.Client(guest, &tls.Config{ServerName: "example.com", RootCAs: pool, NextProtos: []string{"http/1.1"}})
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := c.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(c, "GET /slow HTTP/1.1\r\nHost: example.com\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	guest.(*net.TCPConn).CloseWrite()
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer after the half-close: %v", err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != 200 || !strings.Contains(string(body), `"path":"/slow"`) {
+		t.Fatalf("answer %d %q, %v", resp.StatusCode, body, err)
 	}
 }
 

@@ -1,0 +1,116 @@
+package intercept
+
+import (
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+)
+
+// holdEOF keeps a client's half-close from cancelling the request it has
+// just sent. Go's HTTP/1 server reads on in the background while a handler
+// runs, and takes the end of the client's stream for a client that went
+// away: it cancels the request's context, so the upstream request was cut
+// and the client, still reading, got nothing (curl's `--http1.1` with
+// `Connection: close` then shut its write side, and so do `nc -N` and
+// HTTP/1.0 clients). So the end of the stream is held back while a
+// request is being served: a read that meets it waits until the request
+// is done (the server then takes the pending read back with a deadline in
+// the past, which this honours) and reports it afterwards, when the server
+// reads for the next request and closes the connection.
+type holdEOF struct {
+	net.Conn
+	mu       sync.Mutex
+	active   bool // a request is being served
+	eof      bool // the client's side has ended
+	closed   bool
+	deadline time.Time
+	change   chan struct{} // closed (and replaced) when the fields above change
+}
+
+func newHoldEOF(c net.Conn) *holdEOF { return &holdEOF{Conn: c, change: make(chan struct{})} }
+
+// changedLocked wakes the reads waiting on the fields.
+func (c *holdEOF) changedLocked() {
+	close(c.change)
+	c.change = make(chan struct{})
+}
+
+func (c *holdEOF) Read(b []byte) (int, error) {
+	c.mu.Lock()
+	eof := c.eof
+	c.mu.Unlock()
+	if !eof {
+		n, err := c.Conn.Read(b)
+		if n > 0 || !errors.Is(err, io.EOF) {
+			return n, err
+		}
+		c.mu.Lock()
+		c.eof = true
+		c.mu.Unlock()
+	}
+	return 0, c.waitEOF()
+}
+
+// waitEOF returns io.EOF once no request is being served, or a timeout
+// once the read deadline passes.
+func (c *holdEOF) waitEOF() error {
+	for {
+		c.mu.Lock()
+		active, closed, deadline, change := c.active, c.closed, c.deadline, c.change
+		c.mu.Unlock()
+		if !active || closed {
+			return io.EOF
+		}
+		var timeout <-chan time.Time
+		if !deadline.IsZero() {
+			d := time.Until(deadline)
+			if d <= 0 {
+				return os.ErrDeadlineExceeded
+			}
+			t := time.NewTimer(d)
+			defer t.Stop()
+			timeout = t.C
+		}
+		select {
+		case <-change:
+		case <-timeout:
+			return os.ErrDeadlineExceeded
+		}
+	}
+}
+
+func (c *holdEOF) SetReadDeadline(t time.Time) error {
+	c.mu.Lock()
+	c.deadline = t
+	c.changedLocked()
+	c.mu.Unlock()
+	return c.Conn.SetReadDeadline(t)
+}
+
+func (c *holdEOF) SetDeadline(t time.Time) error {
+	c.mu.Lock()
+	c.deadline = t
+	c.changedLocked()
+	c.mu.Unlock()
+	return c.Conn.SetDeadline(t)
+}
+
+func (c *holdEOF) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	c.changedLocked()
+	c.mu.Unlock()
+	return c.Conn.Close()
+}
+
+// state follows the server's view of the connection (its ConnState hook).
+func (c *holdEOF) state(st http.ConnState) {
+	c.mu.Lock()
+	c.active = st == http.StateActive
+	c.changedLocked()
+	c.mu.Unlock()
+}
