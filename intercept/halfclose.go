@@ -84,19 +84,22 @@ func (c *holdEOF) waitEOF() error {
 }
 
 func (c *holdEOF) SetReadDeadline(t time.Time) error {
-	c.mu.Lock()
-	c.deadline = t
-	c.changedLocked()
-	c.mu.Unlock()
+	c.readDeadline(t)
 	return c.Conn.SetReadDeadline(t)
 }
 
 func (c *holdEOF) SetDeadline(t time.Time) error {
+	c.readDeadline(t)
+	return c.Conn.SetDeadline(t)
+}
+
+// readDeadline tells a read waiting for the end of a request when to give
+// up.
+func (c *holdEOF) readDeadline(t time.Time) {
 	c.mu.Lock()
 	c.deadline = t
 	c.changedLocked()
 	c.mu.Unlock()
-	return c.Conn.SetDeadline(t)
 }
 
 func (c *holdEOF) Close() error {
