@@ -94,6 +94,9 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 		st.dns.ServeTCP(c, src)
 		return
 	}
+	// The SYN's decision, taken at once: the dial below may take seconds,
+	// longer than the table keeps a record.
+	sd, decided := st.syns.take(synKey{src, dst})
 	if t.active.Load() >= int64(st.o.MaxConnections) {
 		st.stats.overCap.Add(1)
 		r.Complete(true)
@@ -137,8 +140,7 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	t.track(c, true)
 	defer t.track(c, false)
 	f := policy.Flow{Proto: policy.TCP, Src: src, Dst: dst}
-	sd, ok := st.syns.take(synKey{src, dst})
-	if !ok { // a SYN whose decision record is gone: a new id, decided again
+	if !decided { // a SYN whose decision record is gone: a new id, decided again
 		sd = synDecision{st.ids.next(), st.o.Policy.Check(f)}
 	}
 	f.ID = sd.id
