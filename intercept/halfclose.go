@@ -14,13 +14,20 @@ import (
 // just sent. Go's HTTP/1 server reads on in the background while a handler
 // runs, and takes the end of the client's stream for a client that went
 // away: it cancels the request's context, so the upstream request was cut
-// and the client, still reading, got nothing (curl's `--http1.1` with
-// `Connection: close` then shut its write side, and so do `nc -N` and
-// HTTP/1.0 clients). So the end of the stream is held back while a
-// request is being served: a read that meets it waits until the request
-// is done (the server then takes the pending read back with a deadline in
-// the past, which this honours) and reports it afterwards, when the server
-// reads for the next request and closes the connection.
+// and the client, still reading, got a 200 with an empty body (`nc -N`
+// and other clients that shut their write side after the request do
+// this). So the end of the stream is held back from that background read
+// while a request is being served: the read waits until the request is
+// done (the server then takes it back with a deadline in the past, which
+// this honours), and the end is reported when the server reads for the
+// next request and closes the connection.
+//
+// Only the background read is held: net/http makes it with a one-byte
+// buffer, while its other reads go through a 4 KiB bufio.Reader, so they
+// ask for 4 KiB or more. A body cut short by a half-close must end the
+// request at once, not wait for it. Should net/http change the size of its
+// background read, a half-close would cancel the request again (as before
+// this type), never hang it; TestHalfCloseAfterRequest would say so.
 type holdEOF struct {
 	net.Conn
 	mu       sync.Mutex
@@ -51,6 +58,9 @@ func (c *holdEOF) Read(b []byte) (int, error) {
 		c.mu.Lock()
 		c.eof = true
 		c.mu.Unlock()
+	}
+	if len(b) != 1 { // not the server's background read
+		return 0, io.EOF
 	}
 	return 0, c.waitEOF()
 }
@@ -116,4 +126,14 @@ func (c *holdEOF) state(st http.ConnState) {
 	c.active = st == http.StateActive
 	c.changedLocked()
 	c.mu.Unlock()
+}
+
+// CloseWrite passes the server's half-close after a last answer on to the
+// connection (TLS close_notify, TCP FIN), as it did before this wrapper
+// hid the connection's type from it.
+func (c *holdEOF) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
 }

@@ -258,6 +258,29 @@ func TestHalfCloseAfterRequest(t *testing.T) {
 	}
 }
 
+// TestHalfCloseInsideBody: a client that half-closes before its request's
+// body is complete is not kept waiting: the request fails and the
+// connection ends at once.
+func TestHalfCloseInsideBody(t *testing.T) {
+	w := newWorld(t, All, allowWeb)
+	pool := x509.NewCertPool()
+	pool.AddCert(w.ca.Cert())
+	guest, _ := w.serve(t)
+	c := tls.Client(guest, &tls.Config{ServerName: "example.com", RootCAs: pool, NextProtos: []string{"http/1.1"}})
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := c.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "POST /x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 100\r\n\r\nabc")
+	c.CloseWrite()
+	guest.(*net.TCPConn).CloseWrite()
+	start := time.Now()
+	_, err := io.ReadAll(c)
+	if took := time.Since(start); took > 2*time.Second {
+		t.Fatalf("the connection stayed open %v after a half-close inside the body (%v)", took, err)
+	}
+}
+
 // roundTrips keeps one HTTP/2 client connection per TLS connection.
 var (
 	h2mu    sync.Mutex
