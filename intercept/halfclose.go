@@ -75,19 +75,19 @@ func (c *holdEOF) waitEOF() error {
 		if !active || closed {
 			return io.EOF
 		}
-		var timeout <-chan time.Time
-		if !deadline.IsZero() {
-			d := time.Until(deadline)
-			if d <= 0 {
-				return os.ErrDeadlineExceeded
-			}
-			t := time.NewTimer(d)
-			defer t.Stop()
-			timeout = t.C
+		if deadline.IsZero() {
+			<-change
+			continue
 		}
+		d := time.Until(deadline)
+		if d <= 0 {
+			return os.ErrDeadlineExceeded
+		}
+		t := time.NewTimer(d)
 		select {
 		case <-change:
-		case <-timeout:
+			t.Stop()
+		case <-t.C:
 			return os.ErrDeadlineExceeded
 		}
 	}
