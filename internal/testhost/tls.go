@@ -174,8 +174,9 @@ func tlsDial(args []string) {
 	os.Stdout.WriteString("issuer=" + leaf.Issuer.CommonName + " subject=" + leaf.Subject.CommonName + " alpn=" + st.NegotiatedProtocol + "\n")
 }
 
-// send ADDR: send standard input to ADDR and print what comes back until
-// the server closes (for hand-made requests).
+// send ADDR [halfclose]: send standard input to ADDR and print what comes
+// back until the server closes (for hand-made requests); with halfclose,
+// shut the write side once standard input ends, as `nc -N` does.
 func sendClient(args []string) {
 	c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
 	if err != nil {
@@ -184,6 +185,9 @@ func sendClient(args []string) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	io.Copy(c, os.Stdin)
+	if len(args) > 1 && args[1] == "halfclose" {
+		c.(*net.TCPConn).CloseWrite()
+	}
 	_, err = io.Copy(os.Stdout, c)
 	if err != nil {
 		os.Stdout.WriteString("\nerror: " + err.Error() + "\n")

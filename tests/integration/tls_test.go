@@ -96,6 +96,13 @@ func TestNameChecks(t *testing.T) {
 	if !strings.Contains(out, `"host":"`+testenv.TestDomain+`"`) || strings.Contains(out, `"host":"`+testenv.OtherDomain+`"`) || !strings.Contains(out, "403 Forbidden") {
 		t.Errorf("another host on a second request:\n%s", out)
 	}
+	// A client that shuts its write side after its request (`nc -N`) gets
+	// the whole answer, though the server takes its time.
+	slow := "GET /slow?ms=300 HTTP/1.1\r\nHost: " + testenv.TestDomain + "\r\n\r\n"
+	out, _ = w.Guest.Run("sh", "-c", "printf '"+slow+"' | "+w.Testhost+" send "+testenv.WebHost4+":80 halfclose")
+	if !strings.Contains(out, "200 OK") || !strings.Contains(out, "slow done") {
+		t.Errorf("a request followed by a half-close:\n%s", out)
+	}
 	// No SNI at all.
 	if out, err := w.Guest.Run(w.Testhost, "tlsdial", testenv.WebHost4+":443", ""); err == nil {
 		t.Errorf("TLS without SNI got through: %s", out)
