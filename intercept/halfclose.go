@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -30,9 +31,9 @@ import (
 // this type), never hang it; TestHalfCloseAfterRequest would say so.
 type holdEOF struct {
 	net.Conn
+	eof      atomic.Bool // the client's side has ended
 	mu       sync.Mutex
 	active   bool // a request is being served
-	eof      bool // the client's side has ended
 	closed   bool
 	deadline time.Time
 	change   chan struct{} // closed (and replaced) when the fields above change
@@ -47,17 +48,12 @@ func (c *holdEOF) changedLocked() {
 }
 
 func (c *holdEOF) Read(b []byte) (int, error) {
-	c.mu.Lock()
-	eof := c.eof
-	c.mu.Unlock()
-	if !eof {
+	if !c.eof.Load() {
 		n, err := c.Conn.Read(b)
 		if n > 0 || !errors.Is(err, io.EOF) {
 			return n, err
 		}
-		c.mu.Lock()
-		c.eof = true
-		c.mu.Unlock()
+		c.eof.Store(true)
 	}
 	if len(b) != 1 { // not the server's background read
 		return 0, io.EOF

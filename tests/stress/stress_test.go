@@ -144,8 +144,9 @@ func goroutines(t *testing.T, w *testenv.World) int {
 // RSS all along.
 func measure(t *testing.T, name string, pr profile, run func(*testing.T, *testenv.World, profile) (string, bool)) {
 	w := testenv.NewWorld(t)
-	// MSBTAP_STRESS_HEAP=DIR keeps a heap profile of the agent at "after"
-	// in DIR, one per case: what the agent still holds after the abuse.
+	// MSBTAP_STRESS_HEAP=DIR keeps the agent's heap profile, metrics and
+	// memory map "before" and "after" in DIR, for each case: what the
+	// agent still holds after the abuse.
 	heapDir := os.Getenv("MSBTAP_STRESS_HEAP")
 	args := []string{"--metrics-addr", "127.0.0.1:9464", "--log-level", "warn"}
 	if heapDir != "" {
