@@ -493,6 +493,16 @@ func TestRateLimits(t *testing.T) {
 			t.Logf("%s: %.1f Mbit/s (limit %.0f)", what, got, want)
 		}
 	}
+	// The links' drop counters from here on: a frame a link dropped while
+	// the namespaces were being set up (a peer not up yet) is no drop of
+	// the transfers'.
+	nss := []*testenv.NS{w.Host, w.Inet, w.Guest}
+	before := map[string]linkDrops{}
+	for _, ns := range nss {
+		for name, d := range linkDropsIn(t, ns) {
+			before[ns.Name+"/"+name] = d
+		}
+	}
 	within("download at --rate-down 50mbit", iperf(t, w, true, 5), 50)
 	within("upload at --rate-up 30mbit", iperf(t, w, false, 5), 30)
 
@@ -512,23 +522,16 @@ func TestRateLimits(t *testing.T) {
 	// counters are no proof either way: a tail loss probe sent while the
 	// paced window stands closed can set off a recovery that D-SACK later
 	// shows was needless.)
-	for _, ns := range []*testenv.NS{w.Host, w.Inet, w.Guest} {
+	for _, ns := range nss {
 		if n, out := nstat(t, ns, "TcpExtTCPRcvQDrop", "TcpExtTCPBacklogDrop", "TcpExtTCPOFODrop", "TcpExtTCPZeroWindowDrop",
 			"TcpExtPruneCalled", "IpInDiscards", "Ip6InDiscards"); n != 0 {
 			t.Errorf("the kernel in %s dropped %d segments:\n%s", ns.Name, n, out)
 		}
-		var links []struct {
-			Name  string `json:"ifname"`
-			Stats struct {
-				RX, TX struct {
-					Dropped int `json:"dropped"`
-				}
-			} `json:"stats64"`
-		}
-		json.Unmarshal([]byte(ns.MustRun(t, "ip", "-s", "-j", "link")), &links)
-		for _, l := range links {
-			if l.Stats.RX.Dropped+l.Stats.TX.Dropped != 0 {
-				t.Errorf("%s in %s dropped %d frames", l.Name, ns.Name, l.Stats.RX.Dropped+l.Stats.TX.Dropped)
+		for name, d := range linkDropsIn(t, ns) {
+			b := before[ns.Name+"/"+name]
+			if d.rx != b.rx || d.tx != b.tx {
+				t.Errorf("%s in %s dropped %d frames received and %d sent during the transfers:\n%s\nsoftnet_stat:\n%s", name, ns.Name,
+					d.rx-b.rx, d.tx-b.tx, ns.MustRun(t, "ip", "-s", "-s", "link", "show", "dev", name), ns.MustRun(t, "cat", "/proc/net/softnet_stat"))
 			}
 		}
 	}
@@ -540,6 +543,30 @@ func TestRateLimits(t *testing.T) {
 			t.Errorf("%v frames dropped (%s)", n, r)
 		}
 	}
+}
+
+// linkDrops is a link's count of dropped frames each way.
+type linkDrops struct{ rx, tx int }
+
+// linkDropsIn returns the drop counters of every link in ns, by name.
+func linkDropsIn(t *testing.T, ns *testenv.NS) map[string]linkDrops {
+	t.Helper()
+	var links []struct {
+		Name  string `json:"ifname"`
+		Stats struct {
+			RX, TX struct {
+				Dropped int `json:"dropped"`
+			}
+		} `json:"stats64"`
+	}
+	if err := json.Unmarshal([]byte(ns.MustRun(t, "ip", "-s", "-j", "link")), &links); err != nil {
+		t.Fatalf("ip -s -j link in %s: %v", ns.Name, err)
+	}
+	m := map[string]linkDrops{}
+	for _, l := range links {
+		m[l.Name] = linkDrops{l.Stats.RX.Dropped, l.Stats.TX.Dropped}
+	}
+	return m
 }
 
 // TestNewConnectionRate: --max-new-connections-per-second holds a burst of
