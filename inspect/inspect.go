@@ -65,14 +65,25 @@ var ErrTooLong = errors.New("no complete ClientHello or request head in the firs
 
 // Classify looks at b, the client's bytes so far. It returns more = true
 // when it cannot tell yet, and an error for bytes that claim TLS or HTTP
-// but are malformed.
+// but are malformed. Bytes that an HTTP server could take for a request
+// (a request line naming an HTTP version, an HTTP/0.9 "GET", a blank line
+// before the request line) are HTTP: net/http must parse them, or they are
+// an error, so that no request reaches a server unchecked because it was
+// written in a way this package did not expect.
 func Classify(b []byte) (h Hello, more bool, err error) {
 	switch {
 	case len(b) == 0:
 		return h, true, nil
 	case b[0] == 0x16: // a TLS handshake record
 		return classifyTLS(b)
-	case looksHTTP(b):
+	case b[0] == '\r' || b[0] == '\n':
+		// Servers skip blank lines before a request; net/http does not.
+		return Hello{Kind: HTTP}, false, errors.New("http: a blank line before the request line")
+	}
+	switch looksHTTP(b) {
+	case maybe:
+		return h, true, nil
+	case yes:
 		return classifyHTTP(b)
 	}
 	return Hello{Kind: Other}, false, nil
@@ -133,14 +144,53 @@ func classifyTLS(b []byte) (Hello, bool, error) {
 	return h, false, nil
 }
 
-var methods = []string{"GET ", "POST ", "PUT ", "DELETE ", "HEAD ", "OPTIONS ", "PATCH ", "CONNECT ", "TRACE ", "PRI "}
+type tristate int
 
-// looksHTTP reports whether b starts like an HTTP/1 request line (or a
-// prefix of one).
-func looksHTTP(b []byte) bool {
-	for _, m := range methods {
-		n := min(len(b), len(m))
-		if string(b[:n]) == m[:n] {
+const (
+	no tristate = iota
+	maybe
+	yes
+)
+
+// looksHTTP says whether b starts with what an HTTP server would read as
+// a request line: a first line that names an HTTP version ("HTTP/", in
+// any case), or starts with the word GET (an HTTP/0.9 request names none).
+// Until the first line ends, bytes that could still be one (printable
+// text) are maybe; anything else (an SSH banner, a binary protocol) is no.
+func looksHTTP(b []byte) tristate {
+	line, complete := b, false
+	if i := bytes.IndexByte(b, '\n'); i >= 0 {
+		line, complete = b[:i], true
+	}
+	line = bytes.TrimSuffix(line, []byte("\r"))
+	if containsFold(line, "http/") {
+		return yes
+	}
+	word := line
+	if i := bytes.IndexAny(line, " \t"); i >= 0 {
+		word = line[:i]
+		if bytes.EqualFold(word, []byte("GET")) {
+			return yes
+		}
+	} else if complete && bytes.EqualFold(word, []byte("GET")) {
+		return yes
+	}
+	if complete {
+		return no
+	}
+	for _, c := range line {
+		if (c < 0x20 || c > 0x7e) && c != '\t' {
+			return no
+		}
+	}
+	return maybe
+}
+
+// containsFold reports whether b contains s (lower case ASCII) in any
+// letter case.
+func containsFold(b []byte, s string) bool {
+	for i := 0; i+len(s) <= len(b); i++ {
+		if bytes.EqualFold(b[i:i+len(s)], []byte(s)) {
 			return true
 		}
 	}
@@ -151,6 +201,10 @@ func classifyHTTP(b []byte) (Hello, bool, error) {
 	h := Hello{Kind: HTTP}
 	if bytes.HasPrefix(b, []byte("PRI * HTTP/2.0")) {
 		return Hello{Kind: H2C}, false, nil
+	}
+	if i := bytes.IndexByte(b, '\n'); i >= 0 && !bytes.Contains(b[:i], []byte(" HTTP/")) {
+		// HTTP/0.9, or a version net/http does not read: no head follows.
+		return h, false, fmt.Errorf("http: request line %q names no HTTP/1 version", truncate(b[:i], 64))
 	}
 	if !bytes.Contains(b, []byte("\r\n\r\n")) && !bytes.Contains(b, []byte("\n\n")) {
 		return h, true, nil
@@ -183,6 +237,13 @@ func classifyHTTP(b []byte) (Hello, bool, error) {
 	}
 	add(req.URL.Host)
 	return h, false, nil
+}
+
+func truncate(b []byte, n int) string {
+	if len(b) > n {
+		return string(b[:n]) + "…"
+	}
+	return string(b)
 }
 
 // Peek reads c until Classify can tell what the client asks for, at most

@@ -250,8 +250,13 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 	}
 	switch hello.Kind {
 	case inspect.Other:
-		// Server-first or unknown protocols are decided by the address
-		// (the DNS pin) alone.
+		if d.PerRequest {
+			// The rule allows some HTTP requests, and this is none.
+			h.refuse(fl, down, hello, d, "not an HTTP request or a TLS ClientHello, and HTTP rules decide this flow")
+			return nil
+		}
+		// Other protocols (SSH, a database's) are decided by the address
+		// (the DNS pin) alone: nothing in them names an HTTP host.
 		return h.splice(fl, down, peeked, hello, d)
 	case inspect.H2C:
 		if d.ByName || d.PerRequest {
