@@ -175,5 +175,3 @@ func TestOtherProtocolsByPin(t *testing.T) {
 		t.Errorf("an SSH banner where HTTP rules decide: reset %v, answer %q", reset, out)
 	}
 }
-
-
