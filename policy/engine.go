@@ -281,7 +281,10 @@ func (e *Engine) HasDomainRules() bool { return e.named }
 // resolve "all"; under default deny it is refused otherwise, so that DNS
 // carries nothing out of a sandbox the policy keeps in.
 func (e *Engine) CheckQuery(name string) Decision {
-	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	name, err := NormalizeQuery(name)
+	if err != nil {
+		return Decision{Action: Deny, Rule: RuleBadName}
+	}
 	for i := range e.rules {
 		r := &e.rules[i]
 		if r.dir != Egress || (r.dst.kind != matchDomain && r.dst.kind != matchSuffix) || !nameMatches(&r.dst, name) {
@@ -364,6 +367,9 @@ func (e *Engine) Describe(i int) string {
 	}
 	if i == RuleSecret {
 		return "a secret's placeholder where the secret may not go"
+	}
+	if i == RuleBadName {
+		return "a name no host has (control bytes, empty or non-LDH labels)"
 	}
 	if i == RuleDoT {
 		return "DNS over TLS (853) refused: domain rules need the sandbox's lookups"

@@ -292,14 +292,8 @@ func compileTarget(t *Target) (target, error) {
 	}
 }
 
-// normName lower-cases a DNS name and strips the root dot.
-func normName(s string) (string, error) {
-	s = strings.ToLower(strings.TrimSuffix(s, "."))
-	if s == "" || len(s) > 253 || strings.ContainsAny(s, " /\\@:") || strings.Contains(s, "..") {
-		return "", fmt.Errorf("%q is not a DNS name", s)
-	}
-	return s, nil
-}
+// normName is NormalizeName, for names in policy files and block lists.
+func normName(s string) (string, error) { return NormalizeName(s) }
 
 type rule struct {
 	dir    Direction
