@@ -19,6 +19,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/msbtap/msbtap/policy"
 )
 
 // MaxPeek is the most a client may send before it has said what it wants.
@@ -136,8 +138,23 @@ func classifyTLS(b []byte) (Hello, bool, error) {
 	if info == nil {
 		return h, false, fmt.Errorf("tls: not a ClientHello: %v", err)
 	}
-	if info.ServerName != "" {
-		h.Names = []string{strings.ToLower(strings.TrimSuffix(info.ServerName, "."))}
+	if sn := info.ServerName; sn != "" {
+		// The name goes upstream as the client wrote it: it must be one
+		// that normalises to itself, up to ASCII case (RFC 6066: an
+		// A-label, with no trailing dot).
+		for i := 0; i < len(sn); i++ {
+			if sn[i] >= 0x80 {
+				return h, false, fmt.Errorf("tls: server name %q is not ASCII", sn)
+			}
+		}
+		n, err := policy.NormalizeName(sn)
+		if err == nil && n != strings.ToLower(sn) {
+			err = fmt.Errorf("%q is not in its normal form %q", sn, n)
+		}
+		if err != nil {
+			return h, false, fmt.Errorf("tls: server name: %v", err)
+		}
+		h.Names = []string{n}
 	}
 	h.ALPN = slices.Clone(info.SupportedProtos)
 	h.ECH = slices.Contains(info.Extensions, extensionECH)
@@ -214,16 +231,18 @@ func classifyHTTP(b []byte) (Hello, bool, error) {
 		return h, false, fmt.Errorf("http: %v", err)
 	}
 	h.Method, h.Path = req.Method, req.URL.Path
+	var bad error
 	add := func(host string) {
 		if host == "" {
 			return
 		}
-		if hn, _, err := net.SplitHostPort(host); err == nil {
-			host = hn
+		a, err := ParseAuthority(host)
+		if err != nil {
+			bad = err
+			return
 		}
-		host = strings.ToLower(strings.TrimSuffix(strings.Trim(host, "[]"), "."))
-		if !slices.Contains(h.Names, host) {
-			h.Names = append(h.Names, host)
+		if !slices.Contains(h.Names, a.Name) {
+			h.Names = append(h.Names, a.Name)
 		}
 	}
 	// ReadRequest keeps one host (the URL's, for an absolute URL); every
@@ -236,6 +255,9 @@ func classifyHTTP(b []byte) (Hello, bool, error) {
 		}
 	}
 	add(req.URL.Host)
+	if bad != nil {
+		return h, false, fmt.Errorf("http: %v", bad)
+	}
 	return h, false, nil
 }
 

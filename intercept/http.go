@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -189,17 +188,20 @@ func refuse(w http.ResponseWriter, r *http.Request, code int, reason string) {
 	fmt.Fprintf(w, "msbtap: %s\n", reason)
 }
 
+// hostOnly is the name a request's Host (or :authority) checks as, for
+// the log ("" if it is not one).
 func hostOnly(hostport string) string {
-	h := hostport
-	if hn, _, err := net.SplitHostPort(hostport); err == nil {
-		h = hn
+	a, err := inspect.ParseAuthority(hostport)
+	if err != nil {
+		return ""
 	}
-	return strings.ToLower(strings.TrimSuffix(strings.Trim(h, "[]"), "."))
+	return a.Name
 }
 
 func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := rh.h
-	host := hostOnly(r.Host)
+	auth, authErr := inspect.ParseAuthority(r.Host)
+	host := auth.Name
 	ev := Event{Flow: rh.fl.Flow, Mode: "request", Method: r.Method, Host: host, Path: r.URL.Path}
 	if rh.tls {
 		ev.SNI = rh.host
@@ -219,6 +221,12 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			h.o.Terminate(ev)
 		}
 	}
+	if r.Host != "" && authErr != nil {
+		deny(http.StatusBadRequest, policy.Decision{Action: policy.Deny, Rule: -1}, authErr.Error())
+		return
+	}
+	// What goes upstream is byte for byte the host checked.
+	r.Host = auth.String()
 	if rh.tls && host != rh.host {
 		deny(http.StatusMisdirectedRequest, policy.Decision{Action: policy.Deny, Rule: -1},
 			fmt.Sprintf("host %q is not the server name %q this connection asked for", host, rh.host))

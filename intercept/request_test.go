@@ -175,3 +175,23 @@ func TestOtherProtocolsByPin(t *testing.T) {
 		t.Errorf("an SSH banner where HTTP rules decide: reset %v, answer %q", reset, out)
 	}
 }
+
+// TestHostPortStrict: a Host whose port is not decimal 1-65535 is refused,
+// the first request's (the flow) and a later one's (400); the upstream
+// gets byte for byte the host that was checked. The old code checked
+// "example.com:80.evil" as example.com and forwarded it as written.
+func TestHostPortStrict(t *testing.T) {
+	w := newPlainWorld(t, Auto, allowWeb)
+	if out, reset := w.send(t, "GET / HTTP/1.1\r\nHost: example.com.:80.evil\r\n\r\n"); !reset || out != "" {
+		t.Errorf("first request: reset %v, answer %q", reset, out)
+	}
+	out, _ := w.send(t, "GET /a HTTP/1.1\r\nHost: EXAMPLE.com.\r\n\r\n"+
+		"GET /b HTTP/1.1\r\nHost: example.com:80.evil\r\n\r\n"+
+		"GET /c HTTP/1.1\r\nHost: example.com:99999\r\n\r\n")
+	if got := statuses(out); len(got) != 2 || got[0] != 200 || got[1] != http.StatusBadRequest {
+		t.Errorf("later requests: %v %q", got, out)
+	}
+	if saw := w.upstreamSaw(); len(saw) != 1 || saw[0] != "GET example.com /a" {
+		t.Errorf("the upstream saw %q, want only GET example.com /a", saw)
+	}
+}
