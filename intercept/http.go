@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -227,6 +228,7 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	// What goes upstream is byte for byte the host checked.
 	r.Host = auth.String()
+	declineH2C(r.Header)
 	if rh.tls && host != rh.host {
 		deny(http.StatusMisdirectedRequest, policy.Decision{Action: policy.Deny, Rule: -1},
 			fmt.Sprintf("host %q is not the server name %q this connection asked for", host, rh.host))
@@ -268,6 +270,48 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.o.Report(ev)
 	}
 	rh.proxy().ServeHTTP(w, r)
+}
+
+// declineH2C takes an offer to upgrade to cleartext HTTP/2 (Upgrade: h2c)
+// out of a request, which then goes upstream as plain HTTP/1.1, as to a
+// server that does not upgrade: a 101 would turn the connection into
+// bytes copied unchecked, HTTP/2 streams for any :authority among them.
+// Other upgrades (WebSocket) stay: they are checked like any request
+// before their 101.
+func declineH2C(hdr http.Header) {
+	var kept []string
+	h2c := false
+	for _, v := range hdr.Values("Upgrade") {
+		for _, p := range strings.Split(v, ",") {
+			if p = strings.TrimSpace(p); strings.EqualFold(p, "h2c") {
+				h2c = true
+			} else if p != "" {
+				kept = append(kept, p)
+			}
+		}
+	}
+	if !h2c {
+		return
+	}
+	hdr.Del("Upgrade")
+	hdr.Del("Http2-Settings")
+	if len(kept) > 0 {
+		hdr.Set("Upgrade", strings.Join(kept, ", "))
+	}
+	var conn []string
+	for _, v := range hdr.Values("Connection") {
+		for _, p := range strings.Split(v, ",") {
+			p = strings.TrimSpace(p)
+			if p == "" || strings.EqualFold(p, "http2-settings") || (len(kept) == 0 && strings.EqualFold(p, "upgrade")) {
+				continue
+			}
+			conn = append(conn, p)
+		}
+	}
+	hdr.Del("Connection")
+	if len(conn) > 0 {
+		hdr.Set("Connection", strings.Join(conn, ", "))
+	}
 }
 
 func (rh *requestHandler) proxy() *httputil.ReverseProxy {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -74,6 +75,8 @@ func (w *plainWorld) send(t *testing.T, raw string) (string, bool) {
 	if _, err := io.WriteString(guest, raw); err != nil {
 		t.Fatal(err)
 	}
+	time.Sleep(20 * time.Millisecond) // the first bytes are read as one
+	guest.(*net.TCPConn).CloseWrite() // the answers are still sent
 	b, err := io.ReadAll(guest)
 	guest.Close()
 	wait()
@@ -193,5 +196,32 @@ func TestHostPortStrict(t *testing.T) {
 	}
 	if saw := w.upstreamSaw(); len(saw) != 1 || saw[0] != "GET example.com /a" {
 		t.Errorf("the upstream saw %q, want only GET example.com /a", saw)
+	}
+}
+
+// TestH2CUpgradeDeclined: an Upgrade: h2c offer on a flow the agent reads
+// is taken out, so the request is served over HTTP/1.1 and no HTTP/2
+// stream (whose :authority nobody would check) follows; a WebSocket
+// upgrade goes upstream as it was. The old code let the upstream answer
+// 101 and then copied bytes.
+func TestH2CUpgradeDeclined(t *testing.T) {
+	w := newPlainWorld(t, Auto, allowWeb)
+	out, _ := w.send(t, "GET /up HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade, HTTP2-Settings\r\n"+
+		"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+	if got := statuses(out); len(got) != 1 || got[0] != 200 || !strings.Contains(out, `"proto":"HTTP/1.1"`) {
+		t.Errorf("an h2c upgrade: %v %q, want a 200 over HTTP/1.1", got, out)
+	}
+	out, _ = w.send(t, "GET /ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.hdrs) != 2 {
+		t.Fatalf("the upstream saw %q", w.seen)
+	}
+	if up := w.hdrs[0]; up.Get("Upgrade") != "" || up.Get("Http2-Settings") != "" {
+		t.Errorf("the h2c offer reached the upstream: %v", up)
+	}
+	if ws := w.hdrs[1]; ws.Get("Upgrade") != "websocket" {
+		t.Errorf("a WebSocket upgrade lost its Upgrade header: %v (%q)", ws, out)
 	}
 }
