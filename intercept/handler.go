@@ -185,10 +185,10 @@ func (h *Handler) Stats() Stats {
 	return Stats{h.spliced.Load(), h.intercepted.Load(), h.proxied.Load(), h.refused.Load(), h.reqAllowed.Load(), h.reqDenied.Load()}
 }
 
-// Wants reports whether a flow so decided needs its first bytes looked at;
-// the others are relayed as they are.
-func (h *Handler) Wants(d policy.Decision) bool {
-	if d.ByName || h.o.Mode == All {
+// Wants reports whether flow f, so decided, needs its first bytes looked
+// at; the others are relayed as they are.
+func (h *Handler) Wants(f policy.Flow, d policy.Decision) bool {
+	if d.ByName || h.o.Mode == All || h.o.Policy.Load().ReadsNames(f) {
 		return true
 	}
 	if h.o.Mode == Auto {
@@ -237,6 +237,9 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 		return rerr
 	}
 	d := fl.Decision
+	// Domain deny rules hold whatever the address: a flow the addresses
+	// allowed is still refused for the name it asks for.
+	denyCheck := !d.ByName && !d.PerRequest && h.o.Policy.Load().ReadsNames(fl.Flow)
 	if sc, ok := h.o.Rewriter.(FlowScanner); ok && h.o.Rewriter.Active() {
 		name := strings.Join(hello.Names, ",")
 		first := peeked
@@ -265,10 +268,10 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 		}
 		return h.splice(fl, down, peeked, hello, d)
 	case inspect.HTTP:
-		if !d.ByName && !d.PerRequest && !h.rewriterWantsClear() {
+		if !d.ByName && !d.PerRequest && !denyCheck && !h.rewriterWantsClear() {
 			return h.splice(fl, down, peeked, hello, d)
 		}
-		if len(hello.Names) == 0 {
+		if len(hello.Names) == 0 && (d.ByName || d.PerRequest) {
 			h.refuse(fl, down, hello, d, "HTTP request without a host")
 			return nil
 		}
@@ -286,7 +289,11 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 		}
 		h.proxied.Add(1)
 		h.report(fl, hello, d, "proxied", "")
-		return h.serveHTTP(ctx, fl, peeked, hello.Names[0], nil)
+		first := ""
+		if len(hello.Names) > 0 {
+			first = hello.Names[0]
+		}
+		return h.serveHTTP(ctx, fl, peeked, first, nil)
 	}
 	// TLS.
 	sni := ""
@@ -306,6 +313,17 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 		if d.Action != policy.Allow {
 			h.refuse(fl, down, hello, d, "server name "+sni+" is not allowed")
 			return nil
+		}
+	} else if denyCheck {
+		switch {
+		case hello.ECH:
+			h.refuse(fl, down, hello, d, "TLS with encrypted client hello: the server name cannot be checked against the domain rules")
+			return nil
+		case sni != "":
+			if nd := h.o.Policy.Load().Check(withDomain(fl.Flow, sni)); nd.Action != policy.Allow {
+				h.refuse(fl, down, hello, nd, "server name "+sni+" is not allowed")
+				return nil
+			}
 		}
 	}
 	wantsIntercept := sni != "" && !hello.ECH && (h.o.Mode == All || d.PerRequest || (h.o.Rewriter != nil && h.o.Rewriter.Wants(sni)))

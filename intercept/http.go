@@ -234,7 +234,9 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			fmt.Sprintf("host %q is not the server name %q this connection asked for", host, rh.host))
 		return
 	}
-	if host == "" {
+	if host == "" && (rh.tls || rh.fl.Decision.ByName || rh.fl.Decision.PerRequest) {
+		// Where the addresses decide (a flow read for the domain deny
+		// rules only), a request without a host names none of them.
 		deny(http.StatusBadRequest, policy.Decision{Action: policy.Deny, Rule: -1}, "request without a host")
 		return
 	}

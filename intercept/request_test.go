@@ -2,6 +2,7 @@ package intercept
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/json"
 	"io"
 	"net"
@@ -223,5 +224,55 @@ func TestH2CUpgradeDeclined(t *testing.T) {
 	}
 	if ws := w.hdrs[1]; ws.Get("Upgrade") != "websocket" {
 		t.Errorf("a WebSocket upgrade lost its Upgrade header: %v (%q)", ws, out)
+	}
+}
+
+const denyEvil = `{"default_action": "allow", "rules": [
+	{"destination": {"domain": "evil.test"}, "action": "deny"},
+	{"destination": {"domain_suffix": "bad.test"}, "action": "deny"}]}`
+
+// TestDomainDenyWithoutPin: under domain deny rules, a flow the addresses
+// allow (here by default, to an address pinned to another name, or to
+// none) is refused for a Host or SNI that names a denied domain; the
+// others go through. The old code read only flows a domain rule allowed.
+func TestDomainDenyWithoutPin(t *testing.T) {
+	w := newPlainWorld(t, Auto, denyEvil)
+	w.dst = netip.AddrPortFrom(w.dst.Addr(), 80)
+	if !w.h.Wants(policy.Flow{Proto: policy.TCP, Dst: w.dst}, w.decided) {
+		t.Fatal("a flow to port 80 is not read under domain deny rules")
+	}
+	for _, host := range []string{"evil.test", "EVIL.test.", "x.bad.test", "evil.test:80"} {
+		if out, reset := w.send(t, "GET / HTTP/1.1\r\nHost: "+host+"\r\n\r\n"); !reset || out != "" {
+			t.Errorf("Host %s: reset %v, answer %q", host, reset, out)
+		}
+	}
+	// A later request for a denied name on a flow that started allowed.
+	out, _ := w.send(t, "GET /a HTTP/1.1\r\nHost: example.com\r\n\r\nGET /b HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+	if got := statuses(out); len(got) != 2 || got[0] != 200 || got[1] != http.StatusForbidden {
+		t.Errorf("example.com then evil.test: %v %q", got, out)
+	}
+	if saw := w.upstreamSaw(); len(saw) != 1 || saw[0] != "GET example.com /a" {
+		t.Errorf("the upstream saw %q", saw)
+	}
+
+	tw := newWorld(t, Auto, denyEvil)
+	tw.dst = netip.AddrPortFrom(tw.dst.Addr(), 443)
+	for _, tc := range []struct {
+		sni string
+		ok  bool
+	}{{"evil.test", false}, {"a.bad.test", false}, {"example.com", true}} {
+		tw.rec = &recorder{}
+		tw.h.o.Report = tw.rec.report
+		guest, _ := tw.serve(t)
+		c := tls.Client(guest, &tls.Config{ServerName: tc.sni, InsecureSkipVerify: true})
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		err := c.Handshake()
+		if (err == nil) != tc.ok {
+			t.Errorf("SNI %s: handshake %v, want ok %v", tc.sni, err, tc.ok)
+		}
+		if ev, refused := tw.rec.find("refused"); refused == tc.ok || (!tc.ok && ev.SNI != tc.sni) {
+			t.Errorf("SNI %s: refused %v %+v", tc.sni, refused, ev)
+		}
+		c.Close()
 	}
 }

@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"net/netip"
 	"strings"
 	"testing"
 )
@@ -98,6 +99,30 @@ func TestPolicyNamesNormalized(t *testing.T) {
 			{"destination": ` + bad + `, "action": "allow"}]}`))
 		if err == nil || !strings.Contains(err.Error(), "rules[1].destination") || !strings.Contains(err.Error(), "domain") {
 			t.Errorf("%s: %v", bad, err)
+		}
+	}
+}
+
+// TestReadsNames: flows are read for their names only while some domain
+// rule denies, on 80, 443 and the ports domain rules name.
+func TestReadsNames(t *testing.T) {
+	flow := func(proto Proto, port uint16) Flow {
+		return Flow{Proto: proto, Dst: netip.AddrPortFrom(netip.MustParseAddr("198.51.100.7"), port)}
+	}
+	allowOnly := mustCompile(t, `{"default_action": "deny", "rules": [{"destination": {"domain": "a.test"}, "action": "allow"}]}`, Options{})
+	if allowOnly.ReadsNames(flow(TCP, 80)) || allowOnly.ReadsNames(flow(TCP, 443)) {
+		t.Error("read for names without a domain deny rule")
+	}
+	e := mustCompile(t, `{"default_action": "allow", "rules": [
+		{"destination": {"domain": "evil.test"}, "action": "deny"},
+		{"destination": {"domain_suffix": "svc.test"}, "ports": [{"start": 8443}, {"start": 9000, "end": 9001}], "action": "allow"}]}`, Options{})
+	for _, tc := range []struct {
+		f    Flow
+		want bool
+	}{{flow(TCP, 80), true}, {flow(TCP, 443), true}, {flow(TCP, 8443), true}, {flow(TCP, 9001), true},
+		{flow(TCP, 22), false}, {flow(TCP, 8080), false}, {flow(UDP, 443), false}} {
+		if got := e.ReadsNames(tc.f); got != tc.want {
+			t.Errorf("%v %v: %v, want %v", tc.f.Proto, tc.f.Dst, got, tc.want)
 		}
 	}
 }
