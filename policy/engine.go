@@ -25,8 +25,8 @@ type Engine struct {
 	// besides 80 and 443: every port a domain rule names.
 	deniesNames bool
 	namePorts   []PortRange
-	refuseQUIC bool // UDP to 443 is refused whatever allows it
-	src        *File
+	refuseQUIC  bool // UDP to 443 is refused whatever allows it
+	src         *File
 }
 
 // Options are what an Engine needs besides the policy itself.
