@@ -262,11 +262,19 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 		// (the DNS pin) alone: nothing in them names an HTTP host.
 		return h.splice(fl, down, peeked, hello, d)
 	case inspect.H2C:
-		if d.ByName || d.PerRequest {
-			h.refuse(fl, down, hello, d, "cleartext HTTP/2: its host cannot be checked")
+		if !d.ByName && !d.PerRequest && !denyCheck && !h.rewriterWantsClear() {
+			return h.splice(fl, down, peeked, hello, d)
+		}
+		if !down.stop() {
+			// The server spoke first: no HTTP/2 server, nothing msbtap
+			// could stand in for.
+			h.refuse(fl, down, hello, d, "cleartext HTTP/2 to a server that spoke first")
 			return nil
 		}
-		return h.splice(fl, down, peeked, hello, d)
+		// Every stream's :authority is checked on its own.
+		h.proxied.Add(1)
+		h.report(fl, hello, d, "proxied", "")
+		return h.serveH2C(ctx, fl, peeked)
 	case inspect.HTTP:
 		if !d.ByName && !d.PerRequest && !denyCheck && !h.rewriterWantsClear() {
 			return h.splice(fl, down, peeked, hello, d)

@@ -276,3 +276,37 @@ func TestDomainDenyWithoutPin(t *testing.T) {
 		c.Close()
 	}
 }
+
+// TestH2CPriorKnowledge: cleartext HTTP/2 with prior knowledge (gRPC
+// without TLS) on a flow allowed by name is served stream by stream:
+// each stream's :authority is checked, a refused one gets 403 and the
+// connection goes on. The old code refused the whole flow.
+func TestH2CPriorKnowledge(t *testing.T) {
+	w := newPlainWorld(t, Auto, allowWeb)
+	guest, _ := w.serve(t)
+	guest.SetDeadline(time.Now().Add(5 * time.Second))
+	cc, err := (&http2.Transport{AllowHTTP: true}).NewClientConn(guest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	for _, tc := range []struct {
+		host string
+		code int
+	}{{"example.com", 200}, {"evil.test", http.StatusForbidden}, {"example.com:80.evil", http.StatusBadRequest}, {"Example.COM", 200}} {
+		req, _ := http.NewRequest("POST", "http://example.com/rpc", strings.NewReader("ping"))
+		req.Host = tc.host
+		resp, err := cc.RoundTrip(req)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.host, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tc.code || (tc.code == 200 && !strings.Contains(string(body), `"proto":"HTTP/2.0"`)) {
+			t.Errorf("%s: %d %s, want %d", tc.host, resp.StatusCode, body, tc.code)
+		}
+	}
+	if saw := w.upstreamSaw(); len(saw) != 2 || saw[0] != "POST example.com /rpc" || saw[1] != "POST example.com /rpc" {
+		t.Errorf("the upstream saw %q", saw)
+	}
+}

@@ -64,3 +64,38 @@ func TestDomainDenyHolds(t *testing.T) {
 		}
 	}
 }
+
+// TestH2CByName: gRPC in clear text (HTTP/2 with prior knowledge) to a
+// name the policy allows works, stream by stream: a Go gRPC-style client
+// makes its calls on one connection, and a call whose :authority is
+// another name is refused (403) while the others on the connection go on;
+// curl --http2-prior-knowledge likewise. The old code refused every such
+// flow ("cleartext HTTP/2: its host cannot be checked").
+func TestH2CByName(t *testing.T) {
+	testenv.RequireTools(t, "curl")
+	w := testenv.NewWorld(t)
+	alog := filepath.Join(t.TempDir(), "audit.log")
+	pol := writePolicy(t, `{"default_action": "deny", "rules": [{"destination": {"domain": "`+testenv.TestDomain+`"}, "action": "allow"}]}`)
+	w.StartAgent(t, "--policy", pol, "--audit-log", alog)
+	addr := testenv.TestDomain + ":80" // looked up through the gateway: pinned
+
+	out, err := w.Guest.Run(w.Testhost, "grpc", addr, testenv.TestDomain, testenv.TestDomain)
+	if err != nil || strings.Count(out, testenv.TestDomain+` ok said "hello" to `+testenv.TestDomain) != 2 {
+		t.Fatalf("gRPC over h2c to the allowed name: %v\n%s", err, out)
+	}
+	out, err = w.Guest.Run(w.Testhost, "grpc", addr, testenv.TestDomain, testenv.OtherDomain, testenv.TestDomain)
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if err == nil || len(lines) != 3 || !strings.Contains(lines[0], " ok ") || !strings.Contains(lines[1], testenv.OtherDomain+" failed: HTTP 403") || !strings.Contains(lines[2], " ok ") {
+		t.Errorf("another :authority on the connection: %v\n%s", err, out)
+	}
+	if out, err := curlIn(t, w, "--http2-prior-knowledge", "http://"+testenv.TestDomain+"/echo"); err != nil || !strings.Contains(out, `"proto":"HTTP/2.0"`) || !strings.Contains(out, `"host":"`+testenv.TestDomain+`"`) {
+		t.Errorf("curl --http2-prior-knowledge: %v %s", err, out)
+	}
+	if out, err := curlIn(t, w, "--http2-prior-knowledge", "-w", "%{http_code}", "-o", "/dev/null", "-H", "Host: "+testenv.OtherDomain, "http://"+testenv.TestDomain+"/echo"); err != nil || out != "403" {
+		t.Errorf("curl --http2-prior-knowledge for another Host: %v %q", err, out)
+	}
+	w.StopAgent(t)
+	if !hasRecord(auditLines(t, alog), map[string]string{"action": "deny", "host": testenv.OtherDomain, "mode": "request"}) {
+		t.Error("no audit record of the refused stream")
+	}
+}
