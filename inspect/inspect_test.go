@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"net"
+	"net/netip"
 	"slices"
 	"testing"
 	"time"
@@ -206,6 +207,15 @@ func FuzzClassify(f *testing.F) {
 		h, more, err := Classify(b)
 		if err == nil && !more && h.Kind == TLS && len(h.Names) > 1 {
 			t.Fatal("more than one SNI")
+		}
+		// Every name that passes is in the one form the policy compares.
+		for _, n := range h.Names {
+			if ip, perr := netip.ParseAddr(n); perr == nil && ip.String() == n {
+				continue
+			}
+			if a, aerr := ParseAuthority(n); aerr != nil || a.Name != n {
+				t.Fatalf("name %q is not in its normal form (%q, %v)", n, a.Name, aerr)
+			}
 		}
 	})
 }

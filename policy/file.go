@@ -376,8 +376,8 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 			bad("http: requests run over tcp; the rule's protocols say otherwise")
 		}
 		for i, m := range r.HTTP.Methods {
-			if m == "" || strings.ToUpper(m) != m || strings.ContainsAny(m, " /\t") {
-				bad("http.methods[%d]: %q is not an upper-case method like GET", i, m)
+			if !isMethod(m) {
+				bad("http.methods[%d]: %q is not an upper-case method token like GET or PROPFIND", i, m)
 			}
 		}
 		for i, p := range r.HTTP.Paths {
@@ -393,4 +393,22 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 		bad("action: %v", err)
 	}
 	return c, errs
+}
+
+// isMethod reports whether m is an RFC 9110 token without lower-case
+// letters: requests' methods are compared with a rule's as written, so a
+// rule's "get" would match nothing a client sends as GET.
+func isMethod(m string) bool {
+	if m == "" {
+		return false
+	}
+	for i := 0; i < len(m); i++ {
+		c := m[i]
+		switch {
+		case c >= 'A' && c <= 'Z', c >= '0' && c <= '9', strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
 }

@@ -126,3 +126,15 @@ func TestReadsNames(t *testing.T) {
 		}
 	}
 }
+
+// TestRuleMethods: a rule's methods are upper-case RFC 9110 tokens
+// (extension methods included); a lower-case one, which would match no
+// request sent as GET, is an error.
+func TestRuleMethods(t *testing.T) {
+	for m, ok := range map[string]bool{"GET": true, "PROPFIND": true, "M-SEARCH": true, "get": false, "GE T": false, "GET(": false, "": false} {
+		_, err := ParseFile([]byte(`{"default_action": "deny", "rules": [{"destination": {"domain": "a.test"}, "http": {"methods": ["` + m + `"]}, "action": "allow"}]}`))
+		if (err == nil) != ok {
+			t.Errorf("method %q: %v", m, err)
+		}
+	}
+}
