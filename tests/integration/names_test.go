@@ -99,3 +99,38 @@ func TestH2CByName(t *testing.T) {
 		t.Error("no audit record of the refused stream")
 	}
 }
+
+// TestRequestFormsByName: through the agent, on the allowed name's
+// address, requests written in forms the old code did not read reach no
+// other host: a lower-case method, a blank line first, a Host with a port
+// that is no port; an h2c upgrade offer is answered over HTTP/1.1.
+func TestRequestFormsByName(t *testing.T) {
+	testenv.RequireTools(t, "curl")
+	w := testenv.NewWorld(t)
+	pol := writePolicy(t, `{"default_action": "deny", "rules": [{"destination": {"domain": "`+testenv.TestDomain+`"}, "action": "allow"}]}`)
+	w.StartAgent(t, "--policy", pol)
+	if out, err := curlIn(t, w, "http://"+testenv.TestDomain+"/echo"); err != nil || !strings.Contains(out, `"host":"`+testenv.TestDomain+`"`) {
+		t.Fatalf("the allowed name: %v %s", err, out) // and its address is pinned
+	}
+	send := func(raw string) string {
+		out, _ := w.Guest.Run("sh", "-c", "printf '"+raw+"' | "+w.Testhost+" send "+testenv.WebHost4+":80 halfclose")
+		return out
+	}
+	if out := send("get /echo HTTP/1.1\\r\\nHost: " + testenv.TestDomain + "\\r\\n\\r\\n"); !strings.Contains(out, `"method":"get"`) {
+		t.Errorf("a lower-case method for the allowed name:\n%s", out)
+	}
+	for _, raw := range []string{
+		"get /echo HTTP/1.1\\r\\nHost: " + testenv.OtherDomain + "\\r\\n\\r\\n",
+		"FOO /echo HTTP/1.1\\r\\nHost: " + testenv.OtherDomain + "\\r\\n\\r\\n",
+		"\\r\\nGET /echo HTTP/1.1\\r\\nHost: " + testenv.OtherDomain + "\\r\\n\\r\\n",
+		"GET /echo HTTP/1.1\\r\\nHost: " + testenv.TestDomain + ".:80." + testenv.OtherDomain + "\\r\\n\\r\\n",
+		"GET /echo HTTP/1.1\\r\\nHost: " + testenv.TestDomain + "\\r\\n\\r\\nGET /echo HTTP/1.1\\r\\nHost: " + testenv.TestDomain + ":80.evil\\r\\n\\r\\n",
+	} {
+		if out := send(raw); strings.Contains(out, `"host":"`+testenv.OtherDomain) || strings.Contains(out, `80.evil","method"`) {
+			t.Errorf("%q reached another host:\n%s", raw, out)
+		}
+	}
+	if out, err := curlIn(t, w, "--http2", "http://"+testenv.TestDomain+"/echo"); err != nil || !strings.Contains(out, `"proto":"HTTP/1.1"`) {
+		t.Errorf("curl --http2 (an h2c upgrade offer): %v %s", err, out)
+	}
+}
