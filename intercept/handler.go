@@ -201,20 +201,29 @@ func (h *Handler) Wants(f policy.Flow, d policy.Decision) bool {
 func (h *Handler) Bypassed(name string) bool { return MatchesAny(h.o.Bypass, name) }
 
 // MatchesAny reports whether name matches one of patterns: exact names, or
-// "*.suffix" for every name under suffix.
+// "*.suffix" for every name under suffix. Both sides are compared in the
+// normal form of policy.NormalizeName (an IDN pattern matches its A-label).
 func MatchesAny(patterns []string, name string) bool {
-	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	name = normalOrLower(name)
 	for _, p := range patterns {
-		p = strings.ToLower(p)
 		if suf, ok := strings.CutPrefix(p, "*."); ok {
-			if strings.HasSuffix(name, "."+suf) {
+			if strings.HasSuffix(name, "."+normalOrLower(suf)) {
 				return true
 			}
-		} else if name == p {
+		} else if name == normalOrLower(p) {
 			return true
 		}
 	}
 	return false
+}
+
+// normalOrLower is a name's normal form, or, for what is no host name,
+// the name lower-cased (it can then only match the same bytes).
+func normalOrLower(s string) string {
+	if n, err := policy.NormalizeName(s); err == nil {
+		return n
+	}
+	return strings.ToLower(strings.TrimSuffix(s, "."))
 }
 
 // Handle serves one flow to its end. The bytes from upstream reach the

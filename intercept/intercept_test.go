@@ -354,8 +354,9 @@ func TestBypassPatterns(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		want bool
-	}{{"pinned.test", true}, {"a.bank.test", true}, {"bank.test", false}, {"other.test", false}} {
-		if got := MatchesAny([]string{"pinned.test", "*.bank.test"}, tc.name); got != tc.want {
+	}{{"pinned.test", true}, {"a.bank.test", true}, {"bank.test", false}, {"other.test", false},
+		{"PINNED.test.", true}, {"a.xn--bcher-kva.test", true}, {"xn--bcher-kva.test", false}} {
+		if got := MatchesAny([]string{"pinned.test", "*.bank.test", "*.Bücher.test"}, tc.name); got != tc.want {
 			t.Errorf("%s: %v", tc.name, got)
 		}
 	}
