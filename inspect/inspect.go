@@ -171,7 +171,10 @@ const (
 
 // looksHTTP says whether b starts with what an HTTP server would read as
 // a request line: a first line that names an HTTP version ("HTTP/", in
-// any case), or starts with the word GET (an HTTP/0.9 request names none).
+// any case), starts with the word GET (an HTTP/0.9 request names none; in
+// lower case it is memcached's), or
+// is a token and what looks like a request target (a path, "*", an
+// absolute URL).
 // Until the first line ends, bytes that could still be one (printable
 // text) are maybe; anything else (an SSH banner, a binary protocol) is no.
 func looksHTTP(b []byte) tristate {
@@ -186,10 +189,10 @@ func looksHTTP(b []byte) tristate {
 	word := line
 	if i := bytes.IndexAny(line, " \t"); i >= 0 {
 		word = line[:i]
-		if bytes.EqualFold(word, []byte("GET")) {
+		if string(word) == "GET" || (isToken(word) && looksTarget(bytes.TrimLeft(line[i:], " \t"))) {
 			return yes
 		}
-	} else if complete && bytes.EqualFold(word, []byte("GET")) {
+	} else if complete && string(word) == "GET" {
 		return yes
 	}
 	if complete {
@@ -201,6 +204,34 @@ func looksHTTP(b []byte) tristate {
 		}
 	}
 	return maybe
+}
+
+// isToken reports whether b is an RFC 9110 token, as a method is.
+func isToken(b []byte) bool {
+	if len(b) == 0 {
+		return false
+	}
+	for _, c := range b {
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', bytes.IndexByte([]byte("!#$%&'*+-.^_`|~"), c) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// looksTarget reports whether b starts like a request target: a path, an
+// asterisk, or an absolute URL (scheme "://").
+func looksTarget(b []byte) bool {
+	if len(b) > 0 && (b[0] == '/' || b[0] == '*') {
+		return true
+	}
+	i := 0
+	for i < len(b) && (b[i] >= 'a' && b[i] <= 'z' || b[i] >= 'A' && b[i] <= 'Z' || i > 0 && (b[i] >= '0' && b[i] <= '9' || b[i] == '+' || b[i] == '-' || b[i] == '.')) {
+		i++
+	}
+	return i > 0 && bytes.HasPrefix(b[i:], []byte("://"))
 }
 
 // containsFold reports whether b contains s (lower case ASCII) in any

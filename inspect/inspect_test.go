@@ -143,7 +143,7 @@ func TestHTTP(t *testing.T) {
 		}
 	}
 	for _, bad := range []string{"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", "\n", "GET /\r\n", "get /x\n",
-		"GET / http/1.1\r\nHost: a\r\n\r\n", "G\x00T / HTTP/1.1\r\n\r\n"} {
+		"GET / http/1.1\r\nHost: a\r\n\r\n", "G\x00T / HTTP/1.1\r\n\r\n", "POST http://evil.test/\r\n", "FOO /x\r\n", "OPTIONS *\r\n"} {
 		if _, more, err := Classify([]byte(bad)); err == nil || more {
 			t.Errorf("%q: more=%v err=%v, want an error", bad, more, err)
 		}
@@ -153,7 +153,7 @@ func TestHTTP(t *testing.T) {
 			t.Errorf("%q: more=%v err=%v, want more", prefix, more, err)
 		}
 	}
-	for _, other := range []string{"SSH-2.0-OpenSSH_9.2\r\n", "SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", "GETX\r\n", "\x00\x01", "*1\r\n$4\r\nPING\r\n"} {
+	for _, other := range []string{"SSH-2.0-OpenSSH_9.2\r\n", "SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", "GETX\r\n", "\x00\x01", "*1\r\n$4\r\nPING\r\n", "get key1\r\n", "set k 0 0 1\r\n"} {
 		if h, more, err := Classify([]byte(other)); h.Kind != Other || more || err != nil {
 			t.Errorf("%q: %+v %v %v", other, h, more, err)
 		}
