@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"testing"
 )
 
@@ -133,7 +134,7 @@ func (img Image) WriteOCIArchive(t testing.TB, dir string) string {
 		"manifests": []any{map[string]any{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manDigest, "size": manSize,
 			"annotations": map[string]string{"io.containerd.image.name": img.Name, "org.opencontainers.image.ref.name": img.Name}}},
 	})
-	out := filepath.Join(dir, filepath.Base(img.Name)+".oci.tar")
+	out := filepath.Join(dir, strings.ReplaceAll(filepath.Base(img.Name), ":", "-")+".oci.tar")
 	f, err := os.Create(out)
 	if err != nil {
 		t.Fatal(err)

@@ -434,3 +434,138 @@ func podAgentPID(t *testing.T, state, id string) int {
 	n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
 	return n
 }
+
+// podman runs podman 4.3 with its CNI backend in the test's own
+// directories (storage, run root, configuration, networks) from the test
+// world's host namespace.
+type podman struct {
+	t                *testing.T
+	w                *testenv.World
+	dir, conf, state string
+}
+
+func newPodman(t *testing.T, w *testenv.World) *podman {
+	t.Helper()
+	testenv.RequireTools(t, "podman", "conmon", "runc")
+	bin := cniBinDir(t, w)
+	dir := t.TempDir()
+	p := &podman{t: t, w: w, dir: dir, conf: filepath.Join(dir, "containers.conf"), state: filepath.Join(dir, "msbtap")}
+	netd := filepath.Join(dir, "net.d")
+	os.MkdirAll(netd, 0o755)
+	os.MkdirAll(filepath.Join(dir, "tmp"), 0o700)
+	os.WriteFile(filepath.Join(netd, "10-msbtap.conflist"), []byte(msbtapConflist("msbtap", p.state, filepath.Join(dir, "policies"), filepath.Join(dir, "audit"))), 0o644)
+	// enable_port_reservation = false: rootful podman binds each published
+	// port itself after the plugin's ADD, when the agent already listens on
+	// it (README, "CNI plugin").
+	conf := `[network]
+network_backend = "cni"
+cni_plugin_dirs = ["` + bin + `"]
+network_config_dir = "` + netd + `"
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "` + filepath.Join(dir, "events.log") + `"
+tmp_dir = "` + filepath.Join(dir, "tmp") + `"
+runtime = "runc"
+enable_port_reservation = false
+`
+	os.WriteFile(p.conf, []byte(conf), 0o644)
+	// podman load keeps a blob cache in /var/lib/containers/cache, which
+	// no option moves: removed at the end unless it was there before.
+	const blobCache = "/var/lib/containers/cache"
+	if _, err := os.Stat(blobCache); err != nil {
+		t.Cleanup(func() {
+			os.RemoveAll(blobCache)
+			os.Remove(filepath.Dir(blobCache)) // only if empty
+		})
+	}
+	tar := testenv.BusyboxImage(t, "localhost/msbtap-busybox:test", w.Testhost).WriteOCIArchive(t, dir)
+	if out, err := p.run("load", "-i", tar); err != nil {
+		t.Fatalf("podman load: %v\n%s", err, out)
+	}
+	t.Cleanup(func() {
+		p.run("rm", "-a", "-f", "-t", "0")
+		p.run("rmi", "-a", "-f")
+		exec.Command("pkill", "-KILL", "-f", dir).Run()
+		if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+			var mps []string
+			for _, l := range strings.Split(string(b), "\n") {
+				if f := strings.Fields(l); len(f) > 4 && strings.HasPrefix(f[4], dir) {
+					mps = append(mps, f[4])
+				}
+			}
+			sort.Sort(sort.Reverse(sort.StringSlice(mps)))
+			for _, mp := range mps {
+				syscall.Unmount(mp, syscall.MNT_DETACH)
+			}
+		}
+	})
+	return p
+}
+
+func (p *podman) run(args ...string) (string, error) {
+	full := append([]string{"--net=" + p.w.Host.Path(), "podman", "--root", filepath.Join(p.dir, "root"), "--runroot", filepath.Join(p.dir, "runroot")}, args...)
+	cmd := exec.Command("nsenter", full...)
+	cmd.Env = append(os.Environ(), "CONTAINERS_CONF="+p.conf)
+	out, err := cmd.CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+// runArgs are the flags every container of the test gets: this
+// machine's root may not raise RLIMIT_NOFILE past its hard limit, which
+// podman's default would.
+var podmanRunArgs = []string{"--pull", "never", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--network", "msbtap"}
+
+// TestPodmanCNI: `podman run --network msbtap` (podman 4.3, CNI backend)
+// fetches by name and address, is refused the private host, publishes a
+// port with -p, answers DNS at the address `--dns` names, and `--rm`
+// leaves no agent, slot or state behind.
+func TestPodmanCNI(t *testing.T) {
+	testenv.RequireTools(t, "podman")
+	w := testenv.NewWorld(t)
+	p := newPodman(t, w)
+	img := "localhost/msbtap-busybox:test"
+
+	args := append(append([]string{"run", "--rm", "--dns", "100.96.0.1"}, podmanRunArgs...), img, "/bin/sh", "-c",
+		"cat /etc/resolv.conf; timeout 5 wget -q -O - http://"+testenv.TestDomain+"/; echo; if timeout 5 wget -q -O - http://"+testenv.PrivHost4+"/; then echo PRIVATE-REACHED; else echo private-refused; fi")
+	start := time.Now()
+	out, err := p.run(args...)
+	t.Logf("podman run --rm took %s", time.Since(start).Round(time.Millisecond))
+	if err != nil {
+		t.Fatalf("podman run: %v\n%s", err, out)
+	}
+	for _, want := range []string{"nameserver 100.96.0.1", "hello from testhost", "private-refused"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("podman run output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "PRIVATE-REACHED") || strings.Count(out, "nameserver") != 1 {
+		t.Errorf("podman run output:\n%s", out)
+	}
+
+	hostPort := freePort(t)
+	cargs := append(append([]string{"run", "-d", "--name", "web", "-p", "127.0.0.1:" + hostPort + ":8080"}, podmanRunArgs...), img, "/bin/httpd", "-f", "-p", "8080", "-h", "/www")
+	if out, err := p.run(cargs...); err != nil {
+		t.Fatalf("podman run -p: %v\n%s", err, out)
+	}
+	var got string
+	waitFor(t, 5*time.Second, "the published port", func() bool {
+		got, err = w.Host.Run("curl", "-sS", "--max-time", "2", "http://127.0.0.1:"+hostPort+"/")
+		return err == nil && strings.Contains(got, "hello from a pod")
+	})
+	if out, err := p.run("rm", "-f", "-t", "0", "web"); err != nil {
+		t.Errorf("podman rm: %v %s", err, out)
+	}
+	ents, _ := os.ReadDir(p.state)
+	for _, e := range ents {
+		if e.Name() != "slots" {
+			t.Errorf("state left after the containers were removed: %s", e.Name())
+		}
+	}
+	if slots, _ := os.ReadDir(filepath.Join(p.state, "slots")); len(slots) != 0 {
+		t.Errorf("%d slots held after the containers were removed", len(slots))
+	}
+	if out, _ := exec.Command("pgrep", "-f", p.state).Output(); len(strings.TrimSpace(string(out))) > 0 {
+		t.Errorf("agents left after the containers were removed: %s", out)
+	}
+}
