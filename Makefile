@@ -4,7 +4,11 @@
 GO        ?= go
 BIN       := bin/msbtap
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
-DEB_PKGS  := iproute2 curl dnsutils iputils-ping iperf3 util-linux procps ca-certificates qemu-system-x86 tcpdump
+DEB_PKGS  := iproute2 curl dnsutils iputils-ping iperf3 util-linux procps ca-certificates qemu-system-x86 tcpdump \
+	containerd runc podman containernetworking-plugins busybox-static
+# crictl drives containerd's CRI plugin in the engine tests as the kubelet
+# does; v1.34.0 talks to Debian's containerd 1.6. Built from its Go module.
+CRICTL_VERSION := v1.34.0
 
 PREFIX    ?= /usr/local
 DESTDIR   ?=
@@ -32,6 +36,10 @@ deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi; \
 	fi
 	$(GO) mod download
+	@if [ "$$(id -u)" -eq 0 ] && ! $(GO) version -m /usr/local/bin/crictl 2>/dev/null | grep -q "cri-tools[[:space:]]*$(CRICTL_VERSION)"; then \
+	  echo "installing crictl $(CRICTL_VERSION)"; \
+	  GOBIN=/usr/local/bin GOFLAGS= $(GO) install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION); \
+	fi
 
 test: deps lint unit fuzz integration stress-short
 

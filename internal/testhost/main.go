@@ -76,6 +76,8 @@ func main() {
 		tlsDial(args)
 	case "send":
 		sendClient(args)
+	case "pause":
+		pause()
 	default:
 		log.Fatalf("unknown command %q", os.Args[1])
 	}
