@@ -344,7 +344,7 @@ func (d *DNS) forward(ctx context.Context, q *dns.Msg) *dns.Msg {
 func (d *DNS) exchange(ctx context.Context, q *dns.Msg, upstream string, timeout time.Duration) (*dns.Msg, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	c := &dns.Client{Net: "udp", UDPSize: upstreamEDNSSize}
+	c := &dns.Client{Net: "udp", UDPSize: upstreamEDNSSize, Dialer: upstreamDialer}
 	a, _, err := c.ExchangeContext(ctx, q, upstream)
 	if err == nil && a.Truncated {
 		c = &dns.Client{Net: "tcp"}
