@@ -361,6 +361,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 			a.log.Warn("no DNS upstream: none given and none in " + proxy.DefaultResolvConf + "; the sandbox's queries will get SERVFAIL")
 		}
 	}
+	routes := newLocalRoutes()
 	a.gw, err = stack.New(stack.Options{
 		Plan:           cfg.Plan,
 		Shared:         a.shared,
@@ -371,7 +372,8 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		DNSFilter:      a.dnsFilter(guard),
 		MaxConnections: cfg.MaxConnections,
 		Offload:        cfg.Offload,
-		IsLocal:        newLocalRoutes().IsLocal,
+		IsLocal:        routes.IsLocal,
+		IsBroadcast:    routes.IsBroadcast,
 		RateUp:         cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
 		HandleTCP: a.handleTCP,
 		WantsTCP:  a.l7.Wants,
