@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/msbtap/msbtap/internal/testenv"
 )
@@ -307,3 +308,68 @@ echo "CA-CERTS $(grep -c 'BEGIN CERTIFICATE' "$SSL_CERT_FILE")"`,
 		t.Errorf("/tmp with one bind: %v %q", err, b)
 	}
 }
+
+// TestCommandTrustsCAOverToolConfig: under interception, npm whose global
+// npmrc names its own cafile (a corporate CA, say: here the test
+// internet's, which is not the one the sandbox is shown) still installs a
+// package by name from an HTTPS registry, because msbtap exports
+// npm_config_cafile; git with http.sslCAInfo in its global config reaches
+// the server too (GIT_SSL_CAINFO). Every tool variable names a bundle that
+// verifies the intercepted host and holds the system's roots.
+func TestCommandTrustsCAOverToolConfig(t *testing.T) {
+	testenv.RequireTools(t, "npm", "node", "git", "curl")
+	w := testenv.NewWorld(t)
+	conf := tempDirIn(t, "/tmp", 0o755)
+	corpCA, _ := os.ReadFile(w.TestCA)
+	os.WriteFile(filepath.Join(conf, "corp-ca.pem"), corpCA, 0o644)
+	os.WriteFile(filepath.Join(conf, "npmrc"), []byte("cafile="+filepath.Join(conf, "corp-ca.pem")+"\nupdate-notifier=false\nfund=false\naudit=false\n"), 0o644)
+	os.WriteFile(filepath.Join(conf, "gitconfig"), []byte("[http]\n\tsslCAInfo = "+filepath.Join(conf, "corp-ca.pem")+"\n"), 0o644)
+	pkg := "msbtap-probe-" + randomHex(4)
+	host := "https://" + testenv.TestDomain
+	script := fmt.Sprintf(`export HOME=/tmp/home
+mkdir -p $HOME /tmp/proj && cd /tmp/proj && echo '{"name": "proj", "version": "1.0.0"}' > package.json
+npm install --registry %[1]s/npm/ %[2]s >npm.log 2>&1; echo "NPM-EXIT $?"; tail -5 npm.log
+node -e 'console.log("REQUIRE " + require("%[2]s"))'
+git ls-remote %[1]s/no-such-repo.git 2>&1 | tail -2 | sed 's/^/GIT /'
+for v in %[3]s; do
+  eval f=\$$v
+  echo "VAR $v $(curl -sS -o /dev/null -w '%%{http_code}' --max-time 10 --cacert "$f" %[1]s/)"
+done
+echo "BUNDLE-CERTS $(grep -c 'BEGIN CERTIFICATE' "$SSL_CERT_FILE")"`,
+		host, pkg, strings.Join(agentBundleVariables, " "))
+	cmd := w.Host.Command(w.Msbtap, "run", "--dns-upstream", testenv.DNSHost4, "--tls-intercept", "all", "--tls-upstream-ca", w.TestCA,
+		"--bind-ro", conf, "--env", "NPM_CONFIG_GLOBALCONFIG="+filepath.Join(conf, "npmrc"), "--env", "GIT_CONFIG_GLOBAL="+filepath.Join(conf, "gitconfig"),
+		"--", "sh", "-c", script)
+	cmd.Env = rootEnv()
+	start := time.Now()
+	b, err := cmd.CombinedOutput()
+	out := string(b)
+	if err != nil {
+		t.Fatalf("msbtap run: %v\n%s", err, out)
+	}
+	t.Logf("npm, git and curl in the sandbox: %v", time.Since(start).Round(time.Millisecond))
+	for _, want := range []string{"NPM-EXIT 0", "REQUIRE " + pkg + " ok"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("want %q in:\n%s", want, out)
+		}
+	}
+	if !strings.Contains(out, "GIT ") || strings.Contains(out, "SSL certificate problem") || strings.Contains(out, "unable to get local issuer") {
+		t.Errorf("git did not trust the sandbox's CA:\n%s", out)
+	}
+	for _, v := range agentBundleVariables {
+		if !strings.Contains(out, "VAR "+v+" 200") {
+			t.Errorf("%s: want a bundle curl verifies the intercepted host with:\n%s", v, out)
+		}
+	}
+	if sys, err := os.ReadFile("/etc/ssl/certs/ca-certificates.crt"); err == nil {
+		want := strings.Count(string(sys), "BEGIN CERTIFICATE") + 1
+		if !strings.Contains(out, fmt.Sprintf("BUNDLE-CERTS %d\n", want)) {
+			t.Errorf("want the system's %d roots plus msbtap's CA in the bundle:\n%s", want-1, out)
+		}
+	}
+}
+
+// agentBundleVariables are agent.BundleVariables, written out: the test
+// says what a user relies on.
+var agentBundleVariables = []string{"SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+	"npm_config_cafile", "PIP_CERT", "GIT_SSL_CAINFO", "CARGO_HTTP_CAINFO", "AWS_CA_BUNDLE", "DENO_CERT"}
