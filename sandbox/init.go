@@ -110,7 +110,11 @@ func initMain() (int, error) {
 		},
 	})
 	if err != nil {
-		return 126, fmt.Errorf("start %s as uid %d in %s: %w", spec.Argv[0], spec.UID, spec.Dir, err)
+		hint := ""
+		if errors.Is(err, unix.EACCES) {
+			hint = fmt.Sprintf(" (the working directory and the program must be open to uid %d: see --user)", spec.UID)
+		}
+		return 126, fmt.Errorf("start %s as uid %d in %s: %w%s", spec.Argv[0], spec.UID, spec.Dir, err, hint)
 	}
 	// The init needs nothing more but the right to signal the command.
 	if err := setCaps(1<<unix.CAP_KILL, 0); err != nil {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -68,6 +69,10 @@ func privateMounts(spec Spec) error {
 			binds = append(binds, Bind{Path: t, ReadOnly: true})
 		}
 	}
+	// A bind inside another goes on top of it, whatever the order given.
+	sort.SliceStable(binds, func(i, j int) bool {
+		return strings.Count(binds[i].Path, "/") < strings.Count(binds[j].Path, "/")
+	})
 	trees := make([]tree, 0, len(binds))
 	defer func() {
 		for _, t := range trees {
