@@ -140,24 +140,25 @@ type Agent struct {
 	l7         *intercept.Handler
 	bundle     string // the CA bundle the command trusts
 	secrets    *secrets.Store
-	// secretSrc are the secrets' source variables in msbtap's environment,
-	// which never reach the command.
-	secretSrc []string
-	audit     *audit.Log
-	counts    *decisionCounts
-	term      *terminator
-	pub       *proxy.Publisher
-	ns        netns.Handle
-	shared    *rings.Shared
-	pump      *tap.Pump
-	gw        *stack.Stack
-	gwRef     atomic.Pointer[stack.Stack] // gw, for the termination hook
+	audit      *audit.Log
+	counts     *decisionCounts
+	term       *terminator
+	pub        *proxy.Publisher
+	ns         netns.Handle
+	shared     *rings.Shared
+	pump       *tap.Pump
+	gw         *stack.Stack
+	gwRef      atomic.Pointer[stack.Stack] // gw, for the termination hook
 	// sharedRef is shared, for the memory trimmer.
 	sharedRef atomic.Pointer[rings.Shared]
 
 	undo      []func() // teardown steps, run last to first
 	closeOnce sync.Once
 	closed    chan struct{}
+
+	// secretSrc are the secrets' source variables in msbtap's environment,
+	// which never reach the command.
+	secretSrc []string
 }
 
 // New builds the sandbox's network in order — policy, decision log,
