@@ -26,6 +26,7 @@ import (
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
 	"github.com/msbtap/msbtap/tap"
@@ -55,6 +56,14 @@ type Config struct {
 	CommandUID    int
 	CommandGID    int
 	CommandGroups []int
+	// CommandEnv adds to the command's environment, which is built from an
+	// allow-list (sandbox.Environ): NAME (its value in msbtap's
+	// environment) or NAME=VALUE. A secret's source variable is refused.
+	CommandEnv []string
+	// CommandBinds are host paths the command sees at their own path over
+	// its private /run, /tmp, /var/tmp and /dev/shm (not in VM mode,
+	// where the command shares msbtap's namespaces but for PIDs and mounts).
+	CommandBinds []sandbox.Bind
 	// NoSeccomp leaves out the agent's seccomp allow-list (it still drops
 	// its capabilities and sets no_new_privs once set up).
 	NoSeccomp bool
@@ -146,6 +155,10 @@ type Agent struct {
 	undo      []func() // teardown steps, run last to first
 	closeOnce sync.Once
 	closed    chan struct{}
+
+	// secretSrc are the secrets' source variables in msbtap's environment,
+	// which never reach the command.
+	secretSrc []string
 }
 
 // New builds the sandbox's network in order — policy, decision log,

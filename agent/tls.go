@@ -87,13 +87,24 @@ func (a *Agent) writeBundle() error {
 	return writeFile(a.bundle, a.ca.Bundle(), 0o644)
 }
 
+// BundleVariables point the command's tools at the CA bundle (msbtap's CA
+// plus the host's roots). Besides the system-wide ones (OpenSSL's
+// SSL_CERT_FILE, curl, Python requests, Node and Bun), each tool's own
+// variable wins over its own configuration, where a machine's npmrc
+// "cafile", pip.conf "cert", gitconfig "http.sslCAInfo" or Cargo's
+// "http.cainfo" would make it ignore the system's roots.
+var BundleVariables = []string{
+	"SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+	"npm_config_cafile", "PIP_CERT", "GIT_SSL_CAINFO", "CARGO_HTTP_CAINFO", "AWS_CA_BUNDLE", "DENO_CERT",
+}
+
 // caEnv points the usual tools of the command at the bundle.
 func (a *Agent) caEnv() []string {
 	if a.bundle == "" {
 		return nil
 	}
 	var env []string
-	for _, k := range []string{"SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO"} {
+	for _, k := range BundleVariables {
 		env = append(env, k+"="+a.bundle)
 	}
 	return env
