@@ -4,7 +4,7 @@
 GO        ?= go
 BIN       := bin/msbtap
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
-DEB_PKGS  := iproute2 curl dnsutils iputils-ping iperf3 util-linux procps ca-certificates qemu-system-x86 tcpdump
+DEB_PKGS  := iproute2 curl dnsutils iputils-ping iperf3 util-linux procps ca-certificates qemu-system-x86 tcpdump microsocks tinyproxy-bin tmux
 
 PREFIX    ?= /usr/local
 DESTDIR   ?=
