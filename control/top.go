@@ -2,6 +2,7 @@ package control
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"sort"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"github.com/gdamore/tcell/v2"
 
 	"github.com/msbtap/msbtap/audit"
+	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/stack"
 )
 
@@ -20,6 +22,7 @@ type topSource interface {
 	Flows() ([]stack.FlowInfo, error)
 	CloseFlow(id uint64) error
 	Events(ctx context.Context, fn func(audit.Record) error) error
+	Policy() (json.RawMessage, error)
 }
 
 // Sort orders of the flow table, cycled with 's'.
@@ -51,6 +54,7 @@ type top struct {
 	rows     []topRow
 	prev     map[uint64]topSample
 	rules    map[uint64]string // flow id → rule text, from the events
+	policy   *policy.Engine    // the policy in force, for flows opened before top started
 	denials  []audit.Record    // newest last
 	sortIdx  int
 	selID    uint64 // the selected flow (0: the first)
@@ -86,7 +90,16 @@ func (t *top) event(r audit.Record) {
 // refresh.
 func (t *top) refresh(now time.Time) {
 	fs, err := t.src.Flows()
+	var eng *policy.Engine
+	if raw, perr := t.src.Policy(); perr == nil {
+		if f, perr := policy.ParseFile(raw); perr == nil {
+			eng, _ = policy.Compile(f, policy.Options{})
+		}
+	}
 	t.mu.Lock()
+	if eng != nil {
+		t.policy = eng
+	}
 	defer t.mu.Unlock()
 	if err != nil {
 		t.err = err.Error()
@@ -258,11 +271,15 @@ var topColumns = []struct {
 	name  string
 	width int
 }{
-	{"ID", 6}, {"DIR", 8}, {"PROTO", 6}, {"SRC", 24}, {"DST", 24}, {"NAME", 22}, {"DECISION", 9}, {"RULE", 34},
-	{"UP", 10}, {"DOWN", 10}, {"UP/s", 10}, {"DOWN/s", 10}, {"AGE", 8},
+	{"ID", 6}, {"DIR", 8}, {"PROTO", 6}, {"SRC", 24}, {"DST", 24}, {"NAME", 22}, {"DECISION", 9},
+	{"UP", 10}, {"DOWN", 10}, {"UP/s", 10}, {"DOWN/s", 10}, {"AGE", 7},
+	{"RULE", 0}, // the rest of the line
 }
 
 func cell(v string, w int) string {
+	if w == 0 {
+		return v
+	}
 	if len(v) >= w {
 		if w > 1 {
 			return v[:w-2] + "… "
@@ -303,12 +320,15 @@ func (t *top) draw(s tcell.Screen) {
 	for i := start; i < len(t.rows) && y < 3+flowLines; i++ {
 		r := t.rows[i]
 		rule := r.ruleText
+		if rule == "" && t.policy != nil {
+			rule = t.policy.Describe(r.Rule)
+		}
 		if rule == "" {
 			rule = ruleLabel(r.Rule)
 		}
-		vals := []string{fmt.Sprint(r.ID), r.Direction, r.Proto, r.Src, r.Dst, r.Domain, "allow", rule,
+		vals := []string{fmt.Sprint(r.ID), r.Direction, r.Proto, r.Src, r.Dst, r.Domain, "allow",
 			humanBytes(float64(r.BytesUp)), humanBytes(float64(r.BytesDown)), humanBytes(r.upRate), humanBytes(r.downRate),
-			(time.Duration(r.AgeSecs * float64(time.Second))).Round(time.Second).String()}
+			(time.Duration(r.AgeSecs * float64(time.Second))).Round(time.Second).String(), rule}
 		x := 0
 		for j, c := range topColumns {
 			st := tcell.StyleDefault

@@ -2,6 +2,7 @@ package control
 
 import (
 	"context"
+	"encoding/json"
 	"strings"
 	"sync"
 	"testing"
@@ -29,6 +30,11 @@ func (f *fakeSource) Flows() ([]stack.FlowInfo, error) {
 		f.flows[i].BytesDown += f.grow[f.flows[i].ID]
 	}
 	return append([]stack.FlowInfo(nil), f.flows...), nil
+}
+
+func (f *fakeSource) Policy() (json.RawMessage, error) {
+	return json.RawMessage(`{"default_action": "deny", "rules": [{"destination": {"domain": "fast.test"}, "action": "allow"},
+		{"destination": {"group": "host"}, "action": "deny"}, {"destination": {"group": "public"}, "action": "allow"}]}`), nil
 }
 
 func (f *fakeSource) CloseFlow(id uint64) error {
@@ -134,12 +140,13 @@ func TestTop(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- runTop(context.Background(), src, s, "test.sock", 50*time.Millisecond) }()
 
-	src.events <- audit.Record{Time: time.Now().Format(time.RFC3339Nano), FlowID: 5, Action: "allow", Proto: "tcp", RuleText: "rules[0]: allow egress to domain fast.test"}
-	// Sorted by rate: the fast flow first, with its rule text from the events.
+	src.events <- audit.Record{Time: time.Now().Format(time.RFC3339Nano), FlowID: 5, Action: "allow", Proto: "tcp", RuleText: "rules[0]: allow egress to domain fast.test, as decided"}
+	// Sorted by rate: the fast flow first, with the rule text of its own
+	// decision (from the events); the other's from the policy in force.
 	lines := waitScreen(t, s, "both flows, fast first, with rates", func(l []string, _ []tcell.Style) bool {
 		f, sl := lineWith(l, "198.51.100.11:443"), lineWith(l, "198.51.100.10:80")
-		return f > 0 && sl > f && strings.Contains(l[f], "rules[0]: allow egress to") && strings.Contains(l[f], "MiB") &&
-			strings.Contains(l[sl], "rules[2]")
+		return f > 0 && sl > f && strings.Contains(l[f], "fast.test, as decided") && strings.Contains(l[f], "MiB") &&
+			strings.Contains(l[sl], "rules[2]: allow egress to group public")
 	})
 	if !strings.Contains(lines[lineWith(lines, "fast.test")], "allow") {
 		t.Errorf("no decision column:\n%s", strings.Join(lines, "\n"))
