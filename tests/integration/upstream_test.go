@@ -114,7 +114,7 @@ func testUpstreamProxy(t *testing.T, kind string) {
 	}
 	pol := filepath.Join(dir, "policy.json")
 	if err := os.WriteFile(pol, []byte(`{"default_action": "deny", "rules": [
-		{"destination": {"domain": "`+testenv.TestDomain+`"}, "protocols": ["tcp"], "ports": [{"start": 80}], "action": "allow"},
+		{"destination": {"domain": "`+testenv.TestDomain+`"}, "protocols": ["tcp"], "ports": [{"start": 80}, {"start": 443}], "action": "allow"},
 		{"destination": {"cidr": "`+testenv.WebHost4+`/32"}, "protocols": ["tcp"], "ports": [{"start": 80, "end": 81}], "action": "allow"},
 		{"destination": {"cidr": "`+testenv.PrivHost4+`/32"}, "protocols": ["tcp"], "action": "allow"}]}`), 0o644); err != nil {
 		t.Fatal(err)
@@ -144,6 +144,22 @@ func testUpstreamProxy(t *testing.T, kind string) {
 	if !strings.Contains(proxyLog(), testenv.TestDomain+":80") {
 		t.Errorf("the proxy was not asked for %s:80 (remote resolution); its log:\n%s", testenv.TestDomain, proxyLog())
 	}
+	// TLS by name, spliced after the SNI check, through the proxy; an SNI
+	// the policy does not allow is refused on its first bytes, proxy or not.
+	if out, err := w.Guest.Run("curl", "-sS", "-m", "10", "--cacert", w.TestCA, "-o", "/dev/null", "-w", "%{http_code}",
+		"https://"+testenv.TestDomain+"/"); err != nil || strings.TrimSpace(out) != "200" {
+		t.Fatalf("curl https by name through the proxy: %v %s", err, out)
+	}
+	if !strings.Contains(proxyLog(), testenv.TestDomain+":443") {
+		t.Errorf("the proxy was not asked for %s:443; its log:\n%s", testenv.TestDomain, proxyLog())
+	}
+	if out, err := w.Guest.Run("curl", "-sS", "-m", "10", "--cacert", w.TestCA, "--resolve", testenv.OtherDomain+":443:"+testenv.WebHost4,
+		"https://"+testenv.OtherDomain+"/"); err == nil {
+		t.Errorf("an SNI the policy does not allow got through the proxy: %s", out)
+	}
+	if strings.Contains(proxyLog(), testenv.OtherDomain) {
+		t.Errorf("the proxy heard of %s; its log:\n%s", testenv.OtherDomain, proxyLog())
+	}
 	// Bypassed: reached directly, never through the proxy.
 	if out, err := curl("http://" + testenv.PrivHost4 + "/"); err != nil || out != "200" {
 		t.Fatalf("curl to the bypassed host: %v %s", err, out)
@@ -158,8 +174,11 @@ func testUpstreamProxy(t *testing.T, kind string) {
 			t.Errorf("the proxy heard of %s (bypassed or denied); its log:\n%s", s, proxyLog())
 		}
 	}
-	if got := stat(t, w, sock, "msbtap_upstream_proxy_flows_total", "route", "proxy"); got != 2 {
-		t.Errorf("flows through the proxy: %v, want 2", got)
+	// By address, by name, TLS by name, and the refused SNI's (opened
+	// before its first bytes were seen, nothing of it sent); curl may try
+	// a name's IPv6 and IPv4 addresses both.
+	if got := stat(t, w, sock, "msbtap_upstream_proxy_flows_total", "route", "proxy"); got < 4 || got > 6 {
+		t.Errorf("flows through the proxy: %v, want 4 (or up to 6)", got)
 	}
 	if got := stat(t, w, sock, "msbtap_upstream_proxy_flows_total", "route", "direct"); got != 1 {
 		t.Errorf("flows reached directly: %v, want 1", got)
