@@ -15,6 +15,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -96,15 +97,23 @@ func New(c Config, lookupEnv func(string) (string, bool)) (*Dialer, error) {
 	if d.scheme == "socks5h" {
 		d.scheme = "socks5"
 	}
-	if ap, err := netip.ParseAddrPort(u.Host); err == nil {
-		d.self = append(d.self, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
-	} else if ips, err := net.LookupIP(u.Hostname()); err == nil {
-		// Resolved once, at start: flows to the proxy itself are refused.
+	port, err := strconv.ParseUint(u.Port(), 10, 16)
+	if err != nil || port == 0 {
+		return nil, fielderr.Bad("upstream_proxy", shown, "port %q: want 1..65535", u.Port())
+	}
+	if a, err := netip.ParseAddr(u.Hostname()); err == nil {
+		d.self = append(d.self, netip.AddrPortFrom(a.Unmap(), uint16(port)))
+	} else {
+		// A name is resolved once, at start, with the host's resolver: the
+		// agent then dials addresses (no lookup per flow, none after its
+		// system calls are narrowed), and refuses flows to them.
+		ips, err := net.LookupIP(u.Hostname())
+		if err != nil || len(ips) == 0 {
+			return nil, fielderr.Bad("upstream_proxy", shown, "cannot resolve %s: %v", u.Hostname(), err)
+		}
 		for _, ip := range ips {
 			if a, ok := netip.AddrFromSlice(ip); ok {
-				var port uint16
-				fmt.Sscan(u.Port(), &port)
-				d.self = append(d.self, netip.AddrPortFrom(a.Unmap(), port))
+				d.self = append(d.self, netip.AddrPortFrom(a.Unmap(), uint16(port)))
 			}
 		}
 	}
@@ -269,7 +278,13 @@ func (d *Dialer) Dial(ctx context.Context, dst netip.AddrPort, name string) (net
 		defer cancel()
 	}
 	nd := net.Dialer{KeepAlive: 30 * time.Second}
-	c, err := nd.DialContext(ctx, "tcp", d.addr)
+	var c net.Conn
+	var err error
+	for _, a := range d.self { // the proxy's addresses, in the resolver's order
+		if c, err = nd.DialContext(ctx, "tcp", a.String()); err == nil || ctx.Err() != nil {
+			break
+		}
+	}
 	if err != nil {
 		return nil, d.fail(ReasonUnreachable, fmt.Errorf("connect to %s: %w", d.addr, err))
 	}

@@ -58,6 +58,7 @@ func TestConfigErrors(t *testing.T) {
 		{"no colon", Config{URL: "http://127.0.0.1:3128", CredentialsFile: noColon}, "upstream_proxy_credentials_file", "USER:PASSWORD"},
 		{"missing file", Config{URL: "http://127.0.0.1:3128", CredentialsFile: filepath.Join(dir, "none")}, "upstream_proxy_credentials_file", "no such file"},
 		{"env unset", Config{URL: "http://127.0.0.1:3128", CredentialsEnv: "MSBTAP_TEST_UNSET"}, "upstream_proxy_credentials_env", "not set"},
+		{"port 0", Config{URL: "socks5://127.0.0.1:0"}, "upstream_proxy", "want 1..65535"},
 		{"bad bypass", Config{URL: "http://127.0.0.1:3128", Bypass: []string{"a*b"}}, "upstream_proxy_bypass", "CIDR"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -243,6 +244,17 @@ func TestHTTPConnect(t *testing.T) {
 	g, _ := New(Config{URL: "http://" + gone}, noEnv)
 	if _, err := g.Dial(ctx, dst, ""); reason(err) != ReasonUnreachable {
 		t.Errorf("proxy gone: %v, want %s", err, ReasonUnreachable)
+	}
+	// A proxy given by name is resolved at start and dialed by address.
+	_, portStr, _ := net.SplitHostPort(p.ln.Addr().String())
+	byName, err := New(Config{URL: "http://localhost:" + portStr, CredentialsEnv: "PROXY_CRED"}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, err := byName.Dial(ctx, dst, ""); err != nil {
+		t.Errorf("proxy by name: %v", err)
+	} else {
+		exchange(t, c, "SSH-2.0-banner\r\n")
 	}
 	// The sandbox may not use the proxy itself.
 	self := netip.MustParseAddrPort(p.ln.Addr().String())
