@@ -27,6 +27,7 @@ import (
 	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
+	"github.com/msbtap/msbtap/upstream"
 )
 
 // Source holds the settings, by the run flags' names (dns-upstream):
@@ -228,10 +229,14 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 			return cfg, fielderr.Bad("tls_bypass", b, "want a name, or *.suffix")
 		}
 	}
-	if !cfg.Upstream.Enabled() {
+	if cfg.Upstream.Enabled() {
+		if err := upstream.Validate(cfg.Upstream); err != nil {
+			return cfg, err
+		}
+	} else {
 		for _, k := range []string{"upstream-proxy-bypass", "upstream-proxy-credentials-file", "upstream-proxy-credentials-env"} {
 			if s.IsGiven(k) {
-				return cfg, fielderr.Bad(key(k), "…", "only with --upstream-proxy")
+				return cfg, fielderr.Bad(key(k), "…", "only with an upstream proxy")
 			}
 		}
 	}

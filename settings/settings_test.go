@@ -57,6 +57,8 @@ func TestBuild(t *testing.T) {
 		{mapSource{"netns": "x", "pprof": true}, "pprof"},
 		{mapSource{"netns": "x", "secret": []string{"NOHOST"}}, "secret"},
 		{mapSource{"netns": "x", "tls-bypass": []string{"*"}}, "tls_bypass"},
+		{mapSource{"netns": "x", "upstream-proxy-bypass": []string{"10.0.0.0/8"}}, "upstream_proxy_bypass"},
+		{mapSource{"netns": "x", "upstream-proxy-credentials-env": "X"}, "upstream_proxy_credentials_env"},
 	} {
 		_, err := Build(tc.s, io.Discard)
 		var fe *fielderr.Error

@@ -79,30 +79,13 @@ type Dialer struct {
 // New checks the configuration and reads the credentials; errors name the
 // setting. lookupEnv reads the environment (os.LookupEnv).
 func New(c Config, lookupEnv func(string) (string, bool)) (*Dialer, error) {
-	shown := redact(c.URL) // never echo a password
-	u, err := url.Parse(c.URL)
+	d, u, port, err := parse(c)
 	if err != nil {
-		return nil, fielderr.Bad("upstream_proxy", shown, "want socks5://HOST:PORT or http://HOST:PORT")
+		return nil, err
 	}
-	if u.User != nil || shown != c.URL {
-		return nil, fielderr.Bad("upstream_proxy", shown, "credentials in the URL would show in the process list: give them with --upstream-proxy-credentials-file or --upstream-proxy-credentials-env")
-	}
-	d := &Dialer{scheme: u.Scheme, addr: u.Host, timeout: 10 * time.Second}
-	switch {
-	case u.Scheme != "socks5" && u.Scheme != "socks5h" && u.Scheme != "http":
-		return nil, fielderr.Bad("upstream_proxy", c.URL, "scheme %q: want socks5 or http (CONNECT)", u.Scheme)
-	case u.Port() == "" || u.Hostname() == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "":
-		return nil, fielderr.Bad("upstream_proxy", c.URL, "want %s://HOST:PORT", u.Scheme)
-	}
-	if d.scheme == "socks5h" {
-		d.scheme = "socks5"
-	}
-	port, err := strconv.ParseUint(u.Port(), 10, 16)
-	if err != nil || port == 0 {
-		return nil, fielderr.Bad("upstream_proxy", shown, "port %q: want 1..65535", u.Port())
-	}
+	shown := redact(c.URL)
 	if a, err := netip.ParseAddr(u.Hostname()); err == nil {
-		d.self = append(d.self, netip.AddrPortFrom(a.Unmap(), uint16(port)))
+		d.self = append(d.self, netip.AddrPortFrom(a.Unmap(), port))
 	} else {
 		// A name is resolved once, at start, with the host's resolver: the
 		// agent then dials addresses (no lookup per flow, none after its
@@ -113,7 +96,7 @@ func New(c Config, lookupEnv func(string) (string, bool)) (*Dialer, error) {
 		}
 		for _, ip := range ips {
 			if a, ok := netip.AddrFromSlice(ip); ok {
-				d.self = append(d.self, netip.AddrPortFrom(a.Unmap(), uint16(port)))
+				d.self = append(d.self, netip.AddrPortFrom(a.Unmap(), port))
 			}
 		}
 	}
@@ -132,12 +115,44 @@ func New(c Config, lookupEnv func(string) (string, bool)) (*Dialer, error) {
 		d.user, d.pass = user, pass
 		d.auth = "Basic " + base64.StdEncoding.EncodeToString([]byte(cred))
 	}
+	return d, nil
+}
+
+// Validate checks the proxy's URL and bypass list, without reading the
+// credentials or resolving anything.
+func Validate(c Config) error {
+	_, _, _, err := parse(c)
+	return err
+}
+
+func parse(c Config) (d *Dialer, u *url.URL, port uint16, err error) {
+	shown := redact(c.URL) // never echo a password
+	if u, err = url.Parse(c.URL); err != nil {
+		return nil, nil, 0, fielderr.Bad("upstream_proxy", shown, "want socks5://HOST:PORT or http://HOST:PORT")
+	}
+	if u.User != nil || shown != c.URL {
+		return nil, nil, 0, fielderr.Bad("upstream_proxy", shown, "credentials in the URL would show in the process list: give them in a credentials file or an environment variable")
+	}
+	d = &Dialer{scheme: u.Scheme, addr: u.Host, timeout: 10 * time.Second}
+	switch {
+	case u.Scheme != "socks5" && u.Scheme != "socks5h" && u.Scheme != "http":
+		return nil, nil, 0, fielderr.Bad("upstream_proxy", c.URL, "scheme %q: want socks5 or http (CONNECT)", u.Scheme)
+	case u.Port() == "" || u.Hostname() == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "":
+		return nil, nil, 0, fielderr.Bad("upstream_proxy", c.URL, "want %s://HOST:PORT", u.Scheme)
+	}
+	if d.scheme == "socks5h" {
+		d.scheme = "socks5"
+	}
+	p, perr := strconv.ParseUint(u.Port(), 10, 16)
+	if perr != nil || p == 0 {
+		return nil, nil, 0, fielderr.Bad("upstream_proxy", shown, "port %q: want 1..65535", u.Port())
+	}
 	for _, b := range c.Bypass {
 		if err := d.addBypass(b); err != nil {
-			return nil, err
+			return nil, nil, 0, err
 		}
 	}
-	return d, nil
+	return d, u, uint16(p), nil
 }
 
 // redact hides what a URL holds before an '@' (user and password).
@@ -178,7 +193,7 @@ func readCredentials(c Config, lookupEnv func(string) (string, bool)) (cred, fie
 		field = "upstream_proxy_credentials_env"
 		v, ok := lookupEnv(c.CredentialsEnv)
 		if !ok || v == "" {
-			return "", "", fielderr.Bad(field, c.CredentialsEnv, "not set in msbtap's environment (with sudo, keep it: sudo -E or --preserve-env=%s)", c.CredentialsEnv)
+			return "", "", fielderr.Bad(field, c.CredentialsEnv, "not set in msbtap's environment (with sudo, keep it: sudo -E)")
 		}
 		cred = v
 	}
