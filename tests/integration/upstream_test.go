@@ -193,8 +193,23 @@ func testUpstreamProxy(t *testing.T, kind string) {
 		t.Errorf("refusals counted: %v, want 1", got)
 	}
 
-	// The proxy dies: the next flow gets a prompt reset, logged and counted.
+	// The proxy dies: a download it carries ends at once, short (the
+	// proxy's end closed; the sandbox's curl sees the missing bytes), and
+	// the next flow gets a prompt reset, logged and counted.
+	dlOut, dlDone := startDownload(t, w, "http://"+testenv.WebHost4, 200<<20)
+	waitFor(t, 10*time.Second, "the download under way", func() bool {
+		f, ok := flowTo(t, w, sock, testenv.WebHost4+":80")
+		return ok && f.BytesDown > 0
+	})
 	proxyCmd.Process.Kill()
+	select {
+	case err := <-dlDone:
+		if err == nil {
+			t.Errorf("the download through the dead proxy ended as if whole: %s", dlOut.String())
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("the download through the dead proxy hangs")
+	}
 	waitFor(t, 5*time.Second, "the proxy gone", func() bool {
 		o, _ := w.Inet.Run("ss", "-Hltn", "sport = :"+port)
 		return !strings.Contains(o, ":"+port)
