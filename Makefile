@@ -5,7 +5,7 @@ GO        ?= go
 BIN       := bin/msbtap
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
 DEB_PKGS  := iproute2 curl dnsutils iputils-ping iperf3 util-linux procps ca-certificates qemu-system-x86 tcpdump python3 \
-	containerd runc podman containernetworking-plugins busybox-static
+	containerd runc podman containernetworking-plugins busybox-static microsocks tinyproxy-bin tmux
 # crictl drives containerd's CRI plugin in the engine tests as the kubelet
 # does; v1.34.0 talks to Debian's containerd 1.6. Built from its Go module.
 CRICTL_VERSION := v1.34.0

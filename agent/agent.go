@@ -30,6 +30,7 @@ import (
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
 	"github.com/msbtap/msbtap/tap"
+	"github.com/msbtap/msbtap/upstream"
 	"github.com/msbtap/msbtap/wire"
 )
 
@@ -109,6 +110,9 @@ type Config struct {
 	TLS TLSConfig
 	// Secrets are swapped in for their placeholders on the wire.
 	Secrets SecretsConfig
+	// Upstream, when set, is the proxy every allowed TCP flow leaves
+	// through.
+	Upstream upstream.Config
 
 	// Control is the path of the control socket (none if empty), owned by
 	// ControlUID:ControlGID (-1: root).
@@ -140,6 +144,7 @@ type Agent struct {
 	l7         *intercept.Handler
 	bundle     string // the CA bundle the command trusts
 	secrets    *secrets.Store
+	upstream   *upstreamRoute // nil without --upstream-proxy
 	audit      *audit.Log
 	counts     *decisionCounts
 	term       *terminator
@@ -186,6 +191,9 @@ func New(cfg Config) (a *Agent, err error) {
 	}
 	a.onClose(startTrimmer(cfg.MemoryLimit, a.activity))
 	if err := a.buildPolicy(); err != nil {
+		return a, err
+	}
+	if err := a.buildUpstream(); err != nil {
 		return a, err
 	}
 	// Published ports are bound before anything else exists, so a port in
@@ -388,6 +396,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		IsLocal:        routes.IsLocal,
 		IsBroadcast:    routes.IsBroadcast,
 		RateUp:         cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
+		Dial:      a.dialTCP,
 		HandleTCP: a.handleTCP,
 		WantsTCP:  a.l7.Wants,
 		Log:       a.log.With("component", "stack"),

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"net"
 	"os"
 	"path/filepath"
 
@@ -59,15 +58,12 @@ func (a *Agent) buildIntercept() error {
 			return err
 		}
 	}
-	var d net.Dialer
 	a.l7 = intercept.NewHandler(intercept.Options{
 		Mode: tc.Mode, CA: ca, Roots: roots, Bypass: tc.Bypass, Policy: a.holder, Rewriter: a.rewriter(),
 		Report:    a.onL7,
 		Terminate: a.terminateL7,
-		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
-			return d.DialContext(ctx, "tcp", addr)
-		},
-		Log: a.log.With("component", "intercept"),
+		Dial:      a.dialIntercepted,
+		Log:       a.log.With("component", "intercept"),
 	})
 	return nil
 }

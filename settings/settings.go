@@ -27,6 +27,7 @@ import (
 	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
+	"github.com/msbtap/msbtap/upstream"
 )
 
 // Source holds the settings, by the run flags' names (dns-upstream):
@@ -110,6 +111,8 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 	tlsMode := s.String("tls-intercept")
 	cfg.TLS.CACert, cfg.TLS.CAKey, cfg.TLS.CAOut = s.String("tls-ca-cert"), s.String("tls-ca-key"), s.String("tls-ca-out")
 	cfg.TLS.UpstreamCA, cfg.TLS.Bypass = s.Strings("tls-upstream-ca"), s.Strings("tls-bypass")
+	cfg.Upstream.URL, cfg.Upstream.Bypass = s.String("upstream-proxy"), s.Strings("upstream-proxy-bypass")
+	cfg.Upstream.CredentialsFile, cfg.Upstream.CredentialsEnv = s.String("upstream-proxy-credentials-file"), s.String("upstream-proxy-credentials-env")
 	secretFlags := s.Strings("secret")
 	cfg.Secrets.File, cfg.Secrets.EnvOut = s.String("secrets"), s.String("secrets-env-out")
 	if err := s.Err(); err != nil {
@@ -229,6 +232,17 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 	for _, b := range cfg.TLS.Bypass {
 		if strings.Trim(b, "*.") == "" || strings.Contains(strings.TrimPrefix(b, "*."), "*") {
 			return cfg, fielderr.Bad("tls_bypass", b, "want a name, or *.suffix")
+		}
+	}
+	if cfg.Upstream.Enabled() {
+		if err := upstream.Validate(cfg.Upstream); err != nil {
+			return cfg, err
+		}
+	} else {
+		for _, k := range []string{"upstream-proxy-bypass", "upstream-proxy-credentials-file", "upstream-proxy-credentials-env"} {
+			if s.IsGiven(k) {
+				return cfg, fielderr.Bad(key(k), "…", "only with an upstream proxy")
+			}
 		}
 	}
 	return cfg, loadPolicy(s, &cfg)

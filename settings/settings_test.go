@@ -67,6 +67,8 @@ func TestBuild(t *testing.T) {
 		{mapSource{"args": []string{"true"}, "bind": []string{"/nonexistent/msbtap"}}, "bind"},
 		{mapSource{"args": []string{"true"}, "bind-ro": []string{"/"}}, "bind_ro"},
 		{mapSource{"args": []string{"true"}, "vm": true, "bind": []string{"/etc"}}, "bind"},
+		{mapSource{"netns": "x", "upstream-proxy-bypass": []string{"10.0.0.0/8"}}, "upstream_proxy_bypass"},
+		{mapSource{"netns": "x", "upstream-proxy-credentials-env": "X"}, "upstream_proxy_credentials_env"},
 	} {
 		_, err := Build(tc.s, io.Discard)
 		var fe *fielderr.Error

@@ -76,6 +76,12 @@ type Options struct {
 	MaxPendingDials int
 	// DialTimeout bounds the upstream dial of a TCP flow (default 10 s).
 	DialTimeout time.Duration
+	// Dial, when set, opens the host side of every allowed TCP flow: f as
+	// the guest named it (its id set), d its decision, to the address
+	// MapDst gave. Default: a direct connection to to. The upstream proxy
+	// hooks in here; any other path that opens host sockets for TCP flows
+	// must go through it too.
+	Dial func(ctx context.Context, f policy.Flow, d policy.Decision, to netip.AddrPort) (net.Conn, error)
 	// UDPIdleTimeout ends idle UDP sessions (default 60 s).
 	UDPIdleTimeout time.Duration
 	// MaxUDPSessions caps concurrent UDP sessions (default 1024).

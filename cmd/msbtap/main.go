@@ -59,6 +59,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Commands: []*cli.Command{
 			runCommand(),
 			policyCommand(),
+			doctorCommand(),
 			control.Command(func(err error) error { return withStatus(2, err) }),
 			secretsCommand(),
 			configCommand(),

@@ -69,6 +69,10 @@ func runFlags() []cli.Flag {
 		&cli.StringSliceFlag{Name: "secret", Usage: "a secret `NAME@HOST[,HOST…]`: the value is msbtap's environment variable NAME, the sandbox gets a placeholder in NAME, and msbtap swaps the value in on intercepted HTTPS to HOST (exact or *.suffix) only (repeatable)"},
 		&cli.StringFlag{Name: "secrets", Usage: "secrets `FILE` (JSON, mode 0600; see README), re-read on SIGHUP"},
 		&cli.StringFlag{Name: "secrets-env-out", Usage: "write the secrets' NAME=placeholder lines to `FILE` (for a VM or a namespace msbtap did not start)"},
+		&cli.StringFlag{Name: "upstream-proxy", Usage: "send every allowed TCP flow through this proxy, `socks5://HOST:PORT` or http://HOST:PORT (CONNECT), after the policy decided; never with credentials in it"},
+		&cli.StringFlag{Name: "upstream-proxy-credentials-file", Usage: "the upstream proxy's `FILE` holding USER:PASSWORD on one line (mode 0600)"},
+		&cli.StringFlag{Name: "upstream-proxy-credentials-env", Usage: "the environment variable `NAME` holding the upstream proxy's USER:PASSWORD"},
+		&cli.StringSliceFlag{Name: "upstream-proxy-bypass", Usage: "reach `CIDR|NAME` directly, not through the upstream proxy (an address, a CIDR, a name or *.suffix; repeatable)"},
 		// -p is its own flag rather than an alias so that -p and --publish
 		// can be mixed on one command line.
 		&cli.StringSliceFlag{Name: "p", Hidden: true},
