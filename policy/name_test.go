@@ -91,7 +91,8 @@ func FuzzNormalizeName(f *testing.F) {
 func TestPolicyNamesNormalized(t *testing.T) {
 	e := mustCompile(t, `{"default_action": "deny", "rules": [
 		{"destination": {"domain": "Bücher.Test."}, "action": "allow"}]}`, Options{})
-	if d := e.Check(Flow{Proto: TCP, Domain: "xn--bcher-kva.test"}); d.Action != Allow {
+	dst := netip.MustParseAddrPort("198.51.100.7:443")
+	if d := e.Check(Flow{Proto: TCP, Dst: dst, Domain: "xn--bcher-kva.test"}); d.Action != Allow {
 		t.Errorf("the A-label of an IDN rule: %+v", d)
 	}
 	for _, bad := range []string{`{"domain": "evil\u0000.test"}`, `{"domain_suffix": "a..test"}`, `{"domain": "a_b.test"}`, `{"domain": "-a.test"}`} {
