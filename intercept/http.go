@@ -189,17 +189,20 @@ func refuse(w http.ResponseWriter, r *http.Request, code int, reason string) {
 	fmt.Fprintf(w, "msbtap: %s\n", reason)
 }
 
+// hostOnly is the name a request's Host (or :authority) checks as, for
+// the log ("" if it is not one).
 func hostOnly(hostport string) string {
-	h := hostport
-	if hn, _, err := net.SplitHostPort(hostport); err == nil {
-		h = hn
+	a, err := inspect.ParseAuthority(hostport)
+	if err != nil {
+		return ""
 	}
-	return strings.ToLower(strings.TrimSuffix(strings.Trim(h, "[]"), "."))
+	return a.Name
 }
 
 func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := rh.h
-	host := hostOnly(r.Host)
+	auth, authErr := inspect.ParseAuthority(r.Host)
+	host := auth.Name
 	ev := Event{Flow: rh.fl.Flow, Mode: "request", Method: r.Method, Host: host, Path: r.URL.Path}
 	if rh.tls {
 		ev.SNI = rh.host
@@ -219,12 +222,21 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			h.o.Terminate(ev)
 		}
 	}
+	if r.Host != "" && authErr != nil {
+		deny(http.StatusBadRequest, policy.Decision{Action: policy.Deny, Rule: -1}, authErr.Error())
+		return
+	}
+	// What goes upstream is byte for byte the host checked.
+	r.Host = auth.String()
+	declineH2C(r.Header)
 	if rh.tls && host != rh.host {
 		deny(http.StatusMisdirectedRequest, policy.Decision{Action: policy.Deny, Rule: -1},
 			fmt.Sprintf("host %q is not the server name %q this connection asked for", host, rh.host))
 		return
 	}
-	if host == "" {
+	if host == "" && (rh.tls || rh.fl.Decision.ByName || rh.fl.Decision.PerRequest) {
+		// Where the addresses decide (a flow read for the domain deny
+		// rules only), a request without a host names none of them.
 		deny(http.StatusBadRequest, policy.Decision{Action: policy.Deny, Rule: -1}, "request without a host")
 		return
 	}
@@ -260,6 +272,48 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.o.Report(ev)
 	}
 	rh.proxy().ServeHTTP(w, r)
+}
+
+// declineH2C takes an offer to upgrade to cleartext HTTP/2 (Upgrade: h2c)
+// out of a request, which then goes upstream as plain HTTP/1.1, as to a
+// server that does not upgrade: a 101 would turn the connection into
+// bytes copied unchecked, HTTP/2 streams for any :authority among them.
+// Other upgrades (WebSocket) stay: they are checked like any request
+// before their 101.
+func declineH2C(hdr http.Header) {
+	var kept []string
+	h2c := false
+	for _, v := range hdr.Values("Upgrade") {
+		for _, p := range strings.Split(v, ",") {
+			if p = strings.TrimSpace(p); strings.EqualFold(p, "h2c") {
+				h2c = true
+			} else if p != "" {
+				kept = append(kept, p)
+			}
+		}
+	}
+	if !h2c {
+		return
+	}
+	hdr.Del("Upgrade")
+	hdr.Del("Http2-Settings")
+	if len(kept) > 0 {
+		hdr.Set("Upgrade", strings.Join(kept, ", "))
+	}
+	var conn []string
+	for _, v := range hdr.Values("Connection") {
+		for _, p := range strings.Split(v, ",") {
+			p = strings.TrimSpace(p)
+			if p == "" || strings.EqualFold(p, "http2-settings") || (len(kept) == 0 && strings.EqualFold(p, "upgrade")) {
+				continue
+			}
+			conn = append(conn, p)
+		}
+	}
+	hdr.Del("Connection")
+	if len(conn) > 0 {
+		hdr.Set("Connection", strings.Join(conn, ", "))
+	}
 }
 
 func (rh *requestHandler) proxy() *httputil.ReverseProxy {

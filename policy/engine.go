@@ -19,8 +19,14 @@ type Engine struct {
 	allows     bool // some egress rule (or the default) allows something
 	resolveAll bool // under default deny, names no rule lists resolve too
 	named      bool // some egress rule matches by name
-	refuseQUIC bool // UDP to 443 is refused whatever allows it
-	src        *File
+	// deniesNames: some egress domain rule denies (or terminates), so a
+	// flow the addresses allow is still refused if its SNI or Host names
+	// such a domain. namePorts are the TCP ports such flows are read on
+	// besides 80 and 443: every port a domain rule names.
+	deniesNames bool
+	namePorts   []PortRange
+	refuseQUIC  bool // UDP to 443 is refused whatever allows it
+	src         *File
 }
 
 // Options are what an Engine needs besides the policy itself.
@@ -65,6 +71,10 @@ func Compile(f *File, o Options) (*Engine, error) {
 		e.rules = append(e.rules, r)
 		if r.dir == Egress && (r.dst.kind == matchDomain || r.dst.kind == matchSuffix) {
 			e.named = true
+			if r.action != Allow {
+				e.deniesNames = true
+			}
+			e.namePorts = append(e.namePorts, r.ports...)
 		}
 	}
 	return e, nil
@@ -353,6 +363,18 @@ func (e *Engine) HasHTTPRules() bool {
 	return false
 }
 
+// ReadsNames reports whether a TCP flow to f's port, whatever decided
+// it, must have the name it asks for (SNI, Host) checked: the policy has
+// domain rules that deny, and the port is 80, 443 or one a domain rule
+// names. Without such rules it is false, and costs flows nothing.
+func (e *Engine) ReadsNames(f Flow) bool {
+	if !e.deniesNames || f.Proto != TCP || f.Direction != Egress {
+		return false
+	}
+	p := f.Dst.Port()
+	return p == 80 || p == 443 || inRanges(e.namePorts, p)
+}
+
 // HasDomainRules reports whether some egress rule matches by name.
 func (e *Engine) HasDomainRules() bool { return e.named }
 
@@ -363,7 +385,10 @@ func (e *Engine) HasDomainRules() bool { return e.named }
 // resolve "all"; under default deny it is refused otherwise, so that DNS
 // carries nothing out of a sandbox the policy keeps in.
 func (e *Engine) CheckQuery(name string) Decision {
-	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	name, err := NormalizeQuery(name)
+	if err != nil {
+		return Decision{Action: Deny, Rule: RuleBadName}
+	}
 	for i := range e.rules {
 		r := &e.rules[i]
 		if r.dir != Egress || (r.dst.kind != matchDomain && r.dst.kind != matchSuffix) || !nameMatches(&r.dst, name) {
@@ -446,6 +471,9 @@ func (e *Engine) Describe(i int) string {
 	}
 	if i == RuleSecret {
 		return "a secret's placeholder where the secret may not go"
+	}
+	if i == RuleBadName {
+		return "a name no host has (control bytes, empty or non-LDH labels)"
 	}
 	if i == RuleDoT {
 		return "DNS over TLS (853) refused: domain rules need the sandbox's lookups"

@@ -195,6 +195,17 @@ func (d *DNS) resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg, trans
 // message to send upstream.
 func (d *DNS) prepare(src netip.AddrPort, q *dns.Msg, transport policy.Proto) (up, done *dns.Msg) {
 	d.queries.Add(1)
+	if len(q.Question) != 1 {
+		d.refused.Add(1)
+		return nil, reply(q, dns.RcodeFormatError)
+	}
+	if _, err := policy.NormalizeQuery(q.Question[0].Name); err != nil {
+		// No host has such a name (a NUL, an escaped dot, an empty label).
+		d.refused.Add(1)
+		d.report(&policy.Verdict{Flow: policy.Flow{Proto: policy.UDP, Src: src, Dst: netip.AddrPortFrom(netip.Addr{}, 53), DNS: true},
+			Decision: policy.Decision{Action: policy.Deny, Rule: policy.RuleBadName}}, transport)
+		return nil, reply(q, dns.RcodeNameError)
+	}
 	up, rcode := upstreamQuery(q)
 	if up == nil {
 		d.refused.Add(1)
@@ -402,10 +413,11 @@ func (d *DNS) start(f func()) bool {
 // query refused by policy, or answered from the cache, is answered at once
 // (so that during a flood of new names, known ones still are); any other
 // goes upstream in a goroutine of its own, and HandleUDP returns at once.
-// Malformed queries and queries over the in-flight cap are dropped.
+// Malformed queries and queries over the in-flight cap are dropped; a
+// query with more questions than one (or none) gets FORMERR.
 func (d *DNS) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
 	q := new(dns.Msg)
-	if err := q.Unpack(payload); err != nil || q.Response || len(q.Question) != 1 {
+	if err := q.Unpack(payload); err != nil || q.Response {
 		d.dropped.Add(1)
 		return false
 	}
@@ -421,6 +433,13 @@ func (d *DNS) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
 			return
 		}
 		d.o.Replier.SendUDP(dst, src, b)
+	}
+	if len(q.Question) != 1 {
+		// A forwarder that checks only the first of several questions is
+		// a known bypass: a message of more (or none) is malformed.
+		d.refused.Add(1)
+		send(reply(q, dns.RcodeFormatError))
+		return true
 	}
 	if d.cache.has(q) {
 		// Known answers cost no upstream round trip: answered here, ahead
@@ -487,9 +506,16 @@ func (d *DNS) ServeTCP(conn net.Conn, src netip.AddrPort) {
 		if err != nil {
 			return
 		}
-		if q.Response || len(q.Question) != 1 {
+		if q.Response {
 			d.dropped.Add(1)
 			return
+		}
+		if len(q.Question) != 1 {
+			d.refused.Add(1)
+			if err := dc.WriteMsg(reply(q, dns.RcodeFormatError)); err != nil {
+				return
+			}
+			continue
 		}
 		select {
 		case d.sem <- struct{}{}:
@@ -510,7 +536,7 @@ type DNSStats struct {
 	InFlight, TCPConns int
 	// Queries answered, Failures no upstream answered, queries Dropped
 	// (malformed, over the in-flight cap), Refused (opcode, class or type
-	// not forwarded), TCP connections refused over the cap, answers from
+	// not forwarded, not exactly one question, a name no host has), TCP connections refused over the cap, answers from
 	// the cache, queries dropped over the upstream rate.
 	Queries, Failures, Dropped, Refused, TCPOverCap, CacheHits, RateLimited uint64
 	// Cached answers now.

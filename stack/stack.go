@@ -55,7 +55,7 @@ type Options struct {
 	// HandleTCP, if set, serves the allowed TCP flows WantsTCP says yes
 	// to (their first bytes looked at, say) instead of a plain relay.
 	HandleTCP func(context.Context, TCPFlow) error
-	WantsTCP  func(policy.Decision) bool
+	WantsTCP  func(policy.Flow, policy.Decision) bool
 	// OnDecision, when set, is told of every flow decision (for the audit
 	// log and metrics); it runs on the packet path. A terminate decision
 	// then fires the shared state's termination hook.

@@ -145,7 +145,7 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	defer t.track(c, false)
 	fl := st.flows.add(f, sd.d.Rule, func() { c.Reset(); proxy.ResetConn(up) })
 	defer fl.Done()
-	if st.o.HandleTCP != nil && st.o.WantsTCP(sd.d) {
+	if st.o.HandleTCP != nil && st.o.WantsTCP(f, sd.d) {
 		err = st.o.HandleTCP(t.ctx, TCPFlow{Guest: c, Up: up, Flow: f, Decision: sd.d, UpMeter: &fl.Up, DownMeter: &fl.Down})
 	} else {
 		_, _, err = proxy.Relay(c, up, &fl.Up, &fl.Down)

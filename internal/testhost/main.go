@@ -25,6 +25,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/h2c"
 
 	"github.com/msbtap/msbtap/internal/pattern"
 )
@@ -76,6 +78,8 @@ func main() {
 		tlsDial(args)
 	case "send":
 		sendClient(args)
+	case "grpc":
+		grpcClient(args)
 	case "pause":
 		pause()
 	default:
@@ -122,7 +126,8 @@ func serve(args []string) {
 		if err != nil {
 			log.Fatal(err)
 		}
-		go http.Serve(ln, httpHandler())
+		// Cleartext HTTP/2 too (prior knowledge or upgrade), for gRPC.
+		go http.Serve(ln, h2c.NewHandler(httpHandler(), &http2.Server{}))
 	}
 	zone := map[string][]netip.Addr{}
 	for _, r := range records {
@@ -253,6 +258,7 @@ func httpMux() *http.ServeMux {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "hello from testhost %s\n", r.Host)
 	})
+	mux.HandleFunc(grpcPath, grpcSay)
 	// /echo answers with what it received (see echoRequest).
 	mux.HandleFunc("/echo", echoRequest)
 	handleNPM(mux) // /npm/: a small npm registry
