@@ -119,7 +119,10 @@ func Show(w io.Writer, f *File) {
 		fmt.Fprintln(w, b.String())
 	}
 	fmt.Fprintln(w, "always: published ports accept every client no ingress rule refuses; unspecified addresses are never dialed;")
-	fmt.Fprintln(w, "  an IPv6 address that carries an IPv4 one (mapped, NAT64, 6to4) is judged as that IPv4 address")
+	fmt.Fprintln(w, "  an IPv6 address that carries an IPv4 one (mapped, NAT64, 6to4) is judged as that IPv4 address;")
+	fmt.Fprintln(w, "  cloud metadata, the host and the local-use NAT64 prefix 64:ff9b:1::/48 are allowed only by a rule")
+	fmt.Fprintln(w, "  that names them (group metadata, group host, a CIDR inside 64:ff9b:1::/48), never by any, a CIDR or the default;")
+	fmt.Fprintln(w, "  broadcast and multicast addresses are never reached")
 	if named {
 		fmt.Fprintln(w, "because rules match names: a connection's TLS server name or HTTP Host must be allowed too;")
 		fmt.Fprintln(w, "  UDP 443 (QUIC) to names and DNS over TLS (TCP 853) are refused")

@@ -39,7 +39,7 @@ func TestShowPresets(t *testing.T) {
 			"allow every protocol to group public: every address in no other group, except the special-purpose ranges 0.0.0.0/8", `("resolve": "all")`},
 		"non-local": {"allow every protocol to group private: 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, fc00::/7, fec0::/10"},
 		"none":      {"flows no rule matches: deny", "rules: none"},
-		"allow-all": {"flows no rule matches: allow", "rules: none"},
+		"allow-all": {"flows no rule matches: allow", "0. allow every protocol to group host", "allowed only by a rule\n  that names them"},
 	} {
 		f, _ := Preset(name)
 		var b bytes.Buffer
