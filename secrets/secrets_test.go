@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -22,7 +23,7 @@ func env(m map[string]string) func(string) string { return func(k string) string
 
 func store(t *testing.T, specs ...Spec) *Store {
 	t.Helper()
-	vals := map[string]string{"TOKEN": "s3cr3t-value-0123456789", "SHORT": "abc", "OTHER": "other-secret-value-xyz"}
+	vals := map[string]string{"TOKEN": "s3cr3t-value-0123456789", "SHORT": "abc", "OTHER": "other-secret-value-xyz", "SLASHY": "ab/cd+ef=gh&0123456789"}
 	s, err := New(specs, env(vals))
 	if err != nil {
 		t.Fatal(err)
@@ -191,10 +192,68 @@ func TestScanNameAndFlow(t *testing.T) {
 
 func TestResponseHeadersHideTheValue(t *testing.T) {
 	s := store(t, Spec{Name: "TOKEN", FromEnv: "TOKEN", Hosts: []string{"api.test"}})
-	h := http.Header{"X-Echo": {"you sent s3cr3t-value-0123456789"}}
-	s.Response("api.test", h)
-	if got := h.Get("X-Echo"); strings.Contains(got, "s3cr3t") || !strings.Contains(got, placeholder(s, "TOKEN")) {
+	ph := placeholder(s, "TOKEN")
+	if s.Scrubber("other.test") != nil {
+		t.Error("a host no secret goes to gets a scrubber")
+	}
+	sc := s.Scrubber("api.test")
+	basic := base64.StdEncoding.EncodeToString([]byte("me:s3cr3t-value-0123456789"))
+	h := http.Header{"X-Echo": {"you sent s3cr3t-value-0123456789"}, "X-Auth": {"Basic " + basic},
+		"X-S3cr3t-value-0123456789": {"in the name"}}
+	sc.Header(h)
+	if got := h.Get("X-Echo"); strings.Contains(got, "s3cr3t") || !strings.Contains(got, ph) {
 		t.Errorf("echoed header: %q", got)
+	}
+	if got, want := h.Get("X-Auth"), "Basic "+base64.StdEncoding.EncodeToString([]byte("me:"+ph)); got != want {
+		t.Errorf("echoed basic auth: %q, want %q", got, want)
+	}
+	for k := range h {
+		if strings.Contains(strings.ToLower(k), "s3cr3t") {
+			t.Errorf("a header name holds the value: %q", k)
+		}
+	}
+}
+
+// TestResponseBodyHidesTheValue: a body from a secret's host passes with
+// the value, as it is or URL-encoded, turned into the placeholder, also
+// when it is split across reads; a rotated value is still caught; the
+// stream is not held back where no value can start.
+func TestResponseBodyHidesTheValue(t *testing.T) {
+	s := store(t, Spec{Name: "TOKEN", FromEnv: "TOKEN", Hosts: []string{"api.test"}})
+	ph, val := placeholder(s, "TOKEN"), "s3cr3t-value-0123456789"
+	body := "a " + val + " b " + val + " c"
+	for cut := 0; cut <= len(body); cut += 3 {
+		r := s.Scrubber("api.test").Body(io.MultiReader(iotest.OneByteReader(strings.NewReader(body[:cut])), strings.NewReader(body[cut:])))
+		b, err := io.ReadAll(r)
+		if err != nil || strings.Contains(string(b), "s3cr3t") || strings.Count(string(b), ph) != 2 {
+			t.Fatalf("cut at %d: %q %v", cut, b, err)
+		}
+	}
+	// A value with characters that URL encoding and JSON escape.
+	s2 := store(t, Spec{Name: "SLASHY", FromEnv: "SLASHY", Hosts: []string{"api.test"}})
+	ph2, v2 := placeholder(s2, "SLASHY"), "ab/cd+ef=gh&0123456789"
+	body = `{"raw": "` + v2 + `", "query": "?k=` + url.QueryEscape(v2) + `", "path": "/` + url.PathEscape(v2) + `", "json": "ab/cd+ef=gh\u00260123456789"}`
+	b, _ := io.ReadAll(s2.Scrubber("api.test").Body(strings.NewReader(body)))
+	if strings.Contains(string(b), "0123456789") || strings.Count(string(b), ph2) != 4 {
+		t.Errorf("encoded forms: %s", b)
+	}
+	// Rotation: the old value is still taken out.
+	if err := s.Reload([]Spec{{Name: "TOKEN", FromEnv: "OTHER", Hosts: []string{"api.test"}}}); err != nil {
+		t.Fatal(err)
+	}
+	b, _ = io.ReadAll(s.Scrubber("api.test").Body(strings.NewReader(val + " other-secret-value-xyz")))
+	if strings.Contains(string(b), "s3cr3t") || strings.Contains(string(b), "other-secret") {
+		t.Errorf("after a reload: %q", b)
+	}
+	// A stream that pauses gets what cannot start the value at once.
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	r := s.Scrubber("api.test").Body(pr)
+	go pw.Write([]byte("data: 1\n\n"))
+	buf := make([]byte, 64)
+	n, err := r.Read(buf)
+	if err != nil || string(buf[:n]) != "data: 1\n\n" {
+		t.Errorf("a paused stream: %q %v", buf[:n], err)
 	}
 }
 
