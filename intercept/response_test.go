@@ -95,8 +95,8 @@ func (w *world) dialTLS(t testing.TB, proto string) *tls.Conn {
 // example.com, which the sandbox must see as the placeholder.
 type fakeSecret struct{ value, placeholder string }
 
-func (f fakeSecret) Wants(host string) bool   { return host == "example.com" }
-func (f fakeSecret) Active() bool             { return true }
+func (f fakeSecret) Wants(host string) bool    { return host == "example.com" }
+func (f fakeSecret) Active() bool              { return true }
 func (f fakeSecret) Request(*Request) *Refusal { return nil }
 func (f fakeSecret) Scrubber(host string) Scrubber {
 	if host != "example.com" {
