@@ -4,8 +4,8 @@ import (
 	"bytes"
 	"compress/gzip"
 	"fmt"
-	"math/rand/v2"
 	"io"
+	"math/rand/v2"
 	"testing"
 )
 
