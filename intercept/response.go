@@ -16,6 +16,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+
+	"golang.org/x/net/http2"
 )
 
 // The response side: what an upstream sends back through interception
@@ -400,6 +402,10 @@ func (rh *requestHandler) badGateway(w http.ResponseWriter, r *http.Request, err
 	case strings.Contains(err.Error(), "response headers exceeded") || strings.Contains(err.Error(), "header list larger than"):
 		reason = refusedHeaderTooLarge
 		msg = fmt.Sprintf("upstream: response headers larger than msbtap's cap of %d bytes", rh.h.maxHeaderBytes())
+	case rh.upstreamH2() && strings.Contains(err.Error(), "COMPRESSION_ERROR"):
+		// HTTP/2's decoder stops at a field longer than the cap.
+		reason = refusedHeaderTooLarge
+		msg = fmt.Sprintf("upstream: response headers larger than msbtap's cap of %d bytes, or not valid HPACK", rh.h.maxHeaderBytes())
 	case errors.Is(err, errTooMany1xx):
 		reason = refusedTooMany1xx
 	case rh.certAsked != nil && rh.certAsked.Load():
@@ -417,6 +423,11 @@ func (rh *requestHandler) badGateway(w http.ResponseWriter, r *http.Request, err
 	}, msg)
 	w.Header().Set(ErrorHeader, msg)
 	w.WriteHeader(http.StatusBadGateway)
+}
+
+func (rh *requestHandler) upstreamH2() bool {
+	_, ok := rh.rt.(*http2.ClientConn)
+	return ok
 }
 
 func (rh *requestHandler) clientCertMessage() string {

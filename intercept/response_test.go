@@ -1,6 +1,7 @@
 package intercept
 
 import (
+	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -248,5 +249,169 @@ func TestUpgradeHidesSecrets(t *testing.T) {
 	raw, _ := io.ReadAll(c)
 	if bytes.Contains(raw, []byte(sec.value)) || !bytes.Contains(raw, []byte("hello "+sec.placeholder)) {
 		t.Errorf("upgraded stream: %q", raw)
+	}
+}
+
+// get sends one GET for path over c (HTTP/1.1, the connection then
+// closed, or a stream of the HTTP/2 client conn cc).
+func get(t testing.TB, c *tls.Conn, cc *http2.ClientConn, path string) *http.Response {
+	t.Helper()
+	req, _ := http.NewRequest("GET", "https://example.com"+path, nil)
+	if cc != nil {
+		resp, err := cc.RoundTrip(req)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		return resp
+	}
+	req.Header.Set("Connection", "close")
+	req.Write(c)
+	resp, err := http.ReadResponse(bufio.NewReader(c), req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	return resp
+}
+
+// TestResponseHeaderCap: a response whose headers pass the cap gets the
+// sandbox a 502 that says so, counted; one under it passes.
+func TestResponseHeaderCap(t *testing.T) {
+	up := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := map[string]int{"/big": 100 << 10, "/fits": 32 << 10}[r.URL.Path]
+		w.Header().Set("X-Pad", strings.Repeat("p", n))
+		io.WriteString(w, "body")
+	})
+	w := newUpstreamWorld(t, up, nil)
+	for i, proto := range []string{"http/1.1", "h2"} {
+		for _, path := range []string{"/fits", "/big"} {
+			c := w.dialTLS(t, proto)
+			var cc *http2.ClientConn
+			if proto == "h2" {
+				var err error
+				if cc, err = (&http2.Transport{}).NewClientConn(c); err != nil {
+					t.Fatal(err)
+				}
+			}
+			resp := get(t, c, cc, path)
+			body, _ := io.ReadAll(resp.Body)
+			c.Close()
+			if path == "/fits" {
+				if resp.StatusCode != 200 || string(body) != "body" {
+					t.Errorf("%s %s: %d %q", proto, path, resp.StatusCode, body)
+				}
+				continue
+			}
+			if resp.StatusCode != http.StatusBadGateway || !strings.Contains(resp.Header.Get(ErrorHeader), "larger than msbtap's cap of 65536 bytes") {
+				t.Errorf("%s %s: %d %q", proto, path, resp.StatusCode, resp.Header.Get(ErrorHeader))
+			}
+			if n := w.h.ResponsesRefused()[refusedHeaderTooLarge]; n != uint64(i+1) {
+				t.Errorf("%s: header_too_large counted %d, want %d", proto, n, i+1)
+			}
+		}
+	}
+}
+
+// TestResponseHeaderBudget: responses held at once (headers in, body
+// pending; or headers still coming, as an upstream that stalls midway
+// sends them) share a budget; past it the next response is a 502,
+// counted, and what a response held comes back when it ends.
+func TestResponseHeaderBudget(t *testing.T) {
+	release := make(chan struct{})
+	up := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Pad", strings.Repeat("p", 30<<10))
+		w.WriteHeader(200)
+		http.NewResponseController(w).Flush()
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+		io.WriteString(w, "done")
+	})
+	limits := func(_ *tls.Config, o *Options) { o.ResponseHeaderBudget = 48 << 10 }
+	w := newUpstreamWorld(t, up, limits)
+
+	// HTTP/2: two streams on one connection.
+	c := w.dialTLS(t, "h2")
+	cc, err := (&http2.Transport{}).NewClientConn(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := get(t, c, cc, "/hold")
+	second := get(t, c, cc, "/hold")
+	if first.StatusCode != 200 || second.StatusCode != http.StatusBadGateway || !strings.Contains(second.Header.Get(ErrorHeader), "budget") {
+		t.Fatalf("held responses: %d, then %d %q", first.StatusCode, second.StatusCode, second.Header.Get(ErrorHeader))
+	}
+	close(release)
+	if b, _ := io.ReadAll(first.Body); string(b) != "done" {
+		t.Errorf("the held response's body: %q", b)
+	}
+	if third := get(t, c, cc, "/hold"); third.StatusCode != 200 {
+		t.Errorf("after the first ended: %d %q", third.StatusCode, third.Header.Get(ErrorHeader))
+	}
+	c.Close()
+	if n := w.h.ResponsesRefused()[refusedHeaderBudget]; n != 1 {
+		t.Errorf("header_budget counted %d, want 1", n)
+	}
+
+	// HTTP/1.1: an upstream that sends 30 KiB of a header and stalls,
+	// on two connections.
+	ca, _ := NewCA()
+	leaf, _ := ca.Leaf("example.com")
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{*leaf}, NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	var stopOnce sync.Once
+	unstall := func() { stopOnce.Do(func() { close(stop) }) }
+	var wg sync.WaitGroup
+	t.Cleanup(func() { unstall(); ln.Close(); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer conn.Close()
+				bufio.NewReader(conn).ReadString('\n')
+				io.WriteString(conn, "HTTP/1.1 200 OK\r\nX-Pad: "+strings.Repeat("p", 30<<10))
+				<-stop
+			}()
+		}
+	}()
+	o := Options{Mode: All, ResponseHeaderBudget: 48 << 10}
+	w1 := worldFor(t, ln.Addr().String(), ca.Cert(), o)
+	stalled := w1.dialTLS(t, "http/1.1")
+	io.WriteString(stalled, "GET /stall HTTP/1.1\r\nHost: example.com\r\n\r\n")
+	deadline := time.Now().Add(5 * time.Second)
+	for w1.h.budget().used.Load() < 30<<10 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if used := w1.h.budget().used.Load(); used < 30<<10 {
+		t.Fatalf("a stalled response holds %d bytes of the budget, want its 30 KiB", used)
+	}
+	c2 := w1.dialTLS(t, "http/1.1")
+	resp := get(t, c2, nil, "/stall")
+	c2.Close()
+	if resp.StatusCode != http.StatusBadGateway || !strings.Contains(resp.Header.Get(ErrorHeader), "budget") {
+		t.Errorf("past the budget: %d %q", resp.StatusCode, resp.Header.Get(ErrorHeader))
+	}
+	if n := w1.h.ResponsesRefused()[refusedHeaderBudget]; n != 1 {
+		t.Errorf("header_budget counted %d, want 1", n)
+	}
+	// The upstream gives up: the stalled response ends, its bytes come
+	// back.
+	unstall()
+	stalled.Close()
+	for w1.h.budget().used.Load() != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if used := w1.h.budget().used.Load(); used != 0 {
+		t.Errorf("%d bytes of the budget still held after every response ended", used)
 	}
 }
