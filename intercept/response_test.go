@@ -415,3 +415,89 @@ func TestResponseHeaderBudget(t *testing.T) {
 		t.Errorf("%d bytes of the budget still held after every response ended", used)
 	}
 }
+
+// TestExpectContinueOnce: a request with Expect: 100-continue gets one
+// 100 Continue, not msbtap's and then the upstream's.
+func TestExpectContinueOnce(t *testing.T) {
+	up := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		fmt.Fprintf(w, "got %d bytes", len(b))
+	})
+	w := newUpstreamWorld(t, up, func(cfg *tls.Config, _ *Options) { cfg.NextProtos = []string{"http/1.1"} })
+	c := w.dialTLS(t, "http/1.1")
+	io.WriteString(c, "POST /upload HTTP/1.1\r\nHost: example.com\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
+	br := bufio.NewReader(c)
+	if line, err := br.ReadString('\n'); err != nil || !strings.HasPrefix(line, "HTTP/1.1 100 Continue") {
+		t.Fatalf("first line: %q %v", line, err)
+	}
+	io.WriteString(c, "hello")
+	rest, _ := io.ReadAll(br)
+	if n := bytes.Count(rest, []byte("100 Continue")); n != 0 || !bytes.Contains(rest, []byte("HTTP/1.1 200 OK")) || !bytes.HasSuffix(rest, []byte("got 5 bytes")) {
+		t.Errorf("after the first 100 Continue (%d more):\n%s", n, rest)
+	}
+}
+
+// TestClientCertificateUpstream: an upstream that wants a client
+// certificate gets the sandbox a 502 that says so and how to get round
+// it, whatever the TLS version and protocol.
+func TestClientCertificateUpstream(t *testing.T) {
+	for _, v := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+		w := newUpstreamWorld(t, http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}), func(cfg *tls.Config, _ *Options) {
+			cfg.ClientAuth = tls.RequireAnyClientCert
+			cfg.MaxVersion = v
+		})
+		w.srv.Config.ErrorLog = discardLog()
+		for _, proto := range []string{"http/1.1", "h2"} {
+			for i := 0; i < 3; i++ { // the failure shows at different points
+				c := w.dialTLS(t, proto)
+				resp := roundTrip(t, c, proto, "example.com", "example.com")
+				c.Close()
+				if got := resp.Header.Get(ErrorHeader); resp.StatusCode != http.StatusBadGateway ||
+					!strings.Contains(got, "the server asks for a client certificate (use --tls-bypass example.com)") {
+					t.Errorf("TLS %x %s: %d %q", v, proto, resp.StatusCode, got)
+				}
+			}
+		}
+	}
+}
+
+// TestBodiesAsTheServerSentThem: with no Accept-Encoding from the
+// client, a gzip body (served as Content-Encoding: gzip whatever was
+// asked) reaches it as the server sent it, over HTTP/1.1 and HTTP/2.
+func TestBodiesAsTheServerSentThem(t *testing.T) {
+	data := gzipped(strings.Repeat(randomHex(t, 64), 200))
+	var askedAE sync.Map
+	up := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		askedAE.Store(r.Proto, r.Header.Get("Accept-Encoding"))
+		if r.Method == "POST" {
+			b, _ := io.ReadAll(r.Body)
+			fmt.Fprintf(w, "%d %x", len(b), b[:16])
+			return
+		}
+		w.Header().Set("Content-Encoding", "gzip")
+		w.Write(data)
+	})
+	w := newUpstreamWorld(t, up, nil)
+	for _, proto := range []string{"http/1.1", "h2"} {
+		c := w.dialTLS(t, proto)
+		var cc *http2.ClientConn
+		if proto == "h2" {
+			var err error
+			if cc, err = (&http2.Transport{DisableCompression: true}).NewClientConn(c); err != nil {
+				t.Fatal(err)
+			}
+		}
+		resp := get(t, c, cc, "/file.gz")
+		body, _ := io.ReadAll(resp.Body)
+		if !bytes.Equal(body, data) || resp.Header.Get("Content-Encoding") != "gzip" {
+			t.Errorf("%s: %d bytes with Content-Encoding %q, want the server's %d gzip bytes", proto, len(body), resp.Header.Get("Content-Encoding"), len(data))
+		}
+		c.Close()
+	}
+	askedAE.Range(func(k, v any) bool {
+		if v != "" {
+			t.Errorf("%s: the upstream was asked for Accept-Encoding %q on the client's behalf", k, v)
+		}
+		return true
+	})
+}
