@@ -3,11 +3,13 @@ package secrets
 import (
 	"encoding/base64"
 	"io"
+	mrand "math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"testing/iotest"
@@ -285,5 +287,74 @@ func TestFiles(t *testing.T) {
 	}
 	if _, err := ParseFlag("TOKEN"); err == nil {
 		t.Error("a flag without hosts")
+	}
+}
+
+// TestFileOwners: a secrets file and a from_file value must belong to
+// root, msbtap's user or the user who ran sudo, and be private; the
+// error names the file and what is wrong.
+func TestFileOwners(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("skipping: needs root to give files to another owner")
+	}
+	t.Setenv("SUDO_UID", "")
+	dir := t.TempDir()
+	other := 40000 + int(mrand.Uint32()%20000) // a uid nobody has
+	value := filepath.Join(dir, "value")
+	os.WriteFile(value, []byte("v-"+strconv.Itoa(int(mrand.Uint32()))+"\n"), 0o600)
+	p := filepath.Join(dir, "s.json")
+	os.WriteFile(p, []byte(`{"secrets": [{"name": "K", "from_file": "`+value+`", "hosts": ["a.test"]}]}`), 0o600)
+	load := func() error {
+		f, err := LoadFile(p)
+		if err != nil {
+			return err
+		}
+		_, err = New(f.Secrets, env(nil))
+		return err
+	}
+	if err := load(); err != nil {
+		t.Fatalf("root's private files: %v", err)
+	}
+	for _, tc := range []struct {
+		file string
+		want string
+	}{{p, p + ": owned by uid " + strconv.Itoa(other) + ", not by root; chown it"},
+		{value, "secret K: from_file " + value + ": owned by uid " + strconv.Itoa(other)}} {
+		os.Chown(tc.file, other, other)
+		if err := load(); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s owned by another user: %v, want %q", tc.file, err, tc.want)
+		}
+		// The user who ran sudo may own it.
+		t.Setenv("SUDO_UID", strconv.Itoa(other))
+		if err := load(); err != nil {
+			t.Errorf("%s owned by SUDO_UID: %v", tc.file, err)
+		}
+		t.Setenv("SUDO_UID", strconv.Itoa(other+1))
+		if err := load(); err == nil || !strings.Contains(err.Error(), "or the user who ran sudo (uid "+strconv.Itoa(other+1)+")") {
+			t.Errorf("%s owned by another user than SUDO_UID: %v", tc.file, err)
+		}
+		t.Setenv("SUDO_UID", "")
+		os.Chown(tc.file, 0, 0)
+		// Readable or writable by others.
+		for _, mode := range []os.FileMode{0o640, 0o602} {
+			os.Chmod(tc.file, mode)
+			if err := load(); err == nil || !strings.Contains(err.Error(), tc.file+": readable or writable by group or others") {
+				t.Errorf("%s mode %v: %v", tc.file, mode, err)
+			}
+		}
+		os.Chmod(tc.file, 0o600)
+	}
+	// A link to a file is the file; a directory is no file.
+	link := filepath.Join(dir, "link.json")
+	os.Symlink(p, link)
+	if _, err := LoadFile(link); err != nil {
+		t.Errorf("a link to a good file: %v", err)
+	}
+	os.Chown(p, other, other)
+	if _, err := LoadFile(link); err == nil || !strings.Contains(err.Error(), "owned by uid") {
+		t.Errorf("a link to another user's file: %v", err)
+	}
+	if _, err := LoadFile(dir); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+		t.Errorf("a directory: %v", err)
 	}
 }
