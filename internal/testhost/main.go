@@ -246,6 +246,7 @@ func httpMux() *http.ServeMux {
 	})
 	// /echo answers with what it received (see echoRequest).
 	mux.HandleFunc("/echo", echoRequest)
+	responseRoutes(mux)
 	// /bytes?n=N sends the deterministic pattern of N bytes.
 	mux.HandleFunc("/bytes", func(w http.ResponseWriter, r *http.Request) {
 		n, err := strconv.ParseInt(r.URL.Query().Get("n"), 10, 64)
