@@ -406,8 +406,8 @@ func (rh *requestHandler) badGateway(w http.ResponseWriter, r *http.Request, err
 		// HTTP/2's decoder stops at a field longer than the cap.
 		reason = refusedHeaderTooLarge
 		msg = fmt.Sprintf("upstream: response headers larger than msbtap's cap of %d bytes, or not valid HPACK", rh.h.maxHeaderBytes())
-	case errors.Is(err, errTooMany1xx):
-		reason = refusedTooMany1xx
+	case errors.Is(err, errTooMany1xx) || (ex != nil && ex.n1xx.Load() > max1xx):
+		reason, msg = refusedTooMany1xx, "upstream: "+errTooMany1xx.Error()
 	case rh.certAsked != nil && rh.certAsked.Load():
 		msg = rh.clientCertMessage() + ": " + err.Error()
 	}

@@ -266,11 +266,16 @@ func get(t testing.TB, c *tls.Conn, cc *http2.ClientConn, path string) *http.Res
 	}
 	req.Header.Set("Connection", "close")
 	req.Write(c)
-	resp, err := http.ReadResponse(bufio.NewReader(c), req)
-	if err != nil {
-		t.Fatalf("GET %s: %v", path, err)
+	br := bufio.NewReader(c)
+	for {
+		resp, err := http.ReadResponse(br, req)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		if resp.StatusCode >= 200 || resp.StatusCode == http.StatusSwitchingProtocols {
+			return resp
+		}
 	}
-	return resp
 }
 
 // TestResponseHeaderCap: a response whose headers pass the cap gets the
@@ -500,4 +505,43 @@ func TestBodiesAsTheServerSentThem(t *testing.T) {
 		}
 		return true
 	})
+}
+
+// TestTooMany1xx: an upstream that sends informational responses
+// without end gets the sandbox a 502 after max1xx of them, counted.
+func TestTooMany1xx(t *testing.T) {
+	up := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := map[string]int{"/few": max1xx, "/many": 1000}[r.URL.Path]
+		for i := 0; i < n; i++ {
+			w.Header().Set("Link", fmt.Sprintf("</%d.css>; rel=preload", i))
+			w.WriteHeader(http.StatusEarlyHints)
+		}
+		w.Header().Del("Link")
+		io.WriteString(w, "final")
+	})
+	w := newUpstreamWorld(t, up, nil)
+	for i, proto := range []string{"http/1.1", "h2"} {
+		for _, path := range []string{"/few", "/many"} {
+			c := w.dialTLS(t, proto)
+			var cc *http2.ClientConn
+			if proto == "h2" {
+				var err error
+				if cc, err = (&http2.Transport{}).NewClientConn(c); err != nil {
+					t.Fatal(err)
+				}
+			}
+			resp := get(t, c, cc, path)
+			body, _ := io.ReadAll(resp.Body)
+			c.Close()
+			switch {
+			case path == "/few" && (resp.StatusCode != 200 || string(body) != "final"):
+				t.Errorf("%s: %d 1xx then a final answer: %d %q", proto, max1xx, resp.StatusCode, body)
+			case path == "/many" && resp.StatusCode != http.StatusBadGateway:
+				t.Errorf("%s: endless 1xx: %d %q", proto, resp.StatusCode, body)
+			}
+		}
+		if n := w.h.ResponsesRefused()[refusedTooMany1xx]; n != uint64(i+1) {
+			t.Errorf("%s: too_many_1xx counted %d, want %d", proto, n, i+1)
+		}
+	}
 }
