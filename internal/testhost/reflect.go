@@ -31,9 +31,10 @@ func responseRoutes(mux *http.ServeMux) {
 			w.Header().Set("Content-Encoding", "gzip")
 			w.Write(gzipBytes([]byte("gzip: you sent " + v + "\n")))
 		case "103":
+			// Link stays in the final header too: Go's HTTP/2 server
+			// encodes a 1xx's header map while the handler goes on.
 			w.Header().Set("Link", "</style.css?key="+v+">; rel=preload")
 			w.WriteHeader(http.StatusEarlyHints)
-			w.Header().Del("Link")
 			io.WriteString(w, "hints sent\n")
 		case "trailer":
 			w.Header().Set("Trailer", "X-Echo-Trailer")
