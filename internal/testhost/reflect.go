@@ -48,6 +48,16 @@ func responseRoutes(mux *http.ServeMux) {
 			http.NotFound(w, r)
 		}
 	})
+	// /bigheader?n=N answers with a header of N bytes.
+	mux.HandleFunc("/bigheader", func(w http.ResponseWriter, r *http.Request) {
+		n, err := strconv.Atoi(r.URL.Query().Get("n"))
+		if err != nil || n < 0 || n > 64<<20 {
+			http.Error(w, "bad n", http.StatusBadRequest)
+			return
+		}
+		w.Header().Set("X-Big", string(bytes.Repeat([]byte("b"), n)))
+		io.WriteString(w, "big header sent\n")
+	})
 	// /gz?n=N sends N pattern bytes gzip-compressed, as a .gz file
 	// served with Content-Encoding: gzip whatever was asked; X-Body-Sha256
 	// is the hash of the bytes sent.

@@ -123,3 +123,30 @@ func TestExpectContinueThroughInterception(t *testing.T) {
 		}
 	}
 }
+
+// TestResponseHeaderCapThroughAgent: an upstream whose response headers
+// pass 64 KiB gets the sandbox a 502 that says so, counted in the
+// metrics; one under the cap passes.
+func TestResponseHeaderCapThroughAgent(t *testing.T) {
+	testenv.RequireTools(t, "curl")
+	w := testenv.NewWorld(t)
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	ca := filepath.Join(dir, "ca.pem")
+	metrics := "127.0.0.1:" + freePort(t)
+	w.StartAgent(t, "--policy", "allow-all", "--tls-intercept", "all", "--tls-ca-out", ca, "--tls-upstream-ca", w.TestCA, "--metrics-addr", metrics)
+	for _, v := range []string{"--http1.1", "--http2"} {
+		out, err := curlIn(t, w, "--cacert", ca, v, "-sS", "-D", "-", "-o", "/dev/null", "https://"+testenv.TestDomain+"/bigheader?n=30000")
+		if err != nil || !regexp.MustCompile(`^HTTP/[0-9.]+ 200`).MatchString(out) {
+			t.Errorf("%s, 30 KB of headers: %v\n%.300s", v, err, out)
+		}
+		out, err = curlIn(t, w, "--cacert", ca, v, "-sS", "-D", "-", "-o", "/dev/null", "https://"+testenv.TestDomain+"/bigheader?n=100000")
+		if err != nil || !regexp.MustCompile(`^HTTP/[0-9.]+ 502`).MatchString(out) || !strings.Contains(out, "larger than msbtap's cap of 65536 bytes") {
+			t.Errorf("%s, 100 KB of headers: %v\n%.300s", v, err, out)
+		}
+	}
+	m, err := w.Host.Run("curl", "-sS", "http://"+metrics+"/metrics")
+	if err != nil || !strings.Contains(m, `msbtap_http_responses_refused_total{reason="header_too_large"} 2`) {
+		t.Errorf("metrics: %v\n%s", err, grepLines(m, "responses_refused"))
+	}
+}
