@@ -87,6 +87,12 @@ func (s *Store) Scrubber(host string) intercept.Scrubber {
 				sc.pairs = append(sc.pairs, pair{form, ph})
 			}
 		}
+		for _, p := range base64Cores(sec.value, ph) {
+			if !seen[string(p.old)] {
+				seen[string(p.old)] = true
+				sc.pairs = append(sc.pairs, p)
+			}
+		}
 	}
 	if len(sc.pairs) == 0 {
 		return nil
@@ -112,6 +118,44 @@ func encodedForms(v []byte) [][]byte {
 		add(j[1 : len(j)-1])
 	}
 	return forms
+}
+
+// minCore is the shortest base64 core looked for: shorter ones could
+// match by chance.
+const minCore = 12
+
+// base64Cores are the value inside base64 text (an echoed Authorization:
+// Basic header in a JSON body, say), for each of the three ways it can
+// fall on base64's 3-byte groups and for both alphabets: the characters
+// made of the value's bits alone, paired with those of the placeholder
+// at the same place. The one character at each end that mixes in the
+// neighbours' bits is left as it is: at most 4 bits of the value's first
+// and last bytes.
+func base64Cores(v, ph []byte) []pair {
+	var out []pair
+	for o := 0; o < 3; o++ {
+		for _, enc := range []*base64.Encoding{base64.RawStdEncoding, base64.RawURLEncoding} {
+			c, cp := base64Core(enc, v, o), base64Core(enc, ph, o)
+			if len(c) >= minCore {
+				out = append(out, pair{c, cp})
+			}
+		}
+	}
+	return out
+}
+
+// base64Core encodes b as if o bytes came before it, and keeps the
+// characters whose 6 bits all come from b.
+func base64Core(enc *base64.Encoding, b []byte, o int) []byte {
+	buf := make([]byte, o, o+len(b)+2)
+	buf = append(buf, b...)
+	chars := []byte(enc.EncodeToString(buf))
+	first := (8*o + 5) / 6
+	last := (8*o+8*len(b))/6 - 1
+	if last < first {
+		return nil
+	}
+	return chars[first : last+1]
 }
 
 // SameLength implements intercept.Scrubber: whether a body keeps its
@@ -162,15 +206,11 @@ func (sc *scrubber) name(k string) string {
 
 var b64encodings = []*base64.Encoding{base64.StdEncoding, base64.URLEncoding, base64.RawStdEncoding, base64.RawURLEncoding}
 
-// text scrubs one header line's worth of text.
+// text scrubs one header line's worth of text: base64 tokens first
+// (Basic credentials, the parts of a JSON Web Token), decoded, scrubbed
+// and encoded again, so that no bit of the value is left; then the
+// value's other forms.
 func (sc *scrubber) text(s string) string {
-	for _, p := range sc.pairs {
-		if strings.Contains(s, string(p.old)) {
-			s = strings.ReplaceAll(s, string(p.old), string(p.new))
-		}
-	}
-	// Base64 tokens (Basic credentials, tokens wrapped in JSON Web
-	// Tokens' parts): decoded, scrubbed, encoded again.
 	toks := strings.FieldsFunc(s, func(r rune) bool { return r == ' ' || r == ',' || r == ';' || r == '.' || r == '"' })
 	for _, tok := range toks {
 		if len(tok) < 8 {
@@ -192,6 +232,11 @@ func (sc *scrubber) text(s string) string {
 				s = strings.ReplaceAll(s, tok, enc.EncodeToString(b))
 			}
 			break
+		}
+	}
+	for _, p := range sc.pairs {
+		if strings.Contains(s, string(p.old)) {
+			s = strings.ReplaceAll(s, string(p.old), string(p.new))
 		}
 	}
 	return s

@@ -358,3 +358,25 @@ func TestFileOwners(t *testing.T) {
 		t.Errorf("a directory: %v", err)
 	}
 }
+
+// TestResponseBodyHidesBase64: a body that carries the value inside
+// base64 (an echoed basic auth, whatever comes before it) decodes to the
+// placeholder, not the value.
+func TestResponseBodyHidesBase64(t *testing.T) {
+	s := store(t, Spec{Name: "TOKEN", FromEnv: "TOKEN", Hosts: []string{"api.test"}})
+	ph, val := placeholder(s, "TOKEN"), "s3cr3t-value-0123456789"
+	for _, prefix := range []string{"", "u:", "me:", "user:"} {
+		for _, enc := range []*base64.Encoding{base64.StdEncoding, base64.URLEncoding} {
+			b64 := enc.EncodeToString([]byte(prefix + val))
+			body := `{"headers": {"Authorization": ["Basic ` + b64 + `"]}}`
+			out, _ := io.ReadAll(s.Scrubber("api.test").Body(strings.NewReader(body)))
+			got := string(out)
+			i := strings.Index(got, "Basic ")
+			tok := got[i+6 : strings.Index(got[i:], `"]`)+i]
+			dec, err := enc.DecodeString(tok)
+			if err != nil || strings.Contains(string(dec), "value-0123") || !strings.Contains(string(dec), ph[2:len(ph)-2]) {
+				t.Errorf("prefix %q: the body's base64 decodes to %q (%v)", prefix, dec, err)
+			}
+		}
+	}
+}

@@ -410,7 +410,7 @@ func (p *replacer) heldTail(b []byte) int {
 	keep := 0
 	for _, pr := range p.pairs {
 		for k := min(len(b), len(pr.old)-1); k > keep; k-- {
-			if bytes.HasPrefix(pr.old, b[len(b)-k:]) {
+			if b[len(b)-k] == pr.old[0] && bytes.HasPrefix(pr.old, b[len(b)-k:]) {
 				keep = k
 				break
 			}
