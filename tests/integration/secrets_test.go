@@ -3,6 +3,7 @@ package integration
 import (
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"net"
@@ -125,6 +126,14 @@ func TestSecretsInjected(t *testing.T) {
 		}
 		if e = echo(v, "-u", "me:"+ph, web); e.BasicPassSHA != sha(value) || e.BasicPass != ph {
 			t.Errorf("%s basic auth: %q", v, e.BasicPass)
+		}
+		// The echoed Authorization header, base64 in a JSON body.
+		if a := e.Headers["Authorization"]; len(a) == 1 {
+			if dec, _ := base64.StdEncoding.DecodeString(strings.TrimPrefix(a[0], "Basic ")); strings.Contains(string(dec), value[8:len(value)-1]) {
+				t.Errorf("%s: the echoed basic auth decodes to the value: %q", v, dec)
+			}
+		} else {
+			t.Errorf("%s: the echo has no Authorization header: %v", v, e.Headers)
 		}
 		body := "before " + ph + " after"
 		if e = echo(v, "--data-binary", body, web); e.BodySHA256 != sha("before "+value+" after") {
