@@ -465,6 +465,18 @@ func TestClientCertificateUpstream(t *testing.T) {
 			}
 		}
 	}
+	// A server that asks for one but does without is served.
+	w := newUpstreamWorld(t, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }),
+		func(cfg *tls.Config, _ *Options) { cfg.ClientAuth = tls.RequestClientCert })
+	for _, proto := range []string{"http/1.1", "h2"} {
+		c := w.dialTLS(t, proto)
+		resp := roundTrip(t, c, proto, "example.com", "example.com")
+		body, _ := io.ReadAll(resp.Body)
+		c.Close()
+		if resp.StatusCode != 200 || string(body) != "ok" {
+			t.Errorf("%s, a client certificate asked for, not required: %d %q %q", proto, resp.StatusCode, body, resp.Header.Get(ErrorHeader))
+		}
+	}
 }
 
 // TestBodiesAsTheServerSentThem: with no Accept-Encoding from the
