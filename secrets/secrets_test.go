@@ -380,3 +380,62 @@ func TestResponseBodyHidesBase64(t *testing.T) {
 		}
 	}
 }
+
+// chunky returns b in pieces of random sizes.
+type chunky struct {
+	b []byte
+	r *mrand.Rand
+}
+
+func (c *chunky) Read(p []byte) (int, error) {
+	if len(c.b) == 0 {
+		return 0, io.EOF
+	}
+	n := min(len(p), len(c.b), 1+c.r.IntN(40))
+	copy(p, c.b[:n])
+	c.b = c.b[n:]
+	return n, nil
+}
+
+// TestReplacerMatchesReplaceAll: the streaming replacer gives what
+// replacing in the whole text would, whatever the read sizes, for texts
+// made to hold the strings, their prefixes and overlaps.
+func TestReplacerMatchesReplaceAll(t *testing.T) {
+	r := mrand.New(mrand.NewPCG(mrand.Uint64(), 1))
+	pairs := []pair{{[]byte("abcab"), []byte("XY")}, {[]byte("bca"), []byte("LONGER!")}, {[]byte("zz"), []byte("zz")}}
+	atoms := []string{"a", "b", "c", "z", "ab", "abc", "abca", "abcab", "bca", "x"}
+	for i := 0; i < 2000; i++ {
+		var sb strings.Builder
+		for j := r.IntN(30); j > 0; j-- {
+			sb.WriteString(atoms[r.IntN(len(atoms))])
+		}
+		text := sb.String()
+		got, err := io.ReadAll(newMultiReplacer(io.NopCloser(&chunky{[]byte(text), r}), pairs, func(int) error { return nil }))
+		if want := referenceReplace(text, pairs); err != nil || string(got) != want {
+			t.Fatalf("%q: got %q, want %q (%v)", text, got, want, err)
+		}
+	}
+}
+
+// referenceReplace replaces left to right, at each place the first of
+// the earliest matches, the longest on a tie, as the replacer does.
+func referenceReplace(s string, pairs []pair) string {
+	var out strings.Builder
+	for len(s) > 0 {
+		at, which := -1, -1
+		for i, p := range pairs {
+			j := strings.Index(s, string(p.old))
+			if j >= 0 && (at < 0 || j < at || (j == at && len(p.old) > len(pairs[which].old))) {
+				at, which = j, i
+			}
+		}
+		if at < 0 {
+			out.WriteString(s)
+			break
+		}
+		out.WriteString(s[:at])
+		out.Write(pairs[which].new)
+		s = s[at+len(pairs[which].old):]
+	}
+	return out.String()
+}

@@ -368,11 +368,14 @@ func (s *Store) ScanFlow(name string, first []byte) *intercept.Refusal {
 // chunk at a time) is passed on at once. onMatch (told which pair) may
 // fail the stream instead (a placeholder where it may not go).
 type replacer struct {
-	r       io.ReadCloser
-	pairs   []pair
-	buf     []byte
+	r     io.ReadCloser
+	pairs []pair
+	// in holds what was read and not yet handed out; out is what Read
+	// hands out next: in's own bytes (aliased: in[:aliased], the common
+	// case of nothing replaced) or outBuf's.
 	in, out []byte
-	outBuf  []byte // out's backing array, reused
+	aliased int
+	outBuf  []byte // out's backing array when something was replaced
 	eof     bool
 	onMatch func(i int) error
 }
@@ -421,27 +424,45 @@ func (p *replacer) heldTail(b []byte) int {
 
 func (p *replacer) Read(b []byte) (int, error) {
 	for len(p.out) == 0 {
+		if p.aliased > 0 { // out was in[:aliased]: only the tail stays
+			p.in = p.in[:copy(p.in, p.in[p.aliased:])]
+			p.aliased = 0
+		}
 		if p.eof && len(p.in) == 0 {
-			p.buf, p.outBuf, p.in = nil, nil, nil
+			p.in, p.outBuf = nil, nil
 			return 0, io.EOF
 		}
 		if !p.eof {
-			if p.buf == nil {
-				p.buf = make([]byte, replacerRead)
+			if cap(p.in)-len(p.in) < replacerRead/2 {
+				grown := make([]byte, len(p.in), len(p.in)+replacerRead)
+				copy(grown, p.in)
+				p.in = grown
 			}
-			n, err := p.r.Read(p.buf)
-			p.in = append(p.in, p.buf[:n]...)
+			n, err := p.r.Read(p.in[len(p.in):cap(p.in)])
+			p.in = p.in[:len(p.in)+n]
 			if errors.Is(err, io.EOF) {
 				p.eof = true
 			} else if err != nil {
 				return 0, err
 			}
 		}
-		p.out = p.outBuf[:0]
 		in := p.in
-		for {
-			i, at := p.next(in)
-			if i < 0 {
+		i, at := p.next(in)
+		if i < 0 {
+			// Nothing to replace: hand out in itself, but a tail that
+			// could start an old.
+			cut := len(in)
+			if !p.eof {
+				cut -= p.heldTail(in)
+			}
+			p.out, p.aliased = in[:cut], cut
+			continue
+		}
+		p.out = p.outBuf[:0]
+		for ; i >= 0; i, at = p.next(in) {
+			// An old that starts earlier, or here and is longer, may
+			// still come whole with the next read: wait for it.
+			if !p.eof && len(in)-p.heldTail(in) <= at {
 				break
 			}
 			if err := p.onMatch(i); err != nil {
@@ -451,14 +472,13 @@ func (p *replacer) Read(b []byte) (int, error) {
 			p.out = append(p.out, p.pairs[i].new...)
 			in = in[at+len(p.pairs[i].old):]
 		}
-		keep := 0
+		cut := len(in)
 		if !p.eof {
-			keep = p.heldTail(in)
+			cut -= p.heldTail(in)
 		}
-		cut := len(in) - keep
 		p.out = append(p.out, in[:cut]...)
 		p.outBuf = p.out
-		p.in = append(p.in[:0], in[cut:]...)
+		p.in = p.in[:copy(p.in, in[cut:])]
 	}
 	n := copy(b, p.out)
 	p.out = p.out[n:]
