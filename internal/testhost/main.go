@@ -246,7 +246,6 @@ func httpMux() *http.ServeMux {
 	})
 	// /echo answers with what it received (see echoRequest).
 	mux.HandleFunc("/echo", echoRequest)
-	responseRoutes(mux)
 	// /bytes?n=N sends the deterministic pattern of N bytes.
 	mux.HandleFunc("/bytes", func(w http.ResponseWriter, r *http.Request) {
 		n, err := strconv.ParseInt(r.URL.Query().Get("n"), 10, 64)
@@ -294,6 +293,7 @@ func httpMux() *http.ServeMux {
 		time.Sleep(time.Duration(ms) * time.Millisecond)
 		fmt.Fprintln(w, "slow done")
 	})
+	responseRoutes(mux) // /reflect/, /gz, /bigheader: what msbtap does to responses
 	return mux
 }
 
