@@ -131,7 +131,12 @@ type Options struct {
 	// FirstBytes bounds how long a client has, once it started sending,
 	// to say what it wants (default 5 s).
 	FirstBytes time.Duration
-	Log        *slog.Logger
+	// MaxResponseHeaderBytes caps one response's headers, and
+	// ResponseHeaderBudget those of all responses held at once (defaults
+	// DefaultMaxResponseHeaderBytes, DefaultResponseHeaderBudget): past
+	// either the sandbox gets a 502.
+	MaxResponseHeaderBytes, ResponseHeaderBudget int64
+	Log                                          *slog.Logger
 }
 
 // Flow is one allowed TCP flow, its guest side accepted and its upstream
@@ -151,6 +156,10 @@ type Handler struct {
 
 	spliced, intercepted, proxied, refused atomic.Uint64
 	reqAllowed, reqDenied                  atomic.Uint64
+
+	budgetOnce  sync.Once // sets hdrBudget's bound
+	hdrBudget   headerBudget
+	respRefused responseCounters
 }
 
 // NewHandler returns a Handler.

@@ -309,6 +309,7 @@ func httpMux() *http.ServeMux {
 		time.Sleep(time.Duration(ms) * time.Millisecond)
 		fmt.Fprintln(w, "slow done")
 	})
+	responseRoutes(mux) // /reflect/, /gz, /bigheader: what msbtap does to responses
 	return mux
 }
 
