@@ -60,8 +60,18 @@ func (a *Agent) Run(ctx context.Context) error {
 		go func() { cmdDone <- cmd.Wait() }()
 		a.onClose(func() { stopCommand(cmd, cmdDone) })
 	}
-	// Set-up is over: keep only what the data path needs.
-	if err := harden.Apply(harden.Options{Keep: a.keepCaps(), Seccomp: !cfg.NoSeccomp}); err != nil {
+	// Set-up is over: hand the keeper its files, then become an
+	// unprivileged user that keeps only what the data path needs.
+	if a.keeper != nil {
+		if err := a.keeper.arm(keeperPaths{Audit: cfg.AuditLog, Pcap: cfg.Pcap, PIDFile: cfg.PIDFile,
+			Control: cfg.Control, Bundle: a.bundleDir()}); err != nil {
+			return fmt.Errorf("drop privileges: %w", err)
+		}
+		a.armed.Store(true)
+	}
+	id := AgentID()
+	if err := harden.Apply(harden.Options{Keep: a.keepCaps(), UID: id, GID: id, Seccomp: !cfg.NoSeccomp,
+		Signal: a.signalTargets()}); err != nil {
 		return fmt.Errorf("drop privileges: %w", err)
 	}
 	releaseImage()
@@ -114,16 +124,48 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 }
 
+// AgentIDBase is where the agent's own uids and gids start: once set up,
+// the agent runs as uid and gid AgentIDBase + its pid, a user of its own
+// that owns no file and no other process (pids are below 2^22, so the ids
+// stay below 0x7f400000, clear of the ranges systemd and subuid files
+// hand out, and of the 2^31 and up that some tools mishandle).
+const AgentIDBase = 0x7f000000
+
+// AgentID is the uid and gid this agent runs as once set up.
+func AgentID() int { return AgentIDBase + os.Getpid() }
+
 // keepCaps are the capabilities the running agent keeps: CAP_NET_RAW for
 // raw ICMP sockets (the echo relay, where the host's ping_group_range
-// allows no datagram ones), CAP_KILL to stop a --guest-pid of another user,
-// and in VM mode CAP_NET_ADMIN to remove the VM's TAP at the end.
+// allows no datagram ones); CAP_KILL, when there is a command, a
+// --guest-pid or an --on-terminate runner, to stop those (root's, or
+// another user's; the seccomp list lets kill reach only them); and in VM
+// mode CAP_NET_ADMIN to remove the VM's TAP at the end.
 func (a *Agent) keepCaps() []uintptr {
-	keep := []uintptr{unix.CAP_NET_RAW, unix.CAP_KILL}
+	keep := []uintptr{unix.CAP_NET_RAW}
+	if len(a.signalTargets()) > 0 {
+		keep = append(keep, unix.CAP_KILL)
+	}
 	if a.cfg.VM {
 		keep = append(keep, unix.CAP_NET_ADMIN)
 	}
 	return keep
+}
+
+// signalTargets are the processes the running agent signals: the
+// command's init and its process group, the --guest-pid, the
+// --on-terminate runner.
+func (a *Agent) signalTargets() []int {
+	var pids []int
+	if p := int(a.sandboxPID.Load()); p > 0 {
+		pids = append(pids, p, -p)
+	}
+	if a.cfg.GuestPID > 0 {
+		pids = append(pids, a.cfg.GuestPID)
+	}
+	if a.term != nil && a.term.runner != nil {
+		pids = append(pids, a.term.runner.cmd.Process.Pid)
+	}
+	return pids
 }
 
 // startCommand starts the command in the sandbox's namespace (in VM mode,

@@ -87,6 +87,14 @@ func (a *Agent) writeBundle() error {
 	return writeFile(a.bundle, a.ca.Bundle(), 0o644)
 }
 
+// bundleDir is the directory of the command's CA bundle, if any.
+func (a *Agent) bundleDir() string {
+	if a.bundle == "" {
+		return ""
+	}
+	return filepath.Dir(a.bundle)
+}
+
 // caEnv points the usual tools of the command at the bundle.
 func (a *Agent) caEnv() []string {
 	if a.bundle == "" {
