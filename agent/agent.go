@@ -131,6 +131,9 @@ type Agent struct {
 	// when there is none to do); armed once it has its paths.
 	keeper *keeper
 	armed  atomic.Bool
+	// fileValues are the values of secrets from files, as the keeper
+	// last read them (see getenv).
+	fileValues atomic.Pointer[map[string]string]
 	ca         *intercept.CA
 	l7         *intercept.Handler
 	bundle     string // the CA bundle the command trusts
@@ -226,9 +229,9 @@ func New(cfg Config) (a *Agent, err error) {
 func (a *Agent) onClose(f func()) { a.undo = append(a.undo, f) }
 
 // needsKeeper says whether the agent has file work left once it is no
-// longer root: files to rotate, or to remove at the end.
+// longer root: files to rotate, to read again, or to remove at the end.
 func (cfg *Config) needsKeeper() bool {
-	return cfg.PIDFile != "" || cfg.Control != "" || (cfg.AuditLog != "" && cfg.AuditLog != "-") || cfg.Pcap != "" ||
+	return cfg.PIDFile != "" || cfg.Control != "" || cfg.PolicyPath != "" || cfg.Secrets.File != "" || (cfg.AuditLog != "" && cfg.AuditLog != "-") || cfg.Pcap != "" ||
 		(cfg.TLS.Mode != intercept.Off && len(cfg.Command) > 0) // the CA bundle's directory
 }
 

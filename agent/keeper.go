@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/harden"
+	"github.com/msbtap/msbtap/secrets"
 )
 
 // KeeperArg is the hidden first argument that makes msbtap run as the
@@ -24,7 +26,9 @@ const KeeperArg = "__msbtap-keeper"
 // things on files that need root where they live: it rotates the decision
 // log and the capture (FILE moved to FILE.1, FILE created anew and handed
 // over), and when the agent ends, however it ends, it removes the pid
-// file, the control socket and the CA bundle's directory. It is msbtap
+// file, the control socket and the CA bundle's directory; on SIGHUP it
+// reads the policy file and the secrets file (and the files the secrets
+// come from) again, which may be root's only. It is msbtap
 // itself, started during set-up, talking to the agent over a socket pair;
 // it takes the paths once, from the agent still in set-up (keeperPaths),
 // and afterwards only the requests below, by name: a hijacked agent can
@@ -37,15 +41,24 @@ const KeeperArg = "__msbtap-keeper"
 type keeperPaths struct {
 	Audit, Pcap              string // rotated
 	PIDFile, Control, Bundle string // removed at the end, if they are still the ones set up
+	Policy, Secrets          string // read again on SIGHUP
 }
 
 type keeperRequest struct {
-	Op    string       `json:"op"` // arm, rotate-audit, rotate-pcap, cleanup
+	Op    string       `json:"op"` // arm, rotate-audit, rotate-pcap, read-policy, read-secrets, cleanup
 	Paths *keeperPaths `json:"paths,omitempty"`
 }
 
 type keeperReply struct {
 	Err string `json:"err,omitempty"`
+}
+
+// keeperSecrets is what read-secrets sends, on a descriptor (a pipe): the
+// secrets file as read and checked by the keeper, and the values of its
+// from_file secrets by path.
+type keeperSecrets struct {
+	File   []byte            `json:"file"`
+	Values map[string][]byte `json:"values"`
 }
 
 // keeper is the agent's side.
@@ -123,6 +136,30 @@ func (k *keeper) call(req keeperRequest) (*os.File, error) {
 	return f, nil
 }
 
+// readPolicy has the keeper open the policy file.
+func (k *keeper) readPolicy() ([]byte, error) {
+	f, err := k.call(keeperRequest{Op: "read-policy"})
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return io.ReadAll(io.LimitReader(f, 64<<20))
+}
+
+// readSecrets has the keeper read the secrets file and its values.
+func (k *keeper) readSecrets() (*keeperSecrets, error) {
+	f, err := k.call(keeperRequest{Op: "read-secrets"})
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var s keeperSecrets
+	if err := json.NewDecoder(io.LimitReader(f, 64<<20)).Decode(&s); err != nil {
+		return nil, fmt.Errorf("keeper: %w", err)
+	}
+	return &s, nil
+}
+
 // arm hands the keeper its paths, once, while the agent is still root.
 func (k *keeper) arm(p keeperPaths) error {
 	_, err := k.call(keeperRequest{Op: "arm", Paths: &p})
@@ -193,6 +230,10 @@ func Keeper() {
 			file, err = keeperRotate(paths.Audit, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND)
 		case req.Op == "rotate-pcap" && paths.Pcap != "":
 			file, err = keeperRotate(paths.Pcap, os.O_WRONLY|os.O_CREATE|os.O_TRUNC)
+		case req.Op == "read-policy" && paths.Policy != "":
+			file, err = os.Open(paths.Policy)
+		case req.Op == "read-secrets" && paths.Secrets != "":
+			file, err = keeperReadSecrets(paths.Secrets)
 		case req.Op == "cleanup":
 			keeperCleanup(armed)
 			armed = nil
@@ -212,6 +253,35 @@ func Keeper() {
 			file.Close()
 		}
 	}
+}
+
+// keeperReadSecrets reads the secrets file with the checks the agent
+// makes at start (secrets.LoadFile) and the files its secrets come from,
+// and hands them over through a pipe (they may pass the socket's message
+// size).
+func keeperReadSecrets(path string) (*os.File, error) {
+	f, err := secrets.LoadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	out := keeperSecrets{Values: map[string][]byte{}}
+	if out.File, err = os.ReadFile(path); err != nil {
+		return nil, err
+	}
+	for _, sp := range f.Secrets {
+		if sp.FromFile != "" {
+			if out.Values[sp.FromFile], err = os.ReadFile(sp.FromFile); err != nil {
+				return nil, fmt.Errorf("secret %s: %w", sp.Name, err)
+			}
+		}
+	}
+	b, _ := json.Marshal(out)
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	go func() { w.Write(b); w.Close() }()
+	return r, nil
 }
 
 // keeperRotate moves path to path.1 and opens path anew.

@@ -64,7 +64,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	// unprivileged user that keeps only what the data path needs.
 	if a.keeper != nil {
 		if err := a.keeper.arm(keeperPaths{Audit: cfg.AuditLog, Pcap: cfg.Pcap, PIDFile: cfg.PIDFile,
-			Control: cfg.Control, Bundle: a.bundleDir()}); err != nil {
+			Control: cfg.Control, Bundle: a.bundleDir(), Policy: cfg.PolicyPath, Secrets: cfg.Secrets.File}); err != nil {
 			return fmt.Errorf("drop privileges: %w", err)
 		}
 		a.armed.Store(true)
@@ -216,7 +216,7 @@ func (a *Agent) reloadPolicy() {
 		a.log.Warn("SIGHUP: the policy is a preset or inline, nothing to reload")
 		return
 	}
-	f, err := policy.LoadFile(path)
+	f, err := a.loadPolicy(path)
 	if err == nil {
 		a.ctl.mu.Lock()
 		err = a.setPolicy(f, path)
@@ -225,6 +225,30 @@ func (a *Agent) reloadPolicy() {
 	if err != nil {
 		a.log.Error("policy reload failed; the old policy stays in force", "file", path, "err", err)
 	}
+}
+
+// loadPolicy reads the policy file: through the keeper once the agent is
+// no longer root (the file may be root's only).
+func (a *Agent) loadPolicy(path string) (*policy.File, error) {
+	if !a.armed.Load() {
+		return policy.LoadFile(path)
+	}
+	b, err := a.keeper.readPolicy()
+	if err != nil {
+		return nil, fmt.Errorf("policy file: %w", err)
+	}
+	f, err := policy.ParseFile(b)
+	if err != nil {
+		var errs policy.Errors
+		if errors.As(err, &errs) {
+			for i := range errs {
+				errs[i] = fmt.Errorf("%s: %w", path, errs[i])
+			}
+			return nil, errs
+		}
+		return nil, err
+	}
+	return f, nil
 }
 
 // setPolicy compiles f and puts it in force for new flows.
