@@ -1,0 +1,104 @@
+package integration
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/msbtap/msbtap/agent"
+	"github.com/msbtap/msbtap/internal/testenv"
+)
+
+// TestAgentNotRoot: once ready, the agent is a user of its own with no
+// groups and CAP_NET_RAW only, under seccomp; and what it still does on
+// files and sockets works: TCP relays, ICMP echo through its raw socket,
+// the decision log and the capture rotating (by its keeper) into FILE.1,
+// the control socket, a policy file only root can read coming back on
+// SIGHUP; when it ends, its pid file and control socket are gone.
+func TestAgentNotRoot(t *testing.T) {
+	testenv.RequireTools(t, "curl", "ping")
+	w := testenv.NewWorld(t)
+	dir := openDir(t, 0o755)
+	auditLog := filepath.Join(dir, "audit.log")
+	capFile := filepath.Join(dir, "cap.pcap")
+	pidFile := filepath.Join(dir, "msbtap.pid")
+	sock := filepath.Join(dir, "ctl.sock")
+	pol := filepath.Join(dir, "policy.json")
+	allowInet := `{"default_action": "deny", "rules": [{"destination": {"cidr": "198.51.100.0/24"}, "action": "allow"}]}`
+	if err := os.WriteFile(pol, []byte(allowInet), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w.StartAgent(t, "--audit-log", auditLog, "--audit-log-max-size", "4KiB", "--pcap", capFile, "--pcap-max-size", "64KiB",
+		"--pid-file", pidFile, "--control", sock, "--policy", pol)
+
+	pid := w.AgentPID()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := strconv.Itoa(agent.AgentIDBase + pid)
+	ids := strings.Join([]string{id, id, id, id}, " ")
+	netRaw := fmt.Sprintf("%016x", uint64(1)<<13)
+	for k, want := range map[string]string{"Uid": ids, "Gid": ids, "Groups": "", "CapEff": netRaw, "CapPrm": netRaw,
+		"CapAmb": "0000000000000000", "NoNewPrivs": "1", "Seccomp": "2"} {
+		if got := statusField(string(status), k); got != want {
+			t.Errorf("agent %s: %q, want %q", k, got, want)
+		}
+	}
+
+	w.Guest.MustRun(t, "curl", "-sS", "--max-time", "10", "http://"+testenv.WebHost4+"/")
+	w.Guest.MustRun(t, "ping", "-c", "40", "-i", "0.01", "-s", "1400", "-W", "2", testenv.WebHost4)
+	// Distinct destinations the policy denies (refused at their first
+	// packet, never dialed), each a line of its own in the decision log.
+	w.Guest.MustRun(t, "sh", "-c", "for i in $(seq 1 40); do curl -s --max-time 1 http://192.0.2.$i/ >/dev/null; done; true")
+	mustCtl(t, w, sock, "flows")
+
+	// The policy file, now mode 0600 and root's, changes and comes back.
+	if err := os.WriteFile(pol, []byte(`{"default_action": "deny"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w.Agent.Process.Signal(syscall.SIGHUP)
+	waitFor(t, 5*time.Second, "the policy reload", func() bool { return strings.Contains(w.AgentLog.String(), "policy reloaded") })
+	if _, err := w.Guest.Run("curl", "-sS", "--max-time", "3", "http://"+testenv.WebHost4+"/"); err == nil {
+		t.Error("after the reload to deny, curl still got through")
+	}
+
+	if err := w.StopAgent(t); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{auditLog, auditLog + ".1", capFile, capFile + ".1"} {
+		b, err := os.ReadFile(f)
+		if err != nil || len(b) == 0 {
+			t.Errorf("%s: %v, %d bytes: want it rotated and written", f, err, len(b))
+			continue
+		}
+		if strings.HasSuffix(f, ".pcap") || strings.HasSuffix(f, ".pcap.1") {
+			if !bytes.HasPrefix(b, []byte{0xd4, 0xc3, 0xb2, 0xa1}) && !bytes.HasPrefix(b, []byte{0x4d, 0x3c, 0xb2, 0xa1}) {
+				t.Errorf("%s: no pcap header", f)
+			}
+		} else if !bytes.HasPrefix(b, []byte("{")) {
+			t.Errorf("%s: not JSON lines: %.80q", f, b)
+		}
+	}
+	// The keeper removes them as the agent ends.
+	waitFor(t, 5*time.Second, "the pid file and control socket removed", func() bool {
+		_, e1 := os.Lstat(pidFile)
+		_, e2 := os.Lstat(sock)
+		return os.IsNotExist(e1) && os.IsNotExist(e2)
+	})
+}
+
+func statusField(status, key string) string {
+	for _, l := range strings.Split(status, "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && k == key {
+			return strings.Join(strings.Fields(v), " ")
+		}
+	}
+	return ""
+}
