@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/x509"
 	"net"
 	"os"
 	"path/filepath"
@@ -44,9 +45,14 @@ func (a *Agent) buildIntercept() error {
 	} else if ca, err = intercept.NewCA(); err != nil {
 		return err
 	}
-	roots, err := intercept.UpstreamRoots(tc.UpstreamCA...)
-	if err != nil {
-		return fielderr.Wrap("tls_upstream_ca", err)
+	// Without extra CAs the host's roots are Go's own system pool (a nil
+	// pool), which Go loads at the first upstream verification: parsing
+	// them takes 10-25 ms, which start-up need not wait for.
+	var roots *x509.CertPool
+	if len(tc.UpstreamCA) > 0 {
+		if roots, err = intercept.UpstreamRoots(tc.UpstreamCA...); err != nil {
+			return fielderr.Wrap("tls_upstream_ca", err)
+		}
 	}
 	a.ca = ca
 	if tc.CAOut != "" {
