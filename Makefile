@@ -70,8 +70,11 @@ fuzz:
 	  $(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg >$$log 2>&1 || { cat $$log; exit 1; }; \
 	done
 
+# bench also measures start-up (as root): the median of 20 starts of
+# `msbtap run --netns X --ready-fd 3`, from exec to ready.
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./rings ./wake ./stack ./proxy ./policy ./intercept ./secrets
+	$(GO) test -run '^$$' -bench Startup -benchtime 20x -count 1 ./tests/startup
 
 bench-peers: deps build
 	./scripts/bench-peers.sh

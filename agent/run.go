@@ -74,7 +74,6 @@ func (a *Agent) Run(ctx context.Context) error {
 		Signal: a.signalTargets()}); err != nil {
 		return fmt.Errorf("drop privileges: %w", err)
 	}
-	releaseImage()
 
 	p := cfg.Plan
 	a.log.Info("ready", "tap", cfg.TapName, "netns", a.nsLabel(), "mode", a.modeLabel(), "guest_ipv4", p.GuestIPv4,
@@ -87,6 +86,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		f.Close()
 	}
+	releaseImage() // after ready: 1-2 ms that start-up need not wait for
 
 	var nsGone <-chan time.Time
 	if cfg.Netns != "" {
