@@ -29,7 +29,7 @@ type Options struct {
 	// process runs as from then on (real, effective and saved; the
 	// supplementary groups are cleared). The capabilities in Keep survive
 	// the change. 0 leaves the process root: it then also empties its
-	// bounding set but for Keep.
+	// bounding set but for Keep, unless Seccomp (see Apply).
 	UID, GID int
 	// Seccomp loads the allow-list: any other system call fails with
 	// EPERM (the process is not killed; the call is refused).
@@ -52,12 +52,13 @@ var ErrCgo = errors.New("this msbtap was built with cgo, so it cannot drop capab
 // every thread of the process. It cannot be undone.
 //
 // It costs a handful of all-thread system calls, whatever the number of
-// capabilities: with an unprivileged UID the bounding set is left alone,
-// because for a process that is not root, has no inheritable or ambient
-// capabilities and has no_new_privs, no program it could run gets more
-// than the permitted set (the kernel caps an exec at the permitted set
-// under no_new_privs): dropping 40 capabilities one stop-the-world at a
-// time would buy nothing.
+// capabilities. The bounding set is emptied only for a process that stays
+// root without the seccomp list (one all-thread call per capability): the
+// kernel reads it only at execve, which the list refuses, and for a
+// process that is not root, has no inheritable or ambient capabilities
+// and has no_new_privs, no program it runs gets more than the permitted
+// set anyway (under no_new_privs an exec is capped at it). Dropping 40
+// capabilities one stop-the-world at a time would buy nothing there.
 func Apply(o Options) error {
 	var keep uint64
 	for _, c := range o.Keep {
@@ -66,9 +67,11 @@ func Apply(o Options) error {
 	if (o.UID > 0) != (o.GID > 0) {
 		return fmt.Errorf("give both an unprivileged uid and gid (uid %d, gid %d)", o.UID, o.GID)
 	}
-	if o.UID == 0 {
-		// Still root: the bounding set is what stops a program it ran
-		// from getting every capability back.
+	if o.UID == 0 && !o.Seccomp {
+		// Still root, and free to run programs: the bounding set is what
+		// stops one from getting every capability back. (Under the
+		// seccomp list execve fails, and the bounding set, which only
+		// execve reads, cannot matter.)
 		for c := 0; c <= lastCap(); c++ {
 			if keep&(1<<c) != 0 {
 				continue

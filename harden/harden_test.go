@@ -119,16 +119,21 @@ func TestNotRootWithoutSeccomp(t *testing.T) {
 	}
 }
 
-// TestStayRoot: without a uid (the keeper's case) the bounding set is
-// emptied but for the kept capability.
+// TestStayRoot: without a uid (the keeper's case) only the kept
+// capability remains; without the seccomp list (where a program it runs
+// could be root again) the bounding set is emptied too.
 func TestStayRoot(t *testing.T) {
-	res := runHardened(t)
 	netRaw := fmt.Sprintf("%016x", uint64(1)<<13)
-	if res["CapBnd"] != netRaw || res["CapEff"] != netRaw || !strings.HasPrefix(res["Uid"], "0 ") {
-		t.Errorf("CapBnd %s CapEff %s Uid %s, want %s, %s, root", res["CapBnd"], res["CapEff"], res["Uid"], netRaw, netRaw)
+	res := runHardened(t)
+	if res["CapEff"] != netRaw || res["CapPrm"] != netRaw || !strings.HasPrefix(res["Uid"], "0 ") {
+		t.Errorf("CapEff %s CapPrm %s Uid %s, want %s, %s, root", res["CapEff"], res["CapPrm"], res["Uid"], netRaw, netRaw)
 	}
 	if !strings.Contains(res["mount"], "operation not permitted") {
 		t.Errorf("mount: %q", res["mount"])
+	}
+	res = runHardened(t, "SECCOMP=off")
+	if res["CapBnd"] != netRaw || res["childCapEff"] != netRaw {
+		t.Errorf("without seccomp: CapBnd %s, a program run after has CapEff %s, want %s", res["CapBnd"], res["childCapEff"], netRaw)
 	}
 }
 

@@ -18,7 +18,8 @@ import (
 // BenchmarkStartup starts `msbtap run --netns X --ready-fd 3` b.N times
 // (make bench: 20) in a namespace of its own, each time from exec to the
 // line on the ready descriptor, then stops it; it reports the median and
-// the slowest start. MSBTAP_BIN measures another binary.
+// the slowest start. MSBTAP_BIN measures another binary;
+// MSBTAP_STARTUP_ARGS adds flags (--pid-file FILE, say).
 func BenchmarkStartup(b *testing.B) {
 	if os.Geteuid() != 0 {
 		b.Skip("skipping: msbtap needs root to create its TAP; run `make bench` as root")
@@ -61,7 +62,8 @@ func startOnce(b *testing.B, bin, ns string) time.Duration {
 	}
 	defer pr.Close()
 	// 127.0.0.1:9 (discard): no resolver is asked anything.
-	cmd := exec.Command(bin, "run", "--netns", ns, "--dns-upstream", "127.0.0.1:9", "--ready-fd", "3", "--log-level", "error")
+	args := []string{"run", "--netns", ns, "--dns-upstream", "127.0.0.1:9", "--ready-fd", "3", "--log-level", "error"}
+	cmd := exec.Command(bin, append(args, strings.Fields(os.Getenv("MSBTAP_STARTUP_ARGS"))...)...)
 	cmd.ExtraFiles = []*os.File{pw}
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
