@@ -4,7 +4,7 @@
 GO        ?= go
 BIN       := bin/msbtap
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
-DEB_PKGS  := iproute2 curl dnsutils iputils-ping iperf3 util-linux procps ca-certificates qemu-system-x86 tcpdump
+DEB_PKGS  := iproute2 curl dnsutils iputils-ping iperf3 util-linux procps ca-certificates qemu-system-x86 tcpdump gcc libc6-dev
 
 PREFIX    ?= /usr/local
 DESTDIR   ?=
@@ -13,8 +13,9 @@ DESTDIR   ?=
 
 all: build
 
-# CGO_ENABLED=0: msbtap drops capabilities on every thread, which Go can
-# only do in a binary without cgo.
+# CGO_ENABLED=0: a static binary. (A cgo build, which go install makes
+# where a C compiler is, drops its privileges on every thread too, through
+# libcap's psx.)
 build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/msbtap
 	CGO_ENABLED=0 $(GO) build -o bin/msbtap-cni ./cmd/msbtap-cni

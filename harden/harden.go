@@ -18,6 +18,7 @@ import (
 	"github.com/elastic/go-seccomp-bpf/arch"
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
+	"kernel.org/pub/linux/libs/security/libcap/psx"
 )
 
 // Options say what the process becomes and keeps.
@@ -45,8 +46,8 @@ type Options struct {
 }
 
 // ErrCgo means the binary links cgo without a way to change credentials on
-// every thread of the process.
-var ErrCgo = errors.New("this msbtap was built with cgo, so it cannot drop capabilities on every thread; build it with CGO_ENABLED=0 (make build does)")
+// every thread of the process (psx links in, so it should not happen).
+var ErrCgo = errors.New("this msbtap was built with cgo and cannot change credentials on every thread; build it with CGO_ENABLED=0 (make build does)")
 
 // Apply changes the credentials and, if asked, loads the seccomp filter, on
 // every thread of the process. It cannot be undone.
@@ -114,8 +115,8 @@ func Apply(o Options) error {
 }
 
 // setIDs clears the supplementary groups and sets the gid, then the uid,
-// on every thread (Go's syscall package does each on all threads, through
-// the C library's broadcast in a cgo build).
+// on every thread (Go's syscall package does each on all threads: through
+// AllThreadsSyscall without cgo, the C library's broadcast with it).
 func setIDs(uid, gid int) error {
 	if err := syscall.Setgroups(nil); err != nil {
 		return fmt.Errorf("clear the supplementary groups: %w", err)
@@ -340,8 +341,12 @@ func loadFilter(o Options) error {
 	return nil
 }
 
+// allThreads makes a system call on every thread: psx does it through Go's
+// AllThreadsSyscall in a binary without cgo, and through libpsx's signal
+// handshake with every pthread in a cgo build (go install on a machine
+// with a C compiler), where AllThreadsSyscall refuses.
 func allThreads(trap, a1, a2, a3 uintptr) error {
-	_, _, e := syscall.AllThreadsSyscall(trap, a1, a2, a3)
+	_, _, e := psx.Syscall3(trap, a1, a2, a3)
 	switch e {
 	case 0:
 		return nil

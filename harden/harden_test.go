@@ -18,10 +18,16 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-// runHardened builds internal/hardentest without cgo, as msbtap is built,
-// and runs it as root: it hardens itself and tries what a hijacked agent
-// would.
+// runHardened builds internal/hardentest without cgo, as make build builds
+// msbtap, and runs it as root: it hardens itself and tries what a hijacked
+// agent would.
 func runHardened(t *testing.T, env ...string) map[string]string {
+	t.Helper()
+	return runHardenedBuild(t, "0", env...)
+}
+
+// runHardenedBuild is runHardened for a build with CGO_ENABLED=cgo.
+func runHardenedBuild(t *testing.T, cgo string, env ...string) map[string]string {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("skipping: needs root (capabilities and seccomp as the agent has them); run `make test` as root")
@@ -31,7 +37,7 @@ func runHardened(t *testing.T, env ...string) map[string]string {
 	bin := filepath.Join(t.TempDir(), "hardentest")
 	build := exec.Command("go", "build", "-o", bin, "./internal/hardentest")
 	build.Dir = root
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	build.Env = append(os.Environ(), "CGO_ENABLED="+cgo)
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
@@ -98,6 +104,33 @@ func TestNotRootAfterApply(t *testing.T) {
 		if res[k] == "ok" || res[k] == "" {
 			t.Errorf("%s: %q, want it refused", k, res[k])
 		}
+	}
+	if !strings.HasSuffix(res["threads"], " alike") {
+		t.Errorf("threads: %s", res["threads"])
+	}
+}
+
+// TestCgoBuild: built with cgo (as go install builds on a machine with a
+// C compiler), the process drops all the same, on every thread.
+func TestCgoBuild(t *testing.T) {
+	if _, err := exec.LookPath("gcc"); err != nil {
+		t.Skip("skipping: no gcc for a cgo build (make deps installs it)")
+	}
+	res := runHardenedBuild(t, "1", "HARDEN_UID="+testUID, "HARDEN_GID="+testUID)
+	netRaw := fmt.Sprintf("%016x", uint64(1)<<13)
+	for k, want := range map[string]string{"Uid": strings.TrimSpace(strings.Repeat(testUID+" ", 4)), "Groups": "",
+		"CapEff": netRaw, "CapPrm": netRaw, "NoNewPrivs": "1", "Seccomp": "2", "tcp": "ok", "icmp": "ok"} {
+		if res[k] != want {
+			t.Errorf("%s: %q, want %q", k, res[k], want)
+		}
+	}
+	for _, k := range []string{"shadow", "kill1", "setuid0", "dumpable", "packet", "execve"} {
+		if res[k] == "ok" || res[k] == "" {
+			t.Errorf("%s: %q, want it refused", k, res[k])
+		}
+	}
+	if !strings.HasSuffix(res["threads"], " alike") {
+		t.Errorf("threads: %s", res["threads"])
 	}
 }
 

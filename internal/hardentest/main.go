@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -28,6 +29,13 @@ func main() {
 	gid, _ := strconv.Atoi(os.Getenv("HARDEN_GID"))
 	seccompOn := os.Getenv("SECCOMP") != "off"
 	tmp := os.Getenv("TMP")
+	// Threads of its own, as the agent has (netstack, relays, pump).
+	for range 4 {
+		go func() {
+			runtime.LockOSThread()
+			select {}
+		}()
+	}
 	// Opened before, as the agent opens its log: still writable after.
 	before, berr := os.OpenFile(filepath.Join(tmp, "before"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	err := harden.Apply(harden.Options{Keep: []uintptr{unix.CAP_NET_RAW}, UID: uid, GID: gid, Seccomp: seccompOn})
@@ -122,7 +130,39 @@ func main() {
 			}
 		}
 	}
+	res["threads"] = threads()
 	json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// threads checks that every thread has what the first has (credentials,
+// capabilities, no_new_privs, seccomp): "N alike", or the first that
+// differs.
+func threads() string {
+	dirs, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		return err.Error()
+	}
+	var first string
+	for _, d := range dirs {
+		b, err := os.ReadFile(filepath.Join("/proc/self/task", d.Name(), "status"))
+		if err != nil {
+			return err.Error()
+		}
+		var keep []string
+		for _, l := range strings.Split(string(b), "\n") {
+			switch k, _, _ := strings.Cut(l, ":"); k {
+			case "Uid", "Gid", "Groups", "CapEff", "CapPrm", "CapInh", "CapAmb", "NoNewPrivs", "Seccomp":
+				keep = append(keep, strings.Join(strings.Fields(l), " "))
+			}
+		}
+		this := strings.Join(keep, "; ")
+		if first == "" {
+			first = this
+		} else if this != first {
+			return "thread " + d.Name() + " differs: " + this + " vs " + first
+		}
+	}
+	return strconv.Itoa(len(dirs)) + " alike"
 }
 
 func socket(domain, typ, proto int) error {

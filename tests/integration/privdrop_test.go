@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -101,4 +102,44 @@ func statusField(status, key string) string {
 		}
 	}
 	return ""
+}
+
+// TestCgoBuildStarts: msbtap built with cgo (what go install makes where
+// a C compiler is) starts, drops to its own uid on every thread and
+// relays.
+func TestCgoBuildStarts(t *testing.T) {
+	testenv.RequireTools(t, "curl", "ping", "gcc")
+	w := testenv.NewWorld(t)
+	bin := filepath.Join(t.TempDir(), "msbtap-cgo")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/msbtap")
+	build.Dir = filepath.Join("..", "..")
+	build.Env = append(os.Environ(), "CGO_ENABLED=1")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("cgo build: %v\n%s", err, out)
+	}
+	if out, err := exec.Command("go", "version", "-m", bin).Output(); err != nil || !strings.Contains(string(out), "CGO_ENABLED=1") {
+		t.Fatalf("not a cgo build: %v\n%s", err, out)
+	}
+	w.Msbtap = bin
+	w.StartAgent(t, "--pid-file", filepath.Join(openDir(t, 0o755), "pid"))
+	pid := w.AgentPID()
+	id := strconv.Itoa(agent.AgentIDBase + pid)
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, task.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := statusField(string(b), "Uid"); got != strings.Join([]string{id, id, id, id}, " ") {
+			t.Errorf("thread %s: Uid %q, want %s", task.Name(), got, id)
+		}
+		if got := statusField(string(b), "Seccomp"); got != "2" {
+			t.Errorf("thread %s: Seccomp %q", task.Name(), got)
+		}
+	}
+	w.Guest.MustRun(t, "curl", "-sS", "--max-time", "10", "http://"+testenv.WebHost4+"/")
+	w.Guest.MustRun(t, "ping", "-c", "2", "-W", "2", testenv.WebHost4)
 }
