@@ -188,7 +188,8 @@ func (k *keeper) finish() {
 	<-k.done
 }
 
-// Keeper is the keeper's main. It never returns.
+// Keeper is the keeper's main: it hardens itself and serves the agent on
+// fd 3. It never returns.
 func Keeper() {
 	signal.Ignore(syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGPIPE)
 	// Only what changing files in root's directories takes.
@@ -196,7 +197,13 @@ func Keeper() {
 		fmt.Fprintf(os.Stderr, "msbtap keeper: %v\n", err)
 		os.Exit(1)
 	}
-	const fd = 3
+	keeperServe(3)
+	os.Exit(0)
+}
+
+// keeperServe answers the agent on fd until the agent's end closes, then
+// removes what it must.
+func keeperServe(fd int) {
 	var paths *keeperPaths
 	var armed map[string]unix.Stat_t // what the files to remove were at arm
 	buf := make([]byte, 4096)
@@ -207,7 +214,7 @@ func Keeper() {
 		}
 		if err != nil || n == 0 { // the agent is gone
 			keeperCleanup(armed)
-			os.Exit(0)
+			return
 		}
 		var req keeperRequest
 		var rep keeperReply
@@ -296,8 +303,9 @@ func keeperRotate(path string, flag int) (*os.File, error) {
 func keeperCleanup(armed map[string]unix.Stat_t) {
 	for p, was := range armed {
 		var st unix.Stat_t
-		if unix.Lstat(p, &st) != nil || st.Dev != was.Dev || st.Ino != was.Ino {
-			continue
+		if unix.Lstat(p, &st) != nil || st.Dev != was.Dev || st.Ino != was.Ino || st.Mode&unix.S_IFMT != was.Mode&unix.S_IFMT ||
+			st.Ctim != was.Ctim {
+			continue // another file now (an inode number can be reused at once; its type and change time tell)
 		}
 		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
 			os.RemoveAll(p)
