@@ -143,3 +143,47 @@ func TestCgoBuildStarts(t *testing.T) {
 	w.Guest.MustRun(t, "curl", "-sS", "--max-time", "10", "http://"+testenv.WebHost4+"/")
 	w.Guest.MustRun(t, "ping", "-c", "2", "-W", "2", testenv.WebHost4)
 }
+
+// TestKilledAgentLeavesNothing: an agent killed with SIGKILL (no teardown
+// of its own) still leaves no pid file, control socket or TAP behind: its
+// keeper removes the files as the agent's end of their socket closes, and
+// ends.
+func TestKilledAgentLeavesNothing(t *testing.T) {
+	w := testenv.NewWorld(t)
+	dir := openDir(t, 0o755)
+	pidFile := filepath.Join(dir, "msbtap.pid")
+	sock := filepath.Join(dir, "ctl.sock")
+	w.StartAgent(t, "--pid-file", pidFile, "--control", sock)
+	pid := w.AgentPID()
+	var keepers []int
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, task := range tasks {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil {
+				if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", c)); strings.Contains(string(cmdline), agent.KeeperArg) {
+					keepers = append(keepers, c)
+				}
+			}
+		}
+	}
+	if len(keepers) != 1 {
+		t.Fatalf("keepers among the agent's children: %v, want one", keepers)
+	}
+	cmd := w.Agent
+	w.Agent = nil // no SIGTERM at cleanup: it is killed here
+	cmd.Process.Kill()
+	waitFor(t, 5*time.Second, "the pid file and control socket removed", func() bool {
+		_, e1 := os.Lstat(pidFile)
+		_, e2 := os.Lstat(sock)
+		return os.IsNotExist(e1) && os.IsNotExist(e2)
+	})
+	waitFor(t, 5*time.Second, "the keeper gone", func() bool {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", keepers[0]))
+		return err != nil || strings.Contains(string(b), ") Z ")
+	})
+	waitFor(t, 5*time.Second, "the TAP gone", func() bool {
+		_, err := w.Guest.Run("ip", "link", "show", "eth0")
+		return err != nil
+	})
+}
