@@ -26,9 +26,11 @@ import (
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
 	"github.com/msbtap/msbtap/tap"
+	"github.com/msbtap/msbtap/upstream"
 	"github.com/msbtap/msbtap/wire"
 )
 
@@ -55,6 +57,14 @@ type Config struct {
 	CommandUID    int
 	CommandGID    int
 	CommandGroups []int
+	// CommandEnv adds to the command's environment, which is built from an
+	// allow-list (sandbox.Environ): NAME (its value in msbtap's
+	// environment) or NAME=VALUE. A secret's source variable is refused.
+	CommandEnv []string
+	// CommandBinds are host paths the command sees at their own path over
+	// its private /run, /tmp, /var/tmp and /dev/shm (not in VM mode,
+	// where the command shares msbtap's namespaces but for PIDs and mounts).
+	CommandBinds []sandbox.Bind
 	// NoSeccomp leaves out the agent's seccomp allow-list (it still drops
 	// its capabilities and sets no_new_privs once set up).
 	NoSeccomp bool
@@ -100,6 +110,9 @@ type Config struct {
 	TLS TLSConfig
 	// Secrets are swapped in for their placeholders on the wire.
 	Secrets SecretsConfig
+	// Upstream, when set, is the proxy every allowed TCP flow leaves
+	// through.
+	Upstream upstream.Config
 
 	// Control is the path of the control socket (none if empty), owned by
 	// ControlUID:ControlGID (-1: root).
@@ -138,6 +151,7 @@ type Agent struct {
 	l7         *intercept.Handler
 	bundle     string // the CA bundle the command trusts
 	secrets    *secrets.Store
+	upstream   *upstreamRoute // nil without --upstream-proxy
 	audit      *audit.Log
 	counts     *decisionCounts
 	term       *terminator
@@ -153,6 +167,10 @@ type Agent struct {
 	undo      []func() // teardown steps, run last to first
 	closeOnce sync.Once
 	closed    chan struct{}
+
+	// secretSrc are the secrets' source variables in msbtap's environment,
+	// which never reach the command.
+	secretSrc []string
 }
 
 // New builds the sandbox's network in order — policy, decision log,
@@ -188,6 +206,9 @@ func New(cfg Config) (a *Agent, err error) {
 	}
 	a.onClose(startTrimmer(cfg.MemoryLimit, a.activity))
 	if err := a.buildPolicy(); err != nil {
+		return a, err
+	}
+	if err := a.buildUpstream(); err != nil {
 		return a, err
 	}
 	// Published ports are bound before anything else exists, so a port in
@@ -399,6 +420,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 			a.log.Warn("no DNS upstream: none given and none in " + proxy.DefaultResolvConf + "; the sandbox's queries will get SERVFAIL")
 		}
 	}
+	routes := newLocalRoutes()
 	a.gw, err = stack.New(stack.Options{
 		Plan:           cfg.Plan,
 		Shared:         a.shared,
@@ -409,8 +431,10 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		DNSFilter:      a.dnsFilter(guard),
 		MaxConnections: cfg.MaxConnections,
 		Offload:        cfg.Offload,
-		IsLocal:        newLocalRoutes().IsLocal,
+		IsLocal:        routes.IsLocal,
+		IsBroadcast:    routes.IsBroadcast,
 		RateUp:         cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
+		Dial:      a.dialTCP,
 		HandleTCP: a.handleTCP,
 		WantsTCP:  a.l7.Wants,
 		Log:       a.log.With("component", "stack"),

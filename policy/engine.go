@@ -129,8 +129,78 @@ func (e *Engine) sideDoors(f Flow, d Decision) Decision {
 	return d
 }
 
+// Refusals of destinations that only a rule naming them may reach (or,
+// for broadcasts and multicast, none): the rule numbers a decision reports
+// when the default action or a broader rule would have allowed them.
+const (
+	RuleMetadata   = -21 // cloud metadata: only a rule naming the metadata group reaches it
+	RuleHost       = -22 // the host: only a rule naming the host group reaches it
+	RuleLocalNAT64 = -23 // local-use NAT64 64:ff9b:1::/48: only a CIDR rule within it reaches it
+	RuleBroadcast  = -24 // broadcast and multicast never leave
+)
+
+// guard is what an allowing rule must name to reach a destination that no
+// broad rule (any, a CIDR around it, another group, a name, the default)
+// may open: cloud metadata, the host, or an address in the local-use NAT64
+// prefix. Deny and terminate rules match such destinations as written.
+type guard uint8
+
+const (
+	guardNone guard = iota
+	guardMetadata
+	guardHost
+	guardLocalNAT64
+)
+
+// guardOf returns what must be named to allow egress to dst. An address
+// that is both metadata and the host's (a metadata proxy on the host)
+// needs the metadata group.
+func (e *Engine) guardOf(dst, extraHost netip.Addr) guard {
+	switch {
+	case InGroup(dst, GroupMetadata, e.host):
+		return guardMetadata
+	case dst == extraHost || InGroup(dst, GroupHost, e.host):
+		return guardHost
+	case localNAT64.Contains(dst):
+		return guardLocalNAT64
+	}
+	return guardNone
+}
+
+// namedBy reports whether target t names what g guards.
+func (g guard) namedBy(t *target) bool {
+	switch g {
+	case guardMetadata:
+		return t.kind == matchGroup && t.group == GroupMetadata
+	case guardHost:
+		return t.kind == matchGroup && t.group == GroupHost
+	case guardLocalNAT64:
+		return t.kind == matchCIDR && t.prefix.Bits() >= localNAT64.Bits() && localNAT64.Contains(t.prefix.Addr())
+	}
+	return true
+}
+
+// refusal is the decision for a guarded destination that nothing named.
+func (g guard) refusal() int {
+	switch g {
+	case guardMetadata:
+		return RuleMetadata
+	case guardHost:
+		return RuleHost
+	}
+	return RuleLocalNAT64
+}
+
 func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 	dst, src := f.Dst.Addr().Unmap(), f.Src.Addr().Unmap()
+	g := guardNone
+	if f.Direction == Egress {
+		if InGroup(dst, GroupMulticast, e.host) {
+			// Never fatal: service discovery tries it as a matter of course.
+			return Decision{Action: Deny, Rule: RuleBroadcast}
+		}
+		g = e.guardOf(dst, extraHost)
+	}
 	var names []string
 	namesLooked := false
 	for i := range e.rules {
@@ -153,8 +223,14 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 			}
 			t, a = &r.src, src
 		}
+		// A rule that would let the flow start must name a guarded
+		// destination; a name never does.
+		opens := r.action == Allow || r.http != nil
 		switch t.kind {
 		case matchDomain, matchSuffix:
+			if opens && g != guardNone {
+				continue
+			}
 			if f.Domain != "" {
 				if nameMatches(t, f.Domain) {
 					return e.byName(r, i)
@@ -171,6 +247,9 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 			}
 		default:
 			if e.addrMatches(t, a) || (extraHost.IsValid() && t.kind == matchGroup && t.group == GroupHost && a == extraHost) {
+				if r.action == Allow && !g.namedBy(t) {
+					continue
+				}
 				return e.decision(r.action, i)
 			}
 		}
@@ -180,6 +259,9 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 		// address unless an ingress rule narrows that; default_action
 		// governs egress.
 		return Decision{Action: Allow, Rule: -1}
+	}
+	if e.def == Allow && g != guardNone {
+		return e.decision(Deny, g.refusal())
 	}
 	return e.decision(e.def, -1)
 }
@@ -367,6 +449,16 @@ func (e *Engine) Describe(i int) string {
 	}
 	if i == RuleDoT {
 		return "DNS over TLS (853) refused: domain rules need the sandbox's lookups"
+	}
+	switch i {
+	case RuleMetadata:
+		return `cloud metadata: only a rule to {"group": "metadata"} allows it`
+	case RuleHost:
+		return `the host: only a rule to {"group": "host"} allows it`
+	case RuleLocalNAT64:
+		return "local-use NAT64 (64:ff9b:1::/48): only a CIDR rule within it allows it"
+	case RuleBroadcast:
+		return "broadcast and multicast never leave the sandbox"
 	}
 	if i < 0 || i >= len(e.src.Rules) {
 		return "default_action " + e.src.DefaultAction

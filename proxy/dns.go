@@ -267,38 +267,57 @@ func upstreamQuery(q *dns.Msg) (*dns.Msg, int) {
 	if qq.Qclass != dns.ClassINET || !forwardedTypes[qq.Qtype] {
 		return nil, dns.RcodeNotImplemented
 	}
+	// Nothing of the guest's choosing but the name and type goes upstream:
+	// the name in lower case (the letter case a client picks, 0x20 style,
+	// would be a channel to whoever watches the resolver), and the agent's
+	// own flags, the same for every query: recursion desired, checking
+	// enabled (the upstream validates), DNSSEC records wanted (DO), which
+	// toGuest removes again for a guest that did not ask for them.
 	m := new(dns.Msg)
 	m.Id = dns.Id()
 	m.RecursionDesired = true
-	m.CheckingDisabled = q.CheckingDisabled
-	m.Question = []dns.Question{{Name: qq.Name, Qtype: qq.Qtype, Qclass: dns.ClassINET}}
-	do := false
-	if opt := q.IsEdns0(); opt != nil {
-		do = opt.Do()
-	}
-	m.SetEdns0(upstreamEDNSSize, do)
+	m.Question = []dns.Question{{Name: strings.ToLower(qq.Name), Qtype: qq.Qtype, Qclass: dns.ClassINET}}
+	m.SetEdns0(upstreamEDNSSize, true)
 	return m, 0
 }
 
-// toGuest turns the upstream answer into the guest's: its own ID and
-// question (with its letter case), and an OPT record only if it sent one,
-// with no options of the upstream's.
+// toGuest turns the upstream answer into the guest's: its own ID, question
+// and CD bit, the question's letter case on the records owned by that
+// name (resolvers that set random case, 0x20 style, check it), DNSSEC
+// records and the AD bit only if it asked for them (DO, or AD), and an OPT
+// record only if it sent one, with no options of the upstream's.
 func toGuest(q, a *dns.Msg) *dns.Msg {
 	a.Id = q.Id
 	a.Question = q.Question
-	do := false
-	if opt := a.IsEdns0(); opt != nil {
-		do = opt.Do()
+	a.CheckingDisabled = q.CheckingDisabled
+	qopt := q.IsEdns0()
+	dnssec := qopt != nil && qopt.Do()
+	if !dnssec && !q.AuthenticatedData {
+		a.AuthenticatedData = false
 	}
-	extra := a.Extra[:0]
-	for _, rr := range a.Extra {
-		if rr.Header().Rrtype != dns.TypeOPT {
-			extra = append(extra, rr)
+	name := q.Question[0].Name
+	keep := func(rrs []dns.RR) []dns.RR {
+		out := rrs[:0]
+		for _, rr := range rrs {
+			h := rr.Header()
+			switch h.Rrtype {
+			case dns.TypeOPT:
+				continue
+			case dns.TypeRRSIG, dns.TypeNSEC, dns.TypeNSEC3:
+				if !dnssec {
+					continue
+				}
+			}
+			if strings.EqualFold(h.Name, name) {
+				h.Name = name
+			}
+			out = append(out, rr)
 		}
+		return out
 	}
-	a.Extra = extra
-	if opt := q.IsEdns0(); opt != nil {
-		a.SetEdns0(opt.UDPSize(), do)
+	a.Answer, a.Ns, a.Extra = keep(a.Answer), keep(a.Ns), keep(a.Extra)
+	if qopt != nil {
+		a.SetEdns0(qopt.UDPSize(), dnssec)
 	}
 	return a
 }
@@ -344,7 +363,7 @@ func (d *DNS) forward(ctx context.Context, q *dns.Msg) *dns.Msg {
 func (d *DNS) exchange(ctx context.Context, q *dns.Msg, upstream string, timeout time.Duration) (*dns.Msg, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	c := &dns.Client{Net: "udp", UDPSize: upstreamEDNSSize}
+	c := &dns.Client{Net: "udp", UDPSize: upstreamEDNSSize, Dialer: upstreamDialer}
 	a, _, err := c.ExchangeContext(ctx, q, upstream)
 	if err == nil && a.Truncated {
 		c = &dns.Client{Net: "tcp"}

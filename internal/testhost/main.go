@@ -76,6 +76,8 @@ func main() {
 		tlsDial(args)
 	case "send":
 		sendClient(args)
+	case "pause":
+		pause()
 	default:
 		log.Fatalf("unknown command %q", os.Args[1])
 	}
@@ -98,6 +100,7 @@ func serve(args []string) {
 	fs.Var(&bannerAddrs, "banner", "on ADDR, speak first (an SSH-like banner), then echo the client's line (repeatable)")
 	tlsNames := fs.String("tls-names", "localhost", "the names (comma-separated) the HTTPS certificates are for")
 	reqLog := fs.String("request-log", "", "append \"METHOD HOST PATH\" for every HTTP(S) request to FILE")
+	logHeader := fs.String("request-log-header", "", "with --request-log, also log this request header's value (the demo shows what a server received)")
 	caOut := fs.String("tls-ca-out", "", "write the CA certificate of --https to FILE")
 	ready := fs.String("ready", "", "create this file once every server listens")
 	fs.Parse(args)
@@ -107,6 +110,7 @@ func serve(args []string) {
 			log.Fatal(err)
 		}
 		requestLog = f
+		requestLogHeader = *logHeader
 	}
 	setupTLS(httpsAddrs, untrustedAddrs, *tlsNames, *caOut)
 	for _, a := range bannerAddrs {
@@ -221,8 +225,9 @@ func serveTCP(addr string, handle func(net.Conn)) {
 
 // requestLog, if set, gets a line per HTTP request.
 var (
-	requestLog   *os.File
-	requestLogMu sync.Mutex
+	requestLog       *os.File
+	requestLogHeader string
+	requestLogMu     sync.Mutex
 )
 
 // httpHandler is httpMux, each request logged to --request-log if given.
@@ -233,7 +238,11 @@ func httpHandler() http.Handler {
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		requestLogMu.Lock()
-		fmt.Fprintf(requestLog, "%s %s %s\n", r.Method, r.Host, r.URL.Path)
+		if v := r.Header.Get(requestLogHeader); requestLogHeader != "" && v != "" {
+			fmt.Fprintf(requestLog, "%s %s %s %s: %s\n", r.Method, r.Host, r.URL.Path, requestLogHeader, v)
+		} else {
+			fmt.Fprintf(requestLog, "%s %s %s\n", r.Method, r.Host, r.URL.Path)
+		}
 		requestLogMu.Unlock()
 		mux.ServeHTTP(w, r)
 	})
@@ -246,6 +255,7 @@ func httpMux() *http.ServeMux {
 	})
 	// /echo answers with what it received (see echoRequest).
 	mux.HandleFunc("/echo", echoRequest)
+	handleNPM(mux) // /npm/: a small npm registry
 	// /bytes?n=N sends the deterministic pattern of N bytes.
 	mux.HandleFunc("/bytes", func(w http.ResponseWriter, r *http.Request) {
 		n, err := strconv.ParseInt(r.URL.Query().Get("n"), 10, 64)
