@@ -52,6 +52,9 @@ var ErrCgo = errors.New("this msbtap was built with cgo and cannot change creden
 // Apply changes the credentials and, if asked, loads the seccomp filter, on
 // every thread of the process. It cannot be undone.
 //
+// A parent-death signal set at the start (a supervisor's) survives the
+// change of user, which the kernel would clear.
+//
 // It costs a handful of all-thread system calls, whatever the number of
 // capabilities. The bounding set is emptied only for a process that stays
 // root without the seccomp list (one all-thread call per capability): the
@@ -90,6 +93,9 @@ func Apply(o Options) error {
 		if err := setIDs(o.UID, o.GID); err != nil {
 			return err
 		}
+		if err := restoreParentDeathSignal(); err != nil {
+			return err
+		}
 	}
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	data := [2]unix.CapUserData{
@@ -126,6 +132,35 @@ func setIDs(uid, gid int) error {
 	}
 	if err := syscall.Setresuid(uid, uid, uid); err != nil {
 		return fmt.Errorf("set uid %d: %w", uid, err)
+	}
+	return nil
+}
+
+// The parent-death signal the process was started with (a supervisor's
+// Pdeathsig) and its parent then, read on the main thread (package
+// variables are initialised there, before main), which is the thread that
+// holds it.
+var startPdeathsig, startPPID = parentDeathSignal(), os.Getppid()
+
+func parentDeathSignal() int {
+	var sig int32
+	unix.Prctl(unix.PR_GET_PDEATHSIG, uintptr(unsafe.Pointer(&sig)), 0, 0, 0)
+	return int(sig)
+}
+
+// restoreParentDeathSignal sets the start's parent-death signal again: the
+// kernel clears it when a thread's credentials change, and a supervisor
+// that dies would otherwise leave its agent running. If the parent died
+// meanwhile, the signal is raised now.
+func restoreParentDeathSignal() error {
+	if startPdeathsig == 0 {
+		return nil
+	}
+	if err := allThreads(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, uintptr(startPdeathsig), 0); err != nil {
+		return fmt.Errorf("parent-death signal: %w", err)
+	}
+	if os.Getppid() != startPPID {
+		syscall.Kill(os.Getpid(), syscall.Signal(startPdeathsig))
 	}
 	return nil
 }

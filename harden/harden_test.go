@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/elastic/go-seccomp-bpf/arch"
@@ -42,6 +43,9 @@ func runHardenedBuild(t *testing.T, cgo string, env ...string) map[string]string
 		t.Fatalf("build: %v\n%s", err, out)
 	}
 	cmd := exec.Command(bin)
+	// As a supervisor starts the agent: SIGWINCH (ignored) if this thread
+	// goes; it must survive the change of user.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGWINCH}
 	cmd.Env = append(os.Environ(), append([]string{"TMP=" + t.TempDir()}, env...)...)
 	out, err := cmd.Output()
 	if err != nil {
@@ -89,12 +93,13 @@ func TestForbiddenCallsAreRefused(t *testing.T) {
 // chmod, signalling PID 1, becoming root again, making itself dumpable
 // (ptrace-able and readable by its uid), packet sockets, raw TCP, Unix
 // sockets, netfilter. What the agent does still works: TCP, raw ICMP
-// sockets for the echo relay, route netlink, a file opened before.
+// sockets for the echo relay, route netlink, a file opened before, a
+// supervisor's parent-death signal (which the change of user clears).
 func TestNotRootAfterApply(t *testing.T) {
 	res := runHardened(t, "HARDEN_UID="+testUID, "HARDEN_GID="+testUID)
 	ids := strings.Repeat(testUID+" ", 4)
 	for k, want := range map[string]string{"Uid": ids[:len(ids)-1], "Gid": ids[:len(ids)-1], "Groups": "",
-		"getdumpable": "0", "tcp": "ok", "icmp": "ok", "icmp6": "ok", "route": "ok", "write_before": "ok"} {
+		"getdumpable": "0", "pdeathsig": "28", "tcp": "ok", "icmp": "ok", "icmp6": "ok", "route": "ok", "write_before": "ok"} {
 		if res[k] != want {
 			t.Errorf("%s: %q, want %q", k, res[k], want)
 		}

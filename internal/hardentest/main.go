@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -131,6 +132,9 @@ func main() {
 		}
 	}
 	res["threads"] = threads()
+	var sig int32
+	unix.Prctl(unix.PR_GET_PDEATHSIG, uintptr(unsafe.Pointer(&sig)), 0, 0, 0)
+	res["pdeathsig"] = strconv.Itoa(int(sig))
 	json.NewEncoder(os.Stdout).Encode(res)
 }
 
