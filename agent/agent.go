@@ -147,20 +147,22 @@ type Agent struct {
 	// fileValues are the values of secrets from files, as the keeper
 	// last read them (see getenv).
 	fileValues atomic.Pointer[map[string]string]
-	ca         *intercept.CA
-	l7         *intercept.Handler
-	bundle     string // the CA bundle the command trusts
-	secrets    *secrets.Store
-	upstream   *upstreamRoute // nil without --upstream-proxy
-	audit      *audit.Log
-	counts     *decisionCounts
-	term       *terminator
-	pub        *proxy.Publisher
-	ns         netns.Handle
-	shared     *rings.Shared
-	pump       *tap.Pump
-	gw         *stack.Stack
-	gwRef      atomic.Pointer[stack.Stack] // gw, for the termination hook
+	// links are the network devices the keeper removes at the end.
+	links    []string
+	ca       *intercept.CA
+	l7       *intercept.Handler
+	bundle   string // the CA bundle the command trusts
+	secrets  *secrets.Store
+	upstream *upstreamRoute // nil without --upstream-proxy
+	audit    *audit.Log
+	counts   *decisionCounts
+	term     *terminator
+	pub      *proxy.Publisher
+	ns       netns.Handle
+	shared   *rings.Shared
+	pump     *tap.Pump
+	gw       *stack.Stack
+	gwRef    atomic.Pointer[stack.Stack] // gw, for the termination hook
 	// sharedRef is shared, for the memory trimmer.
 	sharedRef atomic.Pointer[rings.Shared]
 
@@ -199,7 +201,7 @@ func New(cfg Config) (a *Agent, err error) {
 	if cfg.needsKeeper() {
 		// Started first, so that it starts while the rest is built, and
 		// ends last: it removes the pid file and the control socket.
-		if a.keeper, err = startKeeper(); err != nil {
+		if a.keeper, err = startKeeper(cfg.VM); err != nil {
 			return a, err
 		}
 		a.onClose(a.keeper.finish)
@@ -252,7 +254,7 @@ func (a *Agent) onClose(f func()) { a.undo = append(a.undo, f) }
 // needsKeeper says whether the agent has file work left once it is no
 // longer root: files to rotate, to read again, or to remove at the end.
 func (cfg *Config) needsKeeper() bool {
-	return cfg.PIDFile != "" || cfg.Control != "" || cfg.PolicyPath != "" || cfg.Secrets.File != "" || (cfg.AuditLog != "" && cfg.AuditLog != "-") || cfg.Pcap != "" ||
+	return cfg.VM || cfg.PIDFile != "" || cfg.Control != "" || cfg.PolicyPath != "" || cfg.Secrets.File != "" || (cfg.AuditLog != "" && cfg.AuditLog != "-") || cfg.Pcap != "" ||
 		(cfg.TLS.Mode != intercept.Off && len(cfg.Command) > 0) // the CA bundle's directory
 }
 
@@ -356,6 +358,7 @@ func (a *Agent) buildLink() (*tap.File, error) {
 			return nil, err
 		}
 		a.onClose(func() { vt.Close() })
+		a.links = vt.Created() // the keeper removes them in the end: the running agent cannot
 		return vt.Agent, nil
 	}
 	var err error

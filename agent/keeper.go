@@ -11,6 +11,7 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/msbtap/msbtap/audit"
@@ -26,7 +27,8 @@ const KeeperArg = "__msbtap-keeper"
 // things on files that need root where they live: it rotates the decision
 // log and the capture (FILE moved to FILE.1, FILE created anew and handed
 // over), and when the agent ends, however it ends, it removes the pid
-// file, the control socket and the CA bundle's directory; on SIGHUP it
+// file, the control socket, the CA bundle's directory and in VM mode the
+// TAP devices (so that the agent keeps no CAP_NET_ADMIN on the host); on SIGHUP it
 // reads the policy file and the secrets file (and the files the secrets
 // come from) again, which may be root's only. It is msbtap
 // itself, started during set-up, talking to the agent over a socket pair;
@@ -42,6 +44,9 @@ type keeperPaths struct {
 	Audit, Pcap              string // rotated
 	PIDFile, Control, Bundle string // removed at the end, if they are still the ones set up
 	Policy, Secrets          string // read again on SIGHUP
+	// Links are network devices removed at the end (VM mode: the VM's
+	// TAP and the agent's), if they are still the ones set up.
+	Links []string
 }
 
 type keeperRequest struct {
@@ -69,8 +74,9 @@ type keeper struct {
 	done chan struct{}
 }
 
-// startKeeper starts the keeper process; it waits for arm.
-func startKeeper() (*keeper, error) {
+// startKeeper starts the keeper process; it waits for arm. With links it
+// keeps CAP_NET_ADMIN, to remove network devices at the end.
+func startKeeper(links bool) (*keeper, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, fmt.Errorf("find msbtap's own binary: %w", err)
@@ -81,7 +87,11 @@ func startKeeper() (*keeper, error) {
 	}
 	theirs := os.NewFile(uintptr(fds[1]), "keeper")
 	defer theirs.Close()
-	cmd := exec.Command(self, KeeperArg)
+	args := []string{KeeperArg}
+	if links {
+		args = append(args, "links")
+	}
+	cmd := exec.Command(self, args...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.ExtraFiles = []*os.File{theirs}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // no ^C from the terminal: it outlives the agent to clean up
@@ -192,8 +202,13 @@ func (k *keeper) finish() {
 // fd 3. It never returns.
 func Keeper() {
 	signal.Ignore(syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGPIPE)
-	// Only what changing files in root's directories takes.
-	if err := harden.Apply(harden.Options{Keep: []uintptr{unix.CAP_DAC_OVERRIDE, unix.CAP_FOWNER}, Seccomp: true, Files: true}); err != nil {
+	// Only what changing files in root's directories takes, and removing
+	// network devices if it is to.
+	keep := []uintptr{unix.CAP_DAC_OVERRIDE, unix.CAP_FOWNER}
+	if len(os.Args) > 2 && os.Args[2] == "links" {
+		keep = append(keep, unix.CAP_NET_ADMIN)
+	}
+	if err := harden.Apply(harden.Options{Keep: keep, Seccomp: true, Files: true}); err != nil {
 		fmt.Fprintf(os.Stderr, "msbtap keeper: %v\n", err)
 		os.Exit(1)
 	}
@@ -206,6 +221,7 @@ func Keeper() {
 func keeperServe(fd int) {
 	var paths *keeperPaths
 	var armed map[string]unix.Stat_t // what the files to remove were at arm
+	var links map[string]int         // the devices to remove, by index at arm
 	buf := make([]byte, 4096)
 	for {
 		n, err := unix.Read(fd, buf)
@@ -213,7 +229,7 @@ func keeperServe(fd int) {
 			continue
 		}
 		if err != nil || n == 0 { // the agent is gone
-			keeperCleanup(armed)
+			keeperCleanup(armed, links)
 			return
 		}
 		var req keeperRequest
@@ -231,6 +247,12 @@ func keeperServe(fd int) {
 					armed[p] = st
 				}
 			}
+			links = map[string]int{}
+			for _, n := range paths.Links {
+				if l, err := netlink.LinkByName(n); err == nil {
+					links[n] = l.Attrs().Index
+				}
+			}
 		case paths == nil:
 			rep.Err = "not armed"
 		case req.Op == "rotate-audit" && paths.Audit != "" && paths.Audit != "-":
@@ -242,8 +264,8 @@ func keeperServe(fd int) {
 		case req.Op == "read-secrets" && paths.Secrets != "":
 			file, err = keeperReadSecrets(paths.Secrets)
 		case req.Op == "cleanup":
-			keeperCleanup(armed)
-			armed = nil
+			keeperCleanup(armed, links)
+			armed, links = nil, nil
 		default:
 			rep.Err = "refused: " + req.Op
 		}
@@ -299,8 +321,13 @@ func keeperRotate(path string, flag int) (*os.File, error) {
 	return audit.OpenPrivate(path, flag, 0o600)
 }
 
-// keeperCleanup removes each file that is still the one armed.
-func keeperCleanup(armed map[string]unix.Stat_t) {
+// keeperCleanup removes each file and device that is still the one armed.
+func keeperCleanup(armed map[string]unix.Stat_t, links map[string]int) {
+	for n, index := range links {
+		if l, err := netlink.LinkByName(n); err == nil && l.Attrs().Index == index {
+			netlink.LinkDel(l)
+		}
+	}
 	for p, was := range armed {
 		var st unix.Stat_t
 		if unix.Lstat(p, &st) != nil || st.Dev != was.Dev || st.Ino != was.Ino || st.Mode&unix.S_IFMT != was.Mode&unix.S_IFMT ||

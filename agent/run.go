@@ -63,7 +63,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	// unprivileged user that keeps only what the data path needs.
 	if a.keeper != nil {
 		if err := a.keeper.arm(keeperPaths{Audit: cfg.AuditLog, Pcap: cfg.Pcap, PIDFile: cfg.PIDFile,
-			Control: cfg.Control, Bundle: a.bundleDir(), Policy: cfg.PolicyPath, Secrets: cfg.Secrets.File}); err != nil {
+			Control: cfg.Control, Bundle: a.bundleDir(), Policy: cfg.PolicyPath, Secrets: cfg.Secrets.File, Links: a.links}); err != nil {
 			return fmt.Errorf("drop privileges: %w", err)
 		}
 		a.armed.Store(true)
@@ -135,17 +135,15 @@ func AgentID() int { return AgentIDBase + os.Getpid() }
 
 // keepCaps are the capabilities the running agent keeps: CAP_NET_RAW for
 // raw ICMP sockets (the echo relay, where the host's ping_group_range
-// allows no datagram ones); CAP_KILL, when there is a command, a
+// allows no datagram ones); and CAP_KILL, when there is a command, a
 // --guest-pid or an --on-terminate runner, to stop those (root's, or
-// another user's; the seccomp list lets kill reach only them); and in VM
-// mode CAP_NET_ADMIN to remove the VM's TAP at the end.
+// another user's; the seccomp list lets kill reach only them). In VM mode
+// the keeper, not the agent, removes the TAPs at the end: the agent keeps
+// no CAP_NET_ADMIN on the host.
 func (a *Agent) keepCaps() []uintptr {
 	keep := []uintptr{unix.CAP_NET_RAW}
 	if len(a.signalTargets()) > 0 {
 		keep = append(keep, unix.CAP_KILL)
-	}
-	if a.cfg.VM {
-		keep = append(keep, unix.CAP_NET_ADMIN)
 	}
 	return keep
 }

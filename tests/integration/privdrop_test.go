@@ -187,3 +187,62 @@ func TestKilledAgentLeavesNothing(t *testing.T) {
 		return err != nil
 	})
 }
+
+// TestVMModeAgentHasNoNetAdmin: in VM mode the running agent keeps no
+// CAP_NET_ADMIN on the host (the keeper removes the TAPs at the end), and
+// even after SIGKILL both TAPs are gone.
+func TestVMModeAgentHasNoNetAdmin(t *testing.T) {
+	w := testenv.NewWorld(t)
+	name := fmt.Sprintf("pdvm%d", os.Getpid()%100000)
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	cmd := w.Host.Command(w.Msbtap, "run", "--vm", "--tap", name, "--dns-upstream", testenv.DNSHost4, "--ready-fd", "3")
+	var log testenv.Buffer
+	cmd.Stdout, cmd.Stderr = &log, &log
+	cmd.ExtraFiles = []*os.File{pw}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-done
+		if t.Failed() {
+			t.Logf("msbtap log:\n%s", log.String())
+		}
+	})
+	ready := make(chan string, 1)
+	go func() { b := make([]byte, 6); n, _ := pr.Read(b); ready <- string(b[:n]) }()
+	select {
+	case s := <-ready:
+		if s != "ready\n" {
+			t.Fatalf("ready fd said %q", s)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("not ready after 15 s")
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	netRaw := fmt.Sprintf("%016x", uint64(1)<<13)
+	if got := statusField(string(status), "CapEff"); got != netRaw {
+		t.Errorf("VM-mode agent CapEff %s, want %s (CAP_NET_RAW only)", got, netRaw)
+	}
+	for _, n := range []string{name, name + "-msb"} {
+		if _, err := w.Host.Run("ip", "link", "show", n); err != nil {
+			t.Fatalf("%s missing while the agent runs: %v", n, err)
+		}
+	}
+	cmd.Process.Kill()
+	waitFor(t, 5*time.Second, "both TAPs removed", func() bool {
+		_, e1 := w.Host.Run("ip", "link", "show", name)
+		_, e2 := w.Host.Run("ip", "link", "show", name+"-msb")
+		return e1 != nil && e2 != nil
+	})
+}
