@@ -88,6 +88,7 @@ fuzz:
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./rings ./wake ./stack ./proxy ./policy ./intercept ./secrets
 	$(GO) test -run '^$$' -bench Startup -benchtime 20x -count 1 ./tests/startup
+	MSBTAP_BENCH=1 $(GO) test -count=1 -v -run '^TestCNIAddTimeVsBridge$$' ./tests/integration | grep -E 'ADD,|^(ok|FAIL|---)'
 
 bench-peers: deps build
 	./scripts/bench-peers.sh
