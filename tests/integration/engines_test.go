@@ -569,3 +569,42 @@ func TestPodmanCNI(t *testing.T) {
 		t.Errorf("agents left after the containers were removed: %s", out)
 	}
 }
+
+// TestCNIImageInstalls: the DaemonSet's image (docs/cni/Dockerfile: FROM
+// scratch, the two binaries and the conflist, entry point `msbtap-cni
+// install`), built here as an OCI image and run by podman with the node's
+// CNI directories mounted as the DaemonSet mounts them, installs the
+// plugin, the agent and the configuration; the image has no shell.
+func TestCNIImageInstalls(t *testing.T) {
+	testenv.RequireTools(t, "podman")
+	w := testenv.NewWorld(t)
+	p := newPodman(t, w)
+	conflist, err := filepath.Abs("../../docs/cni/10-msbtap.conflist")
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := testenv.Image{Name: "localhost/msbtap-cni:test",
+		Files:      map[string]string{"msbtap-cni": filepath.Join(filepath.Dir(w.Msbtap), "msbtap-cni"), "msbtap": w.Msbtap, "10-msbtap.conflist": conflist},
+		Entrypoint: []string{"/msbtap-cni", "install"}}
+	tar := img.WriteOCIArchive(t, p.dir)
+	if out, err := p.run("load", "-i", tar); err != nil {
+		t.Fatalf("podman load: %v\n%s", err, out)
+	}
+	bin, conf := t.TempDir(), t.TempDir()
+	out, err := p.run("run", "--rm", "--pull", "never", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+		"-v", bin+":/host/opt/cni/bin", "-v", conf+":/host/etc/cni/net.d", img.Name)
+	if err != nil {
+		t.Fatalf("the image's entry point: %v\n%s", err, out)
+	}
+	for _, f := range []string{filepath.Join(bin, "msbtap-cni"), filepath.Join(bin, "msbtap"), filepath.Join(conf, "10-msbtap.conflist")} {
+		if _, err := os.Stat(f); err != nil {
+			t.Errorf("not installed: %v (output: %s)", err, out)
+		}
+	}
+	if out, err := exec.Command(filepath.Join(bin, "msbtap"), "version").CombinedOutput(); err != nil {
+		t.Errorf("the installed agent does not run: %v %s", err, out)
+	}
+	if out, err := p.run("run", "--rm", "--pull", "never", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--entrypoint", "/bin/sh", img.Name, "-c", "true"); err == nil {
+		t.Errorf("the image has a shell: %s", out)
+	}
+}
