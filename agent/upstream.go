@@ -10,7 +10,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/upstream"
 )
 
@@ -26,6 +28,13 @@ type upstreamRoute struct {
 func (a *Agent) buildUpstream() error {
 	if !a.cfg.Upstream.Enabled() {
 		return nil
+	}
+	if v := a.cfg.Upstream.CredentialsEnv; v != "" {
+		for _, e := range a.cfg.CommandEnv {
+			if sandbox.EnvName(e) == v {
+				return fielderr.Bad("env", e, "%s holds the upstream proxy's credentials, which never reach the command", v)
+			}
+		}
 	}
 	d, err := upstream.New(a.cfg.Upstream, os.LookupEnv)
 	if err != nil {
