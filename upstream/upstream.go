@@ -275,13 +275,40 @@ func (d *Dialer) fail(reason string, err error) error {
 	return &Error{Reason: reason, Err: err}
 }
 
+// IsProxy reports whether a flow to a would reach the proxy itself: one of
+// its addresses at its port, or, when the proxy runs on this host (a
+// loopback address or one isHost says is the host's), any address of the
+// host at its port, since a proxy listening on all of them answers on
+// each. isHost may be nil.
+func (d *Dialer) IsProxy(a netip.AddrPort, isHost func(netip.Addr) bool) bool {
+	host := func(x netip.Addr) bool {
+		return x.IsLoopback() || x.IsUnspecified() || (isHost != nil && isHost(x))
+	}
+	dst := a.Addr().Unmap()
+	for _, s := range d.self {
+		if s.Port() != a.Port() {
+			continue
+		}
+		if s.Addr() == dst || (host(s.Addr()) && host(dst)) {
+			return true
+		}
+	}
+	return false
+}
+
+// RefuseSelf counts, and returns the error for, a flow to the proxy
+// itself: whatever route it would take, the sandbox never talks to the
+// proxy (which would carry anything it asked for past the policy, with
+// msbtap's credentials or a proxy's own).
+func (d *Dialer) RefuseSelf() error {
+	return d.fail(ReasonSelf, errors.New("the sandbox may not talk to the upstream proxy itself"))
+}
+
 // Dial connects to dst through the proxy; when name is not empty the
 // proxy is asked for name:port instead, and resolves it itself.
 func (d *Dialer) Dial(ctx context.Context, dst netip.AddrPort, name string) (net.Conn, error) {
-	for _, s := range d.self {
-		if s.Addr() == dst.Addr().Unmap() && s.Port() == dst.Port() {
-			return nil, d.fail(ReasonSelf, errors.New("the sandbox may not talk to the upstream proxy itself"))
-		}
+	if d.IsProxy(dst, nil) {
+		return nil, d.RefuseSelf()
 	}
 	target := dst.String()
 	if name != "" {
