@@ -10,6 +10,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -373,6 +374,9 @@ func (d *Dialer) socks(ctx context.Context, c *net.TCPConn, target string) (net.
 	return c, nil
 }
 
+// maxConnectAnswer bounds the CONNECT answer's status line and header.
+const maxConnectAnswer = 64 << 10
+
 func (d *Dialer) connect(ctx context.Context, c *net.TCPConn, target string) (net.Conn, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		c.SetDeadline(dl)
@@ -386,12 +390,19 @@ func (d *Dialer) connect(ctx context.Context, c *net.TCPConn, target string) (ne
 	if _, err := c.Write([]byte(req + "\r\n")); err != nil {
 		return nil, d.fail(ReasonUnreachable, fmt.Errorf("CONNECT %s: %w", target, err))
 	}
-	br := bufio.NewReaderSize(c, 4096)
+	// The proxy's answer is read through a bound: one that never ends its
+	// header would otherwise be read, and kept, until the dial times out.
+	lr := &io.LimitedReader{R: c, N: maxConnectAnswer}
+	br := bufio.NewReaderSize(lr, 4096)
 	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
 	if err != nil {
+		if lr.N <= 0 {
+			return nil, d.fail(ReasonRefused, fmt.Errorf("CONNECT %s: the proxy's answer is longer than %d bytes", target, maxConnectAnswer))
+		}
 		return nil, d.fail(ReasonUnreachable, fmt.Errorf("CONNECT %s: no answer from the proxy: %w", target, err))
 	}
-	resp.Body.Close()
+	// A refusal's body is not read (nor drained: the connection is
+	// dropped); a 2xx answer to CONNECT has none.
 	switch {
 	case resp.StatusCode == http.StatusProxyAuthRequired:
 		return nil, d.fail(ReasonAuth, fmt.Errorf("CONNECT %s: %s", target, resp.Status))
