@@ -112,7 +112,12 @@ func initMain() (int, error) {
 		Files: []uintptr{0, 1, 2},
 		Sys: &syscall.SysProcAttr{
 			Credential: &syscall.Credential{Uid: uint32(spec.UID), Gid: uint32(spec.GID), Groups: groups},
-			Setpgid:    true,
+			// A session of its own, with no controlling terminal: on
+			// msbtap's, TIOCSTI would let the command type a line into
+			// the shell that started msbtap, run there, outside the
+			// sandbox, once msbtap exits. (Its process group is its own
+			// as before, so signals reach it the same way.)
+			Setsid: true,
 		},
 	})
 	if err != nil {
