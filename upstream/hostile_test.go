@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -83,5 +84,49 @@ func TestConnectAnswerBounded(t *testing.T) {
 				t.Errorf("reason %q (%v), want %s", reason(err), err, tc.reason)
 			}
 		})
+	}
+}
+
+// TestProxyNotAskedForItself: a flow allowed by name and handed to the
+// proxy as that name is refused when the name is the proxy's own at its
+// port, whatever address the sandbox's resolver gave for it: the proxy
+// would connect to itself, and the sandbox would speak to it directly.
+func TestProxyNotAskedForItself(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var asked atomic.Int32
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			asked.Add(1)
+			c.Write([]byte("HTTP/1.1 403 Forbidden\r\n\r\n"))
+			c.Close()
+		}
+	}()
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	d, err := New(Config{URL: "http://localhost:" + port}, noEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _ := strconv.Atoi(port)
+	dst := netip.AddrPortFrom(netip.MustParseAddr("198.51.100.9"), uint16(p)) // not dialed: the proxy is
+	for _, name := range []string{"localhost", "LocalHost."} {
+		if _, err := d.Dial(context.Background(), dst, name); reason(err) != ReasonSelf {
+			t.Errorf("CONNECT %s:%s: %v, want %s", name, port, err, ReasonSelf)
+		}
+	}
+	if n := asked.Load(); n != 0 {
+		t.Errorf("the proxy was asked %d times for itself", n)
+	}
+	// The same name at another port is another service.
+	other := netip.AddrPortFrom(dst.Addr(), uint16(p)+1)
+	if _, err := d.Dial(context.Background(), other, "localhost"); reason(err) == ReasonSelf {
+		t.Errorf("localhost:%d refused as the proxy", other.Port())
 	}
 }

@@ -66,6 +66,8 @@ func (e *Error) Unwrap() error { return e.Err }
 type Dialer struct {
 	scheme     string // socks5 or http
 	addr       string // the proxy, host:port
+	name       string // the proxy's host name, lower case, if given by name
+	port       uint16
 	user, pass string
 	auth       string // Proxy-Authorization, for http
 	self       []netip.AddrPort
@@ -85,9 +87,11 @@ func New(c Config, lookupEnv func(string) (string, bool)) (*Dialer, error) {
 		return nil, err
 	}
 	shown := redact(c.URL)
+	d.port = port
 	if a, err := netip.ParseAddr(u.Hostname()); err == nil {
 		d.self = append(d.self, netip.AddrPortFrom(a.Unmap(), port))
 	} else {
+		d.name = strings.ToLower(strings.TrimSuffix(u.Hostname(), "."))
 		// A name is resolved once, at start, with the host's resolver: the
 		// agent then dials addresses (no lookup per flow, none after its
 		// system calls are narrowed), and refuses flows to them.
@@ -309,6 +313,11 @@ func (d *Dialer) RefuseSelf() error {
 // proxy is asked for name:port instead, and resolves it itself.
 func (d *Dialer) Dial(ctx context.Context, dst netip.AddrPort, name string) (net.Conn, error) {
 	if d.IsProxy(dst, nil) {
+		return nil, d.RefuseSelf()
+	}
+	// Nor by the proxy's own name, which the proxy would resolve to
+	// itself whatever address the sandbox was given for it.
+	if n := strings.ToLower(strings.TrimSuffix(name, ".")); n != "" && n == d.name && dst.Port() == d.port {
 		return nil, d.RefuseSelf()
 	}
 	target := dst.String()
