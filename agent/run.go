@@ -208,7 +208,8 @@ func (a *Agent) commandEnv() ([]string, error) {
 
 // hiddenFromCommand are the host files that hold what the command must
 // never reach, masked in its mount namespace: the control socket, the
-// secrets file and the files secrets are read from, the CA's key. (Run as
+// secrets file and the files secrets are read from, the CA's key, the
+// upstream proxy's credentials file. (Run as
 // --user root, the command could read root's 0600 files otherwise.)
 func (a *Agent) hiddenFromCommand() []string {
 	var hide []string
@@ -223,6 +224,9 @@ func (a *Agent) hiddenFromCommand() []string {
 	add(a.cfg.Control)
 	add(a.cfg.Secrets.File)
 	add(a.cfg.TLS.CAKey)
+	if a.cfg.Upstream.Enabled() {
+		add(a.cfg.Upstream.CredentialsFile)
+	}
 	if specs, err := a.cfg.Secrets.specs(); err == nil {
 		for _, sp := range specs {
 			add(sp.FromFile)

@@ -98,8 +98,14 @@ func (a *Agent) checkCommandEnv(specs []secrets.Spec) error {
 	return nil
 }
 
-// secretSources are the variables the secrets are read from.
-func (a *Agent) secretSources() []string { return a.secretSrc }
+// secretSources are the variables the secrets are read from, and the
+// one the upstream proxy's credentials are: none reaches the command.
+func (a *Agent) secretSources() []string {
+	if v := a.cfg.Upstream.CredentialsEnv; v != "" && a.cfg.Upstream.Enabled() {
+		return append(slices.Clip(a.secretSrc), v)
+	}
+	return a.secretSrc
+}
 
 // rewriter is what interception rewrites requests with: the secrets, if
 // any.

@@ -10,7 +10,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/upstream"
 )
 
@@ -26,6 +28,13 @@ type upstreamRoute struct {
 func (a *Agent) buildUpstream() error {
 	if !a.cfg.Upstream.Enabled() {
 		return nil
+	}
+	if v := a.cfg.Upstream.CredentialsEnv; v != "" {
+		for _, e := range a.cfg.CommandEnv {
+			if sandbox.EnvName(e) == v {
+				return fielderr.Bad("env", e, "%s holds the upstream proxy's credentials, which never reach the command", v)
+			}
+		}
 	}
 	d, err := upstream.New(a.cfg.Upstream, os.LookupEnv)
 	if err != nil {
@@ -45,6 +54,13 @@ func (a *Agent) buildUpstream() error {
 // against the policy on the first bytes.
 func (a *Agent) dialTCP(ctx context.Context, f policy.Flow, d policy.Decision, to netip.AddrPort) (net.Conn, error) {
 	u := a.upstream
+	if u != nil && (u.d.IsProxy(to, a.isHostAddr) || u.d.IsProxy(f.Dst, a.isHostAddr)) {
+		// By the host's addresses or a bypass, too: the proxy would carry
+		// the sandbox anywhere.
+		a.log.Warn("flow to the upstream proxy itself refused; the sandbox gets a reset", "flow_id", f.ID,
+			"src", f.Src, "dst", f.Dst, "reason", upstream.ReasonSelf)
+		return nil, u.d.RefuseSelf()
+	}
 	var names []string
 	if u != nil && to == f.Dst {
 		names = a.popts.Pins.Lookup(f.Dst.Addr().Unmap())
@@ -73,6 +89,10 @@ func (a *Agent) dialTCP(ctx context.Context, f policy.Flow, d policy.Decision, t
 	u.proxied.Add(1)
 	return c, nil
 }
+
+// isHostAddr reports whether a is one of the host's own addresses (the
+// gateway's included).
+func (a *Agent) isHostAddr(x netip.Addr) bool { return a.popts.Host.Contains(x.Unmap()) }
 
 // allowedName is the name, among those the destination was resolved from,
 // by which the policy allowed the flow.

@@ -4,13 +4,14 @@ import (
 	"bufio"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 )
 
 // Inherited are the variables of msbtap's own environment the command
-// gets as they are (LC_* too, see inherited). HOME, USER, LOGNAME and
+// gets as they are (the locale's too, see Locale). HOME, USER, LOGNAME and
 // SHELL are not among them: they describe the user the command runs as
 // (see Account). Everything else — the caller's tokens, SSH_AUTH_SOCK,
 // DBUS_*, XDG_RUNTIME_DIR, LD_PRELOAD — stays out unless --env names it.
@@ -23,13 +24,15 @@ const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 // without asking.
 func IsInherited(name string) bool { return inherited(name) }
 
+// Locale are the locale variables the command inherits: LC_ALL and the
+// categories of POSIX and glibc, by name. Not every LC_ name: sshd takes
+// LC_* from the client (AcceptEnv), and people pass tokens that way
+// (LC_GITHUB_TOKEN).
+var Locale = []string{"LC_ALL", "LC_CTYPE", "LC_COLLATE", "LC_MESSAGES", "LC_MONETARY", "LC_NUMERIC", "LC_TIME",
+	"LC_ADDRESS", "LC_IDENTIFICATION", "LC_MEASUREMENT", "LC_NAME", "LC_PAPER", "LC_TELEPHONE"}
+
 func inherited(name string) bool {
-	for _, n := range Inherited {
-		if name == n {
-			return true
-		}
-	}
-	return strings.HasPrefix(name, "LC_")
+	return slices.Contains(Inherited, name) || slices.Contains(Locale, name)
 }
 
 // EnvOptions are what the command's environment is made of.

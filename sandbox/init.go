@@ -98,6 +98,12 @@ func initMain() (int, error) {
 	for i, g := range spec.Groups {
 		groups[i] = uint32(g)
 	}
+	// Only 0, 1 and 2 reach the command: a descriptor msbtap inherited (a
+	// directory of the host's /tmp, a socket, --ready-fd) would lead
+	// around the private directories and the network namespace.
+	if err := closeOnExecFrom(3); err != nil {
+		return 0, err
+	}
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs)
 	pid, err := syscall.ForkExec(path, spec.Argv, &syscall.ProcAttr{
@@ -106,7 +112,12 @@ func initMain() (int, error) {
 		Files: []uintptr{0, 1, 2},
 		Sys: &syscall.SysProcAttr{
 			Credential: &syscall.Credential{Uid: uint32(spec.UID), Gid: uint32(spec.GID), Groups: groups},
-			Setpgid:    true,
+			// A session of its own, with no controlling terminal: on
+			// msbtap's, TIOCSTI would let the command type a line into
+			// the shell that started msbtap, run there, outside the
+			// sandbox, once msbtap exits. (Its process group is its own
+			// as before, so signals reach it the same way.)
+			Setsid: true,
 		},
 	})
 	if err != nil {
@@ -145,6 +156,30 @@ func initMain() (int, error) {
 		}
 	}
 	return 0, nil
+}
+
+// closeOnExecFrom marks every open descriptor from lowest up close-on-exec
+// (Go opens its own so, not those the process inherited).
+func closeOnExecFrom(lowest int) error {
+	d, err := os.Open("/proc/self/fd")
+	if err != nil {
+		return fmt.Errorf("list open descriptors: %w", err)
+	}
+	defer d.Close()
+	names, err := d.Readdirnames(-1)
+	if err != nil {
+		return fmt.Errorf("list open descriptors: %w", err)
+	}
+	for _, n := range names {
+		fd, err := strconv.Atoi(n)
+		if err != nil || fd < lowest {
+			continue
+		}
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil && err != unix.EBADF {
+			return fmt.Errorf("close descriptor %d on exec: %w", fd, err)
+		}
+	}
+	return nil
 }
 
 // keepBounding stays in the command's bounding set: ping carries

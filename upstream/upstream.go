@@ -10,6 +10,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -65,6 +66,8 @@ func (e *Error) Unwrap() error { return e.Err }
 type Dialer struct {
 	scheme     string // socks5 or http
 	addr       string // the proxy, host:port
+	name       string // the proxy's host name, lower case, if given by name
+	port       uint16
 	user, pass string
 	auth       string // Proxy-Authorization, for http
 	self       []netip.AddrPort
@@ -84,9 +87,11 @@ func New(c Config, lookupEnv func(string) (string, bool)) (*Dialer, error) {
 		return nil, err
 	}
 	shown := redact(c.URL)
+	d.port = port
 	if a, err := netip.ParseAddr(u.Hostname()); err == nil {
 		d.self = append(d.self, netip.AddrPortFrom(a.Unmap(), port))
 	} else {
+		d.name = strings.ToLower(strings.TrimSuffix(u.Hostname(), "."))
 		// A name is resolved once, at start, with the host's resolver: the
 		// agent then dials addresses (no lookup per flow, none after its
 		// system calls are narrowed), and refuses flows to them.
@@ -275,13 +280,45 @@ func (d *Dialer) fail(reason string, err error) error {
 	return &Error{Reason: reason, Err: err}
 }
 
+// IsProxy reports whether a flow to a would reach the proxy itself: one of
+// its addresses at its port, or, when the proxy runs on this host (a
+// loopback address or one isHost says is the host's), any address of the
+// host at its port, since a proxy listening on all of them answers on
+// each. isHost may be nil.
+func (d *Dialer) IsProxy(a netip.AddrPort, isHost func(netip.Addr) bool) bool {
+	host := func(x netip.Addr) bool {
+		return x.IsLoopback() || x.IsUnspecified() || (isHost != nil && isHost(x))
+	}
+	dst := a.Addr().Unmap()
+	for _, s := range d.self {
+		if s.Port() != a.Port() {
+			continue
+		}
+		if s.Addr() == dst || (host(s.Addr()) && host(dst)) {
+			return true
+		}
+	}
+	return false
+}
+
+// RefuseSelf counts, and returns the error for, a flow to the proxy
+// itself: whatever route it would take, the sandbox never talks to the
+// proxy (which would carry anything it asked for past the policy, with
+// msbtap's credentials or a proxy's own).
+func (d *Dialer) RefuseSelf() error {
+	return d.fail(ReasonSelf, errors.New("the sandbox may not talk to the upstream proxy itself"))
+}
+
 // Dial connects to dst through the proxy; when name is not empty the
 // proxy is asked for name:port instead, and resolves it itself.
 func (d *Dialer) Dial(ctx context.Context, dst netip.AddrPort, name string) (net.Conn, error) {
-	for _, s := range d.self {
-		if s.Addr() == dst.Addr().Unmap() && s.Port() == dst.Port() {
-			return nil, d.fail(ReasonSelf, errors.New("the sandbox may not talk to the upstream proxy itself"))
-		}
+	if d.IsProxy(dst, nil) {
+		return nil, d.RefuseSelf()
+	}
+	// Nor by the proxy's own name, which the proxy would resolve to
+	// itself whatever address the sandbox was given for it.
+	if n := strings.ToLower(strings.TrimSuffix(name, ".")); n != "" && n == d.name && dst.Port() == d.port {
+		return nil, d.RefuseSelf()
 	}
 	target := dst.String()
 	if name != "" {
@@ -346,6 +383,9 @@ func (d *Dialer) socks(ctx context.Context, c *net.TCPConn, target string) (net.
 	return c, nil
 }
 
+// maxConnectAnswer bounds the CONNECT answer's status line and header.
+const maxConnectAnswer = 64 << 10
+
 func (d *Dialer) connect(ctx context.Context, c *net.TCPConn, target string) (net.Conn, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		c.SetDeadline(dl)
@@ -359,12 +399,19 @@ func (d *Dialer) connect(ctx context.Context, c *net.TCPConn, target string) (ne
 	if _, err := c.Write([]byte(req + "\r\n")); err != nil {
 		return nil, d.fail(ReasonUnreachable, fmt.Errorf("CONNECT %s: %w", target, err))
 	}
-	br := bufio.NewReaderSize(c, 4096)
+	// The proxy's answer is read through a bound: one that never ends its
+	// header would otherwise be read, and kept, until the dial times out.
+	lr := &io.LimitedReader{R: c, N: maxConnectAnswer}
+	br := bufio.NewReaderSize(lr, 4096)
 	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
 	if err != nil {
+		if lr.N <= 0 {
+			return nil, d.fail(ReasonRefused, fmt.Errorf("CONNECT %s: the proxy's answer is longer than %d bytes", target, maxConnectAnswer))
+		}
 		return nil, d.fail(ReasonUnreachable, fmt.Errorf("CONNECT %s: no answer from the proxy: %w", target, err))
 	}
-	resp.Body.Close()
+	// A refusal's body is not read (nor drained: the connection is
+	// dropped); a 2xx answer to CONNECT has none.
 	switch {
 	case resp.StatusCode == http.StatusProxyAuthRequired:
 		return nil, d.fail(ReasonAuth, fmt.Errorf("CONNECT %s: %s", target, resp.Status))

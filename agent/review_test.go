@@ -1,0 +1,136 @@
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/upstream"
+)
+
+// TestUpstreamCredentialsNeverReachTheCommand: the upstream proxy's
+// credentials are a secret like the others. Their variable never takes
+// msbtap's value in the command's environment, even under a name the
+// allow-list passes on (LC_*); --env naming it is refused with an env
+// error; their file is masked in the command's mount namespace (as --user
+// root, the command could read root's 0600 file otherwise).
+func TestUpstreamCredentialsNeverReachTheCommand(t *testing.T) {
+	b := make([]byte, 12)
+	rand.Read(b)
+	pass := hex.EncodeToString(b)
+	t.Setenv("LC_PROXY_AUTH", "user:"+pass)
+	a := &Agent{cfg: Config{Command: []string{"sh"},
+		Upstream: upstream.Config{URL: "http://127.0.0.1:3128", CredentialsEnv: "LC_PROXY_AUTH"}}}
+	env, err := a.commandEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range env {
+		if strings.Contains(kv, pass) {
+			t.Errorf("the command's environment holds the proxy's password: %s", kv)
+		}
+	}
+	for _, e := range []string{"LC_PROXY_AUTH", "LC_PROXY_AUTH=mine"} {
+		a.cfg.CommandEnv = []string{e}
+		a.ctl = &controller{a: a, reg: prometheus.NewRegistry()}
+		a.log = slog.New(slog.NewTextHandler(io.Discard, nil))
+		err := a.buildUpstream()
+		var fe *fielderr.Error
+		if !errors.As(err, &fe) || fe.Field != "env" || strings.Contains(err.Error(), pass) {
+			t.Errorf("--env %s: %v, want an env error without the value", e, err)
+		}
+		if env, err := a.commandEnv(); err == nil && strings.Contains(strings.Join(env, "\n"), pass) {
+			t.Errorf("--env %s: the command gets the password", e)
+		}
+	}
+
+	creds := filepath.Join(t.TempDir(), "proxy-credentials")
+	a = &Agent{cfg: Config{Command: []string{"sh"},
+		Upstream: upstream.Config{URL: "socks5://127.0.0.1:1080", CredentialsFile: creds}}}
+	if hide := a.hiddenFromCommand(); !slices.Contains(hide, creds) {
+		t.Errorf("the credentials file %s is not masked from the command: %v", creds, hide)
+	}
+}
+
+// TestUpstreamProxyNeverReachedDirectly: a flow to the proxy itself is
+// refused on every route, not only through the proxy: to the gateway at
+// the proxy's port when the proxy listens on the host's loopback (the
+// gateway maps to it), to the proxy's address when a bypass covers it (in
+// IPv4-mapped form too). The proxy never sees a connection, and the
+// refusals are counted. (Nothing is dialed but loopback.)
+func TestUpstreamProxyNeverReachedDirectly(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var accepted atomic.Int32
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			c.Close()
+		}
+	}()
+	proxyAt := netip.MustParseAddrPort(ln.Addr().String())
+	d, err := upstream.New(upstream.Config{URL: "http://" + proxyAt.String(), Bypass: []string{"127.0.0.0/8", "198.51.100.0/24"}}, func(string) (string, bool) { return "", false })
+	if err != nil {
+		t.Fatal(err)
+	}
+	gw, hostAddr := netip.MustParseAddr("10.200.0.1"), netip.MustParseAddr("198.51.100.77")
+	a := &Agent{upstream: &upstreamRoute{d: d}, log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		popts: policy.Options{Host: policy.NewHostSet(gw, hostAddr), Pins: policy.NewPins(0)}}
+	port := proxyAt.Port()
+	for _, tc := range []struct{ dst, to netip.AddrPort }{
+		{netip.AddrPortFrom(gw, port), proxyAt}, // the host, mapped to its loopback
+		{proxyAt, proxyAt},                      // the proxy's address, bypassed
+		{netip.MustParseAddrPort("[::ffff:127.0.0.1]:" + strconv.Itoa(int(port))), proxyAt},
+	} {
+		f := policy.Flow{Proto: policy.TCP, Src: netip.MustParseAddrPort("10.200.0.2:40000"), Dst: tc.dst}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		c, err := a.dialTCP(ctx, f, policy.Decision{Action: policy.Allow}, tc.to)
+		cancel()
+		if err == nil {
+			c.Close()
+			t.Errorf("flow to %s (dialed at %s) reached the proxy's port", tc.dst, tc.to)
+		} else if ue, ok := err.(*upstream.Error); !ok || ue.Reason != upstream.ReasonSelf {
+			t.Errorf("flow to %s: %v, want %s", tc.dst, err, upstream.ReasonSelf)
+		}
+	}
+	time.Sleep(50 * time.Millisecond)
+	if n := accepted.Load(); n != 0 {
+		t.Errorf("the proxy got %d connections from the sandbox", n)
+	}
+	if n := d.Failures()[upstream.ReasonSelf]; n != 3 {
+		t.Errorf("%d refusals counted, want 3", n)
+	}
+	// Another of the host's addresses at the proxy's port is the proxy
+	// too (it may listen on all of them); another port is not.
+	if !a.upstream.d.IsProxy(netip.AddrPortFrom(hostAddr, port), a.isHostAddr) {
+		t.Errorf("%s not taken for the proxy", netip.AddrPortFrom(hostAddr, port))
+	}
+	for _, other := range []netip.AddrPort{netip.AddrPortFrom(gw, port+1), netip.MustParseAddrPort("198.51.100.200:" + strconv.Itoa(int(port)))} {
+		if a.upstream.d.IsProxy(other, a.isHostAddr) {
+			t.Errorf("%s taken for the proxy", other)
+		}
+	}
+}
