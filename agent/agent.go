@@ -73,6 +73,11 @@ type Config struct {
 	// ReadyFD (≥ 3) is written "ready" and closed once the network works;
 	// -1 for none.
 	ReadyFD int
+	// TerminatedFD (≥ 3; lower: none) is written "terminated" the moment a fatal
+	// violation fires, before the network is cut, so that a supervisor
+	// (msbtap-cni's) never restarts a sandbox that must stay stopped
+	// however the agent then ends.
+	TerminatedFD int
 	// PIDFile receives the agent's pid while it runs.
 	PIDFile string
 
@@ -132,10 +137,12 @@ type Config struct {
 
 // Agent is one running sandbox network.
 type Agent struct {
-	cfg    Config
-	log    *slog.Logger
-	popts  policy.Options
-	holder *policy.Holder
+	cfg Config
+	log *slog.Logger
+	// terminatedOut is Config.TerminatedFD, told of a fatal violation.
+	terminatedOut *os.File
+	popts         policy.Options
+	holder        *policy.Holder
 	// policyFile is the policy in force, as written.
 	policyFile atomic.Pointer[policy.File]
 	ctl        *controller
@@ -197,6 +204,13 @@ func New(cfg Config) (a *Agent, err error) {
 		if _, err := unix.FcntlInt(uintptr(cfg.ReadyFD), unix.F_GETFD, 0); err != nil {
 			return a, fielderr.Bad("ready_fd", cfg.ReadyFD, "not an open file descriptor")
 		}
+	}
+	if cfg.TerminatedFD > 2 {
+		if _, err := unix.FcntlInt(uintptr(cfg.TerminatedFD), unix.F_GETFD, 0); err != nil {
+			return a, fielderr.Bad("terminated_fd", cfg.TerminatedFD, "not an open file descriptor")
+		}
+		unix.CloseOnExec(cfg.TerminatedFD)
+		a.terminatedOut = os.NewFile(uintptr(cfg.TerminatedFD), "terminated-fd")
 	}
 	if cfg.needsKeeper() {
 		// Started first, so that it starts while the rest is built, and
@@ -344,7 +358,7 @@ func (a *Agent) buildPolicy() error {
 		}
 		a.onClose(func() { a.audit.Close() })
 	}
-	a.term = newTerminator(terminatorConfig{onTerminate: a.cfg.OnTerminate, guestPID: a.cfg.GuestPID, cut: a.cutNetwork}, a.holder, a.log)
+	a.term = newTerminator(terminatorConfig{onTerminate: a.cfg.OnTerminate, guestPID: a.cfg.GuestPID, cut: a.cutNetwork, notify: a.terminatedOut}, a.holder, a.log)
 	return nil
 }
 

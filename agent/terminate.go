@@ -3,6 +3,7 @@ package agent
 import (
 	"fmt"
 	"log/slog"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -30,6 +31,8 @@ type terminatorConfig struct {
 	// cut cuts the sandbox's network at once (deny everything, reset every
 	// open flow).
 	cut func()
+	// notify, if set, hears "terminated" before anything else happens.
+	notify *os.File
 }
 
 // terminator carries out the termination hook: once, on the first fatal
@@ -82,6 +85,9 @@ func (t *terminator) hook() {
 		t.mu.Unlock()
 		if v == nil {
 			v = &Terminated{Rule: "termination hook"}
+		}
+		if t.c.notify != nil {
+			t.c.notify.WriteString("terminated\n")
 		}
 		if t.c.cut != nil {
 			t.c.cut()

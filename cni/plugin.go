@@ -217,8 +217,15 @@ func start(c *NetConf, msbtap, dir string, st *state) (plan.Plan, error) {
 			return p, err
 		}
 	}
+	// The supervisor (this binary) restarts the agent if it dies, into the
+	// same namespace and slot with the same TAP and policy.
+	self, selfErr := os.Executable()
+	st.Supervised = selfErr == nil
 	args := []string{"run", "--netns", st.Netns, "--tap", st.IfName, "--slot", strconv.Itoa(st.Slot),
 		"--ready-fd", "3", "--pid-file", filepath.Join(dir, "pid"), "--log-format", "json"}
+	if st.Supervised {
+		args = append(args, "--terminated-fd", "4") // the supervisor's pipe
+	}
 	if c.MTU != 0 {
 		args = append(args, "--mtu", strconv.Itoa(c.MTU))
 	}
@@ -249,11 +256,8 @@ func start(c *NetConf, msbtap, dir string, st *state) (plan.Plan, error) {
 		args = append(args, "--publish", s)
 	}
 	argv := append([]string{msbtap}, args...)
-	if self, err := os.Executable(); err == nil {
-		// The supervisor restarts the agent if it dies, into the same
-		// namespace and slot with the same TAP and policy.
+	if st.Supervised {
 		argv = append([]string{self, "supervise", "--netns", st.Netns, "--"}, argv...)
-		st.Supervised = true
 	}
 	if unit, ok := systemdScope(st.ContainerID); ok {
 		st.Unit = unit

@@ -45,7 +45,10 @@ func agentPID(dir string) int {
 // slot, TAP name, policy), whenever it dies of anything but a clean exit
 // or a fatal violation, as long as the namespace exists. The agent's first
 // "ready" is passed on to the supervisor's own fd 3 (the plugin waits on
-// it); SIGTERM or SIGINT stops the agent and then the supervisor.
+// it); SIGTERM or SIGINT stops the agent and then the supervisor. The
+// agent gets a pipe at fd 4 too (`msbtap run --terminated-fd 4`): once it
+// says "terminated" there, the sandbox stays stopped however the agent
+// then ends (killed or crashed while it tore down, not only exit 3).
 func Supervise(args []string, stderr io.Writer) int {
 	logf := func(format string, a ...any) {
 		fmt.Fprintf(stderr, "msbtap-cni supervise: "+format+"\n", a...)
@@ -81,6 +84,9 @@ func Supervise(args []string, stderr io.Writer) int {
 			return 1
 		case stopped:
 			return 0
+		case terminatedSeen.Load():
+			logf("the agent reported a fatal violation (status %d): not restarting", code)
+			return exitTerminated
 		case first && !readyReported.Load():
 			// It never came up: ADD reports the failure, nothing to keep.
 			return code
@@ -104,8 +110,9 @@ func Supervise(args []string, stderr io.Writer) int {
 	}
 }
 
-// readyReported is set once the agent's first "ready" was passed on.
-var readyReported atomic.Bool
+// readyReported is set once the agent's first "ready" was passed on;
+// terminatedSeen once an agent reported a fatal violation.
+var readyReported, terminatedSeen atomic.Bool
 
 // runAgent runs argv once with a ready pipe as its fd 3, passing its
 // "ready" line to readyOut (if any). It returns the exit status (128+N
@@ -115,16 +122,34 @@ func runAgent(argv []string, readyOut *os.File, sigc chan os.Signal) (code int, 
 	if err != nil {
 		return 0, false, err
 	}
+	tr, tw, err := os.Pipe()
+	if err != nil {
+		pr.Close()
+		pw.Close()
+		return 0, false, err
+	}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-	cmd.ExtraFiles = []*os.File{pw}
+	cmd.ExtraFiles = []*os.File{pw, tw}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	if err := cmd.Start(); err != nil {
 		pw.Close()
 		pr.Close()
+		tw.Close()
+		tr.Close()
 		return 0, false, err
 	}
 	pw.Close()
+	tw.Close()
+	termDone := make(chan struct{})
+	go func() {
+		defer close(termDone)
+		defer tr.Close()
+		s, _ := bufio.NewReader(tr).ReadString('\n')
+		if strings.TrimSpace(s) == "terminated" {
+			terminatedSeen.Store(true)
+		}
+	}()
 	readDone := make(chan struct{})
 	go func() {
 		defer close(readDone)
@@ -139,7 +164,8 @@ func runAgent(argv []string, readyOut *os.File, sigc chan os.Signal) (code int, 
 	done := make(chan error, 1)
 	go func() {
 		err := cmd.Wait()
-		<-readDone // the pipe ends with the agent
+		<-readDone // the pipes end with the agent
+		<-termDone
 		done <- err
 	}()
 	for {

@@ -79,6 +79,7 @@ func oneOf[T any](flag, v string, choices map[string]T) (T, error) {
 // logs to logTo.
 func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 	cfg.TapName, cfg.ReadyFD, cfg.PIDFile, cfg.Command = s.String("tap"), s.Int("ready-fd"), s.String("pid-file"), s.Args()
+	cfg.TerminatedFD = s.Int("terminated-fd")
 	cfg.VM, cfg.TapOwner = s.Bool("vm"), s.Int("tap-owner")
 	offload, logFormat, level := s.String("offload"), s.String("log-format"), s.String("log-level")
 	if s.IsGiven("netns") {
@@ -163,6 +164,9 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 	}
 	if cfg.Plan, err = p.Apply(ov); err != nil {
 		return cfg, err
+	}
+	if cfg.TerminatedFD == 0 || cfg.TerminatedFD == 1 || cfg.TerminatedFD == 2 || cfg.TerminatedFD < -1 || (cfg.TerminatedFD >= 0 && cfg.TerminatedFD == cfg.ReadyFD) {
+		return cfg, fielderr.Bad("terminated_fd", cfg.TerminatedFD, "must be an inherited descriptor above 2, not the ready one")
 	}
 	if cfg.ReadyFD == 0 || cfg.ReadyFD == 1 || cfg.ReadyFD == 2 || cfg.ReadyFD < -1 {
 		return cfg, fielderr.Bad("ready_fd", cfg.ReadyFD, "must be an inherited descriptor above 2")

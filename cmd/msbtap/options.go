@@ -35,6 +35,7 @@ func runFlags() []cli.Flag {
 		&cli.StringFlag{Name: "guest-ipv6", Usage: "guest IPv6 address `A[/LEN]` (gateway = A-1)"},
 		&cli.StringFlag{Name: "guest-mac", Usage: "guest MAC address `M`"},
 		&cli.IntFlag{Name: "ready-fd", Value: -1, Usage: "write a line to file descriptor `N` and close it once ready"},
+		&cli.IntFlag{Name: "terminated-fd", Value: -1, Usage: "write \"terminated\" to file descriptor `N` the moment a fatal violation fires, before the network is cut (for a supervisor that must not restart a stopped sandbox)"},
 		&cli.StringFlag{Name: "pid-file", Usage: "write msbtap's pid to `FILE`"},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "log format: text or json"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level: debug, info, warn or error"},

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -188,10 +189,21 @@ func TestTerminate(t *testing.T) {
 	// directory (root's, mode 0700) through binds, as root.
 	cmd := w.Host.Command(w.Msbtap, "run", "--policy", pol, "--dns-upstream", testenv.DNSHost4,
 		"--user", "root", "--bind-ro", filepath.Dir(w.Testhost), "--bind", filepath.Dir(marker),
-		"--on-terminate", "env | grep ^MSBTAP_VIOLATION_ > "+envFile, "--", "sh", "-c", script)
+		"--on-terminate", "env | grep ^MSBTAP_VIOLATION_ > "+envFile, "--terminated-fd", "3", "--", "sh", "-c", script)
+	// --terminated-fd: what msbtap-cni's supervisor listens to.
+	tr, tw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	cmd.ExtraFiles = []*os.File{tw}
 	start := time.Now()
 	out, err := cmd.CombinedOutput()
 	took := time.Since(start)
+	tw.Close()
+	if told, _ := io.ReadAll(tr); string(told) != "terminated\n" {
+		t.Errorf("--terminated-fd got %q, want \"terminated\\n\"", told)
+	}
 	if cmd.ProcessState == nil || cmd.ProcessState.ExitCode() != 3 {
 		t.Fatalf("msbtap: %v, want exit status 3\n%s", err, out)
 	}
