@@ -3,6 +3,7 @@ package cni
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"net"
 	"os"
 	"os/exec"
@@ -183,30 +184,69 @@ func TestInstallMode(t *testing.T) {
 	}
 }
 
-// TestSupervisorRestarts: the supervisor passes the first "ready" on,
-// restarts an agent killed by a signal at once, and stops it on SIGTERM;
-// an agent that fails before it is ready is not restarted.
-func TestSupervisorRestarts(t *testing.T) {
+// supervisorRun is a supervisor started as msbtap-cni starts it (a
+// process of its own, a ready pipe at fd 3) on a fake agent: a shell
+// script that may use $DIR (a fresh directory) and fds 3 and 4.
+type supervisorRun struct {
+	dir   string
+	cmd   *exec.Cmd
+	ready *os.File
+	done  chan error
+}
+
+func startSupervisor(t *testing.T, script string) *supervisorRun {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("starts processes")
 	}
 	dir := t.TempDir()
 	ns := filepath.Join(dir, "ns")
 	os.WriteFile(ns, nil, 0o600)
-	// The fake agent: counts its starts, says ready, and sleeps.
-	script := `n=$(cat ` + dir + `/count 2>/dev/null || echo 0); echo $((n+1)) > ` + dir + `/count; echo $$ > ` + dir + `/pid; echo ready >&3; exec 3>&-; exec sleep 60`
 	cmd := exec.Command(os.Args[0], "-test.run=^TestSuperviseHelper$")
-	cmd.Env = append(os.Environ(), "MSBTAP_SUPERVISE_HELPER=1", "MSBTAP_SUPERVISE_NS="+ns, "MSBTAP_SUPERVISE_SCRIPT="+script)
+	cmd.Env = append(os.Environ(), "MSBTAP_SUPERVISE_HELPER=1", "MSBTAP_SUPERVISE_NS="+ns, "MSBTAP_SUPERVISE_SCRIPT="+strings.ReplaceAll(script, "$DIR", dir))
 	pr, pw, _ := os.Pipe()
+	t.Cleanup(func() { pr.Close() })
 	cmd.ExtraFiles = []*os.File{pw}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	pw.Close()
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	r := &supervisorRun{dir: dir, cmd: cmd, ready: pr, done: make(chan error, 1)}
+	go func() { r.done <- cmd.Wait() }()
+	return r
+}
+
+// wantExit waits for the supervisor to end with status code.
+func (r *supervisorRun) wantExit(t *testing.T, code int, what string) {
+	t.Helper()
+	select {
+	case err := <-r.done:
+		var ee *exec.ExitError
+		if code == 0 && err != nil || code != 0 && (!errors.As(err, &ee) || ee.ExitCode() != code) {
+			t.Errorf("supervisor ended with %v, want status %d", err, code)
+		}
+	case <-time.After(15 * time.Second):
+		r.cmd.Process.Kill()
+		<-r.done
+		t.Fatalf("the supervisor did not end: %s", what)
+	}
+}
+
+// runs is how many times the fake agent wrote a line to $DIR/runs.
+func (r *supervisorRun) runs() int {
+	b, _ := os.ReadFile(filepath.Join(r.dir, "runs"))
+	return strings.Count(string(b), "\n")
+}
+
+// TestSupervisorRestarts: the supervisor passes the first "ready" on,
+// restarts an agent killed by a signal at once, and stops it on SIGTERM;
+// an agent that fails before it is ready is not restarted.
+func TestSupervisorRestarts(t *testing.T) {
+	// The fake agent: counts its starts, says ready, and sleeps.
+	r := startSupervisor(t, `echo run >> $DIR/runs; echo $$ > $DIR/pid; echo ready >&3; exec 3>&-; exec sleep 60`)
+	dir := r.dir
 	buf := make([]byte, 16)
-	n, _ := pr.Read(buf)
+	n, _ := r.ready.Read(buf)
 	if strings.TrimSpace(string(buf[:n])) != "ready" {
 		t.Fatalf("no ready from the supervisor: %q", buf[:n])
 	}
@@ -220,16 +260,8 @@ func TestSupervisorRestarts(t *testing.T) {
 	if second == first {
 		t.Fatal("the agent was not restarted within 2 s")
 	}
-	cmd.Process.Signal(os.Interrupt)
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("supervisor: %v", err)
-		}
-	case <-time.After(15 * time.Second):
-		cmd.Process.Kill()
-		t.Fatal("the supervisor did not stop")
-	}
+	r.cmd.Process.Signal(os.Interrupt)
+	r.wantExit(t, 0, "after SIGINT")
 	if exec.Command("kill", "-0", strconv.Itoa(second)).Run() == nil {
 		// The sleep may be a zombie of init for a moment.
 		time.Sleep(200 * time.Millisecond)
@@ -240,6 +272,7 @@ func TestSupervisorRestarts(t *testing.T) {
 	}
 	// An agent that fails at once: no restart, its status comes back.
 	var errb bytes.Buffer
+	ns := filepath.Join(dir, "ns")
 	if code := Supervise([]string{"--netns", ns, "--", "sh", "-c", "echo $$ >> " + dir + "/fails; exit 7"}, &errb); code != 7 {
 		t.Errorf("status %d, want 7 (%s)", code, errb.String())
 	}
