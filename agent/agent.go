@@ -80,7 +80,11 @@ type Config struct {
 	// SIGHUP.
 	Policy     *policy.File
 	PolicyPath string
-	DenyMode   stack.DenyMode
+	// Allow are rules put before the policy's own, at start and at every
+	// reload of PolicyPath (--allow's presets); a policy set through the
+	// control socket is taken whole, as given.
+	Allow    []policy.FileRule
+	DenyMode stack.DenyMode
 	// DenyIsFatal makes every deny a terminate.
 	DenyIsFatal              bool
 	DNSBlock, DNSBlockSuffix []string
@@ -256,12 +260,13 @@ func (a *Agent) buildPolicy() error {
 	a.popts = policy.Options{Host: HostAddrs(a.cfg.Plan), Pins: policy.NewPins(0), DenyIsFatal: a.cfg.DenyIsFatal,
 		RefuseQUIC: a.cfg.TLS.Mode == intercept.All || len(a.cfg.Secrets.Flags) > 0 || a.cfg.Secrets.File != ""}
 	a.onClose(watchHostAddrs(a.cfg.Plan, a.popts.Host, a.log))
-	engine, err := policy.Compile(a.cfg.Policy, a.popts)
+	f := policy.WithRulesFirst(a.cfg.Policy, a.cfg.Allow)
+	engine, err := policy.Compile(f, a.popts)
 	if err != nil {
 		return fielderr.Wrap("policy", err)
 	}
 	a.holder = policy.NewHolder(engine)
-	a.policyFile.Store(a.cfg.Policy)
+	a.policyFile.Store(f)
 	// The control socket streams the decision log: it runs (writing
 	// nowhere) without --audit-log too.
 	if a.cfg.AuditLog != "" || a.cfg.Control != "" {

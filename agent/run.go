@@ -177,7 +177,7 @@ func (a *Agent) reloadPolicy() {
 	f, err := policy.LoadFile(path)
 	if err == nil {
 		a.ctl.mu.Lock()
-		err = a.setPolicy(f, path)
+		err = a.setPolicy(policy.WithRulesFirst(f, a.cfg.Allow), path)
 		a.ctl.mu.Unlock()
 	}
 	if err != nil {

@@ -63,7 +63,7 @@ func Compile(f *File, o Options) (*Engine, error) {
 			e.allows = true
 		}
 		e.rules = append(e.rules, r)
-		if r.dir == Egress && (r.dst.kind == matchDomain || r.dst.kind == matchSuffix) {
+		if r.dir == Egress && r.dst.byName() {
 			e.named = true
 		}
 	}
@@ -154,7 +154,7 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 			t, a = &r.src, src
 		}
 		switch t.kind {
-		case matchDomain, matchSuffix:
+		case matchDomain, matchSuffix, matchPreset:
 			if f.Domain != "" {
 				if nameMatches(t, f.Domain) {
 					return e.byName(r, i)
@@ -206,7 +206,7 @@ func (e *Engine) CheckRequest(f Flow, method, path string) Decision {
 			continue
 		}
 		switch r.dst.kind {
-		case matchDomain, matchSuffix:
+		case matchDomain, matchSuffix, matchPreset:
 			if !nameMatches(&r.dst, f.Domain) {
 				continue
 			}
@@ -284,7 +284,7 @@ func (e *Engine) CheckQuery(name string) Decision {
 	name = strings.ToLower(strings.TrimSuffix(name, "."))
 	for i := range e.rules {
 		r := &e.rules[i]
-		if r.dir != Egress || (r.dst.kind != matchDomain && r.dst.kind != matchSuffix) || !nameMatches(&r.dst, name) {
+		if r.dir != Egress || !r.dst.byName() || !nameMatches(&r.dst, name) {
 			continue
 		}
 		if r.action != Allow && (r.protos != 0 || len(r.ports) > 0) {
@@ -322,6 +322,9 @@ func (e *Engine) addrMatches(t *target, a netip.Addr) bool {
 // ("evil\.example.com" is one label "evil.example" then "com") is no
 // boundary.
 func nameMatches(t *target, name string) bool {
+	if t.kind == matchPreset {
+		return t.preset.Matches(name)
+	}
 	if n := len(name); n > 0 && name[n-1] == '.' && !escaped(name, n-1) {
 		name = name[:n-1]
 	}
@@ -422,6 +425,8 @@ func describeTarget(t *Target) string {
 		return "domain " + t.Domain
 	case t.DomainSuffix != "":
 		return "domain_suffix " + t.DomainSuffix
+	case t.Preset != "":
+		return "preset " + t.Preset
 	}
 	return "group " + t.Group
 }

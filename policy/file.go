@@ -70,6 +70,9 @@ type Target struct {
 	Domain       string `json:"domain,omitempty"`
 	DomainSuffix string `json:"domain_suffix,omitempty"`
 	Group        string `json:"group,omitempty"`
+	// Preset names a group of names kept with msbtap (pypi, github, …;
+	// see NamePreset).
+	Preset string `json:"preset,omitempty"`
 }
 
 // UnmarshalJSON accepts "any" or an object with exactly one field.
@@ -77,7 +80,7 @@ func (t *Target) UnmarshalJSON(b []byte) error {
 	var s string
 	if err := json.Unmarshal(b, &s); err == nil {
 		if s != "any" {
-			return fmt.Errorf("%q: want \"any\" or an object with cidr, domain, domain_suffix or group", s)
+			return fmt.Errorf("%q: want \"any\" or an object with cidr, domain, domain_suffix, group or preset", s)
 		}
 		*t = Target{Any: true}
 		return nil
@@ -87,7 +90,7 @@ func (t *Target) UnmarshalJSON(b []byte) error {
 	d := json.NewDecoder(bytes.NewReader(b))
 	d.DisallowUnknownFields()
 	if err := d.Decode(&p); err != nil {
-		return fmt.Errorf("want \"any\" or an object with cidr, domain, domain_suffix or group: %v", cleanJSONErr(err))
+		return fmt.Errorf("want \"any\" or an object with cidr, domain, domain_suffix, group or preset: %v", cleanJSONErr(err))
 	}
 	*t = Target(p)
 	return nil
@@ -232,6 +235,7 @@ const (
 	matchDomain
 	matchSuffix
 	matchGroup
+	matchPreset // any of a NamePreset's names
 )
 
 type target struct {
@@ -239,6 +243,12 @@ type target struct {
 	prefix netip.Prefix
 	name   string // lower case, no trailing dot; suffix without leading dot
 	group  Group
+	preset *NamePreset
+}
+
+// byName reports whether the target matches names rather than addresses.
+func (t *target) byName() bool {
+	return t.kind == matchDomain || t.kind == matchSuffix || t.kind == matchPreset
 }
 
 func compileTarget(t *Target) (target, error) {
@@ -246,13 +256,13 @@ func compileTarget(t *Target) (target, error) {
 		return target{kind: matchAny}, nil
 	}
 	n := 0
-	for _, s := range []string{t.CIDR, t.Domain, t.DomainSuffix, t.Group} {
+	for _, s := range []string{t.CIDR, t.Domain, t.DomainSuffix, t.Group, t.Preset} {
 		if s != "" {
 			n++
 		}
 	}
 	if n != 1 {
-		return target{}, errors.New("want exactly one of cidr, domain, domain_suffix, group")
+		return target{}, errors.New("want exactly one of cidr, domain, domain_suffix, group, preset")
 	}
 	switch {
 	case t.CIDR != "":
@@ -283,6 +293,12 @@ func compileTarget(t *Target) (target, error) {
 			return target{}, fmt.Errorf("domain_suffix: %v", err)
 		}
 		return target{kind: matchSuffix, name: name}, nil
+	case t.Preset != "":
+		p, ok := LookupNamePreset(t.Preset)
+		if !ok {
+			return target{}, fmt.Errorf("preset: %q: want one of %s", t.Preset, strings.Join(NamePresetNames(), ", "))
+		}
+		return target{kind: matchPreset, preset: p}, nil
 	default:
 		g, err := ParseGroup(t.Group)
 		if err != nil {
@@ -349,7 +365,7 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 	if c.src, err = compileTarget(r.Source); err != nil {
 		bad("source: %v", err)
 	}
-	if c.dir == Ingress && (c.dst.kind == matchDomain || c.dst.kind == matchSuffix || c.src.kind == matchDomain || c.src.kind == matchSuffix) {
+	if c.dir == Ingress && (c.dst.byName() || c.src.byName()) {
 		bad("source: ingress rules match addresses, not domains")
 	}
 	for i, p := range r.Protocols {
@@ -375,8 +391,8 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 		c.ports = append(c.ports, pr)
 	}
 	if r.HTTP != nil {
-		if c.dir != Egress || (c.dst.kind != matchDomain && c.dst.kind != matchSuffix) {
-			bad("http: only egress rules to a domain or domain_suffix decide requests")
+		if c.dir != Egress || !c.dst.byName() {
+			bad("http: only egress rules to a domain, domain_suffix or preset decide requests")
 		}
 		if c.protos&^(1<<TCP) != 0 {
 			bad("http: requests run over tcp; the rule's protocols say otherwise")
@@ -397,6 +413,17 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 		bad("action: missing (want allow, deny or terminate)")
 	} else if c.action, err = ParseAction(r.Action); err != nil {
 		bad("action: %v", err)
+	}
+	// A preset states the ports its registry serves on: an allowing rule
+	// that states none of its own allows TCP to those. A deny keeps to
+	// what it says (every port, if it says none).
+	if c.dst.kind == matchPreset && c.action == Allow {
+		if len(r.Ports) == 0 {
+			c.ports = c.dst.preset.portRanges()
+		}
+		if len(r.Protocols) == 0 {
+			c.protos = 1 << TCP
+		}
 	}
 	return c, errs
 }

@@ -230,8 +230,13 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 }
 
 // loadPolicy reads the policy setting: a preset, a file name, or (from a
-// config file) an inline policy object.
+// config file) an inline policy object; and the presets --allow adds.
 func loadPolicy(s Source, cfg *agent.Config) error {
+	rules, err := policy.AllowRules(s.Strings("allow"))
+	if err != nil {
+		return fielderr.Wrap("allow", err)
+	}
+	cfg.Allow = rules
 	if raw, ok := s.InlinePolicy(); ok {
 		f, err := policy.ParseFile(raw)
 		if err != nil {

@@ -43,6 +43,10 @@ func TestBuild(t *testing.T) {
 	if err != nil || cfg.Netns != "/run/netns/sb1" || cfg.RateDown != 50e6/8 || cfg.TLS.Mode.String() != "all" {
 		t.Fatalf("%+v %v", cfg, err)
 	}
+	cfg, err = Build(mapSource{"netns": "sb1", "allow": []string{"pypi,npm", "github"}}, io.Discard)
+	if err != nil || len(cfg.Allow) != 3 || cfg.Allow[2].Destination.Preset != "github" || cfg.Allow[0].Action != "allow" {
+		t.Errorf("--allow: %+v %v", cfg.Allow, err)
+	}
 	if _, err := Build(mapSource{}, io.Discard); !errors.Is(err, ErrNothingToAttach) {
 		t.Errorf("nothing to attach: %v", err)
 	}
@@ -57,6 +61,7 @@ func TestBuild(t *testing.T) {
 		{mapSource{"netns": "x", "pprof": true}, "pprof"},
 		{mapSource{"netns": "x", "secret": []string{"NOHOST"}}, "secret"},
 		{mapSource{"netns": "x", "tls-bypass": []string{"*"}}, "tls_bypass"},
+		{mapSource{"netns": "x", "allow": []string{"nosuch"}}, "allow"},
 	} {
 		_, err := Build(tc.s, io.Discard)
 		var fe *fielderr.Error

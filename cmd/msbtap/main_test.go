@@ -46,6 +46,7 @@ func TestFlagErrors(t *testing.T) {
 		{"ready-fd stdout", []string{"run", "--netns", "x", "--ready-fd", "1"}, "--ready-fd"},
 		{"bad dns upstream", []string{"run", "--netns", "x", "--dns-upstream", "resolver.example"}, "--dns-upstream"},
 		{"max connections zero", []string{"run", "--netns", "x", "--max-connections", "0"}, "--max-connections"},
+		{"unknown allow preset", []string{"run", "--netns", "x", "--allow", "pypi,nosuch"}, "--allow"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := runApp(tc.args...)
@@ -191,4 +192,33 @@ func TestPolicyExplainShowsResolve(t *testing.T) {
 			t.Errorf("%s: %v\n%s", tc.policy, err, out)
 		}
 	}
+}
+
+func TestPolicyExplainPreset(t *testing.T) {
+	out, err := runApp("policy", "explain", "--preset", "debian")
+	if err != nil || !strings.Contains(out, "domain deb.debian.org") || !strings.Contains(out, "tcp 80, 443") || !strings.Contains(out, "source: ") {
+		t.Errorf("--preset debian: %v\n%s", err, out)
+	}
+	out, err = runApp("policy", "explain", "--preset", "list")
+	if err != nil || !strings.Contains(out, "huggingface") || !strings.Contains(out, "rubygems") {
+		t.Errorf("--preset list: %v\n%s", err, out)
+	}
+	if _, err := runApp("policy", "explain", "--preset", "nosuch"); err == nil || !strings.Contains(err.Error(), "pypi") {
+		t.Errorf("unknown preset: %v", err)
+	}
+	// A preset in a rule, explained for a flow to one of its names.
+	out, err = runApp("policy", "explain", "--policy", writeFile(t, `{"default_action": "deny", "rules": [{"destination": {"preset": "pypi"}, "action": "allow"}]}`),
+		"--dst", "198.51.100.7:443", "--domain", "pypi.org")
+	if err != nil || !strings.HasPrefix(out, "allow\nby rules[0]: allow egress to preset pypi") {
+		t.Errorf("explain a preset rule: %v\n%s", err, out)
+	}
+}
+
+func writeFile(t *testing.T, content string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "f.json")
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

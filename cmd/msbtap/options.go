@@ -40,6 +40,7 @@ func runFlags() []cli.Flag {
 		&cli.StringFlag{Name: "metrics-addr", Usage: "serve Prometheus /metrics on `ADDR` (host:port, in msbtap's own namespace)"},
 		&cli.BoolFlag{Name: "pprof", Usage: "also serve Go's /debug/pprof on --metrics-addr (profiling)"},
 		&cli.StringFlag{Name: "policy", Value: policy.DefaultPreset, Usage: "policy: a preset (none, public-only, non-local, allow-all) or a JSON `FILE`"},
+		&cli.StringSliceFlag{Name: "allow", Usage: "allow the names of these presets (`PRESET[,PRESET…]`: pypi, npm, github, …; see msbtap policy explain --preset) before the policy's own rules (repeatable)"},
 		&cli.StringFlag{Name: "deny-mode", Value: "reject", Usage: "how denied flows are refused: reject (TCP RST, ICMP unreachable) or drop"},
 		&cli.StringFlag{Name: "on-violation", Value: "deny", Usage: "deny, or terminate: every denied flow stops the sandbox"},
 		&cli.StringSliceFlag{Name: "dns-block", Usage: "answer NXDOMAIN for `NAME` (repeatable)"},

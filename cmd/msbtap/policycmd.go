@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -46,11 +47,12 @@ func policyCommand() *cli.Command {
 			},
 			{
 				Name:         "explain",
-				Usage:        "print the rule that decides a flow, and its action",
+				Usage:        "print the rule that decides a flow, and its action; or what a preset of names (--preset) holds",
 				OnUsageError: usageErr,
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "policy", Value: policy.DefaultPreset, Usage: "a preset or a policy `FILE`"},
-					&cli.StringFlag{Name: "dst", Required: true, Usage: "destination `IP:PORT` (an IP alone for icmp)"},
+					&cli.StringFlag{Name: "preset", Usage: "print the names, ports and sources of preset `NAME` (pypi, npm, github, …; list: every preset) and exit"},
+					&cli.StringFlag{Name: "dst", Usage: "destination `IP:PORT` (an IP alone for icmp); required unless --preset"},
 					&cli.StringFlag{Name: "proto", Value: "tcp", Usage: "tcp, udp, icmp or icmpv6"},
 					&cli.StringFlag{Name: "domain", Usage: "the `NAME` the destination was resolved from"},
 					&cli.StringFlag{Name: "sni", Usage: "the server `NAME` (TLS SNI or HTTP Host) the connection then asks for"},
@@ -67,6 +69,12 @@ func policyCommand() *cli.Command {
 }
 
 func explain(c *cli.Context) error {
+	if name := c.String("preset"); name != "" {
+		return explainPreset(c, name)
+	}
+	if c.String("dst") == "" {
+		return withStatus(2, errors.New("policy explain: --dst is required (or --preset NAME)"))
+	}
 	f, err := policy.Load(c.String("policy"))
 	if err != nil {
 		return withStatus(1, fmt.Errorf("--policy: %w", err))
@@ -151,4 +159,22 @@ func explainName(c *cli.Context, e *policy.Engine, fl policy.Flow, d policy.Deci
 		rd := e.CheckRequest(fl, m, c.String("path"))
 		fmt.Fprintf(w, "request %s %s%s: %s by %s (intercepted)\n", m, name, c.String("path"), rd.Action, e.Describe(rd.Rule))
 	}
+}
+
+// explainPreset prints a preset of names (or, for "list", every preset
+// with its description).
+func explainPreset(c *cli.Context, name string) error {
+	if name == "list" {
+		for _, n := range policy.NamePresetNames() {
+			p, _ := policy.LookupNamePreset(n)
+			fmt.Fprintf(c.App.Writer, "%-12s %s\n", n, p.Description)
+		}
+		return nil
+	}
+	p, ok := policy.LookupNamePreset(name)
+	if !ok {
+		return withStatus(2, fmt.Errorf("--preset %q: want one of %s (or list)", name, strings.Join(policy.NamePresetNames(), ", ")))
+	}
+	fmt.Fprint(c.App.Writer, p.Explain())
+	return nil
 }
