@@ -20,6 +20,7 @@ type Engine struct {
 	resolveAll bool // under default deny, names no rule lists resolve too
 	named      bool // some egress rule matches by name
 	refuseQUIC bool // UDP to 443 is refused whatever allows it
+	learn      *Learner
 	src        *File
 }
 
@@ -37,6 +38,10 @@ type Options struct {
 	// allows it (all TLS is to be intercepted, say). Flows allowed by
 	// name are refused it in any case: QUIC hides the name.
 	RefuseQUIC bool
+	// Learn, if set, is learn mode: what only the default action would
+	// refuse is allowed instead (never to metadata or the host), and every
+	// flow, request and lookup allowed is recorded in it.
+	Learn *Learner
 }
 
 // Compile builds an Engine from a parsed policy file.
@@ -45,8 +50,8 @@ func Compile(f *File, o Options) (*Engine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("default_action: %v", err)
 	}
-	e := &Engine{def: def, host: o.Host, pins: o.Pins, fatal: o.DenyIsFatal, refuseQUIC: o.RefuseQUIC, src: f}
-	e.allows = def == Allow
+	e := &Engine{def: def, host: o.Host, pins: o.Pins, fatal: o.DenyIsFatal, refuseQUIC: o.RefuseQUIC, learn: o.Learn, src: f}
+	e.allows = def == Allow || o.Learn != nil
 	switch f.Resolve {
 	case "", ResolveListed:
 	case ResolveAll:
@@ -94,12 +99,20 @@ func (e *Engine) decision(a Action, rule int) Decision {
 
 // Check decides a flow: the first rule that matches wins; no match gives
 // the default action for egress and allows ingress.
-func (e *Engine) Check(f Flow) Decision { return e.sideDoors(f, e.check(f, netip.Addr{})) }
+func (e *Engine) Check(f Flow) Decision {
+	if e.learn != nil {
+		return e.learnFlow(f, e.check(f, netip.Addr{}), false)
+	}
+	return e.sideDoors(f, e.check(f, netip.Addr{}))
+}
 
 // CheckAsHost decides a flow as if its destination were one of the host's
 // own addresses (the kernel says it is local, though the host group did not
 // know it yet).
 func (e *Engine) CheckAsHost(f Flow) Decision {
+	if e.learn != nil {
+		return e.learnFlow(f, e.check(f, f.Dst.Addr().Unmap()), true)
+	}
 	return e.sideDoors(f, e.check(f, f.Dst.Addr().Unmap()))
 }
 
@@ -200,6 +213,13 @@ func (e *Engine) byName(r *rule, i int) Decision {
 // request's host): the first rule that matches the flow and, if it has
 // HTTP conditions, the method and path, decides; none gives the default.
 func (e *Engine) CheckRequest(f Flow, method, path string) Decision {
+	if e.learn != nil {
+		return e.learnRequest(f, e.checkRequest(f, method, path))
+	}
+	return e.checkRequest(f, method, path)
+}
+
+func (e *Engine) checkRequest(f Flow, method, path string) Decision {
 	for i := range e.rules {
 		r := &e.rules[i]
 		if r.dir != Egress || (r.protos != 0 && r.protos&(1<<TCP) == 0) || (len(r.ports) > 0 && !inRanges(r.ports, f.Dst.Port())) {
@@ -282,13 +302,20 @@ func (e *Engine) HasDomainRules() bool { return e.named }
 // carries nothing out of a sandbox the policy keeps in.
 func (e *Engine) CheckQuery(name string) Decision {
 	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	if e.learn != nil {
+		return e.learnQuery(name, e.checkQuery(name))
+	}
+	return e.checkQuery(name)
+}
+
+func (e *Engine) checkQuery(name string) Decision {
 	for i := range e.rules {
 		r := &e.rules[i]
 		if r.dir != Egress || !r.dst.byName() || !nameMatches(&r.dst, name) {
 			continue
 		}
-		if r.action != Allow && (r.protos != 0 || len(r.ports) > 0) {
-			continue
+		if r.action != Allow && (r.protos != 0 || len(r.ports) > 0) && (r.protos&(1<<DNS) == 0 || len(r.ports) > 0) {
+			continue // a deny of some connections only; a dns deny refuses the name
 		}
 		return e.decision(r.action, i)
 	}
@@ -367,6 +394,9 @@ func (e *Engine) Describe(i int) string {
 	}
 	if i == RuleSecret {
 		return "a secret's placeholder where the secret may not go"
+	}
+	if i == RuleLearned {
+		return "learned (--learn): what default_action " + e.src.DefaultAction + " refuses is allowed and recorded"
 	}
 	if i == RuleDoT {
 		return "DNS over TLS (853) refused: domain rules need the sandbox's lookups"

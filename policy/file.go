@@ -36,7 +36,8 @@ type FileRule struct {
 	// Source is what an ingress rule matches (the host client); egress
 	// rules must not set it.
 	Source *Target `json:"source,omitempty"`
-	// Protocols: tcp, udp, icmp, icmpv6; empty means any.
+	// Protocols: tcp, udp, icmp, icmpv6, and dns (resolving the rule's
+	// names, no connection); empty means any.
 	Protocols []string `json:"protocols,omitempty"`
 	// Ports are inclusive ranges; empty means any. A rule with ports
 	// never matches ICMP.
@@ -222,8 +223,10 @@ func ParseProto(s string) (Proto, error) {
 		return ICMP, nil
 	case "icmpv6":
 		return ICMPv6, nil
+	case "dns":
+		return DNS, nil
 	}
-	return 0, fmt.Errorf("%q: want tcp, udp, icmp or icmpv6", s)
+	return 0, fmt.Errorf("%q: want tcp, udp, icmp, icmpv6 or dns", s)
 }
 
 // targetKind says how a compiled target matches.
@@ -389,6 +392,14 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 			continue
 		}
 		c.ports = append(c.ports, pr)
+	}
+	if c.protos&(1<<DNS) != 0 {
+		switch {
+		case c.dir != Egress || !c.dst.byName():
+			bad("protocols: dns is for rules to a domain, domain_suffix or preset (it decides whether the names resolve)")
+		case c.protos == 1<<DNS && len(c.ports) > 0:
+			bad("ports: a dns rule decides lookups, which have no port")
+		}
 	}
 	if r.HTTP != nil {
 		if c.dir != Egress || !c.dst.byName() {

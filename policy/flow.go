@@ -16,6 +16,10 @@ const (
 	UDP
 	ICMP   // ICMPv4 echo
 	ICMPv6 // ICMPv6 echo
+	// DNS is no flow's protocol: a rule for it lets its names resolve
+	// (an allow) or refuses them (a deny) without allowing or denying
+	// any connection.
+	DNS
 )
 
 // String returns the protocol's name as written in policy files.
@@ -29,6 +33,8 @@ func (p Proto) String() string {
 		return "icmp"
 	case ICMPv6:
 		return "icmpv6"
+	case DNS:
+		return "dns"
 	}
 	return fmt.Sprintf("proto(%d)", uint8(p))
 }
