@@ -83,8 +83,14 @@ type Config struct {
 	// Allow are rules put before the policy's own, at start and at every
 	// reload of PolicyPath (--allow's presets); a policy set through the
 	// control socket is taken whole, as given.
-	Allow    []policy.FileRule
-	DenyMode stack.DenyMode
+	Allow []policy.FileRule
+	// Learn, if set, is learn mode: what only the policy's default would
+	// refuse is allowed and recorded, and this file gets a policy that
+	// allows exactly what the run used (at exit and on SIGUSR1), names
+	// of more than LearnSuffixDepth labels (≥ 2; 0: none) as suffixes.
+	Learn            string
+	LearnSuffixDepth int
+	DenyMode         stack.DenyMode
 	// DenyIsFatal makes every deny a terminate.
 	DenyIsFatal              bool
 	DNSBlock, DNSBlockSuffix []string
@@ -135,6 +141,7 @@ type Agent struct {
 	l7         *intercept.Handler
 	bundle     string // the CA bundle the command trusts
 	secrets    *secrets.Store
+	learner    *policy.Learner // learn mode's record, or nil
 	audit      *audit.Log
 	counts     *decisionCounts
 	term       *terminator
@@ -259,6 +266,12 @@ func checkPrivileges() error {
 func (a *Agent) buildPolicy() error {
 	a.popts = policy.Options{Host: HostAddrs(a.cfg.Plan), Pins: policy.NewPins(0), DenyIsFatal: a.cfg.DenyIsFatal,
 		RefuseQUIC: a.cfg.TLS.Mode == intercept.All || len(a.cfg.Secrets.Flags) > 0 || a.cfg.Secrets.File != ""}
+	if a.cfg.Learn != "" {
+		a.learner = policy.NewLearner()
+		a.popts.Learn = a.learner
+		// Registered first, so it runs last: every flow is over by then.
+		a.onClose(a.writeLearned)
+	}
 	a.onClose(watchHostAddrs(a.cfg.Plan, a.popts.Host, a.log))
 	f := policy.WithRulesFirst(a.cfg.Policy, a.cfg.Allow)
 	engine, err := policy.Compile(f, a.popts)

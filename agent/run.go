@@ -35,7 +35,7 @@ func (e *ExitStatus) Error() string { return fmt.Sprintf("command exited with st
 func (a *Agent) Run(ctx context.Context) error {
 	cfg := a.cfg
 	sigc := make(chan os.Signal, 4)
-	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGUSR1)
 	defer signal.Stop(sigc)
 
 	if cfg.OnTerminate != "" {
@@ -92,6 +92,14 @@ func (a *Agent) Run(ctx context.Context) error {
 			if sig == syscall.SIGHUP {
 				a.reloadPolicy()
 				a.reloadSecrets()
+				continue
+			}
+			if sig == syscall.SIGUSR1 {
+				if a.learner == nil {
+					a.log.Warn("SIGUSR1: not in learn mode (--learn), nothing to write")
+				} else {
+					a.writeLearned()
+				}
 				continue
 			}
 			a.log.Info("stopping", "signal", sig.String())

@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 
@@ -109,6 +110,7 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 	cfg.TLS.CACert, cfg.TLS.CAKey, cfg.TLS.CAOut = s.String("tls-ca-cert"), s.String("tls-ca-key"), s.String("tls-ca-out")
 	cfg.TLS.UpstreamCA, cfg.TLS.Bypass = s.Strings("tls-upstream-ca"), s.Strings("tls-bypass")
 	secretFlags := s.Strings("secret")
+	cfg.Learn, cfg.LearnSuffixDepth = s.String("learn"), s.Int("learn-suffix-depth")
 	cfg.Secrets.File, cfg.Secrets.EnvOut = s.String("secrets"), s.String("secrets-env-out")
 	if err := s.Err(); err != nil {
 		return cfg, err
@@ -226,7 +228,36 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 			return cfg, fielderr.Bad("tls_bypass", b, "want a name, or *.suffix")
 		}
 	}
+	if err := learnConfig(&cfg); err != nil {
+		return cfg, err
+	}
 	return cfg, loadPolicy(s, &cfg)
+}
+
+// learnConfig checks the learn mode settings: the file's directory must
+// exist (the file is written through a temporary file beside it).
+func learnConfig(cfg *agent.Config) error {
+	if cfg.Learn == "" {
+		if cfg.LearnSuffixDepth != 0 {
+			return fielderr.Bad("learn_suffix_depth", cfg.LearnSuffixDepth, "only with a learn file")
+		}
+		return nil
+	}
+	if cfg.LearnSuffixDepth < 0 || cfg.LearnSuffixDepth == 1 {
+		return fielderr.Bad("learn_suffix_depth", cfg.LearnSuffixDepth, "want 0 (exact names) or 2 and more labels")
+	}
+	p, err := filepath.Abs(cfg.Learn)
+	if err != nil {
+		return fielderr.Bad("learn", cfg.Learn, "%w", err)
+	}
+	if st, err := os.Stat(filepath.Dir(p)); err != nil || !st.IsDir() {
+		return fielderr.Bad("learn", cfg.Learn, "its directory does not exist")
+	}
+	if st, err := os.Stat(p); err == nil && st.IsDir() {
+		return fielderr.Bad("learn", cfg.Learn, "is a directory")
+	}
+	cfg.Learn = p
+	return nil
 }
 
 // loadPolicy reads the policy setting: a preset, a file name, or (from a

@@ -47,6 +47,10 @@ func TestBuild(t *testing.T) {
 	if err != nil || len(cfg.Allow) != 3 || cfg.Allow[2].Destination.Preset != "github" || cfg.Allow[0].Action != "allow" {
 		t.Errorf("--allow: %+v %v", cfg.Allow, err)
 	}
+	cfg, err = Build(mapSource{"netns": "sb1", "learn": "learned.json", "learn-suffix-depth": 3}, io.Discard)
+	if err != nil || !strings.HasSuffix(cfg.Learn, "/learned.json") || !strings.HasPrefix(cfg.Learn, "/") || cfg.LearnSuffixDepth != 3 {
+		t.Errorf("--learn: %q %d %v", cfg.Learn, cfg.LearnSuffixDepth, err)
+	}
 	if _, err := Build(mapSource{}, io.Discard); !errors.Is(err, ErrNothingToAttach) {
 		t.Errorf("nothing to attach: %v", err)
 	}
@@ -62,6 +66,9 @@ func TestBuild(t *testing.T) {
 		{mapSource{"netns": "x", "secret": []string{"NOHOST"}}, "secret"},
 		{mapSource{"netns": "x", "tls-bypass": []string{"*"}}, "tls_bypass"},
 		{mapSource{"netns": "x", "allow": []string{"nosuch"}}, "allow"},
+		{mapSource{"netns": "x", "learn-suffix-depth": 2}, "learn_suffix_depth"},
+		{mapSource{"netns": "x", "learn": "/tmp/l.json", "learn-suffix-depth": 1}, "learn_suffix_depth"},
+		{mapSource{"netns": "x", "learn": "/nonexistent-dir/l.json"}, "learn"},
 	} {
 		_, err := Build(tc.s, io.Discard)
 		var fe *fielderr.Error

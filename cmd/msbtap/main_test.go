@@ -222,3 +222,27 @@ func writeFile(t *testing.T, content string) string {
 	}
 	return p
 }
+
+// TestPolicySuggest: a decision log becomes a policy that policy check
+// accepts, on standard output or atomically in a file.
+func TestPolicySuggest(t *testing.T) {
+	logf := writeFile(t, `{"time":"t","direction":"egress","proto":"dns","transport":"udp","src":"100.96.0.2:5000","domain":"files.pythonhosted.org","rule":-1,"rule_text":"d","action":"deny"}
+{"time":"t","direction":"egress","proto":"tcp","src":"100.96.0.2:40000","dst":"198.51.100.7:443","domain":"files.pythonhosted.org","rule":-1,"rule_text":"d","action":"deny"}
+`)
+	out, err := runApp("policy", "suggest", "--suffix-depth", "2", logf)
+	if err != nil || !strings.Contains(out, `"domain_suffix": "pythonhosted.org"`) || strings.Contains(out, `"dns"`) {
+		t.Fatalf("suggest: %v\n%s", err, out)
+	}
+	dst := filepath.Join(t.TempDir(), "suggested.json")
+	if _, err := runApp("policy", "suggest", "-o", dst, logf); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := runApp("policy", "check", dst); err != nil || !strings.Contains(out, "ok (1 rules, default_action deny)") {
+		t.Errorf("policy check of the suggestion: %v %s", err, out)
+	}
+	for _, args := range [][]string{{"policy", "suggest"}, {"policy", "suggest", "--suffix-depth", "1", logf}} {
+		if _, err := runApp(args...); err == nil {
+			t.Errorf("%v: no usage error", args)
+		}
+	}
+}

@@ -41,6 +41,8 @@ func runFlags() []cli.Flag {
 		&cli.BoolFlag{Name: "pprof", Usage: "also serve Go's /debug/pprof on --metrics-addr (profiling)"},
 		&cli.StringFlag{Name: "policy", Value: policy.DefaultPreset, Usage: "policy: a preset (none, public-only, non-local, allow-all) or a JSON `FILE`"},
 		&cli.StringSliceFlag{Name: "allow", Usage: "allow the names of these presets (`PRESET[,PRESET…]`: pypi, npm, github, …; see msbtap policy explain --preset) before the policy's own rules (repeatable)"},
+		&cli.StringFlag{Name: "learn", Usage: "learn mode: allow what only the policy's default would refuse (never metadata, the host, or an explicit deny) and write a policy allowing exactly what the run used to `FILE` (at exit and on SIGUSR1, atomically)"},
+		&cli.IntFlag{Name: "learn-suffix-depth", Usage: "with --learn: write names of more than `N` labels (N ≥ 2) as domain_suffix rules on their last N labels (0: exact names only)"},
 		&cli.StringFlag{Name: "deny-mode", Value: "reject", Usage: "how denied flows are refused: reject (TCP RST, ICMP unreachable) or drop"},
 		&cli.StringFlag{Name: "on-violation", Value: "deny", Usage: "deny, or terminate: every denied flow stops the sandbox"},
 		&cli.StringSliceFlag{Name: "dns-block", Usage: "answer NXDOMAIN for `NAME` (repeatable)"},

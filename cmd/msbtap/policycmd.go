@@ -1,15 +1,18 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/msbtap/msbtap/agent"
+	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
 )
@@ -63,6 +66,17 @@ func policyCommand() *cli.Command {
 					&cli.IntFlag{Name: "slot", Usage: "sandbox slot whose gateway counts as the host"},
 				},
 				Action: explain,
+			},
+			{
+				Name:         "suggest",
+				Usage:        "write a policy that allows what a decision log (--audit-log) shows the sandbox used or was refused by the default",
+				ArgsUsage:    "AUDITLOG [AUDITLOG…]",
+				OnUsageError: usageErr,
+				Flags: []cli.Flag{
+					&cli.IntFlag{Name: "suffix-depth", Usage: "write names of more than `N` labels (N ≥ 2) as domain_suffix rules on their last N labels"},
+					&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "write the policy to `FILE` (atomically) instead of standard output"},
+				},
+				Action: suggest,
 			},
 		},
 	}
@@ -159,6 +173,51 @@ func explainName(c *cli.Context, e *policy.Engine, fl policy.Flow, d policy.Deci
 		rd := e.CheckRequest(fl, m, c.String("path"))
 		fmt.Fprintf(w, "request %s %s%s: %s by %s (intercepted)\n", m, name, c.String("path"), rd.Action, e.Describe(rd.Rule))
 	}
+}
+
+func suggest(c *cli.Context) error {
+	if c.NArg() == 0 {
+		return withStatus(2, errors.New("policy suggest: want one or more AUDITLOG files"))
+	}
+	depth := c.Int("suffix-depth")
+	if depth < 0 || depth == 1 {
+		return withStatus(2, fmt.Errorf("--suffix-depth %d: want 0 (exact names) or 2 and more labels", depth))
+	}
+	l := policy.NewLearner()
+	used, bad := 0, 0
+	for _, path := range c.Args().Slice() {
+		fh, err := os.Open(path)
+		if err != nil {
+			return withStatus(1, err)
+		}
+		u, b, err := audit.LearnFrom(fh, l)
+		fh.Close()
+		if err != nil {
+			return withStatus(1, fmt.Errorf("%s: %w", path, err))
+		}
+		used, bad = used+u, bad+b
+	}
+	f := l.Policy(policy.LearnOptions{SuffixDepth: depth})
+	if out := c.String("output"); out != "" {
+		if err := agent.WritePolicyFile(out, f); err != nil {
+			return withStatus(1, fmt.Errorf("--output: %w", err))
+		}
+	} else {
+		b, err := json.MarshalIndent(f, "", "  ")
+		if err != nil {
+			return withStatus(1, err)
+		}
+		fmt.Fprintf(c.App.Writer, "%s\n", b)
+	}
+	fmt.Fprintf(c.App.ErrWriter, "%d rules from %d decisions", len(f.Rules), used)
+	if bad > 0 {
+		fmt.Fprintf(c.App.ErrWriter, " (%d lines were no decision record)", bad)
+	}
+	if n := l.Dropped(); n > 0 {
+		fmt.Fprintf(c.App.ErrWriter, " (%d destinations past the bound of %d left out)", n, policy.DefaultLearnMax)
+	}
+	fmt.Fprintln(c.App.ErrWriter)
+	return nil
 }
 
 // explainPreset prints a preset of names (or, for "list", every preset
