@@ -69,15 +69,18 @@ func learnRecord(rec *Record, l *policy.Learner) bool {
 	if src, err := netip.ParseAddrPort(rec.Src); err == nil && src.Addr().Unmap().Prev() == a {
 		return false // the gateway: the host itself
 	}
-	var names []string
+	// A flow's first record names its address's pin; a later one of the
+	// same flow the name it asked for (which the log cannot check against
+	// the pins: it stands for them).
 	switch {
 	case rec.SNI != "":
-		names = []string{rec.SNI}
+		l.Named(rec.FlowID, proto, dst, rec.SNI, nil)
 	case rec.Host != "":
-		names = []string{rec.Host}
+		l.Named(rec.FlowID, proto, dst, rec.Host, nil)
 	case rec.Domain != "":
-		names = []string{rec.Domain}
+		l.UseFlow(rec.FlowID, proto, dst, []string{rec.Domain})
+	default:
+		l.Use(proto, dst, nil)
 	}
-	l.Use(proto, dst, names)
 	return true
 }

@@ -28,8 +28,19 @@ type Learner struct {
 	mu      sync.Mutex // mu protects the fields below
 	uses    map[learnUse]struct{}
 	queries map[string]struct{}
+	// pending are flows decided by their pins alone, by flow id, until
+	// the name the connection asks for (SNI, Host) says which of the
+	// address's names it used.
+	pending map[uint64]pendingUse
 	max     int
 	dropped int
+}
+
+// pendingUse is a flow recorded by its address's pinned names.
+type pendingUse struct {
+	proto Proto
+	dst   netip.AddrPort
+	names []string
 }
 
 // learnUse is one destination the sandbox used: a name, or an address
@@ -43,7 +54,7 @@ type learnUse struct {
 
 // NewLearner returns an empty Learner.
 func NewLearner() *Learner {
-	return &Learner{uses: map[learnUse]struct{}{}, queries: map[string]struct{}{}, max: DefaultLearnMax}
+	return &Learner{uses: map[learnUse]struct{}{}, queries: map[string]struct{}{}, pending: map[uint64]pendingUse{}, max: DefaultLearnMax}
 }
 
 // Dropped is the number of uses and lookups not recorded for the bound.
@@ -77,22 +88,76 @@ func (l *Learner) Query(name string) {
 // looked up itself are kept when there are any (a CNAME's target was
 // never asked for).
 func (l *Learner) Use(proto Proto, dst netip.AddrPort, names []string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.useLocked(proto, dst, l.askedLocked(names))
+}
+
+// UseFlow records flow id (not 0) to dst, which its address's pinned
+// names decided: if the connection then asks for one of those names
+// (Named), that name alone is kept; otherwise (SSH, say) each name the
+// sandbox looked up.
+func (l *Learner) UseFlow(id uint64, proto Proto, dst netip.AddrPort, pinned []string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	names := l.askedLocked(pinned)
+	if id == 0 || len(names) == 0 {
+		l.useLocked(proto, dst, names)
+		return
+	}
+	if len(l.pending) >= l.max {
+		l.flushLocked()
+	}
+	l.pending[id] = pendingUse{proto: proto, dst: dst, names: slices.Clone(names)}
+}
+
+// Named records that flow id asked for name (its TLS SNI or HTTP Host).
+// A name among those pinned to the address (or pinned nil: not known)
+// stands for the flow's pinned names; another one is kept besides them,
+// as the flow's address still needs them.
+func (l *Learner) Named(id uint64, proto Proto, dst netip.AddrPort, name string, pinned []string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if p, ok := l.pending[id]; ok && (pinned == nil || slices.Contains(pinned, canonical(name))) {
+		delete(l.pending, id)
+	} else if ok && p.dst == dst {
+		delete(l.pending, id)
+		l.useLocked(p.proto, p.dst, p.names)
+	}
+	l.useLocked(proto, dst, []string{name})
+}
+
+// flushLocked records every pending flow by its pinned names.
+func (l *Learner) flushLocked() {
+	for id, p := range l.pending {
+		l.useLocked(p.proto, p.dst, p.names)
+		delete(l.pending, id)
+	}
+}
+
+// askedLocked keeps, of several names pinned to one address, those the
+// sandbox looked up itself, when there are any (a CNAME's target was
+// never asked for).
+func (l *Learner) askedLocked(names []string) []string {
+	if len(names) <= 1 {
+		return names
+	}
+	var asked []string
+	for _, n := range names {
+		if _, ok := l.queries[canonical(n)]; ok {
+			asked = append(asked, n)
+		}
+	}
+	if len(asked) > 0 {
+		return asked
+	}
+	return names
+}
+
+func (l *Learner) useLocked(proto Proto, dst netip.AddrPort, names []string) {
 	port := dst.Port()
 	if proto == ICMP || proto == ICMPv6 {
 		port = 0
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if len(names) > 1 {
-		var asked []string
-		for _, n := range names {
-			if _, ok := l.queries[canonical(n)]; ok {
-				asked = append(asked, n)
-			}
-		}
-		if len(asked) > 0 {
-			names = asked
-		}
 	}
 	add := func(u learnUse) {
 		if _, ok := l.uses[u]; ok {
@@ -131,6 +196,7 @@ type LearnOptions struct {
 // sorted, names first.
 func (l *Learner) Policy(o LearnOptions) *File {
 	l.mu.Lock()
+	l.flushLocked()
 	uses := make([]learnUse, 0, len(l.uses))
 	for u := range l.uses {
 		uses = append(uses, u)
@@ -270,11 +336,11 @@ func (e *Engine) learnFlow(f Flow, d Decision, asHost bool) Decision {
 	}
 	d = e.sideDoors(f, d)
 	if d.Action == Allow && f.Direction == Egress && f.Dst.Addr().IsValid() {
-		names := e.pins.Lookup(f.Dst.Addr())
 		if f.Domain != "" {
-			names = []string{f.Domain}
+			e.learn.Named(f.ID, f.Proto, f.Dst, f.Domain, e.pinned(f.Dst.Addr()))
+		} else {
+			e.learn.UseFlow(f.ID, f.Proto, f.Dst, e.pins.Lookup(f.Dst.Addr()))
 		}
-		e.learn.Use(f.Proto, f.Dst, names)
 	}
 	return d
 }
@@ -285,9 +351,18 @@ func (e *Engine) learnRequest(f Flow, d Decision) Decision {
 		d = Decision{Action: Allow, Rule: RuleLearned}
 	}
 	if d.Action == Allow && f.Domain != "" {
-		e.learn.Use(TCP, f.Dst, []string{f.Domain})
+		e.learn.Named(f.ID, TCP, f.Dst, f.Domain, e.pinned(f.Dst.Addr()))
 	}
 	return d
+}
+
+// pinned is the names pinned to a, never nil (nil tells Named the pins
+// are not known).
+func (e *Engine) pinned(a netip.Addr) []string {
+	if names := e.pins.Lookup(a); names != nil {
+		return names
+	}
+	return []string{}
 }
 
 // learnQuery is learn mode's part of CheckQuery.

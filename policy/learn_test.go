@@ -200,3 +200,42 @@ func TestDNSProtocolRules(t *testing.T) {
 		}
 	}
 }
+
+// TestLearnSharedAddress: names that share an address are told apart by
+// what each connection asks for (SNI, Host); a connection that says
+// nothing (SSH) is recorded under every name the sandbox looked up there.
+func TestLearnSharedAddress(t *testing.T) {
+	pins := NewPins(0)
+	shared := netip.MustParseAddr("198.51.100.31")
+	l := NewLearner()
+	e := mustCompile(t, `{"default_action": "deny"}`, Options{Pins: pins, Learn: l})
+	for _, n := range []string{"a.example.test", "b.example.test", "c.example.test"} {
+		e.CheckQuery(n)
+		pins.Add(shared, n, time.Hour)
+	}
+	at := func(port uint16) netip.AddrPort { return netip.AddrPortFrom(shared, port) }
+	e.Check(Flow{ID: 5, Proto: TCP, Src: src4, Dst: at(443)})
+	e.Check(Flow{ID: 5, Proto: TCP, Src: src4, Dst: at(443), Domain: "a.example.test"})
+	e.Check(Flow{ID: 6, Proto: TCP, Src: src4, Dst: at(80)})
+	e.CheckRequest(Flow{ID: 6, Proto: TCP, Src: src4, Dst: at(80), Domain: "b.example.test"}, "GET", "/")
+	e.Check(Flow{ID: 7, Proto: TCP, Src: src4, Dst: at(22)})
+	// A name not pinned there (curl --resolve): the pins still let the
+	// connection in, so both are kept.
+	e.Check(Flow{ID: 8, Proto: TCP, Src: src4, Dst: at(8443)})
+	e.Check(Flow{ID: 8, Proto: TCP, Src: src4, Dst: at(8443), Domain: "elsewhere.test"})
+	js, _ := json.Marshal(l.Policy(LearnOptions{}))
+	got := string(js)
+	for _, want := range []string{
+		`{"destination":{"domain":"a.example.test"},"protocols":["tcp"],"ports":[{"start":22,"end":22},{"start":443,"end":443},{"start":8443,"end":8443}],"action":"allow"}`,
+		`{"destination":{"domain":"b.example.test"},"protocols":["tcp"],"ports":[{"start":22,"end":22},{"start":80,"end":80},{"start":8443,"end":8443}],"action":"allow"}`,
+		`{"destination":{"domain":"c.example.test"},"protocols":["tcp"],"ports":[{"start":22,"end":22},{"start":8443,"end":8443}],"action":"allow"}`,
+		`{"destination":{"domain":"elsewhere.test"},"protocols":["tcp"],"ports":[{"start":8443,"end":8443}],"action":"allow"}`,
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("learned policy lacks %s:\n%s", want, got)
+		}
+	}
+	if strings.Count(got, `"destination"`) != 4 {
+		t.Errorf("learned policy has more than the four rules:\n%s", got)
+	}
+}

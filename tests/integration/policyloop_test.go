@@ -2,8 +2,10 @@ package integration
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -95,5 +97,129 @@ func TestPresetAllowsItsNamesOnly(t *testing.T) {
 	}
 	if !strings.Contains(w.AgentLog.String(), "server name "+elsewhereName+" is not allowed") {
 		t.Errorf("the refusal by server name is not in the log")
+	}
+}
+
+// TestLearnRoundTrip: a workload (curl to two names, one over HTTPS and
+// one over plain HTTP, a dig of a third, UDP to a bare address) runs
+// under --policy none --learn; SIGUSR1 and the exit write a policy that
+// policy check accepts and that names what was used; under that policy
+// the same workload works and a new destination (another name, another
+// port, another address) is refused. policy suggest on the run's decision
+// log gives the same policy.
+func TestLearnRoundTrip(t *testing.T) {
+	testenv.RequireTools(t, "curl", "dig")
+	w := testenv.NewWorld(t)
+	ca := startRegistries(t, w, "pypi.org", "files.pythonhosted.org", "look.example.test")
+	dir := t.TempDir()
+	learned, auditLog := filepath.Join(dir, "learned.json"), filepath.Join(dir, "audit.log")
+	workload := func(what string) {
+		t.Helper()
+		if out, ok := curlGuest(w, ca, "https://pypi.org/simple/"); !ok || !strings.Contains(out, "hello from testhost pypi.org") {
+			t.Errorf("%s: https://pypi.org: ok=%v %q", what, ok, out)
+		}
+		if out, ok := curlGuest(w, ca, "http://files.pythonhosted.org/x.whl"); !ok || !strings.Contains(out, "hello from testhost files.pythonhosted.org") {
+			t.Errorf("%s: http://files.pythonhosted.org: ok=%v %q", what, ok, out)
+		}
+		if out, _ := w.Guest.Run("dig", "+short", "+time=3", "+tries=1", "look.example.test"); strings.TrimSpace(out) != registryHost4 {
+			t.Errorf("%s: dig look.example.test: %q", what, out)
+		}
+		if ok, out := reach(t, w, "udp", testenv.WebHost4+":7002"); !ok {
+			t.Errorf("%s: udp to a bare address: %s", what, out)
+		}
+	}
+
+	w.StartAgent(t, "--policy", "none", "--learn", learned, "--audit-log", auditLog)
+	workload("learning")
+	if err := w.Agent.Process.Signal(syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !fileExists(learned) && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !fileExists(learned) {
+		t.Fatalf("SIGUSR1 wrote no learned policy")
+	}
+	w.StopAgent(t)
+	b, err := os.ReadFile(learned)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pol := string(b)
+	t.Logf("learned policy:\n%s", pol)
+	for _, want := range []string{`"domain": "pypi.org"`, `"domain": "files.pythonhosted.org"`, `"domain": "look.example.test"`, `"cidr": "` + testenv.WebHost4 + `"`, `"default_action": "deny"`} {
+		if !strings.Contains(pol, want) {
+			t.Errorf("the learned policy lacks %s", want)
+		}
+	}
+	// Each name with the port it was used on, nothing more (the three
+	// names share one address).
+	for _, want := range []string{
+		`"domain": "files.pythonhosted.org"
+      },
+      "protocols": [
+        "tcp"
+      ],
+      "ports": [
+        {
+          "start": 80,
+          "end": 80
+        }
+      ],`,
+		`"domain": "look.example.test"
+      },
+      "protocols": [
+        "dns"
+      ],
+      "action"`,
+		`"domain": "pypi.org"
+      },
+      "protocols": [
+        "tcp"
+      ],
+      "ports": [
+        {
+          "start": 443,
+          "end": 443
+        }
+      ],`} {
+		if !strings.Contains(pol, want) {
+			t.Errorf("the learned policy lacks %s", want)
+		}
+	}
+	if strings.Contains(pol, registryHost4) {
+		t.Errorf("the learned policy names the address %s where names are known", registryHost4)
+	}
+	if out, err := exec.Command(w.Msbtap, "policy", "check", learned).CombinedOutput(); err != nil {
+		t.Errorf("policy check of the learned policy: %v\n%s", err, out)
+	}
+	// The decision log of the same run gives a policy for the same
+	// destinations (the log folds repeats, so it may say less of which
+	// name asked for what).
+	suggested := filepath.Join(dir, "suggested.json")
+	if out, err := exec.Command(w.Msbtap, "policy", "suggest", "-o", suggested, auditLog).CombinedOutput(); err != nil {
+		t.Errorf("policy suggest: %v\n%s", err, out)
+	} else if out, err := exec.Command(w.Msbtap, "policy", "check", suggested).CombinedOutput(); err != nil {
+		t.Errorf("policy check of the suggested policy: %v\n%s", err, out)
+	} else {
+		s, _ := os.ReadFile(suggested)
+		for _, want := range []string{`"domain": "pypi.org"`, `"domain": "files.pythonhosted.org"`, `"domain": "look.example.test"`, `"cidr": "` + testenv.WebHost4 + `"`} {
+			if !strings.Contains(string(s), want) {
+				t.Errorf("the suggested policy lacks %s:\n%s", want, s)
+			}
+		}
+	}
+
+	w.StartAgent(t, "--policy", learned)
+	workload("under the learned policy")
+	if out, ok := curlGuest(w, ca, "https://"+elsewhereName+"/"); ok {
+		t.Errorf("a new name: got through: %q", out)
+	}
+	if out, ok := curlGuest(w, ca, "http://pypi.org/simple/"); ok {
+		t.Errorf("a learned name on a new port: got through: %q", out)
+	}
+	if ok, out := reach(t, w, "tcp", testenv.WebHost4+":80"); ok {
+		t.Errorf("a learned address on a new protocol and port: got through: %s", out)
 	}
 }
