@@ -21,6 +21,10 @@ type Engine struct {
 	named      bool // some egress rule matches by name
 	refuseQUIC bool // UDP to 443 is refused whatever allows it
 	learn      *Learner
+	answers    Answers
+	asks       bool    // some egress rule (or the default) asks
+	denies     *Engine // the deny and terminate rules alone, for asks
+	denyIdx    []int   // denies' rule i is rules[denyIdx[i]]
 	src        *File
 }
 
@@ -42,6 +46,10 @@ type Options struct {
 	// refuse is allowed instead (never to metadata or the host), and every
 	// flow, request and lookup allowed is recorded in it.
 	Learn *Learner
+	// Answers, if set, are the standing answers to asks (the ask
+	// package's); without them an ask stays an ask (a deny where no one
+	// can ask).
+	Answers Answers
 }
 
 // Compile builds an Engine from a parsed policy file.
@@ -50,8 +58,9 @@ func Compile(f *File, o Options) (*Engine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("default_action: %v", err)
 	}
-	e := &Engine{def: def, host: o.Host, pins: o.Pins, fatal: o.DenyIsFatal, refuseQUIC: o.RefuseQUIC, learn: o.Learn, src: f}
-	e.allows = def == Allow || o.Learn != nil
+	e := &Engine{def: def, host: o.Host, pins: o.Pins, fatal: o.DenyIsFatal, refuseQUIC: o.RefuseQUIC, learn: o.Learn, answers: o.Answers, src: f}
+	e.allows = def == Allow || def == Ask || o.Learn != nil
+	e.asks = def == Ask
 	switch f.Resolve {
 	case "", ResolveListed:
 	case ResolveAll:
@@ -64,12 +73,18 @@ func Compile(f *File, o Options) (*Engine, error) {
 		if err != nil {
 			return nil, fmt.Errorf("rules[%d].%v", i, err)
 		}
-		if r.dir == Egress && r.action == Allow {
+		if r.dir == Egress && (r.action == Allow || r.action == Ask) {
 			e.allows = true
+			e.asks = e.asks || r.action == Ask
 		}
 		e.rules = append(e.rules, r)
 		if r.dir == Egress && r.dst.byName() {
 			e.named = true
+		}
+	}
+	if e.asks {
+		if err := e.compileDenies(f, o); err != nil {
+			return nil, err
 		}
 	}
 	return e, nil
@@ -100,20 +115,28 @@ func (e *Engine) decision(a Action, rule int) Decision {
 // Check decides a flow: the first rule that matches wins; no match gives
 // the default action for egress and allows ingress.
 func (e *Engine) Check(f Flow) Decision {
-	if e.learn != nil {
-		return e.learnFlow(f, e.check(f, netip.Addr{}), false)
+	d := e.check(f, netip.Addr{})
+	if e.asks {
+		d = e.askable(f, d, netip.Addr{})
 	}
-	return e.sideDoors(f, e.check(f, netip.Addr{}))
+	if e.learn != nil {
+		return e.learnFlow(f, d, false)
+	}
+	return e.sideDoors(f, d)
 }
 
 // CheckAsHost decides a flow as if its destination were one of the host's
 // own addresses (the kernel says it is local, though the host group did not
 // know it yet).
 func (e *Engine) CheckAsHost(f Flow) Decision {
-	if e.learn != nil {
-		return e.learnFlow(f, e.check(f, f.Dst.Addr().Unmap()), true)
+	d := e.check(f, f.Dst.Addr().Unmap())
+	if e.asks {
+		d = e.askable(f, d, f.Dst.Addr().Unmap())
 	}
-	return e.sideDoors(f, e.check(f, f.Dst.Addr().Unmap()))
+	if e.learn != nil {
+		return e.learnFlow(f, d, true)
+	}
+	return e.sideDoors(f, d)
 }
 
 // Ports of the protocols that would carry names past the checks: QUIC
@@ -213,10 +236,19 @@ func (e *Engine) byName(r *rule, i int) Decision {
 // request's host): the first rule that matches the flow and, if it has
 // HTTP conditions, the method and path, decides; none gives the default.
 func (e *Engine) CheckRequest(f Flow, method, path string) Decision {
-	if e.learn != nil {
-		return e.learnRequest(f, e.checkRequest(f, method, path))
+	d := e.checkRequest(f, method, path)
+	if d.Action == Ask {
+		// A request is never held: it stands on its flow's answer (or
+		// an ask rule that matched its host), else it is refused.
+		d = e.askable(f, d, netip.Addr{})
+		if d.Action == Ask {
+			d.Action = Deny
+		}
 	}
-	return e.checkRequest(f, method, path)
+	if e.learn != nil {
+		return e.learnRequest(f, d)
+	}
+	return d
 }
 
 func (e *Engine) checkRequest(f Flow, method, path string) Decision {
@@ -302,10 +334,22 @@ func (e *Engine) HasDomainRules() bool { return e.named }
 // carries nothing out of a sandbox the policy keeps in.
 func (e *Engine) CheckQuery(name string) Decision {
 	name = strings.ToLower(strings.TrimSuffix(name, "."))
-	if e.learn != nil {
-		return e.learnQuery(name, e.checkQuery(name))
+	d := e.checkQuery(name)
+	if d.Action == Ask {
+		if d.Rule >= 0 {
+			// An ask rule lists the name: it resolves, and what connects
+			// to it is asked.
+			d.Action = Allow
+		} else if e.answers != nil {
+			if act, ok := e.answers.Answer(name, netip.Addr{}); ok {
+				d = e.decision(act, RuleAnswered)
+			}
+		}
 	}
-	return e.checkQuery(name)
+	if e.learn != nil {
+		return e.learnQuery(name, d)
+	}
+	return d
 }
 
 func (e *Engine) checkQuery(name string) Decision {
@@ -314,7 +358,7 @@ func (e *Engine) checkQuery(name string) Decision {
 		if r.dir != Egress || !r.dst.byName() || !nameMatches(&r.dst, name) {
 			continue
 		}
-		if r.action != Allow && (r.protos != 0 || len(r.ports) > 0) && (r.protos&(1<<DNS) == 0 || len(r.ports) > 0) {
+		if r.action != Allow && r.action != Ask && (r.protos != 0 || len(r.ports) > 0) && (r.protos&(1<<DNS) == 0 || len(r.ports) > 0) {
 			continue // a deny of some connections only; a dns deny refuses the name
 		}
 		return e.decision(r.action, i)
@@ -394,6 +438,12 @@ func (e *Engine) Describe(i int) string {
 	}
 	if i == RuleSecret {
 		return "a secret's placeholder where the secret may not go"
+	}
+	if i == RuleNotAsked {
+		return "never asked: cloud metadata and the host are refused"
+	}
+	if i == RuleAnswered {
+		return "an ask's standing answer"
 	}
 	if i == RuleLearned {
 		return "learned (--learn): what default_action " + e.src.DefaultAction + " refuses is allowed and recorded"

@@ -140,7 +140,7 @@ func ParseFile(data []byte) (*File, error) {
 	var errs Errors
 	f := &File{}
 	if raw.DefaultAction == nil {
-		errs = append(errs, errors.New("policy: default_action: missing (want allow, deny or terminate)"))
+		errs = append(errs, errors.New("policy: default_action: missing (want allow, deny, terminate or ask)"))
 	} else {
 		f.DefaultAction = *raw.DefaultAction
 		if _, err := ParseAction(f.DefaultAction); err != nil {
@@ -199,7 +199,7 @@ func cleanJSONErr(err error) string {
 	return s
 }
 
-// ParseAction parses allow, deny or terminate.
+// ParseAction parses allow, deny, terminate or ask.
 func ParseAction(s string) (Action, error) {
 	switch s {
 	case "allow":
@@ -208,8 +208,10 @@ func ParseAction(s string) (Action, error) {
 		return Deny, nil
 	case "terminate":
 		return Terminate, nil
+	case "ask":
+		return Ask, nil
 	}
-	return 0, fmt.Errorf("%q: want allow, deny or terminate", s)
+	return 0, fmt.Errorf("%q: want allow, deny, terminate or ask", s)
 }
 
 // ParseProto parses a protocol name.
@@ -421,9 +423,12 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 		c.http = r.HTTP
 	}
 	if r.Action == "" {
-		bad("action: missing (want allow, deny or terminate)")
+		bad("action: missing (want allow, deny, terminate or ask)")
 	} else if c.action, err = ParseAction(r.Action); err != nil {
 		bad("action: %v", err)
+	}
+	if c.action == Ask && (c.http != nil || c.dir != Egress) {
+		bad("action: ask holds new egress flows; it decides no ingress and no single requests")
 	}
 	// A preset states the ports its registry serves on: an allowing rule
 	// that states none of its own allows TCP to those. A deny keeps to

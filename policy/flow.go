@@ -64,6 +64,9 @@ const (
 	Allow Action = iota
 	Deny
 	Terminate // deny, then fire the termination hook
+	// Ask holds the flow until someone decides (see Asker); wherever no
+	// one can, it is a deny.
+	Ask
 )
 
 // String returns the action's name as written in policy files.
@@ -75,6 +78,8 @@ func (a Action) String() string {
 		return "deny"
 	case Terminate:
 		return "terminate"
+	case Ask:
+		return "ask"
 	}
 	return fmt.Sprintf("action(%d)", uint8(a))
 }
