@@ -13,11 +13,13 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"golang.org/x/sys/unix"
 
+	"github.com/msbtap/msbtap/ask"
 	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
@@ -90,7 +92,15 @@ type Config struct {
 	// of more than LearnSuffixDepth labels (≥ 2; 0: none) as suffixes.
 	Learn            string
 	LearnSuffixDepth int
-	DenyMode         stack.DenyMode
+	// AskTimeout denies a flow an ask rule holds when no answer came
+	// (default ask.DefaultTimeout); AskExec is a shell command that gets
+	// each question as JSON on stdin and prints its answer, run as
+	// AskExecUID:AskExecGID; AskSave writes "always" rules to PolicyPath.
+	AskTimeout             time.Duration
+	AskExec                string
+	AskExecUID, AskExecGID int
+	AskSave                bool
+	DenyMode               stack.DenyMode
 	// DenyIsFatal makes every deny a terminate.
 	DenyIsFatal              bool
 	DNSBlock, DNSBlockSuffix []string
@@ -142,6 +152,8 @@ type Agent struct {
 	bundle     string // the CA bundle the command trusts
 	secrets    *secrets.Store
 	learner    *policy.Learner // learn mode's record, or nil
+	asker      *ask.Asker
+	askRunner  atomic.Pointer[askRunner] // runs --ask-exec; started in Run, before privileges drop
 	audit      *audit.Log
 	counts     *decisionCounts
 	term       *terminator
@@ -273,6 +285,7 @@ func (a *Agent) buildPolicy() error {
 		a.onClose(a.writeLearned)
 	}
 	a.onClose(watchHostAddrs(a.cfg.Plan, a.popts.Host, a.log))
+	a.buildAsk()
 	f := policy.WithRulesFirst(a.cfg.Policy, a.cfg.Allow)
 	engine, err := policy.Compile(f, a.popts)
 	if err != nil {
@@ -366,7 +379,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		return err
 	}
 	guard, err := policy.NewDNSGuard(policy.DNSGuardOptions{
-		Policy: a.holder, Pins: a.popts.Pins, Block: cfg.DNSBlock, BlockSuffix: cfg.DNSBlockSuffix,
+		Policy: a.holder, Pins: a.popts.Pins, Block: cfg.DNSBlock, BlockSuffix: cfg.DNSBlockSuffix, Ask: a.askDNS,
 		RebindProtection: cfg.RebindProtection, StripECH: cfg.TLS.Mode == intercept.All || a.secrets != nil,
 	})
 	if err != nil {
@@ -387,6 +400,8 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		DenyMode:       cfg.DenyMode,
 		DNSUpstreams:   ups,
 		DNSFilter:      a.dnsFilter(guard),
+		DNSHolds:       guard.Holds,
+		Ask:            a.askTCP,
 		MaxConnections: cfg.MaxConnections,
 		Offload:        cfg.Offload,
 		IsLocal:        newLocalRoutes().IsLocal,
@@ -400,6 +415,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 	}
 	a.gwRef.Store(a.gw)
 	a.onClose(func() { a.gw.Close(); a.gw.Wait() })
+	a.onClose(a.asker.Close) // first: held flows are refused, then the gateway goes
 	if a.pub != nil {
 		a.gw.SetIngressUDP(a.pub)
 		a.pub.Start(proxy.PublishOptions{

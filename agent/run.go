@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/msbtap/msbtap/ask"
 	"github.com/msbtap/msbtap/harden"
 	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/policy"
@@ -49,6 +50,18 @@ func (a *Agent) Run(ctx context.Context) error {
 				a.term.runner.close()
 			}
 		})
+	}
+	if cfg.AskExec != "" {
+		timeout := cfg.AskTimeout
+		if timeout <= 0 {
+			timeout = ask.DefaultTimeout
+		}
+		r, err := startAskRunner(cfg.AskExec, cfg.AskExecUID, cfg.AskExecGID, timeout)
+		if err != nil {
+			return err
+		}
+		a.askRunner.Store(r)
+		a.onClose(r.close)
 	}
 	var cmdDone chan error
 	if len(cfg.Command) > 0 {

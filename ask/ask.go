@@ -206,6 +206,7 @@ func (a *Asker) Ask(ctx context.Context, proto, name string, src, dst netip.Addr
 	case <-q.done:
 		allow = q.a.Allow
 	case <-ctx.Done():
+	case <-a.ctx.Done():
 	}
 	a.mu.Lock()
 	a.waiting--

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/msbtap/msbtap/agent"
 	"github.com/msbtap/msbtap/control"
@@ -111,6 +112,8 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 	cfg.TLS.UpstreamCA, cfg.TLS.Bypass = s.Strings("tls-upstream-ca"), s.Strings("tls-bypass")
 	secretFlags := s.Strings("secret")
 	cfg.Learn, cfg.LearnSuffixDepth = s.String("learn"), s.Int("learn-suffix-depth")
+	askTimeout := s.String("ask-timeout")
+	cfg.AskExec, cfg.AskSave = s.String("ask-exec"), s.Bool("ask-save")
 	cfg.Secrets.File, cfg.Secrets.EnvOut = s.String("secrets"), s.String("secrets-env-out")
 	if err := s.Err(); err != nil {
 		return cfg, err
@@ -230,6 +233,16 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 	}
 	if err := learnConfig(&cfg); err != nil {
 		return cfg, err
+	}
+	if askTimeout != "" {
+		if cfg.AskTimeout, err = time.ParseDuration(askTimeout); err != nil || cfg.AskTimeout < 100*time.Millisecond || cfg.AskTimeout > time.Hour {
+			return cfg, fielderr.Bad("ask_timeout", askTimeout, "want a duration from 100ms to 1h, like 30s")
+		}
+	}
+	if cfg.AskExec != "" {
+		if cfg.AskExecUID, cfg.AskExecGID, _, err = sandbox.Credentials(""); err != nil {
+			return cfg, fielderr.Bad("ask_exec", cfg.AskExec, "%w", err)
+		}
 	}
 	return cfg, loadPolicy(s, &cfg)
 }

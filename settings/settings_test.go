@@ -67,6 +67,8 @@ func TestBuild(t *testing.T) {
 		{mapSource{"netns": "x", "tls-bypass": []string{"*"}}, "tls_bypass"},
 		{mapSource{"netns": "x", "allow": []string{"nosuch"}}, "allow"},
 		{mapSource{"netns": "x", "learn-suffix-depth": 2}, "learn_suffix_depth"},
+		{mapSource{"netns": "x", "ask-timeout": "soon"}, "ask_timeout"},
+		{mapSource{"netns": "x", "ask-timeout": "1ms"}, "ask_timeout"},
 		{mapSource{"netns": "x", "learn": "/tmp/l.json", "learn-suffix-depth": 1}, "learn_suffix_depth"},
 		{mapSource{"netns": "x", "learn": "/nonexistent-dir/l.json"}, "learn"},
 	} {

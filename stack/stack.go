@@ -52,6 +52,14 @@ type Options struct {
 	Shared *rings.Shared
 	// Policy decides new flows; nil allows everything.
 	Policy policy.Checker
+	// Ask, if set, holds a TCP flow the policy decided to ask about: it
+	// blocks (the guest's SYN unanswered, nothing dialled) until the
+	// question is answered and returns the decision that replaces the
+	// ask. Without it an ask is a deny.
+	Ask func(ctx context.Context, f policy.Flow, d policy.Decision) policy.Decision
+	// DNSHolds says which queries the DNS filter may hold (ask): they are
+	// never decided on the packet path.
+	DNSHolds func(src netip.AddrPort, q *dns.Msg) bool
 	// HandleTCP, if set, serves the allowed TCP flows WantsTCP says yes
 	// to (their first bytes looked at, say) instead of a plain relay.
 	HandleTCP func(context.Context, TCPFlow) error
@@ -198,6 +206,7 @@ func New(o Options) (*Stack, error) {
 		Replier:       st.r,
 		MaxUDPPayload: st.sizes.MaxUDPPayload(true),
 		Filter:        cutAware{st, o.DNSFilter},
+		Holds:         o.DNSHolds,
 		Report:        st.report,
 		Log:           o.Log.With("component", "dns"),
 	})

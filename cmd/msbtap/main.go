@@ -80,6 +80,9 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == agent.HookRunnerArg {
 		agent.HookRunner() // msbtap re-executed to run --on-terminate
 	}
+	if len(os.Args) > 1 && os.Args[1] == agent.AskRunnerArg {
+		agent.AskRunner() // msbtap re-executed to run --ask-exec
+	}
 	err := newApp(os.Stdout, os.Stderr).Run(os.Args)
 	if err == nil {
 		return
