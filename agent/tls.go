@@ -61,7 +61,7 @@ func (a *Agent) buildIntercept() error {
 	}
 	var d net.Dialer
 	a.l7 = intercept.NewHandler(intercept.Options{
-		Mode: tc.Mode, CA: ca, Roots: roots, Bypass: tc.Bypass, Policy: a.holder, Rewriter: a.rewriter(),
+		Mode: tc.Mode, CA: ca, Roots: roots, Bypass: tc.Bypass, Policy: a.holder, Ask: a.askTCP, Rewriter: a.rewriter(),
 		Report:    a.onL7,
 		Terminate: a.terminateL7,
 		Dial: func(ctx context.Context, addr string) (net.Conn, error) {

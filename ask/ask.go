@@ -29,7 +29,7 @@ const (
 	DefaultMaxQuestions = 64
 	// DefaultMaxWaiting bounds the flows (held SYNs, held lookups) waiting
 	// on the questions, all together; past it, flows are denied at once.
-	DefaultMaxWaiting = 256
+	DefaultMaxWaiting = 192
 	// maxAnswers bounds the standing answers kept.
 	maxAnswers = 4096
 )

@@ -43,25 +43,20 @@ func (e *Engine) askable(f Flow, d Decision, extraHost netip.Addr) Decision {
 			return dd
 		}
 	}
-	var names []string
-	if f.Domain != "" {
-		names = []string{f.Domain}
-	} else {
-		names = e.pins.Lookup(a)
-	}
+	// The answer that stands for the flow is the one a question about it
+	// would get: about its name (AskName), else its address. Other names
+	// of a shared address have answers of their own, which the TLS name
+	// or HTTP Host then meets.
+	name := e.AskName(f)
 	if e.answers != nil {
-		for _, n := range names {
-			if act, ok := e.answers.Answer(n, a); ok {
+		if act, ok := e.answers.Answer(name, a); ok {
+			if name != "" {
 				return e.decision(act, RuleAnswered).named()
 			}
-		}
-		if len(names) == 0 {
-			if act, ok := e.answers.Answer("", a); ok {
-				return e.decision(act, RuleAnswered)
-			}
+			return e.decision(act, RuleAnswered)
 		}
 	}
-	d.ByName = d.ByName || len(names) > 0
+	d.ByName = d.ByName || name != ""
 	return d
 }
 
@@ -94,15 +89,16 @@ func (e *Engine) compileDenies(f *File, o Options) error {
 // AsksAnything reports whether some rule or the default asks.
 func (e *Engine) AsksAnything() bool { return e.asks }
 
-// AskName is the name a question about flow f shows: the name it asked
-// for, else one its address was resolved from (the first the sandbox
-// asked for, as pinned), else "".
+// AskName is the name a question about flow f is about: the name it
+// asked for (SNI, Host), else the name its address was resolved from
+// most recently (the one the client has just looked up, as a rule), else
+// "" (the address is asked about).
 func (e *Engine) AskName(f Flow) string {
 	if f.Domain != "" {
 		return f.Domain
 	}
 	if names := e.pins.Lookup(f.Dst.Addr()); len(names) > 0 {
-		return names[len(names)-1]
+		return names[0]
 	}
 	return ""
 }

@@ -1,6 +1,8 @@
 package integration
 
 import (
+	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -32,11 +34,20 @@ func startRegistries(t *testing.T, w *testenv.World, names ...string) (ca string
 	w.Inet.MustRun(t, "ip", "addr", "add", registryDNS4+"/32", "dev", "lo")
 	dir := t.TempDir()
 	ca, ready := filepath.Join(dir, "registry-ca.pem"), filepath.Join(dir, "ready")
-	all := append(append([]string{}, names...), elsewhereName)
+	// A "name=address" entry is a record for another address alone.
+	var all, records []string
+	for _, n := range append(append([]string{}, names...), elsewhereName) {
+		if name, addr, ok := strings.Cut(n, "="); ok {
+			records = append(records, name+"="+addr)
+			continue
+		}
+		all = append(all, n)
+		records = append(records, n+"="+registryHost4)
+	}
 	args := []string{w.Testhost, "serve", "--https", registryHost4 + ":443", "--http", registryHost4 + ":80",
 		"--tls-names", strings.Join(all, ","), "--tls-ca-out", ca, "--dns", registryDNS4 + ":53", "--ready", ready}
-	for _, n := range all {
-		args = append(args, "--record", n+"="+registryHost4)
+	for _, r := range records {
+		args = append(args, "--record", r)
 	}
 	w.Inet.Start(t, args...)
 	deadline := time.Now().Add(10 * time.Second)
@@ -221,5 +232,254 @@ func TestLearnRoundTrip(t *testing.T) {
 	}
 	if ok, out := reach(t, w, "tcp", testenv.WebHost4+":80"); ok {
 		t.Errorf("a learned address on a new protocol and port: got through: %s", out)
+	}
+}
+
+// askWorld is a world whose msbtap asks: its control socket and decision
+// log, and a way to drive msbtap ctl.
+type askWorld struct {
+	*testenv.World
+	t        *testing.T
+	ca, sock string
+	auditLog string
+}
+
+func newAskWorld(t *testing.T, policyJSON string, extra ...string) *askWorld {
+	testenv.RequireTools(t, "curl", "dig")
+	w := testenv.NewWorld(t)
+	aw := &askWorld{World: w, t: t}
+	aw.ca = startRegistries(t, w, "allow.ask.test", "deny.ask.test", "timeout.ask.test", "always.ask.test",
+		"yes.ask.test", "no.ask.test", "look.example.test", "flood.ask.test="+testenv.WebHost4)
+	dir := t.TempDir()
+	aw.sock, aw.auditLog = filepath.Join(dir, "ctl.sock"), filepath.Join(dir, "audit.log")
+	w.StartAgent(t, append([]string{"--policy", writePolicy(t, policyJSON), "--control", aw.sock, "--audit-log", aw.auditLog}, extra...)...)
+	return aw
+}
+
+func (aw *askWorld) ctl(args ...string) (string, error) {
+	out, err := exec.Command(aw.Msbtap, append([]string{"ctl", "--control", aw.sock}, args...)...).CombinedOutput()
+	return string(out), err
+}
+
+type pendingQ struct {
+	ID      uint64 `json:"id"`
+	Proto   string `json:"proto"`
+	Name    string `json:"name"`
+	Dst     string `json:"dst"`
+	Waiting int    `json:"waiting"`
+}
+
+func (aw *askWorld) pending() []pendingQ {
+	aw.t.Helper()
+	out, err := aw.ctl("pending", "--json")
+	if err != nil {
+		aw.t.Fatalf("ctl pending: %v\n%s", err, out)
+	}
+	var qs []pendingQ
+	if err := json.Unmarshal([]byte(out), &qs); err != nil {
+		aw.t.Fatalf("ctl pending: %v\n%s", err, out)
+	}
+	return qs
+}
+
+// waitQuestion waits for the question about name and returns it.
+func (aw *askWorld) waitQuestion(name string) pendingQ {
+	aw.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		for _, q := range aw.pending() {
+			if q.Name == name {
+				return q
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	aw.t.Fatalf("no question about %s; pending: %+v", name, aw.pending())
+	return pendingQ{}
+}
+
+// curlAsync starts curl in the sandbox; the channel gets its output and
+// error when it ends.
+func (aw *askWorld) curlAsync(url string) (<-chan string, <-chan error) {
+	out, errc := make(chan string, 1), make(chan error, 1)
+	cmd := aw.Guest.Command("curl", "-sS", "--max-time", "25", "--cacert", aw.ca, url)
+	go func() {
+		b, err := cmd.CombinedOutput()
+		out <- strings.TrimSpace(string(b))
+		errc <- err
+	}()
+	return out, errc
+}
+
+// auditHas reports whether a line of the decision log has every one of
+// subs.
+func (aw *askWorld) auditHas(subs ...string) bool {
+	b, _ := os.ReadFile(aw.auditLog)
+lines:
+	for _, l := range strings.Split(string(b), "\n") {
+		for _, sub := range subs {
+			if !strings.Contains(l, sub) {
+				continue lines
+			}
+		}
+		return true
+	}
+	return false
+}
+
+// TestAskCtl: curl to a name an ask rule holds waits (no answer from the
+// server) until msbtap ctl decides: allow after 2 s (the connection
+// completes, not reset), deny (reset at once), no answer (the timeout
+// refuses it); allow --always puts a rule in the live policy, so the next
+// connection is decided by it, not asked; 200 SYNs to one held host are one
+// question; a metadata address and an explicit deny are never asked; under
+// default ask, a lookup is held and answered too. Every answer is in the
+// decision log with who gave it.
+func TestAskCtl(t *testing.T) {
+	aw := newAskWorld(t, `{"default_action": "deny", "rules": [
+		{"destination": {"domain": "deny-me.ask.test"}, "action": "deny"},
+		{"destination": {"domain_suffix": "ask.test"}, "action": "ask"}]}`, "--ask-timeout", "4s")
+
+	// Allow, after 2 s of waiting.
+	out, errc := aw.curlAsync("https://allow.ask.test/x")
+	q := aw.waitQuestion("allow.ask.test")
+	if q.Proto != "tcp" || q.Dst != registryHost4+":443" || q.Waiting < 1 {
+		t.Errorf("question: %+v", q)
+	}
+	time.Sleep(2 * time.Second)
+	select {
+	case err := <-errc:
+		t.Fatalf("curl ended while its flow was held: %v %s", err, <-out)
+	default:
+	}
+	// Held: nothing dialled, no relayed flow.
+	if o, _ := aw.ctl("flows"); strings.Contains(o, registryHost4+":443") {
+		t.Errorf("a held flow was dialled:\n%s", o)
+	}
+	if o, err := aw.ctl("allow", fmt.Sprint(q.ID)); err != nil {
+		t.Fatalf("ctl allow: %v %s", err, o)
+	}
+	if o, err := <-out, <-errc; err != nil || !strings.Contains(o, "hello from testhost allow.ask.test") {
+		t.Errorf("allowed after 2 s: %v %q", err, o)
+	}
+
+	// Deny: refused at once.
+	out, errc = aw.curlAsync("https://deny.ask.test/")
+	q = aw.waitQuestion("deny.ask.test")
+	if o, err := aw.ctl("deny", fmt.Sprint(q.ID)); err != nil {
+		t.Fatalf("ctl deny: %v %s", err, o)
+	}
+	start := time.Now()
+	select {
+	case o := <-out:
+		if err := <-errc; err == nil || !strings.Contains(o, "Couldn't connect") {
+			t.Errorf("denied: want the connection reset, got %v %q", err, o)
+		}
+	case <-time.After(3 * time.Second):
+		t.Errorf("denied: curl still waits %s after the deny", time.Since(start))
+		<-out
+		<-errc
+	}
+
+	// No answer: the timeout (4 s) refuses it.
+	start = time.Now()
+	out, errc = aw.curlAsync("https://timeout.ask.test/")
+	aw.waitQuestion("timeout.ask.test")
+	if o, err := <-out, <-errc; err == nil || time.Since(start) < 3*time.Second || time.Since(start) > 15*time.Second {
+		t.Errorf("timeout: %v %q after %s", err, o, time.Since(start))
+	}
+
+	// Always: a rule of the live policy; the next connection is decided
+	// by that rule.
+	out, errc = aw.curlAsync("https://always.ask.test/")
+	q = aw.waitQuestion("always.ask.test")
+	if o, err := aw.ctl("allow", "--always", fmt.Sprint(q.ID)); err != nil {
+		t.Fatalf("ctl allow --always: %v %s", err, o)
+	}
+	if o, err := <-out, <-errc; err != nil {
+		t.Errorf("allowed always: %v %q", err, o)
+	}
+	pol, _ := aw.ctl("policy", "get")
+	if !strings.Contains(pol, `"domain": "always.ask.test"`) {
+		t.Errorf("the live policy lacks the always rule: %s", pol)
+	}
+	if o, ok := curlGuest(aw.World, aw.ca, "https://always.ask.test/again"); !ok {
+		t.Errorf("second connection after always: %q", o)
+	}
+	if !aw.auditHas(`"domain":"always.ask.test","rule":1,"rule_text":"rules[1]: allow egress tcp to domain always.ask.test ports 443"`) {
+		t.Errorf("the second connection was not decided by the always rule")
+	}
+
+	// 200 SYNs to one held host: one question.
+	if o, err := aw.Guest.Run("dig", "+short", "flood.ask.test"); err != nil || strings.TrimSpace(o) != testenv.WebHost4 {
+		t.Fatalf("dig flood.ask.test: %v %q", err, o)
+	}
+	flood := aw.Guest.Command(aw.Testhost, "hold", testenv.WebHost4+":80", "200", "1")
+	if err := flood.Start(); err != nil {
+		t.Fatal(err)
+	}
+	q = aw.waitQuestion("flood.ask.test")
+	time.Sleep(1500 * time.Millisecond)
+	qs := aw.pending()
+	if len(qs) != 1 || qs[0].Waiting < 150 {
+		t.Errorf("200 SYNs to one host: want one question with them all waiting, got %+v", qs)
+	}
+	aw.ctl("deny", fmt.Sprint(q.ID))
+	flood.Wait()
+
+	// Never asked: metadata, an explicit deny.
+	for _, tc := range []struct{ what, url string }{
+		{"metadata", "http://169.254.169.254/"},
+		{"an explicit deny", "https://deny-me.ask.test/"},
+	} {
+		start := time.Now()
+		if o, ok := curlGuest(aw.World, aw.ca, tc.url); ok || time.Since(start) > 3*time.Second {
+			t.Errorf("%s: want a prompt refusal, got ok=%v %q after %s", tc.what, ok, o, time.Since(start))
+		}
+	}
+	if qs := aw.pending(); len(qs) != 0 {
+		t.Errorf("questions left: %+v", qs)
+	}
+	for _, want := range []string{"answered allow by ctl uid 0", "answered deny by ctl uid 0", "answered deny by timeout", "answered allow always by ctl uid 0"} {
+		if !aw.auditHas(want) {
+			t.Errorf("the decision log lacks %q", want)
+		}
+	}
+}
+
+// TestAskLookupAndExec: under default ask, a lookup is held until
+// --ask-exec answers; the program allows one name and denies another.
+func TestAskLookupAndExec(t *testing.T) {
+	script := filepath.Join(t.TempDir(), "ask.sh")
+	if err := os.WriteFile(script, []byte("#!/bin/sh\nread q\ncase \"$q\" in\n*'\"name\":\"yes.ask.test\"'*|*'\"name\":\"look.example.test\"'*) echo allow;;\n*) echo deny;;\nesac\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	aw := newAskWorld(t, `{"default_action": "ask"}`, "--ask-exec", script)
+	if o, err := aw.Guest.Run("dig", "+short", "+time=5", "+tries=1", "look.example.test"); err != nil || strings.TrimSpace(o) != registryHost4 {
+		t.Errorf("a lookup --ask-exec allows: %v %q", err, o)
+	}
+	if o, _ := aw.Guest.Run("dig", "+time=5", "+tries=1", "nope.example.test"); !strings.Contains(o, "NXDOMAIN") {
+		t.Errorf("a lookup --ask-exec denies: %q", o)
+	}
+	if o, ok := curlGuest(aw.World, aw.ca, "https://yes.ask.test/"); !ok || !strings.Contains(o, "hello from testhost yes.ask.test") {
+		t.Errorf("--ask-exec allow: %q", o)
+	}
+	if o, ok := curlGuest(aw.World, aw.ca, "https://no.ask.test/"); ok {
+		t.Errorf("--ask-exec deny (of the lookup): got through: %q", o)
+	}
+	// Without a lookup, on yes.ask.test's address (its answer lets the SYN
+	// in): the server name is asked about, and denied.
+	if o, ok := curlGuest(aw.World, aw.ca, "--resolve", elsewhereName+":443:"+registryHost4, "https://"+elsewhereName+"/"); ok {
+		t.Errorf("--ask-exec deny (of the server name): got through: %q", o)
+	}
+	for _, want := range [][]string{
+		{`"proto":"dns"`, `"domain":"look.example.test"`, "answered allow by ask-exec"},
+		{`"proto":"dns"`, `"domain":"nope.example.test"`, "answered deny by ask-exec"},
+		{`"proto":"dns"`, `"domain":"no.ask.test"`, "answered deny by ask-exec"},
+		{`"proto":"tcp"`, `"domain":"` + elsewhereName + `"`, "answered deny by ask-exec"},
+	} {
+		if !aw.auditHas(want...) {
+			t.Errorf("the decision log lacks a line with %q", want)
+		}
 	}
 }
