@@ -46,7 +46,7 @@ func waitPending(t *testing.T, a *Asker, n int) []Question {
 func TestOneQuestionPerDestination(t *testing.T) {
 	var reported []Answer
 	var mu sync.Mutex
-	a := New(Options{Report: func(q Question, ans Answer) { mu.Lock(); reported = append(reported, ans); mu.Unlock() }})
+	a := New(Options{MaxWaiting: 300, Report: func(q Question, ans Answer) { mu.Lock(); reported = append(reported, ans); mu.Unlock() }})
 	defer a.Close()
 	var wg sync.WaitGroup
 	results := make(chan bool, 200)
