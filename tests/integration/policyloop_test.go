@@ -242,6 +242,8 @@ type askWorld struct {
 	t        *testing.T
 	ca, sock string
 	auditLog string
+	// policyFile is the policy msbtap runs under.
+	policyFile string
 }
 
 func newAskWorld(t *testing.T, policyJSON string, extra ...string) *askWorld {
@@ -252,7 +254,8 @@ func newAskWorld(t *testing.T, policyJSON string, extra ...string) *askWorld {
 		"yes.ask.test", "no.ask.test", "look.example.test", "flood.ask.test="+testenv.WebHost4)
 	dir := t.TempDir()
 	aw.sock, aw.auditLog = filepath.Join(dir, "ctl.sock"), filepath.Join(dir, "audit.log")
-	w.StartAgent(t, append([]string{"--policy", writePolicy(t, policyJSON), "--control", aw.sock, "--audit-log", aw.auditLog}, extra...)...)
+	aw.policyFile = writePolicy(t, policyJSON)
+	w.StartAgent(t, append([]string{"--policy", aw.policyFile, "--control", aw.sock, "--audit-log", aw.auditLog}, extra...)...)
 	return aw
 }
 
@@ -340,6 +343,15 @@ func TestAskCtl(t *testing.T) {
 		{"destination": {"domain": "deny-me.ask.test"}, "action": "deny"},
 		{"destination": {"domain_suffix": "ask.test"}, "action": "ask"}]}`, "--ask-timeout", "4s")
 
+	// A terminal watching for questions.
+	watch := exec.Command(aw.Msbtap, "ctl", "--control", aw.sock, "pending", "--watch")
+	var watched testenv.Buffer
+	watch.Stdout, watch.Stderr = &watched, &watched
+	if err := watch.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { watch.Process.Kill(); watch.Wait() }()
+
 	// Allow, after 2 s of waiting.
 	out, errc := aw.curlAsync("https://allow.ask.test/x")
 	q := aw.waitQuestion("allow.ask.test")
@@ -361,6 +373,9 @@ func TestAskCtl(t *testing.T) {
 	}
 	if o, err := <-out, <-errc; err != nil || !strings.Contains(o, "hello from testhost allow.ask.test") {
 		t.Errorf("allowed after 2 s: %v %q", err, o)
+	}
+	if want := fmt.Sprintf("ask %d: tcp allow.ask.test %s:443", q.ID, registryHost4); !strings.Contains(watched.String(), want) {
+		t.Errorf("ctl pending --watch did not show %q:\n%s", want, watched.String())
 	}
 
 	// Deny: refused at once.
@@ -448,13 +463,14 @@ func TestAskCtl(t *testing.T) {
 }
 
 // TestAskLookupAndExec: under default ask, a lookup is held until
-// --ask-exec answers; the program allows one name and denies another.
+// --ask-exec answers; the program allows one name (always: with
+// --ask-save the rule is in the policy file too) and denies another.
 func TestAskLookupAndExec(t *testing.T) {
 	script := filepath.Join(t.TempDir(), "ask.sh")
-	if err := os.WriteFile(script, []byte("#!/bin/sh\nread q\ncase \"$q\" in\n*'\"name\":\"yes.ask.test\"'*|*'\"name\":\"look.example.test\"'*) echo allow;;\n*) echo deny;;\nesac\n"), 0o755); err != nil {
+	if err := os.WriteFile(script, []byte("#!/bin/sh\nread q\ncase \"$q\" in\n*'\"name\":\"yes.ask.test\"'*) echo allow always;;\n*'\"name\":\"look.example.test\"'*) echo allow;;\n*) echo deny;;\nesac\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	aw := newAskWorld(t, `{"default_action": "ask"}`, "--ask-exec", script)
+	aw := newAskWorld(t, `{"default_action": "ask"}`, "--ask-exec", script, "--ask-save")
 	if o, err := aw.Guest.Run("dig", "+short", "+time=5", "+tries=1", "look.example.test"); err != nil || strings.TrimSpace(o) != registryHost4 {
 		t.Errorf("a lookup --ask-exec allows: %v %q", err, o)
 	}
@@ -472,7 +488,15 @@ func TestAskLookupAndExec(t *testing.T) {
 	if o, ok := curlGuest(aw.World, aw.ca, "--resolve", elsewhereName+":443:"+registryHost4, "https://"+elsewhereName+"/"); ok {
 		t.Errorf("--ask-exec deny (of the server name): got through: %q", o)
 	}
+	saved, _ := os.ReadFile(aw.policyFile)
+	if !strings.Contains(string(saved), `"domain": "yes.ask.test"`) || strings.Contains(string(saved), "look.example.test") {
+		t.Errorf("--ask-save: the policy file should have the always rule for yes.ask.test only:\n%s", saved)
+	}
+	if out, err := exec.Command(aw.Msbtap, "policy", "check", aw.policyFile).CombinedOutput(); err != nil {
+		t.Errorf("policy check of the saved policy: %v %s", err, out)
+	}
 	for _, want := range [][]string{
+		{`"proto":"dns"`, `"domain":"yes.ask.test"`, "answered allow always by ask-exec"},
 		{`"proto":"dns"`, `"domain":"look.example.test"`, "answered allow by ask-exec"},
 		{`"proto":"dns"`, `"domain":"nope.example.test"`, "answered deny by ask-exec"},
 		{`"proto":"dns"`, `"domain":"no.ask.test"`, "answered deny by ask-exec"},
