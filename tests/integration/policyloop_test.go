@@ -303,9 +303,9 @@ func (aw *askWorld) waitQuestion(name string) pendingQ {
 
 // curlAsync starts curl in the sandbox; the channel gets its output and
 // error when it ends.
-func (aw *askWorld) curlAsync(url string) (<-chan string, <-chan error) {
+func (aw *askWorld) curlAsync(args ...string) (<-chan string, <-chan error) {
 	out, errc := make(chan string, 1), make(chan error, 1)
-	cmd := aw.Guest.Command("curl", "-sS", "--max-time", "25", "--cacert", aw.ca, url)
+	cmd := aw.Guest.Command(append([]string{"curl", "-sS", "--max-time", "25", "--cacert", aw.ca}, args...)...)
 	go func() {
 		b, err := cmd.CombinedOutput()
 		out <- strings.TrimSpace(string(b))
@@ -341,7 +341,7 @@ lines:
 func TestAskCtl(t *testing.T) {
 	aw := newAskWorld(t, `{"default_action": "deny", "rules": [
 		{"destination": {"domain": "deny-me.ask.test"}, "action": "deny"},
-		{"destination": {"domain_suffix": "ask.test"}, "action": "ask"}]}`, "--ask-timeout", "4s")
+		{"destination": {"domain_suffix": "ask.test"}, "action": "ask"}]}`, "--ask-timeout", "8s")
 
 	// A terminal watching for questions.
 	watch := exec.Command(aw.Msbtap, "ctl", "--control", aw.sock, "pending", "--watch")
@@ -396,11 +396,11 @@ func TestAskCtl(t *testing.T) {
 		<-errc
 	}
 
-	// No answer: the timeout (4 s) refuses it.
+	// No answer: the timeout (8 s) refuses it.
 	start = time.Now()
 	out, errc = aw.curlAsync("https://timeout.ask.test/")
 	aw.waitQuestion("timeout.ask.test")
-	if o, err := <-out, <-errc; err == nil || time.Since(start) < 3*time.Second || time.Since(start) > 15*time.Second {
+	if o, err := <-out, <-errc; err == nil || time.Since(start) < 7*time.Second || time.Since(start) > 20*time.Second {
 		t.Errorf("timeout: %v %q after %s", err, o, time.Since(start))
 	}
 
@@ -423,6 +423,20 @@ func TestAskCtl(t *testing.T) {
 	}
 	if !aw.auditHas(`"domain":"always.ask.test","rule":1,"rule_text":"rules[1]: allow egress tcp to domain always.ask.test ports 443"`) {
 		t.Errorf("the second connection was not decided by the always rule")
+	}
+
+	// Another name on always.ask.test's address, without a lookup: the
+	// SYN goes in by the address's answered name, the server name is
+	// asked at the ClientHello, and allowed 6 s later (past the 5 s a
+	// client has for its first bytes) the connection completes.
+	out, errc = aw.curlAsync("--resolve", "yes.ask.test:443:"+registryHost4, "https://yes.ask.test/late")
+	q = aw.waitQuestion("yes.ask.test")
+	time.Sleep(6 * time.Second)
+	if o, err := aw.ctl("allow", fmt.Sprint(q.ID)); err != nil {
+		t.Fatalf("ctl allow: %v %s", err, o)
+	}
+	if o, err := <-out, <-errc; err != nil || !strings.Contains(o, "hello from testhost yes.ask.test") {
+		t.Errorf("a server name allowed after 6 s: %v %q", err, o)
 	}
 
 	// 200 SYNs to one held host: one question.
