@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"strings"
 	"testing"
 
 	"github.com/msbtap/msbtap/ask"
@@ -40,5 +41,16 @@ func TestWithAlwaysRule(t *testing.T) {
 	d := &policy.File{DefaultAction: "ask", Rules: f.Rules[:1]}
 	if g := withAlwaysRule(d, r); len(g.Rules) != 2 || g.Rules[1].Destination.Domain != "x.example" {
 		t.Errorf("default ask: got %+v", g.Rules)
+	}
+}
+
+// TestAskExecEnv: --ask-exec never sees msbtap's environment, where
+// secrets' values may be.
+func TestAskExecEnv(t *testing.T) {
+	t.Setenv("MSBTAP_TEST_SECRET", "s3cr3t")
+	for _, kv := range askExecEnv() {
+		if !strings.HasPrefix(kv, "PATH=") {
+			t.Errorf("--ask-exec gets %q", kv)
+		}
 	}
 }

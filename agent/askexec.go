@@ -56,6 +56,9 @@ func startAskRunner(command string, uid, gid int, timeout time.Duration) (*askRu
 		return nil, fmt.Errorf("find msbtap's own binary: %w", err)
 	}
 	cmd := exec.Command(self, AskRunnerArg, command, timeout.String())
+	// Not msbtap's environment: it may hold secrets' values (--secret),
+	// and the runner is not protected as the agent is.
+	cmd.Env = askExecEnv()
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if uid > 0 {
@@ -129,6 +132,16 @@ func (ar *askRunner) close() {
 		ar.cmd.Process.Kill()
 	}
 	ar.cmd.Wait()
+}
+
+// askExecEnv is the environment --ask-exec runs in: a PATH, and nothing
+// else of msbtap's.
+func askExecEnv() []string {
+	path := os.Getenv("PATH")
+	if path == "" {
+		path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	}
+	return []string{"PATH=" + path}
 }
 
 // parseAskAnswer reads what --ask-exec printed: allow, allow always, deny

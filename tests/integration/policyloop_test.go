@@ -480,8 +480,13 @@ func TestAskCtl(t *testing.T) {
 // --ask-exec answers; the program allows one name (always: with
 // --ask-save the rule is in the policy file too) and denies another.
 func TestAskLookupAndExec(t *testing.T) {
-	script := filepath.Join(t.TempDir(), "ask.sh")
-	if err := os.WriteFile(script, []byte("#!/bin/sh\nread q\ncase \"$q\" in\n*'\"name\":\"yes.ask.test\"'*) echo allow always;;\n*'\"name\":\"look.example.test\"'*) echo allow;;\n*) echo deny;;\nesac\n"), 0o755); err != nil {
+	dir := t.TempDir()
+	script, envOut := filepath.Join(dir, "ask.sh"), filepath.Join(dir, "env.txt")
+	// A value in msbtap's environment (where --secret values live) that
+	// --ask-exec must not see.
+	probe := fmt.Sprintf("probe%d", time.Now().UnixNano())
+	t.Setenv("MSBTAP_ASK_PROBE", probe)
+	if err := os.WriteFile(script, []byte("#!/bin/sh\nenv > "+envOut+"\nread q\ncase \"$q\" in\n*'\"name\":\"yes.ask.test\"'*) echo allow always;;\n*'\"name\":\"look.example.test\"'*) echo allow;;\n*) echo deny;;\nesac\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	aw := newAskWorld(t, `{"default_action": "ask"}`, "--ask-exec", script, "--ask-save")
@@ -501,6 +506,9 @@ func TestAskLookupAndExec(t *testing.T) {
 	// in): the server name is asked about, and denied.
 	if o, ok := curlGuest(aw.World, aw.ca, "--resolve", elsewhereName+":443:"+registryHost4, "https://"+elsewhereName+"/"); ok {
 		t.Errorf("--ask-exec deny (of the server name): got through: %q", o)
+	}
+	if env, err := os.ReadFile(envOut); err != nil || strings.Contains(string(env), probe) {
+		t.Errorf("--ask-exec's environment (%v) has msbtap's:\n%s", err, env)
 	}
 	saved, _ := os.ReadFile(aw.policyFile)
 	if !strings.Contains(string(saved), `"domain": "yes.ask.test"`) || strings.Contains(string(saved), "look.example.test") {
