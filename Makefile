@@ -4,7 +4,11 @@
 GO        ?= go
 BIN       := bin/msbtap
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
-DEB_PKGS  := iproute2 curl dnsutils iputils-ping iperf3 util-linux procps ca-certificates qemu-system-x86 tcpdump
+DEB_PKGS  := iproute2 curl dnsutils iputils-ping iperf3 util-linux procps ca-certificates qemu-system-x86 tcpdump python3 \
+	containerd runc podman containernetworking-plugins busybox-static microsocks tinyproxy-bin tmux
+# crictl drives containerd's CRI plugin in the engine tests as the kubelet
+# does; v1.34.0 talks to Debian's containerd 1.6. Built from its Go module.
+CRICTL_VERSION := v1.34.0
 
 PREFIX    ?= /usr/local
 DESTDIR   ?=
@@ -20,11 +24,14 @@ build:
 	CGO_ENABLED=0 $(GO) build -o bin/msbtap-cni ./cmd/msbtap-cni
 
 # deps installs the Debian packages the tests and the demo drive (when
-# missing and when root) and downloads the Go modules.
+# missing and when root) and downloads the Go modules. npm is Debian's
+# unless the machine has one (NodeSource's nodejs bundles its own and
+# conflicts with Debian's npm).
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" -ne 0 ]; then echo "missing Debian packages:$$missing (run as root to install them)"; \
 	  else echo "installing:$$missing"; \
@@ -32,6 +39,10 @@ deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi; \
 	fi
 	$(GO) mod download
+	@if [ "$$(id -u)" -eq 0 ] && ! $(GO) version -m /usr/local/bin/crictl 2>/dev/null | grep -q "cri-tools[[:space:]]*$(CRICTL_VERSION)"; then \
+	  echo "installing crictl $(CRICTL_VERSION)"; \
+	  GOBIN=/usr/local/bin GOFLAGS= $(GO) install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION); \
+	fi
 
 test: deps lint unit fuzz integration stress-short
 
@@ -62,7 +73,7 @@ stress-short:
 # deadline to race; 20000 runs take 1.5-6 s per target here.
 FUZZTIME ?= 20000x
 FUZZ_TARGETS := ./stack:FuzzHandleFrame ./stack:FuzzDHCP ./wire:FuzzParse ./wire:FuzzReassemble \
-	./tap:FuzzVNetHdr ./proxy:FuzzDNSQuery ./policy:FuzzParseFile ./internal/portspec:FuzzParse ./inspect:FuzzClassify
+	./tap:FuzzVNetHdr ./proxy:FuzzDNSQuery ./policy:FuzzParseFile ./internal/portspec:FuzzParse ./inspect:FuzzClassify ./policy:FuzzNormalizeName
 fuzz:
 	@log=$$(mktemp); trap 'rm -f $$log' EXIT; \
 	for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; name=$${t##*:}; \

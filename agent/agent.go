@@ -28,9 +28,11 @@ import (
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
 	"github.com/msbtap/msbtap/tap"
+	"github.com/msbtap/msbtap/upstream"
 	"github.com/msbtap/msbtap/wire"
 )
 
@@ -57,6 +59,14 @@ type Config struct {
 	CommandUID    int
 	CommandGID    int
 	CommandGroups []int
+	// CommandEnv adds to the command's environment, which is built from an
+	// allow-list (sandbox.Environ): NAME (its value in msbtap's
+	// environment) or NAME=VALUE. A secret's source variable is refused.
+	CommandEnv []string
+	// CommandBinds are host paths the command sees at their own path over
+	// its private /run, /tmp, /var/tmp and /dev/shm (not in VM mode,
+	// where the command shares msbtap's namespaces but for PIDs and mounts).
+	CommandBinds []sandbox.Bind
 	// NoSeccomp leaves out the agent's seccomp allow-list (it still drops
 	// its capabilities and sets no_new_privs once set up).
 	NoSeccomp bool
@@ -120,6 +130,9 @@ type Config struct {
 	TLS TLSConfig
 	// Secrets are swapped in for their placeholders on the wire.
 	Secrets SecretsConfig
+	// Upstream, when set, is the proxy every allowed TCP flow leaves
+	// through.
+	Upstream upstream.Config
 
 	// Control is the path of the control socket (none if empty), owned by
 	// ControlUID:ControlGID (-1: root).
@@ -151,6 +164,7 @@ type Agent struct {
 	l7         *intercept.Handler
 	bundle     string // the CA bundle the command trusts
 	secrets    *secrets.Store
+	upstream   *upstreamRoute  // nil without --upstream-proxy
 	learner    *policy.Learner // learn mode's record, or nil
 	asker      *ask.Asker
 	askRunner  atomic.Pointer[askRunner] // runs --ask-exec; started in Run, before privileges drop
@@ -169,6 +183,10 @@ type Agent struct {
 	undo      []func() // teardown steps, run last to first
 	closeOnce sync.Once
 	closed    chan struct{}
+
+	// secretSrc are the secrets' source variables in msbtap's environment,
+	// which never reach the command.
+	secretSrc []string
 }
 
 // New builds the sandbox's network in order — policy, decision log,
@@ -196,6 +214,9 @@ func New(cfg Config) (a *Agent, err error) {
 	}
 	a.onClose(startTrimmer(cfg.MemoryLimit, a.activity))
 	if err := a.buildPolicy(); err != nil {
+		return a, err
+	}
+	if err := a.buildUpstream(); err != nil {
 		return a, err
 	}
 	// Published ports are bound before anything else exists, so a port in
@@ -392,6 +413,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 			a.log.Warn("no DNS upstream: none given and none in " + proxy.DefaultResolvConf + "; the sandbox's queries will get SERVFAIL")
 		}
 	}
+	routes := newLocalRoutes()
 	a.gw, err = stack.New(stack.Options{
 		Plan:           cfg.Plan,
 		Shared:         a.shared,
@@ -404,8 +426,10 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		Ask:            a.askTCP,
 		MaxConnections: cfg.MaxConnections,
 		Offload:        cfg.Offload,
-		IsLocal:        newLocalRoutes().IsLocal,
+		IsLocal:        routes.IsLocal,
+		IsBroadcast:    routes.IsBroadcast,
 		RateUp:         cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
+		Dial:      a.dialTCP,
 		HandleTCP: a.handleTCP,
 		WantsTCP:  a.l7.Wants,
 		Log:       a.log.With("component", "stack"),

@@ -34,7 +34,7 @@ type collector struct {
 	l7     *intercept.Handler
 	sec    *secrets.Store // nil without secrets
 
-	l7Flows, requests, secretSubs, secretViols,
+	l7Flows, requests, respRefused, secretSubs, secretViols,
 	bytes, frames, drops, flowsActive, flowsTotal, decisions, auditDrops, failures, wakes *prometheus.Desc
 }
 
@@ -46,6 +46,7 @@ func newCollector(sh *rings.Shared, st *stack.Stack, pub *proxy.Publisher, alog 
 		secretViols: prometheus.NewDesc("msbtap_secret_violations_total", "Placeholders found where their secret may not go, by secret name.", []string{"secret"}, nil),
 		l7Flows:     prometheus.NewDesc("msbtap_inspected_flows_total", "TCP flows whose first bytes were looked at, by what became of them: spliced (relayed as they are after the name check), intercepted (TLS terminated by msbtap), proxied (plain HTTP, request by request) or refused.", []string{"mode"}, nil),
 		requests:    prometheus.NewDesc("msbtap_http_requests_total", "Requests on intercepted or proxied connections, by decision.", []string{"decision"}, nil),
+		respRefused: prometheus.NewDesc("msbtap_http_responses_refused_total", "Upstream responses the sandbox got a 502 for instead, by reason: header_too_large (one response's headers past the cap), header_budget (all responses held past the total), encoding (a secret's host sent a body msbtap cannot decode), too_many_1xx.", []string{"reason"}, nil),
 		counts:      counts,
 		sh:          sh,
 		st:          st,
@@ -64,7 +65,7 @@ func newCollector(sh *rings.Shared, st *stack.Stack, pub *proxy.Publisher, alog 
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.l7Flows, c.requests, c.secretSubs, c.secretViols, c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions, c.auditDrops, c.failures, c.wakes} {
+	for _, d := range []*prometheus.Desc{c.l7Flows, c.requests, c.respRefused, c.secretSubs, c.secretViols, c.bytes, c.frames, c.drops, c.flowsActive, c.flowsTotal, c.decisions, c.auditDrops, c.failures, c.wakes} {
 		ch <- d
 	}
 }
@@ -114,6 +115,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.l7Flows, s.Refused, "refused")
 		counter(c.requests, s.RequestsAllowed, "allowed")
 		counter(c.requests, s.RequestsDenied, "denied")
+		for reason, n := range c.l7.ResponsesRefused() {
+			counter(c.respRefused, n, reason)
+		}
 	}
 	if c.sec != nil {
 		for name, n := range c.sec.Counts() {

@@ -7,9 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
-	"os/user"
-	"strconv"
-	"strings"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -17,6 +15,7 @@ import (
 
 	"github.com/msbtap/msbtap/ask"
 	"github.com/msbtap/msbtap/harden"
+	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/sandbox"
@@ -152,11 +151,17 @@ func (a *Agent) keepCaps() []uintptr {
 func (a *Agent) startCommand() (*exec.Cmd, error) {
 	cfg := a.cfg
 	wd, _ := os.Getwd()
-	env := append(append(commandEnv(cfg.CommandUID), a.caEnv()...), a.secretsEnv()...)
+	env, err := a.commandEnv()
+	if err != nil {
+		return nil, err
+	}
 	spec := sandbox.Spec{Argv: cfg.Command, Env: env, Dir: wd,
-		UID: cfg.CommandUID, GID: cfg.CommandGID, Groups: cfg.CommandGroups}
-	if cfg.Control != "" {
-		spec.Hide = append(spec.Hide, cfg.Control)
+		UID: cfg.CommandUID, GID: cfg.CommandGID, Groups: cfg.CommandGroups,
+		Hide: a.hiddenFromCommand(), Private: !cfg.VM, Binds: cfg.CommandBinds}
+	if a.bundle != "" && !cfg.VM {
+		// The CA bundle lives in msbtap's temporary directory, which the
+		// command's private /tmp hides.
+		spec.Binds = append(spec.Binds, sandbox.Bind{Path: filepath.Dir(a.bundle), ReadOnly: true})
 	}
 	p, err := sandbox.Start(a.ns, spec)
 	if err != nil {
@@ -167,24 +172,44 @@ func (a *Agent) startCommand() (*exec.Cmd, error) {
 	return p.Cmd, nil
 }
 
-// commandEnv is msbtap's environment for the command, with HOME, USER and
-// LOGNAME of the user it runs as.
-func commandEnv(uid int) []string {
-	env := os.Environ()
-	if uid == os.Getuid() {
-		return env
-	}
-	u, err := user.LookupId(strconv.Itoa(uid))
+// commandEnv is the command's environment: the allow-list of msbtap's own
+// (sandbox.Environ), its user's HOME, USER, LOGNAME and SHELL, the CA
+// bundle's variables, --env, and the secrets' placeholders; never a
+// secret's source variable.
+func (a *Agent) commandEnv() ([]string, error) {
+	env, err := sandbox.Environ(sandbox.EnvOptions{
+		Host: os.Environ(), User: sandbox.LookupAccount(a.cfg.CommandUID),
+		Own: a.caEnv(), Extra: a.cfg.CommandEnv, Final: a.secretsEnv(), Forbidden: a.secretSources(),
+	})
 	if err != nil {
-		return env
+		return nil, fielderr.Wrap("env", err)
 	}
-	out := env[:0:0]
-	for _, kv := range env {
-		if !strings.HasPrefix(kv, "HOME=") && !strings.HasPrefix(kv, "USER=") && !strings.HasPrefix(kv, "LOGNAME=") {
-			out = append(out, kv)
+	return env, nil
+}
+
+// hiddenFromCommand are the host files that hold what the command must
+// never reach, masked in its mount namespace: the control socket, the
+// secrets file and the files secrets are read from, the CA's key. (Run as
+// --user root, the command could read root's 0600 files otherwise.)
+func (a *Agent) hiddenFromCommand() []string {
+	var hide []string
+	add := func(p string) {
+		if p == "" {
+			return
+		}
+		if abs, err := filepath.Abs(p); err == nil {
+			hide = append(hide, abs)
 		}
 	}
-	return append(out, "HOME="+u.HomeDir, "USER="+u.Username, "LOGNAME="+u.Username)
+	add(a.cfg.Control)
+	add(a.cfg.Secrets.File)
+	add(a.cfg.TLS.CAKey)
+	if specs, err := a.cfg.Secrets.specs(); err == nil {
+		for _, sp := range specs {
+			add(sp.FromFile)
+		}
+	}
+	return hide
 }
 
 // reloadPolicy re-reads the policy file on SIGHUP: validated first, then

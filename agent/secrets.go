@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/miekg/dns"
@@ -14,6 +15,7 @@ import (
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
+	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/secrets"
 )
 
@@ -38,6 +40,14 @@ func (a *Agent) buildSecrets() error {
 	}
 	if len(specs) == 0 {
 		return nil
+	}
+	if err := a.checkCommandEnv(specs); err != nil {
+		return err
+	}
+	for _, sp := range specs {
+		if sp.FromEnv != "" {
+			a.secretSrc = append(a.secretSrc, sp.FromEnv)
+		}
 	}
 	if a.cfg.TLS.Mode == intercept.Off {
 		return fielderr.Bad("tls_intercept", "off", "secrets are injected into intercepted TLS: give --tls-intercept auto or all")
@@ -68,6 +78,27 @@ func (a *Agent) buildSecrets() error {
 	}
 	return nil
 }
+
+// checkCommandEnv refuses an --env that names a secret's source variable
+// (its value would reach the command) or a secret's name (the command
+// gets the placeholder there).
+func (a *Agent) checkCommandEnv(specs []secrets.Spec) error {
+	for _, e := range a.cfg.CommandEnv {
+		n := sandbox.EnvName(e)
+		for _, sp := range specs {
+			switch n {
+			case sp.FromEnv:
+				return fielderr.Bad("env", e, "%s holds the value of secret %s, which never reaches the command (it gets a placeholder in %s)", n, sp.Name, sp.Name)
+			case sp.Name:
+				return fielderr.Bad("env", e, "%s is secret %s's placeholder, which msbtap sets", n, sp.Name)
+			}
+		}
+	}
+	return nil
+}
+
+// secretSources are the variables the secrets are read from.
+func (a *Agent) secretSources() []string { return a.secretSrc }
 
 // rewriter is what interception rewrites requests with: the secrets, if
 // any.
@@ -114,6 +145,18 @@ func (a *Agent) reloadSecrets() {
 		return
 	}
 	specs, err := sc.specs()
+	if err == nil {
+		err = a.checkCommandEnv(specs)
+	}
+	if err == nil && len(a.cfg.Command) > 0 {
+		// The command's environment was made at the start: a variable it
+		// inherited cannot become a secret's source now.
+		for _, sp := range specs {
+			if sp.FromEnv != "" && sandbox.IsInherited(sp.FromEnv) && !slices.Contains(a.secretSrc, sp.FromEnv) {
+				err = fmt.Errorf("secret %s: the command already holds %s", sp.Name, sp.FromEnv)
+			}
+		}
+	}
 	if err == nil {
 		err = a.secrets.Reload(specs)
 	}

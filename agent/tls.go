@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"net"
 	"os"
 	"path/filepath"
 
@@ -59,15 +58,12 @@ func (a *Agent) buildIntercept() error {
 			return err
 		}
 	}
-	var d net.Dialer
 	a.l7 = intercept.NewHandler(intercept.Options{
 		Mode: tc.Mode, CA: ca, Roots: roots, Bypass: tc.Bypass, Policy: a.holder, Ask: a.askTCP, Rewriter: a.rewriter(),
 		Report:    a.onL7,
 		Terminate: a.terminateL7,
-		Dial: func(ctx context.Context, addr string) (net.Conn, error) {
-			return d.DialContext(ctx, "tcp", addr)
-		},
-		Log: a.log.With("component", "intercept"),
+		Dial:      a.dialIntercepted,
+		Log:       a.log.With("component", "intercept"),
 	})
 	return nil
 }
@@ -87,13 +83,24 @@ func (a *Agent) writeBundle() error {
 	return writeFile(a.bundle, a.ca.Bundle(), 0o644)
 }
 
+// BundleVariables point the command's tools at the CA bundle (msbtap's CA
+// plus the host's roots). Besides the system-wide ones (OpenSSL's
+// SSL_CERT_FILE, curl, Python requests, Node and Bun), each tool's own
+// variable wins over its own configuration, where a machine's npmrc
+// "cafile", pip.conf "cert", gitconfig "http.sslCAInfo" or Cargo's
+// "http.cainfo" would make it ignore the system's roots.
+var BundleVariables = []string{
+	"SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+	"npm_config_cafile", "PIP_CERT", "GIT_SSL_CAINFO", "CARGO_HTTP_CAINFO", "AWS_CA_BUNDLE", "DENO_CERT",
+}
+
 // caEnv points the usual tools of the command at the bundle.
 func (a *Agent) caEnv() []string {
 	if a.bundle == "" {
 		return nil
 	}
 	var env []string
-	for _, k := range []string{"SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO"} {
+	for _, k := range BundleVariables {
 		env = append(env, k+"="+a.bundle)
 	}
 	return env

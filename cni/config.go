@@ -39,7 +39,9 @@ type NetConf struct {
 	// AuditLogDir gets one decision log per container, <id>.log.
 	AuditLogDir string `json:"auditLogDir,omitempty"`
 	// MetricsHost and MetricsPortBase serve each agent's /metrics on
-	// MetricsHost:(MetricsPortBase+slot).
+	// MetricsHost:(MetricsPortBase+slot-SlotRange[0]). A slot whose port
+	// another process holds is skipped, so a busy port costs a slot, not
+	// the pod.
 	MetricsHost     string `json:"metricsHost,omitempty"`
 	MetricsPortBase int    `json:"metricsPortBase,omitempty"`
 	DenyMode        string `json:"denyMode,omitempty"`
@@ -55,8 +57,17 @@ type NetConf struct {
 	RuntimeConfig struct {
 		PortMappings []PortMapping `json:"portMappings,omitempty"`
 		MsbtapPolicy string        `json:"msbtapPolicy,omitempty"`
+		// PodAnnotations is containerd's io.kubernetes.cri.pod-annotations
+		// capability: the pod's annotations, of which PolicyAnnotation
+		// names the pod's policy in PolicyDir.
+		PodAnnotations map[string]string `json:"io.kubernetes.cri.pod-annotations,omitempty"`
 	} `json:"runtimeConfig,omitempty"`
 }
+
+// PolicyAnnotation is the pod annotation that picks a policy of PolicyDir
+// by name (containerd passes annotations to plugins that declare the
+// io.kubernetes.cri.pod-annotations capability).
+const PolicyAnnotation = "msbtap.io/policy"
 
 // PortMapping is the portMappings capability's entry.
 type PortMapping struct {
@@ -78,9 +89,10 @@ var (
 	policyNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$`)
 )
 
-// ParseConf parses and checks the network configuration; cniArgs are the
-// runtime's CNI_ARGS (K=V;K=V).
-func ParseConf(b []byte, cniArgs string) (*NetConf, error) {
+// parseBare reads the configuration with its defaults and checks nothing
+// else: what DEL needs (the state directory), which must work for a pod
+// whose configuration stopped validating after its ADD.
+func parseBare(b []byte) (*NetConf, error) {
 	var c NetConf
 	if err := json.Unmarshal(b, &c); err != nil {
 		return nil, fmt.Errorf("network configuration: %v", err)
@@ -88,6 +100,17 @@ func ParseConf(b []byte, cniArgs string) (*NetConf, error) {
 	if c.StateDir == "" {
 		c.StateDir = DefaultStateDir
 	}
+	return &c, nil
+}
+
+// ParseConf parses and checks the network configuration; cniArgs are the
+// runtime's CNI_ARGS (K=V;K=V).
+func ParseConf(b []byte, cniArgs string) (*NetConf, error) {
+	cp, err := parseBare(b)
+	if err != nil {
+		return nil, err
+	}
+	c := *cp
 	switch len(c.SlotRange) {
 	case 0:
 		c.SlotRange = []int{defaultSlotLo, defaultSlotHi}
@@ -104,9 +127,13 @@ func ParseConf(b []byte, cniArgs string) (*NetConf, error) {
 	if c.DenyMode != "" && c.DenyMode != "reject" && c.DenyMode != "drop" {
 		return nil, fmt.Errorf("denyMode %q: want reject or drop", c.DenyMode)
 	}
-	if (c.MetricsHost == "") != (c.MetricsPortBase == 0) || c.MetricsPortBase < 0 || c.MetricsPortBase+c.SlotRange[1] > 65535 {
-		if c.MetricsHost != "" || c.MetricsPortBase != 0 {
-			return nil, fmt.Errorf("metricsHost %q, metricsPortBase %d: give both, with the base plus the highest slot at most 65535", c.MetricsHost, c.MetricsPortBase)
+	if c.MetricsHost != "" || c.MetricsPortBase != 0 {
+		span := c.SlotRange[1] - c.SlotRange[0]
+		if c.MetricsHost == "" || c.MetricsPortBase < 1 || c.MetricsPortBase+span > 65535 {
+			return nil, fmt.Errorf("metricsHost %q, metricsPortBase %d: give both, with the base plus the slot range's width (%d, slotRange %v) at most 65535", c.MetricsHost, c.MetricsPortBase, span, c.SlotRange)
+		}
+		if net.ParseIP(c.MetricsHost) == nil {
+			return nil, fmt.Errorf("metricsHost %q: not an IP address", c.MetricsHost)
 		}
 	}
 	for _, u := range c.DNSUpstreams {
@@ -134,14 +161,27 @@ func ParseConf(b []byte, cniArgs string) (*NetConf, error) {
 	return &c, nil
 }
 
-// podPolicy is the policy name the runtime passes for this pod, if any.
+// podPolicy is the policy name the runtime passes for this pod, if any:
+// CNI_ARGS MSBTAP_POLICY, runtimeConfig msbtapPolicy, or the pod's
+// PolicyAnnotation.
 func podPolicy(c *NetConf, cniArgs string) string {
 	for _, kv := range strings.Split(cniArgs, ";") {
 		if k, v, ok := strings.Cut(kv, "="); ok && k == "MSBTAP_POLICY" {
 			return v
 		}
 	}
-	return c.RuntimeConfig.MsbtapPolicy
+	if c.RuntimeConfig.MsbtapPolicy != "" {
+		return c.RuntimeConfig.MsbtapPolicy
+	}
+	return c.RuntimeConfig.PodAnnotations[PolicyAnnotation]
+}
+
+// metricsAddr is where slot's agent serves /metrics, if anywhere.
+func (c *NetConf) metricsAddr(slot int) string {
+	if c.MetricsHost == "" {
+		return ""
+	}
+	return net.JoinHostPort(c.MetricsHost, strconv.Itoa(c.MetricsPortBase+slot-c.SlotRange[0]))
 }
 
 // policyArg is the --policy the agent gets: a preset, a file, or the

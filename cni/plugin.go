@@ -35,6 +35,10 @@ type state struct {
 	// /proc/PID/stat), so that a reused pid is never taken for it.
 	Start uint64 `json:"start"`
 	Unit  string `json:"unit,omitempty"` // the systemd scope, if any
+	// Supervised says PID is the supervisor (msbtap-cni supervise), which
+	// restarts the agent whose own pid is in the state directory's pid
+	// file.
+	Supervised bool `json:"supervised,omitempty"`
 }
 
 // readyTimeout bounds how long ADD waits for the agent.
@@ -134,13 +138,41 @@ func findMsbtap(c *NetConf, cniPath string) (string, error) {
 }
 
 // allocSlot takes the first free slot of the range: a file created with
-// O_EXCL is the lock, so concurrent ADDs never share one.
+// O_EXCL is the lock, so concurrent ADDs never share one. With metrics on,
+// a slot whose metrics port another process holds is passed over (and
+// left free), so one busy port costs a slot, not every new pod.
 func allocSlot(c *NetConf, id string) (int, error) {
+	busy := 0
+	for {
+		s, err := takeSlot(c, id, busy)
+		if err != nil || c.MetricsHost == "" {
+			return s, err
+		}
+		if portFree(c.metricsAddr(s)) {
+			return s, nil
+		}
+		releaseSlot(c, s, id)
+		busy = s - c.SlotRange[0] + 1
+	}
+}
+
+// portFree reports whether a TCP listener can be had at addr now.
+func portFree(addr string) bool {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return false
+	}
+	l.Close()
+	return true
+}
+
+// takeSlot takes the first free slot at least skip past the range's start.
+func takeSlot(c *NetConf, id string, skip int) (int, error) {
 	dir := filepath.Join(c.StateDir, "slots")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return 0, err
 	}
-	for s := c.SlotRange[0]; s <= c.SlotRange[1]; s++ {
+	for s := c.SlotRange[0] + skip; s <= c.SlotRange[1]; s++ {
 		f, err := os.OpenFile(filepath.Join(dir, strconv.Itoa(s)), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 		if errors.Is(err, os.ErrExist) {
 			continue
@@ -209,14 +241,20 @@ func start(c *NetConf, msbtap, dir string, st *state) (plan.Plan, error) {
 		}
 		args = append(args, "--audit-log", filepath.Join(c.AuditLogDir, st.ContainerID+".log"))
 	}
-	if c.MetricsHost != "" {
-		args = append(args, "--metrics-addr", net.JoinHostPort(c.MetricsHost, strconv.Itoa(c.MetricsPortBase+st.Slot)))
+	if a := c.metricsAddr(st.Slot); a != "" {
+		args = append(args, "--metrics-addr", a)
 	}
 	for _, pm := range c.RuntimeConfig.PortMappings {
 		s, _ := pm.spec()
 		args = append(args, "--publish", s)
 	}
 	argv := append([]string{msbtap}, args...)
+	if self, err := os.Executable(); err == nil {
+		// The supervisor restarts the agent if it dies, into the same
+		// namespace and slot with the same TAP and policy.
+		argv = append([]string{self, "supervise", "--netns", st.Netns, "--"}, argv...)
+		st.Supervised = true
+	}
 	if unit, ok := systemdScope(st.ContainerID); ok {
 		st.Unit = unit
 		argv = append([]string{"systemd-run", "--scope", "--quiet", "--collect", "--unit", unit, "--"}, argv...)
@@ -345,11 +383,17 @@ func readState(dir string) (*state, error) {
 
 // Del stops the agent and releases its slot and state. It succeeds when
 // there is nothing left to remove: after a failed ADD, a second DEL, a
-// killed agent, a namespace already gone.
+// killed agent, a namespace already gone. It needs only what ADD stored
+// and the configuration's state directory: a configuration that stopped
+// validating since (a policy file removed, a changed field) must not keep
+// a pod from being removed.
 func Del(args *skel.CmdArgs) error {
-	c, err := load(args)
+	c, err := parseBare(args.StdinData)
 	if err != nil {
-		return err
+		return types.NewError(types.ErrInvalidNetworkConfig, "invalid network configuration", err.Error())
+	}
+	if err := checkID(args.ContainerID); err != nil {
+		return types.NewError(types.ErrInvalidEnvironmentVariables, err.Error(), "")
 	}
 	dir := filepath.Join(c.StateDir, args.ContainerID)
 	if st, err := readState(dir); err == nil {
@@ -373,6 +417,11 @@ func Check(args *skel.CmdArgs) error {
 	}
 	if !st.alive() {
 		return fmt.Errorf("the msbtap agent of container %s (pid %d) is not running", args.ContainerID, st.PID)
+	}
+	if st.Supervised {
+		if pid := agentPID(filepath.Join(c.StateDir, args.ContainerID)); pid == 0 || syscall.Kill(pid, 0) != nil {
+			return fmt.Errorf("the msbtap agent of container %s is being restarted by its supervisor (pid %d)", args.ContainerID, st.PID)
+		}
 	}
 	var want []netip.Prefix
 	if c.PrevResult != nil {

@@ -14,6 +14,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/gdamore/tcell/v2"
 	"github.com/urfave/cli/v2"
 
 	"github.com/msbtap/msbtap/audit"
@@ -51,6 +52,30 @@ func Command(usage func(error) error) *cli.Command {
 		Usage: "steer a running msbtap through its control socket",
 		Flags: []cli.Flag{&cli.StringFlag{Name: "control", EnvVars: []string{"MSBTAP_CONTROL"}, Usage: "the control socket's `PATH` (msbtap run --control)"}},
 		Subcommands: []*cli.Command{
+			{
+				Name:  "top",
+				Usage: "a live view of the open flows (rates, rules) and of the denials as they happen; x closes the selected flow, q quits",
+				Flags: []cli.Flag{&cli.DurationFlag{Name: "interval", Value: time.Second, Usage: "refresh the flows every `DURATION`"}},
+				Action: do(func(c *cli.Context, cl *Client) error {
+					if c.Duration("interval") <= 0 {
+						return withStatus(2, errors.New("--interval: want a positive duration"))
+					}
+					if _, err := cl.Flows(); err != nil {
+						return err
+					}
+					s, err := tcell.NewScreen()
+					if err == nil {
+						err = s.Init()
+					}
+					if err != nil {
+						return fmt.Errorf("terminal: %w", err)
+					}
+					defer s.Fini()
+					ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+					defer stop()
+					return runTop(ctx, cl, s, c.String("control"), c.Duration("interval"))
+				}),
+			},
 			{
 				Name:  "flows",
 				Usage: "list the open flows (id, proto, src, dst, domain, rule, bytes each way, age)",

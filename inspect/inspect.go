@@ -19,6 +19,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/msbtap/msbtap/policy"
 )
 
 // MaxPeek is the most a client may send before it has said what it wants.
@@ -65,14 +67,25 @@ var ErrTooLong = errors.New("no complete ClientHello or request head in the firs
 
 // Classify looks at b, the client's bytes so far. It returns more = true
 // when it cannot tell yet, and an error for bytes that claim TLS or HTTP
-// but are malformed.
+// but are malformed. Bytes that an HTTP server could take for a request
+// (a request line naming an HTTP version, an HTTP/0.9 "GET", a blank line
+// before the request line) are HTTP: net/http must parse them, or they are
+// an error, so that no request reaches a server unchecked because it was
+// written in a way this package did not expect.
 func Classify(b []byte) (h Hello, more bool, err error) {
 	switch {
 	case len(b) == 0:
 		return h, true, nil
 	case b[0] == 0x16: // a TLS handshake record
 		return classifyTLS(b)
-	case looksHTTP(b):
+	case b[0] == '\r' || b[0] == '\n':
+		// Servers skip blank lines before a request; net/http does not.
+		return Hello{Kind: HTTP}, false, errors.New("http: a blank line before the request line")
+	}
+	switch looksHTTP(b) {
+	case maybe:
+		return h, true, nil
+	case yes:
 		return classifyHTTP(b)
 	}
 	return Hello{Kind: Other}, false, nil
@@ -125,22 +138,107 @@ func classifyTLS(b []byte) (Hello, bool, error) {
 	if info == nil {
 		return h, false, fmt.Errorf("tls: not a ClientHello: %v", err)
 	}
-	if info.ServerName != "" {
-		h.Names = []string{strings.ToLower(strings.TrimSuffix(info.ServerName, "."))}
+	if sn := info.ServerName; sn != "" {
+		// The name goes upstream as the client wrote it: it must be one
+		// that normalises to itself, up to ASCII case (RFC 6066: an
+		// A-label, with no trailing dot).
+		for i := 0; i < len(sn); i++ {
+			if sn[i] >= 0x80 {
+				return h, false, fmt.Errorf("tls: server name %q is not ASCII", sn)
+			}
+		}
+		n, err := policy.NormalizeName(sn)
+		if err == nil && n != strings.ToLower(sn) {
+			err = fmt.Errorf("%q is not in its normal form %q", sn, n)
+		}
+		if err != nil {
+			return h, false, fmt.Errorf("tls: server name: %v", err)
+		}
+		h.Names = []string{n}
 	}
 	h.ALPN = slices.Clone(info.SupportedProtos)
 	h.ECH = slices.Contains(info.Extensions, extensionECH)
 	return h, false, nil
 }
 
-var methods = []string{"GET ", "POST ", "PUT ", "DELETE ", "HEAD ", "OPTIONS ", "PATCH ", "CONNECT ", "TRACE ", "PRI "}
+type tristate int
 
-// looksHTTP reports whether b starts like an HTTP/1 request line (or a
-// prefix of one).
-func looksHTTP(b []byte) bool {
-	for _, m := range methods {
-		n := min(len(b), len(m))
-		if string(b[:n]) == m[:n] {
+const (
+	no tristate = iota
+	maybe
+	yes
+)
+
+// looksHTTP says whether b starts with what an HTTP server would read as
+// a request line: a first line that names an HTTP version ("HTTP/", in
+// any case), starts with the word GET (an HTTP/0.9 request names none; in
+// lower case it is memcached's), or
+// is a token and what looks like a request target (a path, "*", an
+// absolute URL).
+// Until the first line ends, bytes that could still be one (printable
+// text) are maybe; anything else (an SSH banner, a binary protocol) is no.
+func looksHTTP(b []byte) tristate {
+	line, complete := b, false
+	if i := bytes.IndexByte(b, '\n'); i >= 0 {
+		line, complete = b[:i], true
+	}
+	line = bytes.TrimSuffix(line, []byte("\r"))
+	if containsFold(line, "http/") {
+		return yes
+	}
+	word := line
+	if i := bytes.IndexAny(line, " \t"); i >= 0 {
+		word = line[:i]
+		if string(word) == "GET" || (isToken(word) && looksTarget(bytes.TrimLeft(line[i:], " \t"))) {
+			return yes
+		}
+	} else if complete && string(word) == "GET" {
+		return yes
+	}
+	if complete {
+		return no
+	}
+	for _, c := range line {
+		if (c < 0x20 || c > 0x7e) && c != '\t' {
+			return no
+		}
+	}
+	return maybe
+}
+
+// isToken reports whether b is an RFC 9110 token, as a method is.
+func isToken(b []byte) bool {
+	if len(b) == 0 {
+		return false
+	}
+	for _, c := range b {
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', bytes.IndexByte([]byte("!#$%&'*+-.^_`|~"), c) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// looksTarget reports whether b starts like a request target: a path, an
+// asterisk, or an absolute URL (scheme "://").
+func looksTarget(b []byte) bool {
+	if len(b) > 0 && (b[0] == '/' || b[0] == '*') {
+		return true
+	}
+	i := 0
+	for i < len(b) && (b[i] >= 'a' && b[i] <= 'z' || b[i] >= 'A' && b[i] <= 'Z' || i > 0 && (b[i] >= '0' && b[i] <= '9' || b[i] == '+' || b[i] == '-' || b[i] == '.')) {
+		i++
+	}
+	return i > 0 && bytes.HasPrefix(b[i:], []byte("://"))
+}
+
+// containsFold reports whether b contains s (lower case ASCII) in any
+// letter case.
+func containsFold(b []byte, s string) bool {
+	for i := 0; i+len(s) <= len(b); i++ {
+		if bytes.EqualFold(b[i:i+len(s)], []byte(s)) {
 			return true
 		}
 	}
@@ -152,6 +250,10 @@ func classifyHTTP(b []byte) (Hello, bool, error) {
 	if bytes.HasPrefix(b, []byte("PRI * HTTP/2.0")) {
 		return Hello{Kind: H2C}, false, nil
 	}
+	if i := bytes.IndexByte(b, '\n'); i >= 0 && !bytes.Contains(b[:i], []byte(" HTTP/")) {
+		// HTTP/0.9, or a version net/http does not read: no head follows.
+		return h, false, fmt.Errorf("http: request line %q names no HTTP/1 version", truncate(b[:i], 64))
+	}
 	if !bytes.Contains(b, []byte("\r\n\r\n")) && !bytes.Contains(b, []byte("\n\n")) {
 		return h, true, nil
 	}
@@ -160,16 +262,18 @@ func classifyHTTP(b []byte) (Hello, bool, error) {
 		return h, false, fmt.Errorf("http: %v", err)
 	}
 	h.Method, h.Path = req.Method, req.URL.Path
+	var bad error
 	add := func(host string) {
 		if host == "" {
 			return
 		}
-		if hn, _, err := net.SplitHostPort(host); err == nil {
-			host = hn
+		a, err := ParseAuthority(host)
+		if err != nil {
+			bad = err
+			return
 		}
-		host = strings.ToLower(strings.TrimSuffix(strings.Trim(host, "[]"), "."))
-		if !slices.Contains(h.Names, host) {
-			h.Names = append(h.Names, host)
+		if !slices.Contains(h.Names, a.Name) {
+			h.Names = append(h.Names, a.Name)
 		}
 	}
 	// ReadRequest keeps one host (the URL's, for an absolute URL); every
@@ -182,7 +286,17 @@ func classifyHTTP(b []byte) (Hello, bool, error) {
 		}
 	}
 	add(req.URL.Host)
+	if bad != nil {
+		return h, false, fmt.Errorf("http: %v", bad)
+	}
 	return h, false, nil
+}
+
+func truncate(b []byte, n int) string {
+	if len(b) > n {
+		return string(b[:n]) + "…"
+	}
+	return string(b)
 }
 
 // Peek reads c until Classify can tell what the client asks for, at most

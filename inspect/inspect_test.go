@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"net"
+	"net/netip"
 	"slices"
 	"testing"
 	"time"
@@ -129,7 +130,30 @@ func TestHTTP(t *testing.T) {
 	if h, _, _ := Classify([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")); h.Kind != H2C {
 		t.Errorf("h2c: %v", h.Kind)
 	}
-	for _, other := range []string{"SSH-2.0-OpenSSH_9.2\r\n", "GETX", "\x00\x01"} {
+	// Any token is a method, as written; what a lenient server would read
+	// as a request but net/http does not parse is an error.
+	for _, tc := range []struct{ req, method string }{
+		{"get / HTTP/1.1\r\nHost: evil.test\r\n\r\n", "get"},
+		{"FOO /public HTTP/1.1\r\nHost: web.test\r\n\r\n", "FOO"},
+		{"PROPFIND /dav HTTP/1.1\r\nHost: web.test\r\n\r\n", "PROPFIND"},
+	} {
+		h, more, err := Classify([]byte(tc.req))
+		if err != nil || more || h.Kind != HTTP || h.Method != tc.method || len(h.Names) != 1 {
+			t.Errorf("%q: %+v more=%v err=%v", tc.req, h, more, err)
+		}
+	}
+	for _, bad := range []string{"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", "\n", "GET /\r\n", "get /x\n",
+		"GET / http/1.1\r\nHost: a\r\n\r\n", "G\x00T / HTTP/1.1\r\n\r\n", "POST http://evil.test/\r\n", "FOO /x\r\n", "OPTIONS *\r\n"} {
+		if _, more, err := Classify([]byte(bad)); err == nil || more {
+			t.Errorf("%q: more=%v err=%v, want an error", bad, more, err)
+		}
+	}
+	for _, prefix := range []string{"G", "FOO /pub", "get / HT"} {
+		if _, more, err := Classify([]byte(prefix)); !more || err != nil {
+			t.Errorf("%q: more=%v err=%v, want more", prefix, more, err)
+		}
+	}
+	for _, other := range []string{"SSH-2.0-OpenSSH_9.2\r\n", "SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", "GETX\r\n", "\x00\x01", "*1\r\n$4\r\nPING\r\n", "get key1\r\n", "set k 0 0 1\r\n"} {
 		if h, more, err := Classify([]byte(other)); h.Kind != Other || more || err != nil {
 			t.Errorf("%q: %+v %v %v", other, h, more, err)
 		}
@@ -183,6 +207,15 @@ func FuzzClassify(f *testing.F) {
 		h, more, err := Classify(b)
 		if err == nil && !more && h.Kind == TLS && len(h.Names) > 1 {
 			t.Fatal("more than one SNI")
+		}
+		// Every name that passes is in the one form the policy compares.
+		for _, n := range h.Names {
+			if ip, perr := netip.ParseAddr(n); perr == nil && ip.String() == n {
+				continue
+			}
+			if a, aerr := ParseAuthority(n); aerr != nil || a.Name != n {
+				t.Fatalf("name %q is not in its normal form (%q, %v)", n, a.Name, aerr)
+			}
 		}
 	})
 }

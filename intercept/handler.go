@@ -136,7 +136,12 @@ type Options struct {
 	// FirstBytes bounds how long a client has, once it started sending,
 	// to say what it wants (default 5 s).
 	FirstBytes time.Duration
-	Log        *slog.Logger
+	// MaxResponseHeaderBytes caps one response's headers, and
+	// ResponseHeaderBudget those of all responses held at once (defaults
+	// DefaultMaxResponseHeaderBytes, DefaultResponseHeaderBudget): past
+	// either the sandbox gets a 502.
+	MaxResponseHeaderBytes, ResponseHeaderBudget int64
+	Log                                          *slog.Logger
 }
 
 // Flow is one allowed TCP flow, its guest side accepted and its upstream
@@ -156,6 +161,10 @@ type Handler struct {
 
 	spliced, intercepted, proxied, refused atomic.Uint64
 	reqAllowed, reqDenied                  atomic.Uint64
+
+	budgetOnce  sync.Once // sets hdrBudget's bound
+	hdrBudget   headerBudget
+	respRefused responseCounters
 }
 
 // NewHandler returns a Handler.
@@ -190,10 +199,10 @@ func (h *Handler) Stats() Stats {
 	return Stats{h.spliced.Load(), h.intercepted.Load(), h.proxied.Load(), h.refused.Load(), h.reqAllowed.Load(), h.reqDenied.Load()}
 }
 
-// Wants reports whether a flow so decided needs its first bytes looked at;
-// the others are relayed as they are.
-func (h *Handler) Wants(d policy.Decision) bool {
-	if d.ByName || h.o.Mode == All {
+// Wants reports whether flow f, so decided, needs its first bytes looked
+// at; the others are relayed as they are.
+func (h *Handler) Wants(f policy.Flow, d policy.Decision) bool {
+	if d.ByName || h.o.Mode == All || h.o.Policy.Load().ReadsNames(f) {
 		return true
 	}
 	if h.o.Mode == Auto {
@@ -206,20 +215,29 @@ func (h *Handler) Wants(d policy.Decision) bool {
 func (h *Handler) Bypassed(name string) bool { return MatchesAny(h.o.Bypass, name) }
 
 // MatchesAny reports whether name matches one of patterns: exact names, or
-// "*.suffix" for every name under suffix.
+// "*.suffix" for every name under suffix. Both sides are compared in the
+// normal form of policy.NormalizeName (an IDN pattern matches its A-label).
 func MatchesAny(patterns []string, name string) bool {
-	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	name = normalOrLower(name)
 	for _, p := range patterns {
-		p = strings.ToLower(p)
 		if suf, ok := strings.CutPrefix(p, "*."); ok {
-			if strings.HasSuffix(name, "."+suf) {
+			if strings.HasSuffix(name, "."+normalOrLower(suf)) {
 				return true
 			}
-		} else if name == p {
+		} else if name == normalOrLower(p) {
 			return true
 		}
 	}
 	return false
+}
+
+// normalOrLower is a name's normal form, or, for what is no host name,
+// the name lower-cased (it can then only match the same bytes).
+func normalOrLower(s string) string {
+	if n, err := policy.NormalizeName(s); err == nil {
+		return n
+	}
+	return strings.ToLower(strings.TrimSuffix(s, "."))
 }
 
 // Handle serves one flow to its end. The bytes from upstream reach the
@@ -242,6 +260,9 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 		return rerr
 	}
 	d := fl.Decision
+	// Domain deny rules hold whatever the address: a flow the addresses
+	// allowed is still refused for the name it asks for.
+	denyCheck := !d.ByName && !d.PerRequest && h.o.Policy.Load().ReadsNames(fl.Flow)
 	if sc, ok := h.o.Rewriter.(FlowScanner); ok && h.o.Rewriter.Active() {
 		name := strings.Join(hello.Names, ",")
 		first := peeked
@@ -255,20 +276,33 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 	}
 	switch hello.Kind {
 	case inspect.Other:
-		// Server-first or unknown protocols are decided by the address
-		// (the DNS pin) alone.
-		return h.splice(fl, down, peeked, hello, d)
-	case inspect.H2C:
-		if d.ByName || d.PerRequest {
-			h.refuse(fl, down, hello, d, "cleartext HTTP/2: its host cannot be checked")
+		if d.PerRequest {
+			// The rule allows some HTTP requests, and this is none.
+			h.refuse(fl, down, hello, d, "not an HTTP request or a TLS ClientHello, and HTTP rules decide this flow")
 			return nil
 		}
+		// Other protocols (SSH, a database's) are decided by the address
+		// (the DNS pin) alone: nothing in them names an HTTP host.
 		return h.splice(fl, down, peeked, hello, d)
-	case inspect.HTTP:
-		if !d.ByName && !d.PerRequest && !h.rewriterWantsClear() {
+	case inspect.H2C:
+		if !d.ByName && !d.PerRequest && !denyCheck && !h.rewriterWantsClear() {
 			return h.splice(fl, down, peeked, hello, d)
 		}
-		if len(hello.Names) == 0 {
+		if !down.stop() {
+			// The server spoke first: no HTTP/2 server, nothing msbtap
+			// could stand in for.
+			h.refuse(fl, down, hello, d, "cleartext HTTP/2 to a server that spoke first")
+			return nil
+		}
+		// Every stream's :authority is checked on its own.
+		h.proxied.Add(1)
+		h.report(fl, hello, d, "proxied", "")
+		return h.serveH2C(ctx, fl, peeked)
+	case inspect.HTTP:
+		if !d.ByName && !d.PerRequest && !denyCheck && !h.rewriterWantsClear() {
+			return h.splice(fl, down, peeked, hello, d)
+		}
+		if len(hello.Names) == 0 && (d.ByName || d.PerRequest) {
 			h.refuse(fl, down, hello, d, "HTTP request without a host")
 			return nil
 		}
@@ -286,7 +320,11 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 		}
 		h.proxied.Add(1)
 		h.report(fl, hello, d, "proxied", "")
-		return h.serveHTTP(ctx, fl, peeked, hello.Names[0], nil)
+		first := ""
+		if len(hello.Names) > 0 {
+			first = hello.Names[0]
+		}
+		return h.serveHTTP(ctx, fl, peeked, first, nil)
 	}
 	// TLS.
 	sni := ""
@@ -309,6 +347,21 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 		if d.Action != policy.Allow {
 			h.refuse(fl, down, hello, d, "server name "+sni+" is not allowed")
 			return nil
+		}
+	} else if denyCheck {
+		switch {
+		case hello.ECH:
+			h.refuse(fl, down, hello, d, "TLS with encrypted client hello: the server name cannot be checked against the domain rules")
+			return nil
+		case sni != "":
+			nd := h.o.Policy.Load().Check(withDomain(fl.Flow, sni))
+			if nd.Action == policy.Ask && h.o.Ask != nil {
+				nd = h.o.Ask(ctx, withDomain(fl.Flow, sni), nd)
+			}
+			if nd.Action != policy.Allow {
+				h.refuse(fl, down, hello, nd, "server name "+sni+" is not allowed")
+				return nil
+			}
 		}
 	}
 	wantsIntercept := sni != "" && !hello.ECH && (h.o.Mode == All || d.PerRequest || (h.o.Rewriter != nil && h.o.Rewriter.Wants(sni)))

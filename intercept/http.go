@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -44,7 +45,14 @@ func (h *Handler) serveTLS(ctx context.Context, fl Flow, peeked []byte, hello in
 	defer guest.Close()
 	defer fl.Up.Close()
 	offer := slices.DeleteFunc(slices.Clone(hello.ALPN), func(p string) bool { return p != "h2" && p != "http/1.1" })
-	upCfg := &tls.Config{ServerName: sni, RootCAs: h.o.Roots, NextProtos: offer, MinVersion: tls.VersionTLS12}
+	// A server that asks for a client certificate gets none (msbtap has
+	// none to give); that it asked explains the failure that follows.
+	certAsked := new(atomic.Bool)
+	upCfg := &tls.Config{ServerName: sni, RootCAs: h.o.Roots, NextProtos: offer, MinVersion: tls.VersionTLS12,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			certAsked.Store(true)
+			return &tls.Certificate{}, nil
+		}}
 	hctx, cancel := context.WithTimeout(ctx, upstreamTimeout)
 	defer cancel()
 	upTLS := tls.Client(fl.Up, upCfg)
@@ -80,13 +88,22 @@ func (h *Handler) serveTLS(ctx context.Context, fl Flow, peeked []byte, hello in
 	}
 	h.o.Report(ev)
 
-	rh := &requestHandler{h: h, fl: fl, host: sni, tls: true, scheme: "https"}
+	rh := &requestHandler{h: h, fl: fl, host: sni, tls: true, scheme: "https", certAsked: certAsked}
 	if upErr != nil {
 		rh.upErr = "upstream TLS: " + upErr.Error()
+		if certAsked.Load() {
+			rh.upErr = rh.clientCertMessage() + ": " + upErr.Error()
+		}
 	} else if proto == "h2" {
-		cc, err := (&http2.Transport{}).NewClientConn(upTLS)
+		// The server's bytes, as they are: no gzip asked for on the
+		// client's behalf and decoded behind its back.
+		t2 := &http2.Transport{DisableCompression: true, MaxHeaderListSize: uint32(h.maxHeaderBytes())}
+		cc, err := t2.NewClientConn(upTLS)
 		if err != nil {
 			rh.upErr = "upstream HTTP/2: " + err.Error()
+			if certAsked.Load() {
+				rh.upErr = rh.clientCertMessage() + ": " + err.Error()
+			}
 		} else {
 			rh.rt = cc
 			defer cc.Close()
@@ -136,15 +153,19 @@ func (h *Handler) upstreamTransport(fl Flow, first net.Conn, wrap func(context.C
 	}
 	dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
 		if c := take(); c != nil {
-			return c, nil
+			return &meteredConn{Conn: c}, nil
 		}
 		c, err := h.o.Dial(ctx, fl.Flow.Dst.String())
-		if err != nil || wrap == nil {
-			return c, err
+		if err == nil && wrap != nil {
+			c, err = wrap(ctx, c)
 		}
-		return wrap(ctx, c)
+		if err != nil {
+			return nil, err
+		}
+		return &meteredConn{Conn: c}, nil
 	}
-	tr := &http.Transport{MaxIdleConnsPerHost: 4, IdleConnTimeout: 90 * time.Second, DisableCompression: true}
+	tr := &http.Transport{MaxIdleConnsPerHost: 4, IdleConnTimeout: 90 * time.Second, DisableCompression: true,
+		MaxResponseHeaderBytes: h.maxHeaderBytes()}
 	if wrap != nil {
 		tr.DialTLSContext = dial
 	} else {
@@ -162,9 +183,11 @@ type requestHandler struct {
 	scheme string
 	rt     http.RoundTripper
 	upErr  string // the upstream could not be reached: every request gets 502
-	wg     sync.WaitGroup
-	rpOnce sync.Once
-	rp     *httputil.ReverseProxy
+	// certAsked: the upstream asked for a client certificate (TLS only).
+	certAsked *atomic.Bool
+	wg        sync.WaitGroup
+	rpOnce    sync.Once
+	rp        *httputil.ReverseProxy
 }
 
 // wrap counts the requests being served, so that the flow ends after them.
@@ -189,17 +212,20 @@ func refuse(w http.ResponseWriter, r *http.Request, code int, reason string) {
 	fmt.Fprintf(w, "msbtap: %s\n", reason)
 }
 
+// hostOnly is the name a request's Host (or :authority) checks as, for
+// the log ("" if it is not one).
 func hostOnly(hostport string) string {
-	h := hostport
-	if hn, _, err := net.SplitHostPort(hostport); err == nil {
-		h = hn
+	a, err := inspect.ParseAuthority(hostport)
+	if err != nil {
+		return ""
 	}
-	return strings.ToLower(strings.TrimSuffix(strings.Trim(h, "[]"), "."))
+	return a.Name
 }
 
 func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := rh.h
-	host := hostOnly(r.Host)
+	auth, authErr := inspect.ParseAuthority(r.Host)
+	host := auth.Name
 	ev := Event{Flow: rh.fl.Flow, Mode: "request", Method: r.Method, Host: host, Path: r.URL.Path}
 	if rh.tls {
 		ev.SNI = rh.host
@@ -219,12 +245,21 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			h.o.Terminate(ev)
 		}
 	}
+	if r.Host != "" && authErr != nil {
+		deny(http.StatusBadRequest, policy.Decision{Action: policy.Deny, Rule: -1}, authErr.Error())
+		return
+	}
+	// What goes upstream is byte for byte the host checked.
+	r.Host = auth.String()
+	declineH2C(r.Header)
 	if rh.tls && host != rh.host {
 		deny(http.StatusMisdirectedRequest, policy.Decision{Action: policy.Deny, Rule: -1},
 			fmt.Sprintf("host %q is not the server name %q this connection asked for", host, rh.host))
 		return
 	}
-	if host == "" {
+	if host == "" && (rh.tls || rh.fl.Decision.ByName || rh.fl.Decision.PerRequest) {
+		// Where the addresses decide (a flow read for the domain deny
+		// rules only), a request without a host names none of them.
 		deny(http.StatusBadRequest, policy.Decision{Action: policy.Deny, Rule: -1}, "request without a host")
 		return
 	}
@@ -259,7 +294,49 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if d.Rule >= 0 && h.o.Policy.Load().HasHTTPRules() {
 		h.o.Report(ev)
 	}
-	rh.proxy().ServeHTTP(w, r)
+	rh.serveUpstream(w, r)
+}
+
+// declineH2C takes an offer to upgrade to cleartext HTTP/2 (Upgrade: h2c)
+// out of a request, which then goes upstream as plain HTTP/1.1, as to a
+// server that does not upgrade: a 101 would turn the connection into
+// bytes copied unchecked, HTTP/2 streams for any :authority among them.
+// Other upgrades (WebSocket) stay: they are checked like any request
+// before their 101.
+func declineH2C(hdr http.Header) {
+	var kept []string
+	h2c := false
+	for _, v := range hdr.Values("Upgrade") {
+		for _, p := range strings.Split(v, ",") {
+			if p = strings.TrimSpace(p); strings.EqualFold(p, "h2c") {
+				h2c = true
+			} else if p != "" {
+				kept = append(kept, p)
+			}
+		}
+	}
+	if !h2c {
+		return
+	}
+	hdr.Del("Upgrade")
+	hdr.Del("Http2-Settings")
+	if len(kept) > 0 {
+		hdr.Set("Upgrade", strings.Join(kept, ", "))
+	}
+	var conn []string
+	for _, v := range hdr.Values("Connection") {
+		for _, p := range strings.Split(v, ",") {
+			p = strings.TrimSpace(p)
+			if p == "" || strings.EqualFold(p, "http2-settings") || (len(kept) == 0 && strings.EqualFold(p, "upgrade")) {
+				continue
+			}
+			conn = append(conn, p)
+		}
+	}
+	hdr.Del("Connection")
+	if len(conn) > 0 {
+		hdr.Set("Connection", strings.Join(conn, ", "))
+	}
 }
 
 func (rh *requestHandler) proxy() *httputil.ReverseProxy {
@@ -269,8 +346,9 @@ func (rh *requestHandler) proxy() *httputil.ReverseProxy {
 				pr.Out.URL.Scheme = rh.scheme
 				pr.Out.URL.Host = pr.In.Host
 				pr.Out.Host = pr.In.Host
+				prepareRequest(pr.Out)
 			},
-			Transport:     rh.rt,
+			Transport:     limitedTransport{rh.rt},
 			FlushInterval: -1,
 			ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 				var rerr interface{ Refusal() *Refusal }
@@ -292,17 +370,9 @@ func (rh *requestHandler) proxy() *httputil.ReverseProxy {
 				if errors.Is(err, context.Canceled) {
 					return
 				}
-				w.Header().Set(ErrorHeader, "upstream: "+err.Error())
-				w.WriteHeader(http.StatusBadGateway)
+				rh.badGateway(w, r, err)
 			},
-		}
-		if rw, ok := rh.h.o.Rewriter.(interface {
-			Response(host string, hdr http.Header)
-		}); ok && rw != nil {
-			rh.rp.ModifyResponse = func(resp *http.Response) error {
-				rw.Response(rh.host, resp.Header)
-				return nil
-			}
+			ModifyResponse: modifyResponse,
 		}
 	})
 	return rh.rp

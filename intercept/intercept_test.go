@@ -221,6 +221,13 @@ func TestInterceptsAndChecksHost(t *testing.T) {
 				if resp.StatusCode != http.StatusMisdirectedRequest || resp.Header.Get(ReasonHeader) == "" {
 					t.Errorf("%s: Host ≠ SNI gave %d", proto, resp.StatusCode)
 				}
+				// A port that is no port: refused, not read as example.com.
+				if proto == "h2" {
+					resp := roundTrip(t, c, proto, "example.com", "example.com:80.evil")
+					if resp.StatusCode != http.StatusBadRequest || !strings.Contains(resp.Header.Get(ReasonHeader), "port") {
+						t.Errorf("%s: Host example.com:80.evil gave %d %q", proto, resp.StatusCode, resp.Header.Get(ReasonHeader))
+					}
+				}
 			}
 			c.Close()
 		}
@@ -347,8 +354,9 @@ func TestBypassPatterns(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		want bool
-	}{{"pinned.test", true}, {"a.bank.test", true}, {"bank.test", false}, {"other.test", false}} {
-		if got := MatchesAny([]string{"pinned.test", "*.bank.test"}, tc.name); got != tc.want {
+	}{{"pinned.test", true}, {"a.bank.test", true}, {"bank.test", false}, {"other.test", false},
+		{"PINNED.test.", true}, {"a.xn--bcher-kva.test", true}, {"xn--bcher-kva.test", false}} {
+		if got := MatchesAny([]string{"pinned.test", "*.bank.test", "*.Bücher.test"}, tc.name); got != tc.want {
 			t.Errorf("%s: %v", tc.name, got)
 		}
 	}

@@ -40,8 +40,8 @@ func TestAsk(t *testing.T) {
 	}{
 		{"a named address", Flow{Proto: TCP, Src: src4, Dst: netip.AddrPortFrom(named, 443)}, Ask, RuleDefault, true},
 		{"a bare address", Flow{Proto: TCP, Src: src4, Dst: netip.MustParseAddrPort("198.51.100.9:443")}, Ask, RuleDefault, false},
-		{"metadata", Flow{Proto: TCP, Src: src4, Dst: netip.MustParseAddrPort("169.254.169.254:80")}, Deny, RuleNotAsked, false},
-		{"the gateway", Flow{Proto: TCP, Src: src4, Dst: netip.AddrPortFrom(gw4, 80)}, Deny, RuleNotAsked, false},
+		{"metadata", Flow{Proto: TCP, Src: src4, Dst: netip.MustParseAddrPort("169.254.169.254:80")}, Deny, RuleMetadata, false},
+		{"the gateway", Flow{Proto: TCP, Src: src4, Dst: netip.AddrPortFrom(gw4, 80)}, Deny, RuleHost, false},
 		{"an explicit deny", Flow{Proto: TCP, Src: src4, Dst: netip.MustParseAddrPort("198.51.100.66:443")}, Deny, 1, false},
 		{"an explicit terminate", Flow{Proto: TCP, Src: src4, Dst: netip.MustParseAddrPort("198.51.100.9:25")}, Terminate, 2, false},
 		{"an ask rule, then a deny", Flow{Proto: TCP, Src: src4, Dst: netip.MustParseAddrPort("198.51.100.66:443"), Domain: "listed.example.test"}, Deny, 1, false},
@@ -51,6 +51,15 @@ func TestAsk(t *testing.T) {
 		d := e.Check(tc.f)
 		if d.Action != tc.want || d.Rule != tc.rule || (tc.want == Ask && d.ByName != tc.byName) || (tc.want == Allow && !d.ByName && tc.byName) {
 			t.Errorf("%s: got %+v (%s), want %v by rule %d, by name %v", tc.what, d, e.Describe(d.Rule), tc.want, tc.rule, tc.byName)
+		}
+	}
+	// An ask rule that names metadata or the host: still never asked.
+	g := mustCompile(t, `{"default_action": "deny", "rules": [
+		{"destination": {"group": "metadata"}, "action": "ask"},
+		{"destination": {"group": "host"}, "action": "ask"}]}`, Options{Pins: pins, Answers: answers})
+	for _, dst := range []netip.AddrPort{netip.MustParseAddrPort("169.254.169.254:80"), netip.AddrPortFrom(gw4, 80)} {
+		if d := g.Check(Flow{Proto: TCP, Src: src4, Dst: dst}); d.Action != Deny || d.Rule != RuleNotAsked {
+			t.Errorf("an ask rule naming %v: got %+v, want deny by RuleNotAsked", dst, d)
 		}
 	}
 	for name, want := range map[string]Action{"listed.example.test": Allow, "unlisted.example.test": Ask, "answered.example.test": Allow} {

@@ -50,6 +50,7 @@ const (
 	RuleQUIC        = -8  // QUIC refused where names are checked
 	RuleDoT         = -9  // DNS over TLS refused under domain rules
 	RuleSecret      = -10 // a secret's placeholder where it may not go
+	RuleBadName     = -11 // a name no host has (see NormalizeName)
 )
 
 // NewDNSGuard returns a guard; names in the block lists must be valid.
@@ -85,7 +86,10 @@ func verdict(src netip.AddrPort, name string, d Decision) *Verdict {
 
 // Query implements proxy.DNSFilter.
 func (g *DNSGuard) Query(src netip.AddrPort, q *dns.Msg) (*dns.Msg, *Verdict) {
-	name := strings.ToLower(strings.TrimSuffix(q.Question[0].Name, "."))
+	name, err := NormalizeQuery(q.Question[0].Name)
+	if err != nil {
+		return nxdomain(q), verdict(src, "", Decision{Action: Deny, Rule: RuleBadName})
+	}
 	if g.blockedName(name) {
 		return nxdomain(q), verdict(src, name, Decision{Action: Deny, Rule: RuleBlockList})
 	}

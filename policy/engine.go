@@ -19,13 +19,19 @@ type Engine struct {
 	allows     bool // some egress rule (or the default) allows something
 	resolveAll bool // under default deny, names no rule lists resolve too
 	named      bool // some egress rule matches by name
-	refuseQUIC bool // UDP to 443 is refused whatever allows it
-	learn      *Learner
-	answers    Answers
-	asks       bool    // some egress rule (or the default) asks
-	denies     *Engine // the deny and terminate rules alone, for asks
-	denyIdx    []int   // denies' rule i is rules[denyIdx[i]]
-	src        *File
+	// deniesNames: some egress domain rule denies (or terminates), so a
+	// flow the addresses allow is still refused if its SNI or Host names
+	// such a domain. namePorts are the TCP ports such flows are read on
+	// besides 80 and 443: every port a domain rule names.
+	deniesNames bool
+	namePorts   []PortRange
+	refuseQUIC  bool // UDP to 443 is refused whatever allows it
+	learn       *Learner
+	answers     Answers
+	asks        bool    // some egress rule (or the default) asks
+	denies      *Engine // the deny and terminate rules alone, for asks
+	denyIdx     []int   // denies' rule i is rules[denyIdx[i]]
+	src         *File
 }
 
 // Options are what an Engine needs besides the policy itself.
@@ -80,6 +86,10 @@ func Compile(f *File, o Options) (*Engine, error) {
 		e.rules = append(e.rules, r)
 		if r.dir == Egress && r.dst.byName() {
 			e.named = true
+			if r.action != Allow {
+				e.deniesNames = true
+			}
+			e.namePorts = append(e.namePorts, r.ports...)
 		}
 	}
 	if e.asks {
@@ -165,8 +175,78 @@ func (e *Engine) sideDoors(f Flow, d Decision) Decision {
 	return d
 }
 
+// Refusals of destinations that only a rule naming them may reach (or,
+// for broadcasts and multicast, none): the rule numbers a decision reports
+// when the default action or a broader rule would have allowed them.
+const (
+	RuleMetadata   = -21 // cloud metadata: only a rule naming the metadata group reaches it
+	RuleHost       = -22 // the host: only a rule naming the host group reaches it
+	RuleLocalNAT64 = -23 // local-use NAT64 64:ff9b:1::/48: only a CIDR rule within it reaches it
+	RuleBroadcast  = -24 // broadcast and multicast never leave
+)
+
+// guard is what an allowing rule must name to reach a destination that no
+// broad rule (any, a CIDR around it, another group, a name, the default)
+// may open: cloud metadata, the host, or an address in the local-use NAT64
+// prefix. Deny and terminate rules match such destinations as written.
+type guard uint8
+
+const (
+	guardNone guard = iota
+	guardMetadata
+	guardHost
+	guardLocalNAT64
+)
+
+// guardOf returns what must be named to allow egress to dst. An address
+// that is both metadata and the host's (a metadata proxy on the host)
+// needs the metadata group.
+func (e *Engine) guardOf(dst, extraHost netip.Addr) guard {
+	switch {
+	case InGroup(dst, GroupMetadata, e.host):
+		return guardMetadata
+	case dst == extraHost || InGroup(dst, GroupHost, e.host):
+		return guardHost
+	case localNAT64.Contains(dst):
+		return guardLocalNAT64
+	}
+	return guardNone
+}
+
+// namedBy reports whether target t names what g guards.
+func (g guard) namedBy(t *target) bool {
+	switch g {
+	case guardMetadata:
+		return t.kind == matchGroup && t.group == GroupMetadata
+	case guardHost:
+		return t.kind == matchGroup && t.group == GroupHost
+	case guardLocalNAT64:
+		return t.kind == matchCIDR && t.prefix.Bits() >= localNAT64.Bits() && localNAT64.Contains(t.prefix.Addr())
+	}
+	return true
+}
+
+// refusal is the decision for a guarded destination that nothing named.
+func (g guard) refusal() int {
+	switch g {
+	case guardMetadata:
+		return RuleMetadata
+	case guardHost:
+		return RuleHost
+	}
+	return RuleLocalNAT64
+}
+
 func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 	dst, src := f.Dst.Addr().Unmap(), f.Src.Addr().Unmap()
+	g := guardNone
+	if f.Direction == Egress {
+		if InGroup(dst, GroupMulticast, e.host) {
+			// Never fatal: service discovery tries it as a matter of course.
+			return Decision{Action: Deny, Rule: RuleBroadcast}
+		}
+		g = e.guardOf(dst, extraHost)
+	}
 	var names []string
 	namesLooked := false
 	for i := range e.rules {
@@ -189,8 +269,14 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 			}
 			t, a = &r.src, src
 		}
+		// A rule that would let the flow start must name a guarded
+		// destination; a name never does.
+		opens := r.action == Allow || r.action == Ask || r.http != nil
 		switch t.kind {
 		case matchDomain, matchSuffix, matchPreset:
+			if opens && g != guardNone {
+				continue
+			}
 			if f.Domain != "" {
 				if nameMatches(t, f.Domain) {
 					return e.byName(r, i)
@@ -207,6 +293,9 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 			}
 		default:
 			if e.addrMatches(t, a) || (extraHost.IsValid() && t.kind == matchGroup && t.group == GroupHost && a == extraHost) {
+				if (r.action == Allow || r.action == Ask) && !g.namedBy(t) {
+					continue
+				}
 				return e.decision(r.action, i)
 			}
 		}
@@ -216,6 +305,9 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 		// address unless an ingress rule narrows that; default_action
 		// governs egress.
 		return Decision{Action: Allow, Rule: -1}
+	}
+	if (e.def == Allow || e.def == Ask) && g != guardNone {
+		return e.decision(Deny, g.refusal())
 	}
 	return e.decision(e.def, -1)
 }
@@ -323,6 +415,18 @@ func (e *Engine) HasHTTPRules() bool {
 	return false
 }
 
+// ReadsNames reports whether a TCP flow to f's port, whatever decided
+// it, must have the name it asks for (SNI, Host) checked: the policy has
+// domain rules that deny, and the port is 80, 443 or one a domain rule
+// names. Without such rules it is false, and costs flows nothing.
+func (e *Engine) ReadsNames(f Flow) bool {
+	if !e.deniesNames || f.Proto != TCP || f.Direction != Egress {
+		return false
+	}
+	p := f.Dst.Port()
+	return p == 80 || p == 443 || inRanges(e.namePorts, p)
+}
+
 // HasDomainRules reports whether some egress rule matches by name.
 func (e *Engine) HasDomainRules() bool { return e.named }
 
@@ -333,7 +437,10 @@ func (e *Engine) HasDomainRules() bool { return e.named }
 // resolve "all"; under default deny it is refused otherwise, so that DNS
 // carries nothing out of a sandbox the policy keeps in.
 func (e *Engine) CheckQuery(name string) Decision {
-	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	name, err := NormalizeQuery(name)
+	if err != nil {
+		return Decision{Action: Deny, Rule: RuleBadName}
+	}
 	d := e.checkQuery(name)
 	if d.Action == Ask {
 		if d.Rule >= 0 {
@@ -448,8 +555,21 @@ func (e *Engine) Describe(i int) string {
 	if i == RuleLearned {
 		return "learned (--learn): what default_action " + e.src.DefaultAction + " refuses is allowed and recorded"
 	}
+	if i == RuleBadName {
+		return "a name no host has (control bytes, empty or non-LDH labels)"
+	}
 	if i == RuleDoT {
 		return "DNS over TLS (853) refused: domain rules need the sandbox's lookups"
+	}
+	switch i {
+	case RuleMetadata:
+		return `cloud metadata: only a rule to {"group": "metadata"} allows it`
+	case RuleHost:
+		return `the host: only a rule to {"group": "host"} allows it`
+	case RuleLocalNAT64:
+		return "local-use NAT64 (64:ff9b:1::/48): only a CIDR rule within it allows it"
+	case RuleBroadcast:
+		return "broadcast and multicast never leave the sandbox"
 	}
 	if i < 0 || i >= len(e.src.Rules) {
 		return "default_action " + e.src.DefaultAction

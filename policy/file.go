@@ -313,14 +313,8 @@ func compileTarget(t *Target) (target, error) {
 	}
 }
 
-// normName lower-cases a DNS name and strips the root dot.
-func normName(s string) (string, error) {
-	s = strings.ToLower(strings.TrimSuffix(s, "."))
-	if s == "" || len(s) > 253 || strings.ContainsAny(s, " /\\@:") || strings.Contains(s, "..") {
-		return "", fmt.Errorf("%q is not a DNS name", s)
-	}
-	return s, nil
-}
+// normName is NormalizeName, for names in policy files and block lists.
+func normName(s string) (string, error) { return NormalizeName(s) }
 
 type rule struct {
 	dir    Direction
@@ -411,8 +405,8 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 			bad("http: requests run over tcp; the rule's protocols say otherwise")
 		}
 		for i, m := range r.HTTP.Methods {
-			if m == "" || strings.ToUpper(m) != m || strings.ContainsAny(m, " /\t") {
-				bad("http.methods[%d]: %q is not an upper-case method like GET", i, m)
+			if !isMethod(m) {
+				bad("http.methods[%d]: %q is not an upper-case method token like GET or PROPFIND", i, m)
 			}
 		}
 		for i, p := range r.HTTP.Paths {
@@ -442,4 +436,22 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 		}
 	}
 	return c, errs
+}
+
+// isMethod reports whether m is an RFC 9110 token without lower-case
+// letters: requests' methods are compared with a rule's as written, so a
+// rule's "get" would match nothing a client sends as GET.
+func isMethod(m string) bool {
+	if m == "" {
+		return false
+	}
+	for i := 0; i < len(m); i++ {
+		c := m[i]
+		switch {
+		case c >= 'A' && c <= 'Z', c >= '0' && c <= '9', strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
 }

@@ -15,7 +15,7 @@ const (
 	GroupPrivate                    // RFC 1918, 100.64.0.0/10 (CGNAT), fc00::/7, fec0::/10
 	GroupLinkLocal                  // 169.254.0.0/16, fe80::/10
 	GroupMetadata                   // cloud metadata services (169.254.169.254 and friends)
-	GroupMulticast                  // 224.0.0.0/4, 255.255.255.255, ff00::/8
+	GroupMulticast                  // 224.0.0.0/4, ff00::/8, 255.255.255.255 and the host's subnets' broadcast addresses
 	GroupHost                       // the host itself: the gateway's addresses and the host's own
 	GroupPublic                     // everything else, but for reserved special-purpose ranges
 )
@@ -59,13 +59,24 @@ func prefixes(ss ...string) []netip.Prefix {
 var (
 	private = prefixes("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7",
 		"fec0::/10") // deprecated site-local
+	// metadata are the cloud services that hand an instance its
+	// credentials and configuration. Some are not link-local (Azure's
+	// WireServer is a public address), so no other group keeps them out:
+	// only a rule that names the metadata group reaches them.
 	metadata = []netip.Addr{
-		netip.MustParseAddr("169.254.169.254"), // AWS, GCP, Azure, OpenStack, …
-		netip.MustParseAddr("169.254.170.2"),   // AWS ECS task metadata
-		netip.MustParseAddr("169.254.169.123"), // AWS time sync
-		netip.MustParseAddr("100.100.100.200"), // Alibaba Cloud
-		netip.MustParseAddr("fd00:ec2::254"),   // AWS IPv6
-		netip.MustParseAddr("fd00:ec2::123"),
+		netip.MustParseAddr("169.254.169.254"),    // AWS, GCP, Azure IMDS, OpenStack, Oracle, DigitalOcean, …
+		netip.MustParseAddr("169.254.170.2"),      // AWS ECS task credentials
+		netip.MustParseAddr("169.254.170.23"),     // AWS EKS Pod Identity agent
+		netip.MustParseAddr("169.254.169.123"),    // AWS time sync
+		netip.MustParseAddr("169.254.0.23"),       // Tencent Cloud
+		netip.MustParseAddr("168.63.129.16"),      // Azure WireServer (a public address)
+		netip.MustParseAddr("100.100.100.200"),    // Alibaba Cloud
+		netip.MustParseAddr("192.0.0.192"),        // Oracle Cloud Classic
+		netip.MustParseAddr("fd00:ec2::254"),      // AWS IPv6
+		netip.MustParseAddr("fd00:ec2::23"),       // AWS EKS Pod Identity agent, IPv6
+		netip.MustParseAddr("fd00:ec2::123"),      // AWS time sync, IPv6
+		netip.MustParseAddr("fd20:ce::254"),       // GCP IPv6
+		netip.MustParseAddr("fd00:c1::a9fe:a9fe"), // Oracle Cloud IPv6
 	}
 	broadcast4 = netip.AddrFrom4([4]byte{255, 255, 255, 255})
 	// reserved are special-purpose ranges (IANA registries) that are in no
@@ -84,10 +95,14 @@ var (
 		"::/96",           // IPv4-compatible, deprecated (::1 and :: are classified before)
 		"::ffff:0:0:0/96", // SIIT IPv4-translated
 	)
-	nat64WKP  = netip.MustParsePrefix("64:ff9b::/96")
-	sixToFour = netip.MustParsePrefix("2002::/16")
-	compat    = netip.MustParsePrefix("::/96")
-	siit      = netip.MustParsePrefix("::ffff:0:0:0/96")
+	// localNAT64 is the local-use NAT64 prefix (RFC 8215): its translator
+	// may use any prefix length, so the IPv4 address inside cannot be told
+	// for sure, and only a rule that names a range within it matches it.
+	localNAT64 = netip.MustParsePrefix("64:ff9b:1::/48")
+	nat64WKP   = netip.MustParsePrefix("64:ff9b::/96")
+	sixToFour  = netip.MustParsePrefix("2002::/16")
+	compat     = netip.MustParsePrefix("::/96")
+	siit       = netip.MustParsePrefix("::ffff:0:0:0/96")
 )
 
 // Embedded returns the IPv4 address that an IPv6 address carries by one of
@@ -126,14 +141,19 @@ func Unspecified(a netip.Addr) bool {
 // HostSet is the set of addresses that mean "the host itself". It can be
 // replaced while the agent runs (the host gains and loses addresses);
 // readers never lock.
+//
+// It also holds the broadcast addresses of the host's IPv4 subnets: those
+// are in the multicast group, never a destination.
 type HostSet struct {
-	set atomic.Pointer[map[netip.Addr]struct{}]
+	set   atomic.Pointer[map[netip.Addr]struct{}]
+	bcast atomic.Pointer[map[netip.Addr]struct{}]
 }
 
 // NewHostSet returns a HostSet of the given addresses (normalised).
 func NewHostSet(addrs ...netip.Addr) *HostSet {
 	h := &HostSet{}
 	h.Set(addrs...)
+	h.SetBroadcast()
 	return h
 }
 
@@ -155,6 +175,39 @@ func (h *HostSet) Contains(a netip.Addr) bool {
 	}
 	_, ok := (*h.set.Load())[a]
 	return ok
+}
+
+// SetBroadcast replaces the broadcast addresses of the host's subnets.
+func (h *HostSet) SetBroadcast(addrs ...netip.Addr) {
+	m := make(map[netip.Addr]struct{}, len(addrs))
+	for _, a := range addrs {
+		if a.IsValid() {
+			m[a.Unmap()] = struct{}{}
+		}
+	}
+	h.bcast.Store(&m)
+}
+
+// IsBroadcast reports whether a is the broadcast address of one of the
+// host's subnets.
+func (h *HostSet) IsBroadcast(a netip.Addr) bool {
+	if h == nil {
+		return false
+	}
+	_, ok := (*h.bcast.Load())[a]
+	return ok
+}
+
+// SubnetBroadcast returns the broadcast address of an IPv4 subnet (its
+// last address). A /31 or /32 has none, nor has an IPv6 prefix.
+func SubnetBroadcast(p netip.Prefix) (netip.Addr, bool) {
+	if !p.Addr().Is4() || p.Bits() > 30 || p.Bits() < 0 {
+		return netip.Addr{}, false
+	}
+	b := p.Masked().Addr().As4()
+	n := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+	n |= 1<<(32-p.Bits()) - 1
+	return netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}), true
 }
 
 // InGroup reports whether a (already unmapped) belongs to g. An IPv6
@@ -188,12 +241,12 @@ func inGroup(a netip.Addr, g Group, host *HostSet) bool {
 		}
 		return false
 	case GroupMulticast:
-		return a.IsMulticast() || a == broadcast4
+		return a.IsMulticast() || a == broadcast4 || host.IsBroadcast(a)
 	case GroupHost:
 		return host.Contains(a)
 	case GroupPublic:
 		return a.IsValid() && !a.IsUnspecified() && !a.IsLoopback() && !inPrefixes(private, a) &&
-			!a.IsLinkLocalUnicast() && !inGroup(a, GroupMetadata, nil) && !inGroup(a, GroupMulticast, nil) &&
+			!a.IsLinkLocalUnicast() && !inGroup(a, GroupMetadata, nil) && !inGroup(a, GroupMulticast, host) &&
 			!host.Contains(a) && !Reserved(a)
 	}
 	return false

@@ -395,7 +395,9 @@ func TestDenyByDefaultResolvesOnlyListedNames(t *testing.T) {
 }
 
 // TestSuffixMatchesWholeLabels: a dot escaped inside a label is no label
-// boundary, so "x.evil\.example.com" is not under example.com.
+// boundary, so "x.evil\.example.com" is not under example.com; and since
+// no host name has a backslash, any escape makes the name one that no rule
+// allows.
 func TestSuffixMatchesWholeLabels(t *testing.T) {
 	e := mustCompile(t, `{"default_action": "deny", "rules": [
 		{"destination": {"domain_suffix": "example.com"}, "action": "allow"}]}`, Options{})
@@ -403,7 +405,7 @@ func TestSuffixMatchesWholeLabels(t *testing.T) {
 		"example.com":            Allow,
 		"a.example.com.":         Allow,
 		"x.evil\\.example.com":   Deny,
-		"x.evil\\\\.example.com": Allow, // an escaped backslash, then a real dot
+		"x.evil\\\\.example.com": Deny, // an escaped backslash, then a real dot
 		"evilexample.com":        Deny,
 		"example.com\\.":         Deny,
 	} {

@@ -27,8 +27,11 @@ var presets = map[string]*File{
 		{Destination: grp("public"), Action: "allow"},
 		{Destination: grp("private"), Action: "allow"},
 	}},
-	// allow-all: everything, the host included.
-	"allow-all": {DefaultAction: "allow"},
+	// allow-all: everything, the host included, but cloud metadata (which
+	// only a rule naming the metadata group reaches).
+	"allow-all": {DefaultAction: "allow", Rules: []FileRule{
+		{Destination: grp("host"), Action: "allow"},
+	}},
 }
 
 // DefaultPreset is the policy used when none is given.

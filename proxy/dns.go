@@ -199,6 +199,17 @@ func (d *DNS) resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg, trans
 // message to send upstream.
 func (d *DNS) prepare(src netip.AddrPort, q *dns.Msg, transport policy.Proto) (up, done *dns.Msg) {
 	d.queries.Add(1)
+	if len(q.Question) != 1 {
+		d.refused.Add(1)
+		return nil, reply(q, dns.RcodeFormatError)
+	}
+	if _, err := policy.NormalizeQuery(q.Question[0].Name); err != nil {
+		// No host has such a name (a NUL, an escaped dot, an empty label).
+		d.refused.Add(1)
+		d.report(&policy.Verdict{Flow: policy.Flow{Proto: policy.UDP, Src: src, Dst: netip.AddrPortFrom(netip.Addr{}, 53), DNS: true},
+			Decision: policy.Decision{Action: policy.Deny, Rule: policy.RuleBadName}}, transport)
+		return nil, reply(q, dns.RcodeNameError)
+	}
 	up, rcode := upstreamQuery(q)
 	if up == nil {
 		d.refused.Add(1)
@@ -271,38 +282,57 @@ func upstreamQuery(q *dns.Msg) (*dns.Msg, int) {
 	if qq.Qclass != dns.ClassINET || !forwardedTypes[qq.Qtype] {
 		return nil, dns.RcodeNotImplemented
 	}
+	// Nothing of the guest's choosing but the name and type goes upstream:
+	// the name in lower case (the letter case a client picks, 0x20 style,
+	// would be a channel to whoever watches the resolver), and the agent's
+	// own flags, the same for every query: recursion desired, checking
+	// enabled (the upstream validates), DNSSEC records wanted (DO), which
+	// toGuest removes again for a guest that did not ask for them.
 	m := new(dns.Msg)
 	m.Id = dns.Id()
 	m.RecursionDesired = true
-	m.CheckingDisabled = q.CheckingDisabled
-	m.Question = []dns.Question{{Name: qq.Name, Qtype: qq.Qtype, Qclass: dns.ClassINET}}
-	do := false
-	if opt := q.IsEdns0(); opt != nil {
-		do = opt.Do()
-	}
-	m.SetEdns0(upstreamEDNSSize, do)
+	m.Question = []dns.Question{{Name: strings.ToLower(qq.Name), Qtype: qq.Qtype, Qclass: dns.ClassINET}}
+	m.SetEdns0(upstreamEDNSSize, true)
 	return m, 0
 }
 
-// toGuest turns the upstream answer into the guest's: its own ID and
-// question (with its letter case), and an OPT record only if it sent one,
-// with no options of the upstream's.
+// toGuest turns the upstream answer into the guest's: its own ID, question
+// and CD bit, the question's letter case on the records owned by that
+// name (resolvers that set random case, 0x20 style, check it), DNSSEC
+// records and the AD bit only if it asked for them (DO, or AD), and an OPT
+// record only if it sent one, with no options of the upstream's.
 func toGuest(q, a *dns.Msg) *dns.Msg {
 	a.Id = q.Id
 	a.Question = q.Question
-	do := false
-	if opt := a.IsEdns0(); opt != nil {
-		do = opt.Do()
+	a.CheckingDisabled = q.CheckingDisabled
+	qopt := q.IsEdns0()
+	dnssec := qopt != nil && qopt.Do()
+	if !dnssec && !q.AuthenticatedData {
+		a.AuthenticatedData = false
 	}
-	extra := a.Extra[:0]
-	for _, rr := range a.Extra {
-		if rr.Header().Rrtype != dns.TypeOPT {
-			extra = append(extra, rr)
+	name := q.Question[0].Name
+	keep := func(rrs []dns.RR) []dns.RR {
+		out := rrs[:0]
+		for _, rr := range rrs {
+			h := rr.Header()
+			switch h.Rrtype {
+			case dns.TypeOPT:
+				continue
+			case dns.TypeRRSIG, dns.TypeNSEC, dns.TypeNSEC3:
+				if !dnssec {
+					continue
+				}
+			}
+			if strings.EqualFold(h.Name, name) {
+				h.Name = name
+			}
+			out = append(out, rr)
 		}
+		return out
 	}
-	a.Extra = extra
-	if opt := q.IsEdns0(); opt != nil {
-		a.SetEdns0(opt.UDPSize(), do)
+	a.Answer, a.Ns, a.Extra = keep(a.Answer), keep(a.Ns), keep(a.Extra)
+	if qopt != nil {
+		a.SetEdns0(qopt.UDPSize(), dnssec)
 	}
 	return a
 }
@@ -348,7 +378,7 @@ func (d *DNS) forward(ctx context.Context, q *dns.Msg) *dns.Msg {
 func (d *DNS) exchange(ctx context.Context, q *dns.Msg, upstream string, timeout time.Duration) (*dns.Msg, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	c := &dns.Client{Net: "udp", UDPSize: upstreamEDNSSize}
+	c := &dns.Client{Net: "udp", UDPSize: upstreamEDNSSize, Dialer: upstreamDialer}
 	a, _, err := c.ExchangeContext(ctx, q, upstream)
 	if err == nil && a.Truncated {
 		c = &dns.Client{Net: "tcp"}
@@ -387,10 +417,11 @@ func (d *DNS) start(f func()) bool {
 // query refused by policy, or answered from the cache, is answered at once
 // (so that during a flood of new names, known ones still are); any other
 // goes upstream in a goroutine of its own, and HandleUDP returns at once.
-// Malformed queries and queries over the in-flight cap are dropped.
+// Malformed queries and queries over the in-flight cap are dropped; a
+// query with more questions than one (or none) gets FORMERR.
 func (d *DNS) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
 	q := new(dns.Msg)
-	if err := q.Unpack(payload); err != nil || q.Response || len(q.Question) != 1 {
+	if err := q.Unpack(payload); err != nil || q.Response {
 		d.dropped.Add(1)
 		return false
 	}
@@ -406,6 +437,13 @@ func (d *DNS) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
 			return
 		}
 		d.o.Replier.SendUDP(dst, src, b)
+	}
+	if len(q.Question) != 1 {
+		// A forwarder that checks only the first of several questions is
+		// a known bypass: a message of more (or none) is malformed.
+		d.refused.Add(1)
+		send(reply(q, dns.RcodeFormatError))
+		return true
 	}
 	if d.cache.has(q) && (d.o.Holds == nil || !d.o.Holds(src, q)) {
 		// Known answers cost no upstream round trip: answered here, ahead
@@ -472,9 +510,16 @@ func (d *DNS) ServeTCP(conn net.Conn, src netip.AddrPort) {
 		if err != nil {
 			return
 		}
-		if q.Response || len(q.Question) != 1 {
+		if q.Response {
 			d.dropped.Add(1)
 			return
+		}
+		if len(q.Question) != 1 {
+			d.refused.Add(1)
+			if err := dc.WriteMsg(reply(q, dns.RcodeFormatError)); err != nil {
+				return
+			}
+			continue
 		}
 		select {
 		case d.sem <- struct{}{}:
@@ -495,7 +540,7 @@ type DNSStats struct {
 	InFlight, TCPConns int
 	// Queries answered, Failures no upstream answered, queries Dropped
 	// (malformed, over the in-flight cap), Refused (opcode, class or type
-	// not forwarded), TCP connections refused over the cap, answers from
+	// not forwarded, not exactly one question, a name no host has), TCP connections refused over the cap, answers from
 	// the cache, queries dropped over the upstream rate.
 	Queries, Failures, Dropped, Refused, TCPOverCap, CacheHits, RateLimited uint64
 	// Cached answers now.

@@ -45,10 +45,11 @@ type cacheTable struct {
 	peak  int        // most entries m held since it was made
 }
 
+// cacheKey is a question as the agent asks it upstream: the name in
+// lower case and the type (its flags are the same for every query).
 type cacheKey struct {
-	name   string
-	qtype  uint16
-	do, cd bool
+	name  string
+	qtype uint16
 }
 
 type cacheEntry struct {
@@ -92,11 +93,7 @@ func (c *dnsCache) findLocked(k cacheKey, now time.Time) *cacheEntry {
 }
 
 func keyOf(q *dns.Msg) cacheKey {
-	k := cacheKey{name: strings.ToLower(q.Question[0].Name), qtype: q.Question[0].Qtype, cd: q.CheckingDisabled}
-	if opt := q.IsEdns0(); opt != nil {
-		k.do = opt.Do()
-	}
-	return k
+	return cacheKey{name: strings.ToLower(q.Question[0].Name), qtype: q.Question[0].Qtype}
 }
 
 // get returns a copy of the cached answer to q with its TTLs counted down,

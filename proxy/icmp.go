@@ -62,7 +62,7 @@ type echoRequest struct {
 }
 
 type echoSocket struct {
-	conn  *icmp.PacketConn
+	conn  net.PacketConn
 	raw   bool // raw sockets see every ICMP message: match our identifier
 	ident int
 }
@@ -254,15 +254,19 @@ func sameIP(a net.Addr, want netip.Addr) bool {
 
 // listenICMP opens an unprivileged ICMP socket, or a raw one when the host's
 // ping_group_range does not allow the former. raw says which it got.
-func listenICMP(v6 bool) (c *icmp.PacketConn, raw bool, err error) {
+func listenICMP(v6 bool) (c net.PacketConn, raw bool, err error) {
 	dgram, rawNet, addr := "udp4", "ip4:icmp", "0.0.0.0"
 	if v6 {
 		dgram, rawNet, addr = "udp6", "ip6:ipv6-icmp", "::"
 	}
+	// icmp.ListenPacket opens the datagram kind with a plain socket(2),
+	// without Go's SO_BROADCAST; the raw kind would come from the net
+	// package, which sets it, so it is opened here without. On Linux both
+	// read and write ICMP messages alone (the IPv4 header stripped).
 	if c, err = icmp.ListenPacket(dgram, addr); err == nil {
 		return c, false, nil
 	}
-	c, err2 := icmp.ListenPacket(rawNet, addr)
+	c, err2 := listenPacket(rawNet, addr)
 	if err2 != nil {
 		return nil, false, err
 	}

@@ -220,13 +220,81 @@ func TestDNSHandleUDPDropsGarbage(t *testing.T) {
 	defer d.Close()
 	src := netip.MustParseAddrPort("100.96.0.2:5000")
 	dst := netip.MustParseAddrPort("100.96.0.1:53")
-	for _, b := range [][]byte{nil, {1, 2, 3}, make([]byte, 12)} {
+	for _, b := range [][]byte{nil, {1, 2, 3}} {
 		if d.HandleUDP(src, dst, b) {
 			t.Errorf("garbage %x accepted", b)
 		}
 	}
-	if dropped := d.Stats().Dropped; dropped != 3 {
-		t.Errorf("dropped: got %d, want 3", dropped)
+	if dropped := d.Stats().Dropped; dropped != 2 {
+		t.Errorf("dropped: got %d, want 2", dropped)
+	}
+}
+
+// TestDNSQuestionChecks: a message with more questions than one (a peer's
+// forwarder checked only the first) or none gets FORMERR, over UDP and
+// TCP; a name no host has (a NUL, an escaped dot, a space) gets
+// NXDOMAIN; none of them goes upstream.
+func TestDNSQuestionChecks(t *testing.T) {
+	up := newRecordingUpstream(t)
+	r := &captureReplier{got: make(chan struct{}, 8)}
+	d, _ := NewDNS(DNSOptions{Upstreams: []string{up.addr}, Replier: r, Timeout: time.Second})
+	defer d.Close()
+	src := netip.MustParseAddrPort("100.96.0.2:5000")
+	dst := netip.MustParseAddrPort("100.96.0.1:53")
+	two := query("allowed.test")
+	two.Question = append(two.Question, dns.Question{Name: "evil.test.", Qtype: dns.TypeA, Qclass: dns.ClassINET})
+	none := query("allowed.test")
+	none.Question = nil
+	badNames := []string{`evil\000.test.`, `a\.b.test.`, `ev\032il.test.`}
+	var msgs []*dns.Msg
+	for _, name := range badNames {
+		m := new(dns.Msg)
+		m.Id = dns.Id()
+		m.RecursionDesired = true
+		m.Question = []dns.Question{{Name: name, Qtype: dns.TypeA, Qclass: dns.ClassINET}}
+		msgs = append(msgs, m)
+	}
+	want := func(m *dns.Msg) int {
+		if len(m.Question) != 1 {
+			return dns.RcodeFormatError
+		}
+		return dns.RcodeNameError
+	}
+	for _, q := range append([]*dns.Msg{two, none}, msgs...) {
+		b, err := q.Pack()
+		if err != nil {
+			t.Fatalf("%v: %v", q.Question, err)
+		}
+		d.HandleUDP(src, dst, b)
+		select {
+		case <-r.got:
+		case <-time.After(2 * time.Second):
+			t.Fatalf("%v: no answer over UDP", q.Question)
+		}
+		r.mu.Lock()
+		last := r.udp[len(r.udp)-1]
+		r.mu.Unlock()
+		a := new(dns.Msg)
+		if err := a.Unpack(last); err != nil || a.Id != q.Id || a.Rcode != want(q) {
+			t.Errorf("UDP %v: rcode %s id %d (%v), want %s", q.Question, dns.RcodeToString[a.Rcode], a.Id, err, dns.RcodeToString[want(q)])
+		}
+	}
+	guest, agent := net.Pipe()
+	defer guest.Close()
+	go d.ServeTCP(agent, netip.AddrPort{})
+	gc := &dns.Conn{Conn: guest}
+	guest.SetDeadline(time.Now().Add(3 * time.Second))
+	for _, q := range []*dns.Msg{two, msgs[0]} {
+		if err := gc.WriteMsg(q); err != nil {
+			t.Fatal(err)
+		}
+		a, err := gc.ReadMsg()
+		if err != nil || a.Rcode != want(q) {
+			t.Fatalf("TCP %v: %v %v", q.Question, a, err)
+		}
+	}
+	if got := up.queries(); len(got) != 0 {
+		t.Errorf("the upstream saw %d queries", len(got))
 	}
 }
 

@@ -118,11 +118,11 @@ func ListenPublished(specs []PortSpec) (*Publisher, error) {
 			}
 			p.tcp = append(p.tcp, ln)
 		case "udp":
-			c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(s.Host))
+			c, err := listenPacket("udp", s.Host.String())
 			if err != nil {
 				return fail(publishErr(s, err))
 			}
-			p.udp = append(p.udp, c)
+			p.udp = append(p.udp, c.(*net.UDPConn))
 		}
 	}
 	return p, nil

@@ -193,7 +193,7 @@ func (u *UDP) open(k udpKey, now int64) (*udpSession, error) {
 		u.evicted.Add(1)
 	}
 	to := u.o.MapDst(k.dst)
-	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(to))
+	conn, err := dialUDP(to)
 	if err != nil {
 		u.mu.Unlock()
 		u.dropped.Add(1)

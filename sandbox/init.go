@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -14,7 +15,9 @@ import (
 )
 
 // Init is the sandbox's PID 1: it reads the Spec from fd 3, mounts a
-// private /proc (and /sys) in its new mount namespace, empties the
+// private /proc (and /sys) in its new mount namespace, masks Spec.Hide,
+// gives the command empty /run, /tmp, /var/tmp and /dev/shm with the
+// spec's binds over them (Spec.Private), empties the
 // capability bounding set and the ambient and inheritable sets, sets
 // no_new_privs, starts the command as the spec's user, drops its own
 // capabilities but CAP_KILL (to signal the command), forwards signals, and
@@ -50,9 +53,27 @@ func initMain() (int, error) {
 	}
 	_ = unix.Mount("sysfs", "/sys", "sysfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC|unix.MS_RDONLY, "")
 	for _, p := range spec.Hide {
-		if err := unix.Mount("/dev/null", p, "", unix.MS_BIND, ""); err != nil {
+		if err := unix.Mount("/dev/null", p, "", unix.MS_BIND, ""); err != nil && !errors.Is(err, unix.ENOENT) {
 			return 0, fmt.Errorf("hide %s from the sandbox: %w", p, err)
 		}
+	}
+	if spec.Private {
+		if err := privateMounts(spec); err != nil {
+			return 0, err
+		}
+	} else if len(spec.Binds) > 0 {
+		return 0, errors.New("binds without private directories")
+	}
+	// Nothing of the host's file system stays open here (a directory
+	// under a private one would lead back to the host's).
+	if err := os.Chdir("/"); err != nil {
+		return 0, err
+	}
+	if spec.Dir == "" {
+		spec.Dir = "/"
+	}
+	if _, err := os.Stat(spec.Dir); err != nil {
+		return 126, fmt.Errorf("working directory %s: not in the sandbox (%v); start msbtap elsewhere, or share it with --bind", spec.Dir, err)
 	}
 
 	if err := dropBounding(keepBounding); err != nil {
@@ -89,7 +110,11 @@ func initMain() (int, error) {
 		},
 	})
 	if err != nil {
-		return 126, fmt.Errorf("start %s: %w", spec.Argv[0], err)
+		hint := ""
+		if errors.Is(err, unix.EACCES) {
+			hint = fmt.Sprintf(" (the working directory and the program must be open to uid %d: see --user)", spec.UID)
+		}
+		return 126, fmt.Errorf("start %s as uid %d in %s: %w%s", spec.Argv[0], spec.UID, spec.Dir, err, hint)
 	}
 	// The init needs nothing more but the right to signal the command.
 	if err := setCaps(1<<unix.CAP_KILL, 0); err != nil {

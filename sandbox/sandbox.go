@@ -1,8 +1,10 @@
 // Package sandbox runs the command msbtap starts: in the sandbox's network
-// namespace, in a PID and mount namespace of its own (a private /proc),
-// as an unprivileged user with empty capability sets and no_new_privs, so
-// that it can neither reach the host's namespaces nor outlive a
-// termination. A small init (msbtap itself, re-executed) is PID 1 there:
+// namespace, in a PID and mount namespace of its own (a private /proc,
+// and empty /run, /tmp, /var/tmp and /dev/shm: no host Unix socket), as an
+// unprivileged user (nobody unless told) with empty capability sets and
+// no_new_privs, in an environment built from an allow-list (Environ), so
+// that it can neither reach the host's namespaces and services nor outlive
+// a termination. A small init (msbtap itself, re-executed) is PID 1 there:
 // it sets the process up, starts the command, forwards signals and reaps.
 package sandbox
 
@@ -36,6 +38,11 @@ type Spec struct {
 	// socket): /dev/null is mounted over each in the sandbox's mount
 	// namespace, so connecting or opening finds nothing there.
 	Hide []string
+	// Private gives the command empty PrivateDirs of its own; Binds are
+	// host paths it sees at the same path over them (and read-only where
+	// they say so).
+	Private bool   `json:",omitempty"`
+	Binds   []Bind `json:",omitempty"`
 }
 
 // Credentials resolves who runs the command: spec "USER[:GROUP]" (names or
@@ -80,6 +87,34 @@ func Credentials(spec string) (uid, gid int, groups []int, err error) {
 		groups = []int{gid}
 	}
 	return uid, gid, groups, nil
+}
+
+// NobodyID is the id of nobody and nogroup when the user database has
+// neither.
+const NobodyID = 65534
+
+// CommandCredentials resolves who runs the command: spec "USER[:GROUP]"
+// if given (root only so: --user root), else the user who ran sudo unless
+// that is root, else nobody:nogroup. Root without capabilities still owns
+// the host's /etc, so a command never runs as root by default.
+func CommandCredentials(spec string) (uid, gid int, groups []int, err error) {
+	if spec != "" {
+		return Credentials(spec)
+	}
+	if s := os.Getenv("SUDO_UID"); s != "" && s != "0" {
+		if uid, gid, groups, err = Credentials(""); err != nil || uid != 0 {
+			return uid, gid, groups, err
+		}
+	}
+	uid, gid = NobodyID, NobodyID
+	if u, err := user.Lookup("nobody"); err == nil {
+		uid, _ = strconv.Atoi(u.Uid)
+		gid, _ = strconv.Atoi(u.Gid)
+	}
+	if g, err := user.LookupGroup("nogroup"); err == nil {
+		gid, _ = strconv.Atoi(g.Gid)
+	}
+	return uid, gid, []int{gid}, nil
 }
 
 func lookupUser(name string) (*user.User, error) {

@@ -11,10 +11,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
+	"syscall"
 )
 
 // File is a secrets file (JSON):
@@ -112,17 +115,10 @@ func ParseFile(b []byte) (*File, error) {
 	return &f, nil
 }
 
-// LoadFile reads a secrets file, which must not be readable by group or
-// others.
+// LoadFile reads a secrets file, which must be private (see
+// readPrivate).
 func LoadFile(path string) (*File, error) {
-	st, err := os.Stat(path)
-	if err != nil {
-		return nil, err
-	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("%s: readable by group or others (mode %v); chmod 600 it", path, st.Mode().Perm())
-	}
-	b, err := os.ReadFile(path)
+	b, err := readPrivate(path)
 	if err != nil {
 		return nil, err
 	}
@@ -187,15 +183,92 @@ func (s Spec) value(getenv func(string) string) ([]byte, error) {
 		}
 		return []byte(v), nil
 	}
-	b, err := os.ReadFile(s.FromFile)
+	b, err := readPrivate(s.FromFile)
 	if err != nil {
-		return nil, fmt.Errorf("secret %s: %w", s.Name, err)
+		return nil, fmt.Errorf("secret %s: from_file %w", s.Name, err)
 	}
 	b = bytes.TrimSuffix(b, []byte("\n"))
 	if len(b) == 0 {
 		return nil, fmt.Errorf("secret %s: %s is empty", s.Name, s.FromFile)
 	}
 	return b, nil
+}
+
+// maxFile bounds what is read of a secrets file or a value's file.
+const maxFile = 1 << 20
+
+// readPrivate reads a secrets file or a secret's value file. msbtap reads
+// them as root, before it drops its privileges, so a file must be one the
+// user who started it could have written: a regular file owned by root,
+// by msbtap's own user or by the user who ran sudo (SUDO_UID), that no
+// group and no other user may read or write. A symbolic link is followed;
+// the file it names is checked, through the descriptor read from.
+func readPrivate(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: not a regular file (%v)", path, st.Mode().Type())
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		owners, who := allowedOwners()
+		if !slices.Contains(owners, int(sys.Uid)) {
+			return nil, fmt.Errorf("%s: owned by uid %d, not by %s; chown it", path, sys.Uid, who)
+		}
+	}
+	if perm := st.Mode().Perm(); perm&0o077 != 0 {
+		return nil, fmt.Errorf("%s: readable or writable by group or others (mode %v); chmod 600 it", path, perm)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxFile+1))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if len(b) > maxFile {
+		return nil, fmt.Errorf("%s: larger than %d bytes", path, maxFile)
+	}
+	return b, nil
+}
+
+// allowedOwners are the uids a private file may belong to: root,
+// msbtap's own, and the user who ran sudo; who says so in words.
+func allowedOwners() ([]int, string) {
+	owners := []int{0}
+	who := "root"
+	if u := os.Geteuid(); u != 0 {
+		owners = append(owners, u)
+		who += fmt.Sprintf(" or msbtap's user (uid %d)", u)
+	}
+	if su := os.Getenv("SUDO_UID"); su != "" {
+		if u, err := strconv.Atoi(su); err == nil && u > 0 && !slices.Contains(owners, u) {
+			owners = append(owners, u)
+			who += fmt.Sprintf(" or the user who ran sudo (uid %d)", u)
+		}
+	}
+	return owners, who
+}
+
+// CheckFiles reads every from_file value, as msbtap run would (checked
+// like the secrets file), and returns what fails.
+func (f *File) CheckFiles() error {
+	var errs Errors
+	for i, s := range f.Secrets {
+		if s.FromFile == "" {
+			continue
+		}
+		if _, err := s.value(nil); err != nil {
+			errs = append(errs, fmt.Errorf("secrets[%d]: %w", i, err))
+		}
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
 }
 
 // minPlaceholder is the shortest placeholder: a shorter value gets a

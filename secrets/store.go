@@ -40,12 +40,13 @@ type Store struct {
 	byName  map[string]*secret
 	holders map[string]string // name → placeholder, kept across reloads
 	counts  map[string][2]*atomic.Uint64
+	retired map[string][]*secret // earlier values, still scrubbed from responses
 }
 
 // New builds the store from specs, reading values through getenv (or
 // from their files).
 func New(specs []Spec, getenv func(string) string) (*Store, error) {
-	s := &Store{getenv: getenv, byName: map[string]*secret{}, holders: map[string]string{}, counts: map[string][2]*atomic.Uint64{}}
+	s := &Store{getenv: getenv, byName: map[string]*secret{}, holders: map[string]string{}, counts: map[string][2]*atomic.Uint64{}, retired: map[string][]*secret{}}
 	return s, s.Reload(specs)
 }
 
@@ -67,6 +68,11 @@ func (s *Store) Reload(specs []Spec) error {
 	// Old values are left to the collector, not cleared: a request in
 	// flight may still be using them.
 	s.mu.Lock()
+	for name, old := range s.byName {
+		if n := next[name]; n == nil || !bytes.Equal(n.value, old.value) || !slicesEqual(n.hosts, old.hosts) {
+			s.retireLocked(old)
+		}
+	}
 	s.byName = next
 	s.mu.Unlock()
 	return nil
@@ -132,6 +138,7 @@ func (s *Store) Set(name string, v []byte) error {
 	}
 	n := *sec
 	n.value = slices.Clone(v)
+	s.retireLocked(sec)
 	s.byName[name] = &n
 	return nil
 }
@@ -140,9 +147,11 @@ func (s *Store) Set(name string, v []byte) error {
 func (s *Store) Remove(name string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, ok := s.byName[name]; !ok {
+	sec, ok := s.byName[name]
+	if !ok {
 		return fmt.Errorf("no secret %q", name)
 	}
+	s.retireLocked(sec)
 	delete(s.byName, name)
 	return nil
 }
@@ -328,24 +337,6 @@ func (sec *secret) appearsIn(s string) bool {
 	return false
 }
 
-// Response implements the response side: a value the upstream echoes in a
-// header goes back to the sandbox as the placeholder.
-func (s *Store) Response(host string, hdr http.Header) {
-	for _, sec := range s.snapshot() {
-		if !intercept.MatchesAny(sec.hosts, host) {
-			continue
-		}
-		v := string(sec.value)
-		for k, vs := range hdr {
-			for i, x := range vs {
-				if strings.Contains(x, v) {
-					hdr[k][i] = strings.ReplaceAll(x, v, sec.placeholder)
-				}
-			}
-		}
-	}
-}
-
 // ScanName reports a placeholder inside a name (a DNS query, a TLS server
 // name), case and dots ignored.
 func (s *Store) ScanName(name string) *intercept.Refusal {
@@ -371,62 +362,123 @@ func (s *Store) ScanFlow(name string, first []byte) *intercept.Refusal {
 	return nil
 }
 
-// replacer swaps every old for new in a stream, also across reads: it
-// holds back a tail that could start old. onMatch may fail the stream
-// instead (a placeholder where it may not go).
+// replacer swaps every old for new in a stream, for one or more pairs
+// of old and new, also across reads: it holds back only a tail that
+// could start an old, so a stream that pauses (server-sent events, a
+// chunk at a time) is passed on at once. onMatch (told which pair) may
+// fail the stream instead (a placeholder where it may not go).
 type replacer struct {
-	r        io.ReadCloser
-	old, new []byte
-	buf      []byte
-	in, out  []byte
-	outBuf   []byte // out's backing array, reused
-	eof      bool
-	onMatch  func() error
+	r     io.ReadCloser
+	pairs []pair
+	// in holds what was read and not yet handed out; out is what Read
+	// hands out next: in's own bytes (aliased: in[:aliased], the common
+	// case of nothing replaced) or outBuf's.
+	in, out []byte
+	aliased int
+	outBuf  []byte // out's backing array when something was replaced
+	eof     bool
+	onMatch func(i int) error
 }
 
+// pair is one string a replacer looks for and what it puts instead.
+type pair struct{ old, new []byte }
+
+// replacerRead is how much a replacer reads at a time: its buffers are
+// about three times this, per stream.
+const replacerRead = 16 << 10
+
 func newReplacer(r io.ReadCloser, old, new []byte, onMatch func() error) *replacer {
-	return &replacer{r: r, old: old, new: new, onMatch: onMatch}
+	return newMultiReplacer(r, []pair{{old, new}}, func(int) error { return onMatch() })
+}
+
+func newMultiReplacer(r io.ReadCloser, pairs []pair, onMatch func(int) error) *replacer {
+	return &replacer{r: r, pairs: pairs, onMatch: onMatch}
+}
+
+// next finds the first old in b: its pair and index, or -1.
+func (p *replacer) next(b []byte) (int, int) {
+	at, which := -1, -1
+	for i, pr := range p.pairs {
+		j := bytes.Index(b, pr.old)
+		if j >= 0 && (at < 0 || j < at || (j == at && len(pr.old) > len(p.pairs[which].old))) {
+			at, which = j, i
+		}
+	}
+	return which, at
+}
+
+// heldTail is the length of the longest end of b that is the start of
+// some old (shorter than it): those bytes wait for the next read.
+func (p *replacer) heldTail(b []byte) int {
+	keep := 0
+	for _, pr := range p.pairs {
+		for k := min(len(b), len(pr.old)-1); k > keep; k-- {
+			if b[len(b)-k] == pr.old[0] && bytes.HasPrefix(pr.old, b[len(b)-k:]) {
+				keep = k
+				break
+			}
+		}
+	}
+	return keep
 }
 
 func (p *replacer) Read(b []byte) (int, error) {
 	for len(p.out) == 0 {
+		if p.aliased > 0 { // out was in[:aliased]: only the tail stays
+			p.in = p.in[:copy(p.in, p.in[p.aliased:])]
+			p.aliased = 0
+		}
 		if p.eof && len(p.in) == 0 {
+			p.in, p.outBuf = nil, nil
 			return 0, io.EOF
 		}
 		if !p.eof {
-			if p.buf == nil {
-				p.buf = make([]byte, 32<<10)
+			if cap(p.in)-len(p.in) < replacerRead/2 {
+				grown := make([]byte, len(p.in), len(p.in)+replacerRead)
+				copy(grown, p.in)
+				p.in = grown
 			}
-			n, err := p.r.Read(p.buf)
-			p.in = append(p.in, p.buf[:n]...)
+			n, err := p.r.Read(p.in[len(p.in):cap(p.in)])
+			p.in = p.in[:len(p.in)+n]
 			if errors.Is(err, io.EOF) {
 				p.eof = true
 			} else if err != nil {
 				return 0, err
 			}
 		}
-		p.out = p.outBuf[:0]
 		in := p.in
-		for {
-			i := bytes.Index(in, p.old)
-			if i < 0 {
+		i, at := p.next(in)
+		if i < 0 {
+			// Nothing to replace: hand out in itself, but a tail that
+			// could start an old.
+			cut := len(in)
+			if !p.eof {
+				cut -= p.heldTail(in)
+			}
+			p.out, p.aliased = in[:cut], cut
+			continue
+		}
+		p.out = p.outBuf[:0]
+		for ; i >= 0; i, at = p.next(in) {
+			// An old that starts earlier, or here and is longer, may
+			// still come whole with the next read: wait for it.
+			if !p.eof && len(in)-p.heldTail(in) <= at {
 				break
 			}
-			if err := p.onMatch(); err != nil {
+			if err := p.onMatch(i); err != nil {
 				return 0, err
 			}
-			p.out = append(p.out, in[:i]...)
-			p.out = append(p.out, p.new...)
-			in = in[i+len(p.old):]
+			p.out = append(p.out, in[:at]...)
+			p.out = append(p.out, p.pairs[i].new...)
+			in = in[at+len(p.pairs[i].old):]
 		}
-		keep := len(p.old) - 1 // a tail that could start the next one
-		if p.eof {
-			keep = 0
+		cut := len(in)
+		if !p.eof {
+			cut -= p.heldTail(in)
 		}
-		cut := max(len(in)-keep, 0)
 		p.out = append(p.out, in[:cut]...)
 		p.outBuf = p.out
-		p.in = append(p.in[:0], in[cut:]...)
+		p.in = p.in[:copy(p.in, in[cut:])]
 	}
 	n := copy(b, p.out)
 	p.out = p.out[n:]

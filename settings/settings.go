@@ -29,6 +29,7 @@ import (
 	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
+	"github.com/msbtap/msbtap/upstream"
 )
 
 // Source holds the settings, by the run flags' names (dns-upstream):
@@ -103,6 +104,8 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 	cfg.OnTerminate, cfg.GuestPID, cfg.AuditLog = s.String("on-terminate"), s.Int("guest-pid"), s.String("audit-log")
 	auditMax := s.String("audit-log-max-size")
 	userSpec, seccompMode, memLimit := s.String("user"), s.String("seccomp"), s.String("memory-limit")
+	cfg.CommandEnv = s.Strings("env")
+	binds, bindsRO := s.Strings("bind"), s.Strings("bind-ro")
 	pubs := s.Strings("publish")
 	cfg.Control, cfg.Pcap = s.String("control"), s.String("pcap")
 	ctlOwner, pcapMax, rateUp, rateDown := s.String("control-owner"), s.String("pcap-max-size"), s.String("rate-up"), s.String("rate-down")
@@ -110,6 +113,8 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 	tlsMode := s.String("tls-intercept")
 	cfg.TLS.CACert, cfg.TLS.CAKey, cfg.TLS.CAOut = s.String("tls-ca-cert"), s.String("tls-ca-key"), s.String("tls-ca-out")
 	cfg.TLS.UpstreamCA, cfg.TLS.Bypass = s.Strings("tls-upstream-ca"), s.Strings("tls-bypass")
+	cfg.Upstream.URL, cfg.Upstream.Bypass = s.String("upstream-proxy"), s.Strings("upstream-proxy-bypass")
+	cfg.Upstream.CredentialsFile, cfg.Upstream.CredentialsEnv = s.String("upstream-proxy-credentials-file"), s.String("upstream-proxy-credentials-env")
 	secretFlags := s.Strings("secret")
 	cfg.Learn, cfg.LearnSuffixDepth = s.String("learn"), s.Int("learn-suffix-depth")
 	askTimeout := s.String("ask-timeout")
@@ -129,9 +134,12 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 		return cfg, fielderr.Bad("user", userSpec, "only with a command to run")
 	}
 	if len(cfg.Command) > 0 {
-		if cfg.CommandUID, cfg.CommandGID, cfg.CommandGroups, err = sandbox.Credentials(userSpec); err != nil {
+		if cfg.CommandUID, cfg.CommandGID, cfg.CommandGroups, err = sandbox.CommandCredentials(userSpec); err != nil {
 			return cfg, fielderr.Bad("user", userSpec, "%w", err)
 		}
+	}
+	if err := commandConfig(&cfg, binds, bindsRO); err != nil {
+		return cfg, err
 	}
 	if cfg.VM {
 		if cfg.Netns != "" {
@@ -231,6 +239,17 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 			return cfg, fielderr.Bad("tls_bypass", b, "want a name, or *.suffix")
 		}
 	}
+	if cfg.Upstream.Enabled() {
+		if err := upstream.Validate(cfg.Upstream); err != nil {
+			return cfg, err
+		}
+	} else {
+		for _, k := range []string{"upstream-proxy-bypass", "upstream-proxy-credentials-file", "upstream-proxy-credentials-env"} {
+			if s.IsGiven(k) {
+				return cfg, fielderr.Bad(key(k), "…", "only with an upstream proxy")
+			}
+		}
+	}
 	if err := learnConfig(&cfg); err != nil {
 		return cfg, err
 	}
@@ -297,6 +316,37 @@ func loadPolicy(s Source, cfg *agent.Config) error {
 	cfg.Policy = f
 	if _, preset := policy.Preset(name); !preset {
 		cfg.PolicyPath = name
+	}
+	return nil
+}
+
+// commandConfig checks --env, --bind and --bind-ro.
+func commandConfig(cfg *agent.Config, binds, bindsRO []string) error {
+	for i, list := range [][]string{cfg.CommandEnv, binds, bindsRO} {
+		name := []string{"env", "bind", "bind-ro"}[i]
+		if len(list) > 0 && len(cfg.Command) == 0 {
+			return fielderr.Bad(key(name), list[0], "only with a command to run")
+		}
+		if len(list) > 0 && cfg.VM && name != "env" {
+			return fielderr.Bad(key(name), list[0], "not in VM mode: the VMM shares the host's file system")
+		}
+	}
+	for _, e := range cfg.CommandEnv {
+		if err := sandbox.CheckEnvName(sandbox.EnvName(e)); err != nil {
+			return fielderr.Bad("env", e, "%w", err)
+		}
+		if strings.IndexByte(e, 0) >= 0 {
+			return fielderr.Bad("env", e, "holds a NUL byte")
+		}
+	}
+	for i, list := range [][]string{binds, bindsRO} {
+		for _, b := range list {
+			p, err := sandbox.CheckBind(b)
+			if err != nil {
+				return fielderr.Bad(key([]string{"bind", "bind-ro"}[i]), b, "%w", err)
+			}
+			cfg.CommandBinds = append(cfg.CommandBinds, sandbox.Bind{Path: p, ReadOnly: i == 1})
+		}
 	}
 	return nil
 }

@@ -4,12 +4,16 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
 	"go.uber.org/goleak"
 
 	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/sandbox"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -71,11 +75,47 @@ func TestBuild(t *testing.T) {
 		{mapSource{"netns": "x", "ask-timeout": "1ms"}, "ask_timeout"},
 		{mapSource{"netns": "x", "learn": "/tmp/l.json", "learn-suffix-depth": 1}, "learn_suffix_depth"},
 		{mapSource{"netns": "x", "learn": "/nonexistent-dir/l.json"}, "learn"},
+		{mapSource{"netns": "x", "env": []string{"A=1"}}, "env"},
+		{mapSource{"args": []string{"true"}, "env": []string{"1A=1"}}, "env"},
+		{mapSource{"args": []string{"true"}, "env": []string{"A-B"}}, "env"},
+		{mapSource{"args": []string{"true"}, "bind": []string{"/nonexistent/msbtap"}}, "bind"},
+		{mapSource{"args": []string{"true"}, "bind-ro": []string{"/"}}, "bind_ro"},
+		{mapSource{"args": []string{"true"}, "vm": true, "bind": []string{"/etc"}}, "bind"},
+		{mapSource{"netns": "x", "upstream-proxy-bypass": []string{"10.0.0.0/8"}}, "upstream_proxy_bypass"},
+		{mapSource{"netns": "x", "upstream-proxy-credentials-env": "X"}, "upstream_proxy_credentials_env"},
 	} {
 		_, err := Build(tc.s, io.Discard)
 		var fe *fielderr.Error
 		if !errors.As(err, &fe) || fe.Field != tc.want || strings.Contains(err.Error(), "--") {
 			t.Errorf("%v: %v, want an error naming %s", tc.s, err, tc.want)
 		}
+	}
+}
+
+// TestCommandSettings: --env and the binds reach the agent's Config, a
+// relative bind made absolute; without --user and sudo the command is
+// never root.
+func TestCommandSettings(t *testing.T) {
+	os.Unsetenv("SUDO_UID")
+	dir := t.TempDir()
+	t.Chdir(dir)
+	os.Mkdir("work", 0o755)
+	cfg, err := Build(mapSource{"args": []string{"true"}, "env": []string{"A", "B=x,y"},
+		"bind": []string{"work"}, "bind-ro": []string{"/etc"}}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(cfg.CommandEnv, []string{"A", "B=x,y"}) {
+		t.Errorf("env: %q", cfg.CommandEnv)
+	}
+	want := []sandbox.Bind{{Path: filepath.Join(dir, "work")}, {Path: "/etc", ReadOnly: true}}
+	if !slices.Equal(cfg.CommandBinds, want) {
+		t.Errorf("binds: %+v, want %+v", cfg.CommandBinds, want)
+	}
+	if cfg.CommandUID == 0 || cfg.CommandGID == 0 {
+		t.Errorf("the command runs as %d:%d by default", cfg.CommandUID, cfg.CommandGID)
+	}
+	if cfg, err = Build(mapSource{"args": []string{"true"}, "user": "root"}, io.Discard); err != nil || cfg.CommandUID != 0 {
+		t.Errorf("--user root: %d %v", cfg.CommandUID, err)
 	}
 }

@@ -63,7 +63,7 @@ type Options struct {
 	// HandleTCP, if set, serves the allowed TCP flows WantsTCP says yes
 	// to (their first bytes looked at, say) instead of a plain relay.
 	HandleTCP func(context.Context, TCPFlow) error
-	WantsTCP  func(policy.Decision) bool
+	WantsTCP  func(policy.Flow, policy.Decision) bool
 	// OnDecision, when set, is told of every flow decision (for the audit
 	// log and metrics); it runs on the packet path. A terminate decision
 	// then fires the shared state's termination hook.
@@ -84,6 +84,12 @@ type Options struct {
 	MaxPendingDials int
 	// DialTimeout bounds the upstream dial of a TCP flow (default 10 s).
 	DialTimeout time.Duration
+	// Dial, when set, opens the host side of every allowed TCP flow: f as
+	// the guest named it (its id set), d its decision, to the address
+	// MapDst gave. Default: a direct connection to to. The upstream proxy
+	// hooks in here; any other path that opens host sockets for TCP flows
+	// must go through it too.
+	Dial func(ctx context.Context, f policy.Flow, d policy.Decision, to netip.AddrPort) (net.Conn, error)
 	// UDPIdleTimeout ends idle UDP sessions (default 60 s).
 	UDPIdleTimeout time.Duration
 	// MaxUDPSessions caps concurrent UDP sessions (default 1024).
@@ -95,6 +101,10 @@ type Options struct {
 	// as local (one of the host's own). A destination it says is local is
 	// dialed only if the policy allows it as the host. nil skips the check.
 	IsLocal func(netip.Addr) bool
+	// IsBroadcast reports whether the host's routing table resolves an
+	// address as a broadcast or multicast destination: never dialed. nil
+	// skips the check.
+	IsBroadcast func(netip.Addr) bool
 	// RateUp and RateDown pace what the sandbox sends and receives, in
 	// bytes a second (0: no limit); NewConnsPerSecond bounds the TCP
 	// connections it opens a second (0: no limit). All can change later.
@@ -319,8 +329,17 @@ type hostChecker interface {
 // routing table resolves as local (an address the host gained after the
 // policy's host group was read, or a local route) is dialed only if the
 // policy allows it as the host. A refusal is reported like any decision.
+//
+// A destination the routing table resolves as a broadcast (a subnet's
+// broadcast address the host gained a moment ago) or multicast is never
+// dialed.
 func (st *Stack) dialAllowed(f policy.Flow) bool {
 	dst := f.Dst.Addr()
+	if st.o.IsBroadcast != nil && st.o.MapDst(f.Dst) == f.Dst && st.o.IsBroadcast(dst) {
+		st.o.Log.Debug("refused at dial: the destination is a broadcast", "proto", f.Proto, "dst", f.Dst)
+		st.report(f, policy.Decision{Action: policy.Deny, Rule: policy.RuleBroadcast})
+		return false
+	}
 	if st.o.IsLocal == nil || st.o.MapDst(f.Dst) != f.Dst || !st.o.IsLocal(dst) {
 		return true // the gateway's own addresses were decided as the host already
 	}

@@ -124,8 +124,18 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 		r.Complete(true)
 		return
 	}
-	d := net.Dialer{Timeout: st.o.DialTimeout, KeepAlive: 30 * time.Second}
-	up, err := d.DialContext(ctx, "tcp", st.o.MapDst(dst).String())
+	f := policy.Flow{Proto: policy.TCP, Src: src, Dst: dst}
+	if !decided { // a SYN whose decision record is gone: a new id, decided again
+		sd = synDecision{st.ids.next(), st.o.Policy.Check(f)}
+		if sd.d.Action == policy.Ask {
+			// No record of its SYN to hold it by: refused.
+			t.dials.release(pd, nil)
+			r.Complete(true)
+			return
+		}
+	}
+	f.ID = sd.id
+	up, err := st.dialUp(ctx, f, sd.d)
 	t.dials.release(pd, err)
 	if err != nil {
 		st.stats.dialFailed.Add(1)
@@ -150,21 +160,9 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	st.stats.total.Add(1)
 	t.track(c, true)
 	defer t.track(c, false)
-	f := policy.Flow{Proto: policy.TCP, Src: src, Dst: dst}
-	if !decided { // a SYN whose decision record is gone: a new id, decided again
-		sd = synDecision{st.ids.next(), st.o.Policy.Check(f)}
-		if sd.d.Action == policy.Ask {
-			// Too late to hold (the handshake is done): refused.
-			c.Reset()
-			c.Close()
-			up.Close()
-			return
-		}
-	}
-	f.ID = sd.id
 	fl := st.flows.add(f, sd.d.Rule, func() { c.Reset(); proxy.ResetConn(up) })
 	defer fl.Done()
-	if st.o.HandleTCP != nil && st.o.WantsTCP(sd.d) {
+	if st.o.HandleTCP != nil && st.o.WantsTCP(f, sd.d) {
 		err = st.o.HandleTCP(t.ctx, TCPFlow{Guest: c, Up: up, Flow: f, Decision: sd.d, UpMeter: &fl.Up, DownMeter: &fl.Down})
 	} else {
 		_, _, err = proxy.Relay(c, up, &fl.Up, &fl.Down)
@@ -173,6 +171,24 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 		st.stats.relayFailed.Add(1)
 		st.o.Log.Debug("tcp relay ended with an error", "src", src, "dst", dst, "err", err)
 	}
+}
+
+// MapDst returns the host address a TCP flow to a is dialed at (the
+// gateway's addresses map to the host's loopback).
+func (st *Stack) MapDst(a netip.AddrPort) netip.AddrPort { return st.o.MapDst(a) }
+
+// dialUp opens the upstream connection of the allowed TCP flow f: through
+// Options.Dial when set (the upstream proxy), else directly. Every relayed
+// TCP flow's host side is opened here, so that nothing bypasses the hook.
+func (st *Stack) dialUp(ctx context.Context, f policy.Flow, d policy.Decision) (net.Conn, error) {
+	to := st.o.MapDst(f.Dst)
+	ctx, cancel := context.WithTimeout(ctx, st.o.DialTimeout)
+	defer cancel()
+	if st.o.Dial != nil {
+		return st.o.Dial(ctx, f, d, to)
+	}
+	nd := net.Dialer{KeepAlive: 30 * time.Second}
+	return nd.DialContext(ctx, "tcp", to.String())
 }
 
 // accept completes the guest's handshake and returns its connection; on

@@ -45,6 +45,9 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Writer:          stdout,
 		ErrWriter:       stderr,
 		HideHelpCommand: true,
+		// A repeatable flag takes each value whole: commas belong to it
+		// (--secret NAME@HOST,HOST, --env NO_PROXY=a,b).
+		DisableSliceFlagSeparator: true,
 		// The completion scripts ask msbtap for the words that fit.
 		EnableBashCompletion: true,
 		Description: "msbtap gives one sandbox (a network namespace or a VM) a TAP device whose traffic is terminated by a userspace TCP/IP stack on the host, " +
@@ -56,6 +59,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Commands: []*cli.Command{
 			runCommand(),
 			policyCommand(),
+			doctorCommand(),
 			control.Command(func(err error) error { return withStatus(2, err) }),
 			secretsCommand(),
 			configCommand(),

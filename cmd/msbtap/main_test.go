@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -244,5 +245,33 @@ func TestPolicySuggest(t *testing.T) {
 		if _, err := runApp(args...); err == nil {
 			t.Errorf("%v: no usage error", args)
 		}
+	}
+}
+
+// TestCommandFlags: --env and --bind reach the agent whole (a comma is part
+// of a value, as in --secret NAME@HOST,HOST), from the command line and
+// from --config; --env is refused without a command.
+func TestCommandFlags(t *testing.T) {
+	var got agent.Config
+	startAgent = func(c agent.Config) error { got = c; return nil }
+	defer func() { startAgent = runAgent }()
+	if _, err := runApp("run", "--env", "NO_PROXY=a.test,b.test", "--env", "TERM", "--bind-ro", "/etc",
+		"--secret", "TOKEN@a.test,b.test", "--", "true"); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got.CommandEnv, []string{"NO_PROXY=a.test,b.test", "TERM"}) || len(got.CommandBinds) != 1 || !got.CommandBinds[0].ReadOnly ||
+		len(got.Secrets.Flags) != 1 || !slices.Equal(got.Secrets.Flags[0].Hosts, []string{"a.test", "b.test"}) {
+		t.Errorf("env %q, binds %+v, secrets %+v", got.CommandEnv, got.CommandBinds, got.Secrets.Flags)
+	}
+	cfg := filepath.Join(t.TempDir(), "msbtap.json")
+	os.WriteFile(cfg, []byte(`{"env": ["A=1"], "bind": ["/etc"], "bind_ro": ["/usr"]}`), 0o644)
+	if _, err := runApp("run", "--config", cfg, "--", "true"); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got.CommandEnv, []string{"A=1"}) || len(got.CommandBinds) != 2 {
+		t.Errorf("from --config: env %q, binds %+v", got.CommandEnv, got.CommandBinds)
+	}
+	if _, err := runApp("run", "--netns", "x", "--env", "A=1"); err == nil || !strings.Contains(err.Error(), "--env") {
+		t.Errorf("--env without a command: %v", err)
 	}
 }

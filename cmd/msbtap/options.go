@@ -21,7 +21,10 @@ func runFlags() []cli.Flag {
 		&cli.BoolFlag{Name: "vm", Usage: "VM mode: create a TAP named by --tap for the VMM to open (QEMU -netdev tap,ifname=NAME,script=no,downscript=no)"},
 		&cli.StringFlag{Name: "offload", Value: "on", Usage: "on: virtio net headers with TCP segmentation and checksum offload on the TAP (64 KiB segments whatever the MTU); off: plain frames"},
 		&cli.IntFlag{Name: "tap-owner", Value: -1, Usage: "VM mode: `UID` allowed to open the TAP (the VMM's user)"},
-		&cli.StringFlag{Name: "user", Usage: "run -- COMMAND as `USER[:GROUP]` (default: the user who ran sudo, else root); always with no capabilities and no_new_privs"},
+		&cli.StringFlag{Name: "user", Usage: "run -- COMMAND as `USER[:GROUP]` (default: the user who ran sudo unless that is root, else nobody:nogroup); always with no capabilities and no_new_privs. --user root is an explicit opt-in: uid 0 without capabilities still owns the host's root-owned files (/etc, /etc/cron.d, /root), so the command can change them"},
+		&cli.StringSliceFlag{Name: "env", Usage: "give -- COMMAND the variable `NAME` (its value in msbtap's environment) or NAME=VALUE (repeatable); it gets only PATH, TERM, LANG, LC_*, TZ, its user's HOME, USER, LOGNAME, SHELL and msbtap's own otherwise. A secret's source variable is refused"},
+		&cli.StringSliceFlag{Name: "bind", Usage: "share host `PATH` with -- COMMAND, read-write, at the same path (over its private /run, /tmp, /var/tmp, /dev/shm; repeatable)"},
+		&cli.StringSliceFlag{Name: "bind-ro", Usage: "share host `PATH` with -- COMMAND read-only, at the same path (repeatable)"},
 		&cli.StringFlag{Name: "memory-limit", Value: "48MiB", Usage: "Go's soft memory limit for the agent, `SIZE` (off for none): the garbage collector works harder near it, so floods stay small; raise it for sandboxes with many busy connections"},
 		&cli.StringFlag{Name: "seccomp", Value: "on", Usage: "on: once set up, msbtap refuses (EPERM) every system call off its allow-list; off: only drop capabilities"},
 		&cli.StringFlag{Name: "netns", Usage: "attach to network namespace `NAME|PATH` (a name is looked up in /run/netns)"},
@@ -72,6 +75,10 @@ func runFlags() []cli.Flag {
 		&cli.StringSliceFlag{Name: "secret", Usage: "a secret `NAME@HOST[,HOST…]`: the value is msbtap's environment variable NAME, the sandbox gets a placeholder in NAME, and msbtap swaps the value in on intercepted HTTPS to HOST (exact or *.suffix) only (repeatable)"},
 		&cli.StringFlag{Name: "secrets", Usage: "secrets `FILE` (JSON, mode 0600; see README), re-read on SIGHUP"},
 		&cli.StringFlag{Name: "secrets-env-out", Usage: "write the secrets' NAME=placeholder lines to `FILE` (for a VM or a namespace msbtap did not start)"},
+		&cli.StringFlag{Name: "upstream-proxy", Usage: "send every allowed TCP flow through this proxy, `socks5://HOST:PORT` or http://HOST:PORT (CONNECT), after the policy decided; never with credentials in it"},
+		&cli.StringFlag{Name: "upstream-proxy-credentials-file", Usage: "the upstream proxy's `FILE` holding USER:PASSWORD on one line (mode 0600)"},
+		&cli.StringFlag{Name: "upstream-proxy-credentials-env", Usage: "the environment variable `NAME` holding the upstream proxy's USER:PASSWORD"},
+		&cli.StringSliceFlag{Name: "upstream-proxy-bypass", Usage: "reach `CIDR|NAME` directly, not through the upstream proxy (an address, a CIDR, a name or *.suffix; repeatable)"},
 		// -p is its own flag rather than an alias so that -p and --publish
 		// can be mixed on one command line.
 		&cli.StringSliceFlag{Name: "p", Hidden: true},

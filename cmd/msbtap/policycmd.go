@@ -23,6 +23,7 @@ func policyCommand() *cli.Command {
 		Name:  "policy",
 		Usage: "check a policy file, or explain how it decides a flow",
 		Subcommands: []*cli.Command{
+			showCommand(),
 			{
 				Name:         "check",
 				Usage:        "validate a policy file: exit 0, or print the errors",
@@ -236,4 +237,33 @@ func explainPreset(c *cli.Context, name string) error {
 	}
 	fmt.Fprint(c.App.Writer, p.Explain())
 	return nil
+}
+
+// showCommand is `msbtap policy show`.
+func showCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "show",
+		Usage:     "print the effective policy in words, presets and groups expanded",
+		ArgsUsage: "FILE|PRESET",
+		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
+			return withStatus(2, err)
+		},
+		Action: func(c *cli.Context) error {
+			if c.NArg() != 1 {
+				return withStatus(2, errors.New("policy show: want exactly one FILE or PRESET"))
+			}
+			name := c.Args().First()
+			f, err := policy.Load(name)
+			if err != nil {
+				return withStatus(1, err)
+			}
+			if _, ok := policy.Preset(name); ok {
+				fmt.Fprintf(c.App.Writer, "preset %s\n", name)
+			} else {
+				fmt.Fprintf(c.App.Writer, "policy file %s\n", name)
+			}
+			policy.Show(c.App.Writer, f)
+			return nil
+		},
+	}
 }

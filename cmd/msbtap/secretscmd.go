@@ -15,13 +15,16 @@ func secretsCommand() *cli.Command {
 		Usage: "check a secrets file",
 		Subcommands: []*cli.Command{{
 			Name:      "check",
-			Usage:     "validate a secrets file (mode, fields, sources): exit 0, or print the errors",
+			Usage:     "validate a secrets file (owner, mode, fields, from_file sources): exit 0, or print the errors",
 			ArgsUsage: "FILE",
 			Action: func(c *cli.Context) error {
 				if c.NArg() != 1 {
 					return withStatus(2, errors.New("secrets check: want exactly one FILE"))
 				}
 				f, err := secrets.LoadFile(c.Args().First())
+				if err == nil {
+					err = f.CheckFiles()
+				}
 				if err != nil {
 					return withStatus(1, err)
 				}

@@ -25,6 +25,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/h2c"
 
 	"github.com/msbtap/msbtap/internal/pattern"
 )
@@ -76,6 +78,10 @@ func main() {
 		tlsDial(args)
 	case "send":
 		sendClient(args)
+	case "grpc":
+		grpcClient(args)
+	case "pause":
+		pause()
 	default:
 		log.Fatalf("unknown command %q", os.Args[1])
 	}
@@ -98,6 +104,7 @@ func serve(args []string) {
 	fs.Var(&bannerAddrs, "banner", "on ADDR, speak first (an SSH-like banner), then echo the client's line (repeatable)")
 	tlsNames := fs.String("tls-names", "localhost", "the names (comma-separated) the HTTPS certificates are for")
 	reqLog := fs.String("request-log", "", "append \"METHOD HOST PATH\" for every HTTP(S) request to FILE")
+	logHeader := fs.String("request-log-header", "", "with --request-log, also log this request header's value (the demo shows what a server received)")
 	caOut := fs.String("tls-ca-out", "", "write the CA certificate of --https to FILE")
 	ready := fs.String("ready", "", "create this file once every server listens")
 	fs.Parse(args)
@@ -107,6 +114,7 @@ func serve(args []string) {
 			log.Fatal(err)
 		}
 		requestLog = f
+		requestLogHeader = *logHeader
 	}
 	setupTLS(httpsAddrs, untrustedAddrs, *tlsNames, *caOut)
 	for _, a := range bannerAddrs {
@@ -118,7 +126,8 @@ func serve(args []string) {
 		if err != nil {
 			log.Fatal(err)
 		}
-		go http.Serve(ln, httpHandler())
+		// Cleartext HTTP/2 too (prior knowledge or upgrade), for gRPC.
+		go http.Serve(ln, h2c.NewHandler(httpHandler(), &http2.Server{}))
 	}
 	zone := map[string][]netip.Addr{}
 	for _, r := range records {
@@ -221,8 +230,9 @@ func serveTCP(addr string, handle func(net.Conn)) {
 
 // requestLog, if set, gets a line per HTTP request.
 var (
-	requestLog   *os.File
-	requestLogMu sync.Mutex
+	requestLog       *os.File
+	requestLogHeader string
+	requestLogMu     sync.Mutex
 )
 
 // httpHandler is httpMux, each request logged to --request-log if given.
@@ -233,7 +243,11 @@ func httpHandler() http.Handler {
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		requestLogMu.Lock()
-		fmt.Fprintf(requestLog, "%s %s %s\n", r.Method, r.Host, r.URL.Path)
+		if v := r.Header.Get(requestLogHeader); requestLogHeader != "" && v != "" {
+			fmt.Fprintf(requestLog, "%s %s %s %s: %s\n", r.Method, r.Host, r.URL.Path, requestLogHeader, v)
+		} else {
+			fmt.Fprintf(requestLog, "%s %s %s\n", r.Method, r.Host, r.URL.Path)
+		}
 		requestLogMu.Unlock()
 		mux.ServeHTTP(w, r)
 	})
@@ -244,8 +258,10 @@ func httpMux() *http.ServeMux {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "hello from testhost %s\n", r.Host)
 	})
+	mux.HandleFunc(grpcPath, grpcSay)
 	// /echo answers with what it received (see echoRequest).
 	mux.HandleFunc("/echo", echoRequest)
+	handleNPM(mux) // /npm/: a small npm registry
 	// /bytes?n=N sends the deterministic pattern of N bytes.
 	mux.HandleFunc("/bytes", func(w http.ResponseWriter, r *http.Request) {
 		n, err := strconv.ParseInt(r.URL.Query().Get("n"), 10, 64)
@@ -293,6 +309,7 @@ func httpMux() *http.ServeMux {
 		time.Sleep(time.Duration(ms) * time.Millisecond)
 		fmt.Fprintln(w, "slow done")
 	})
+	responseRoutes(mux) // /reflect/, /gz, /bigheader: what msbtap does to responses
 	return mux
 }
 

@@ -88,7 +88,17 @@ func echoRequest(w http.ResponseWriter, r *http.Request) {
 	}
 	if u, p, ok := r.BasicAuth(); ok {
 		out["basic_user"], out["basic_pass"] = u, p
+		out["basic_pass_sha256"] = hexSHA([]byte(p))
 	}
+	// What it received, as hashes: a test can check a value arrived
+	// although msbtap scrubs it from the answer.
+	hs := map[string][]string{}
+	for k, vs := range r.Header {
+		for _, v := range vs {
+			hs[k] = append(hs[k], hexSHA([]byte(v)))
+		}
+	}
+	out["headers_sha256"], out["query_sha256"] = hs, hexSHA([]byte(r.URL.RawQuery))
 	w.Header().Set("Content-Type", "application/json")
 	// Echo a header back, for tests of what msbtap does to responses.
 	if v := r.Header.Get("X-Echo-Back"); v != "" {

@@ -184,6 +184,66 @@ func TestCNIDelAfterKilledAgent(t *testing.T) {
 	c.gone(t, w.Guest, "ctr-killed", pid)
 }
 
+// TestCNIAgentRestarted: an agent killed with SIGKILL is restarted by its
+// supervisor into the same namespace and slot, and the pod fetches again
+// within 2 s; CHECK passes again once it is back.
+func TestCNIAgentRestarted(t *testing.T) {
+	testenv.RequireTools(t, "curl")
+	w := testenv.NewWorld(t)
+	c := newCNI(t, w, "")
+	rt := c.rt(w.Guest, "ctr-restart")
+	res, err := c.add(t, rt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.del(rt) })
+	pidFile := filepath.Join(c.stateDir, "ctr-restart", "pid")
+	readPID := func() int {
+		b, _ := os.ReadFile(pidFile)
+		n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		return n
+	}
+	agent := readPID()
+	if agent == 0 || agent == c.agentPID(t, "ctr-restart") {
+		t.Fatalf("agent pid %d (supervisor %d)", agent, c.agentPID(t, "ctr-restart"))
+	}
+	url := "http://" + testenv.WebHost4 + "/"
+	if out, err := w.Guest.Run("curl", "-sS", "--max-time", "5", url); err != nil || !strings.Contains(out, "hello from testhost") {
+		t.Fatalf("fetch before: %v %s", err, out)
+	}
+	syscall.Kill(agent, syscall.SIGKILL)
+	killed := time.Now()
+	var out string
+	for {
+		out, err = w.Guest.Run("curl", "-sS", "--max-time", "1", url)
+		if err == nil && strings.Contains(out, "hello from testhost") {
+			break
+		}
+		if time.Since(killed) > 2*time.Second {
+			t.Fatalf("no fetch within 2 s of the kill: %v %s", err, out)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("fetching again %s after the kill", time.Since(killed).Round(time.Millisecond))
+	if n := readPID(); n == agent || n == 0 {
+		t.Errorf("pid file %d after the restart", n)
+	}
+	if out, err := w.Guest.Run("ip", "-br", "addr", "show", "eth0"); err != nil || !strings.Contains(out, res.IPs[0].Address.IP.String()) {
+		t.Errorf("eth0 after the restart: %v %s", err, out)
+	}
+	if err := c.check(rt); err != nil {
+		t.Errorf("CHECK after the restart: %v", err)
+	}
+	sup := c.agentPID(t, "ctr-restart")
+	if err := c.del(rt); err != nil {
+		t.Fatal(err)
+	}
+	c.gone(t, w.Guest, "ctr-restart", sup)
+	if n := readPID(); n != 0 && syscall.Kill(n, 0) == nil && !isZombie(n) {
+		t.Errorf("agent %d runs after DEL", n)
+	}
+}
+
 // TestCNIConcurrentAdds: 20 namespaces added at once get 20 slots, all
 // working; the note's ADD time is the median here.
 func TestCNIConcurrentAdds(t *testing.T) {

@@ -319,7 +319,7 @@ func TestCtlSocketHiddenFromCommand(t *testing.T) {
 		while [ ! -S ` + link + ` ]; do sleep 0.05; done
 		curl -sS --max-time 5 --unix-socket ` + link + ` http://msbtap/v1/flows; echo " link=$?"`
 	cmd := w.Host.Command(w.Msbtap, "run", "--dns-upstream", testenv.DNSHost4, "--control", sock,
-		"--control-owner", "nobody", "--user", "nobody", "--", "sh", "-c", script)
+		"--control-owner", "nobody", "--user", "nobody", "--bind", filepath.Dir(sock), "--", "sh", "-c", script)
 	out, done := startCmd(t, cmd)
 	waitFor(t, 10*time.Second, "the control socket", func() bool {
 		st, err := os.Lstat(sock)

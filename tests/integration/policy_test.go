@@ -184,7 +184,10 @@ func TestTerminate(t *testing.T) {
 	marker := filepath.Join(t.TempDir(), "survived")
 	// A process that left the command's session (setsid) must die too.
 	script := fmt.Sprintf("setsid sh -c 'sleep 3; touch %s.setsid' & %s dial %s:80; sleep 20; touch %s", marker, w.Testhost, testenv.PrivHost4, marker)
+	// The command's /tmp is its own: it gets testhost and the marker's
+	// directory (root's, mode 0700) through binds, as root.
 	cmd := w.Host.Command(w.Msbtap, "run", "--policy", pol, "--dns-upstream", testenv.DNSHost4,
+		"--user", "root", "--bind-ro", filepath.Dir(w.Testhost), "--bind", filepath.Dir(marker),
 		"--on-terminate", "env | grep ^MSBTAP_VIOLATION_ > "+envFile, "--", "sh", "-c", script)
 	start := time.Now()
 	out, err := cmd.CombinedOutput()
