@@ -423,7 +423,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		DNSUpstreams:   ups,
 		DNSFilter:      a.dnsFilter(guard),
 		DNSHolds:       guard.Holds,
-		Ask:            a.askTCP,
+		Ask:            a.askFlow,
 		MaxConnections: cfg.MaxConnections,
 		Offload:        cfg.Offload,
 		IsLocal:        routes.IsLocal,

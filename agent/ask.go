@@ -21,11 +21,11 @@ func (a *Agent) buildAsk() {
 	a.popts.Answers = a.asker
 }
 
-// askTCP holds a TCP flow (its SYN unanswered) until its question is
-// answered.
-func (a *Agent) askTCP(ctx context.Context, f policy.Flow, d policy.Decision) policy.Decision {
+// askFlow holds a TCP flow (its SYN unanswered, or its ClientHello) or
+// a UDP flow (its first datagram kept) until its question is answered.
+func (a *Agent) askFlow(ctx context.Context, f policy.Flow, d policy.Decision) policy.Decision {
 	name := a.holder.Load().AskName(f)
-	if a.asker.Ask(ctx, "tcp", name, f.Src, f.Dst) {
+	if a.asker.Ask(ctx, f.Proto.String(), name, f.Src, f.Dst) {
 		return policy.Decision{Action: policy.Allow, Rule: policy.RuleAnswered, ByName: d.ByName}
 	}
 	return policy.Decision{Action: policy.Deny, Rule: policy.RuleAnswered}
@@ -41,8 +41,11 @@ func (a *Agent) askReport(q ask.Question, ans ask.Answer) {
 	f := policy.Flow{Proto: policy.TCP, Domain: q.Name}
 	f.Src, _ = netip.ParseAddrPort(q.Src)
 	f.Dst, _ = netip.ParseAddrPort(q.Dst)
-	if q.Proto == "dns" {
+	switch q.Proto {
+	case "dns":
 		f.Proto, f.DNS = policy.UDP, true
+	case "udp":
+		f.Proto = policy.UDP
 	}
 	d := policy.Decision{Action: policy.Deny, Rule: policy.RuleAnswered}
 	verb := "deny"

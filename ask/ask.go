@@ -38,7 +38,7 @@ const (
 // lists it and --ask-exec reads it.
 type Question struct {
 	ID uint64 `json:"id"`
-	// Proto is tcp, or dns for a held lookup.
+	// Proto is tcp, udp, or dns for a held lookup.
 	Proto string `json:"proto"`
 	// Dst is the first held flow's destination (none for a lookup).
 	Dst string `json:"dst,omitempty"`
@@ -327,7 +327,7 @@ func Rule(q Question, allow bool) policy.FileRule {
 	if allow {
 		r.Action = "allow"
 		r.Protocols = []string{q.Proto}
-		if q.Proto == "tcp" && q.port != 0 {
+		if (q.Proto == "tcp" || q.Proto == "udp") && q.port != 0 {
 			r.Ports = []policy.PortRange{{Start: q.port, End: q.port}}
 		}
 	}

@@ -157,8 +157,8 @@ func Show(w io.Writer, f *File) {
 		asks = asks || r.Action == "ask"
 	}
 	if asks {
-		fmt.Fprintln(w, "asking: a TCP connection (at its SYN or its TLS server name) and a lookup wait for the answer (--ask-timeout, 30 s, then deny);")
-		fmt.Fprintln(w, "  UDP, ICMP and single HTTP requests an ask decides are refused; metadata, the host and what a deny rule matches are never asked")
+		fmt.Fprintln(w, "asking: a TCP connection (at its SYN or its TLS server name), a UDP flow (its first datagram) and a lookup wait for the answer")
+		fmt.Fprintln(w, "  (--ask-timeout, 30 s, then deny); ICMP and single HTTP requests an ask decides are refused; metadata, the host and what a deny rule matches are never asked")
 	}
 	if named {
 		fmt.Fprintln(w, "because rules match names: a connection's TLS server name or HTTP Host must be allowed too;")

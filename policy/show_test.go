@@ -70,7 +70,7 @@ func TestShowAskPresetsAndDNS(t *testing.T) {
 		"  0. allow tcp to port 443 of preset pypi: pypi.org, files.pythonhosted.org, upload.pypi.org",
 		"  1. allow tcp to port 22 of preset github: github.com",
 		"  2. allow dns lookups (no connection) to the name look.example",
-		"UDP, ICMP and single HTTP requests an ask decides are refused",
+		"ICMP and single HTTP requests an ask decides are refused",
 		"TLS server name or HTTP Host must be allowed too",
 	} {
 		if !strings.Contains(b.String(), want) {

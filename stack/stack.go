@@ -151,6 +151,8 @@ type Stack struct {
 	// refusal the poll loop sends (both run on the poll loop).
 	lastUDPRule int
 	syns        synTable
+	// heldUDP are the UDP flows an ask holds (see udpask.go).
+	heldUDP heldUDP
 
 	done      chan struct{}
 	closeOnce sync.Once
@@ -202,6 +204,7 @@ func New(o Options) (*Stack, error) {
 	st.udp = proxy.NewUDP(proxy.UDPOptions{
 		Replier:     st.r,
 		Allow:       st.allowUDP,
+		Hold:        st.holdUDP,
 		Track:       st.trackUDP,
 		MapDst:      o.MapDst,
 		IdleTimeout: o.UDPIdleTimeout,
@@ -359,6 +362,10 @@ func (st *Stack) allowUDP(src, dst netip.AddrPort) (uint64, bool) {
 	f := policy.Flow{Proto: policy.UDP, Src: src, Dst: dst}
 	d := st.decideFlow(&f)
 	st.lastUDPRule = d.Rule
+	st.heldUDP.candidate = synDecision{}
+	if d.Action == policy.Ask {
+		st.heldUDP.candidate = synDecision{f.ID, d} // for holdUDP, next
+	}
 	if d.Action != policy.Allow || !st.dialAllowed(f) {
 		return f.ID, false
 	}

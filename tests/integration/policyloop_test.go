@@ -529,3 +529,49 @@ func TestAskLookupAndExec(t *testing.T) {
 		}
 	}
 }
+
+// TestAskUDP: a UDP flow an ask rule decides keeps its first datagram
+// until the answer: allowed within the client's first wait, the held
+// datagram itself is relayed and answered; denied, nothing comes back.
+func TestAskUDP(t *testing.T) {
+	aw := newAskWorld(t, `{"default_action": "deny", "rules": [
+		{"destination": {"cidr": "`+testenv.WebHost4+`"}, "protocols": ["udp"], "action": "ask"},
+		{"destination": {"cidr": "`+registryHost4+`"}, "protocols": ["udp"], "action": "ask"}]}`)
+	start := time.Now()
+	cmd := aw.Guest.Command(aw.Testhost, "udp", testenv.WebHost4+":7002", "held-datagram")
+	var out testenv.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	q := aw.waitQuestion("")
+	if q.Proto != "udp" || q.Dst != testenv.WebHost4+":7002" {
+		t.Errorf("question: %+v", q)
+	}
+	if o, err := aw.ctl("allow", fmt.Sprint(q.ID)); err != nil {
+		t.Fatalf("ctl allow: %v %s", err, o)
+	}
+	err := cmd.Wait()
+	if err != nil || !strings.Contains(out.String(), "held-datagram") || time.Since(start) > 2*time.Second {
+		t.Errorf("allowed: %v %q after %s (want the first datagram's echo within the client's first 2 s)", err, out.String(), time.Since(start))
+	}
+
+	// Another address (the first one's answer stands for it a minute).
+	cmd = aw.Guest.Command(aw.Testhost, "udp", registryHost4+":7002", "x")
+	var out2 testenv.Buffer
+	cmd.Stdout, cmd.Stderr = &out2, &out2
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	q = aw.waitQuestion("")
+	if q.Dst != registryHost4+":7002" {
+		t.Errorf("question: %+v", q)
+	}
+	aw.ctl("deny", fmt.Sprint(q.ID))
+	if err := cmd.Wait(); err == nil {
+		t.Errorf("denied: the client got an answer: %q", out2.String())
+	}
+	if !aw.auditHas(`"proto":"udp"`, "answered allow by ctl uid 0") || !aw.auditHas(`"proto":"udp"`, "answered deny by ctl uid 0") {
+		t.Error("the decision log lacks the UDP answers")
+	}
+}
