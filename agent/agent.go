@@ -160,23 +160,33 @@ type Agent struct {
 	policyFile atomic.Pointer[policy.File]
 	ctl        *controller
 	sandboxPID atomic.Int32 // the -- COMMAND's init
-	ca         *intercept.CA
-	l7         *intercept.Handler
-	bundle     string // the CA bundle the command trusts
-	secrets    *secrets.Store
-	upstream   *upstreamRoute  // nil without --upstream-proxy
-	learner    *policy.Learner // learn mode's record, or nil
-	asker      *ask.Asker
-	askRunner  atomic.Pointer[askRunner] // runs --ask-exec; started in Run, before privileges drop
-	audit      *audit.Log
-	counts     *decisionCounts
-	term       *terminator
-	pub        *proxy.Publisher
-	ns         netns.Handle
-	shared     *rings.Shared
-	pump       *tap.Pump
-	gw         *stack.Stack
-	gwRef      atomic.Pointer[stack.Stack] // gw, for the termination hook
+	// keeper does the agent's file work once it is no longer root (nil
+	// when there is none to do); armed once it has its paths.
+	keeper *keeper
+	armed  atomic.Bool
+	// fileValues are the values of secrets from files, as the keeper
+	// last read them (see getenv).
+	fileValues atomic.Pointer[map[string]string]
+	// links are the network devices the keeper removes at the end.
+	links    []string
+	ca       *intercept.CA
+	l7       *intercept.Handler
+	bundle   string // the CA bundle the command trusts
+	secrets  *secrets.Store
+	upstream *upstreamRoute  // nil without --upstream-proxy
+	learner  *policy.Learner // learn mode's record, or nil
+	asker    *ask.Asker
+	// askRunner runs --ask-exec; started in Run, before privileges drop.
+	askRunner atomic.Pointer[askRunner]
+	audit     *audit.Log
+	counts    *decisionCounts
+	term      *terminator
+	pub       *proxy.Publisher
+	ns        netns.Handle
+	shared    *rings.Shared
+	pump      *tap.Pump
+	gw        *stack.Stack
+	gwRef     atomic.Pointer[stack.Stack] // gw, for the termination hook
 	// sharedRef is shared, for the memory trimmer.
 	sharedRef atomic.Pointer[rings.Shared]
 
@@ -211,6 +221,14 @@ func New(cfg Config) (a *Agent, err error) {
 		if _, err := unix.FcntlInt(uintptr(cfg.ReadyFD), unix.F_GETFD, 0); err != nil {
 			return a, fielderr.Bad("ready_fd", cfg.ReadyFD, "not an open file descriptor")
 		}
+	}
+	if cfg.needsKeeper() {
+		// Started first, so that it starts while the rest is built, and
+		// ends last: it removes the pid file and the control socket.
+		if a.keeper, err = startKeeper(cfg.VM); err != nil {
+			return a, err
+		}
+		a.onClose(a.keeper.finish)
 	}
 	a.onClose(startTrimmer(cfg.MemoryLimit, a.activity))
 	if err := a.buildPolicy(); err != nil {
@@ -256,6 +274,28 @@ func New(cfg Config) (a *Agent, err error) {
 }
 
 func (a *Agent) onClose(f func()) { a.undo = append(a.undo, f) }
+
+// needsKeeper says whether the agent has file work left once it is no
+// longer root: files to rotate, to read again, or to remove at the end.
+func (cfg *Config) needsKeeper() bool {
+	return cfg.VM || cfg.PIDFile != "" || cfg.Control != "" || cfg.PolicyPath != "" || cfg.Learn != "" || cfg.Secrets.File != "" || (cfg.AuditLog != "" && cfg.AuditLog != "-") || cfg.Pcap != "" ||
+		(cfg.TLS.Mode != intercept.Off && len(cfg.Command) > 0) // the CA bundle's directory
+}
+
+// rotator rotates path (what: "audit" or "pcap"): here while the agent is
+// root, by the keeper once armed (nil without a keeper: the owner rotates
+// it itself).
+func (a *Agent) rotator(what, path string, flag int) func() (*os.File, error) {
+	if a.keeper == nil {
+		return nil
+	}
+	return func() (*os.File, error) {
+		if a.armed.Load() {
+			return a.keeper.rotate(what)
+		}
+		return keeperRotate(path, flag)
+	}
+}
 
 // activity counts the frames the agent moved so far (0 before the rings
 // exist).
@@ -328,7 +368,8 @@ func (a *Agent) buildPolicy() error {
 				}
 				return ""
 			},
-			Log: a.log.With("component", "audit"),
+			Rotate: a.rotator("audit", a.cfg.AuditLog, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND),
+			Log:    a.log.With("component", "audit"),
 		})
 		if err != nil {
 			return fielderr.Wrap("audit_log", err)
@@ -349,6 +390,7 @@ func (a *Agent) buildLink() (*tap.File, error) {
 			return nil, err
 		}
 		a.onClose(func() { vt.Close() })
+		a.links = vt.Created() // the keeper removes them in the end: the running agent cannot
 		return vt.Agent, nil
 	}
 	var err error

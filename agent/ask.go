@@ -76,11 +76,11 @@ func (a *Agent) askAlways(q ask.Question, allow bool) error {
 		a.log.Warn("--ask-save: the policy is a preset or inline; the rule is in force but saved nowhere")
 		return nil
 	}
-	f, err := policy.LoadFile(a.cfg.PolicyPath)
+	f, err := a.loadPolicy(a.cfg.PolicyPath)
 	if err != nil {
 		return err
 	}
-	return WritePolicyFile(a.cfg.PolicyPath, withAlwaysRule(f, r))
+	return a.writePolicyFile("policy", a.cfg.PolicyPath, withAlwaysRule(f, r))
 }
 
 // withAlwaysRule returns a copy of f with r before its first ask rule (at

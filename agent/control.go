@@ -41,7 +41,7 @@ var _ control.API = (*controller)(nil)
 func (a *Agent) startControl(pump *tap.Pump) error {
 	a.ctl.pump = pump
 	if a.cfg.Pcap != "" {
-		c, err := capture.Start(a.cfg.Pcap, a.cfg.PcapMaxBytes)
+		c, err := capture.StartRotating(a.cfg.Pcap, a.cfg.PcapMaxBytes, a.rotator("pcap", a.cfg.Pcap, os.O_WRONLY|os.O_CREATE|os.O_TRUNC))
 		if err != nil {
 			return fielderr.Wrap("pcap", err)
 		}

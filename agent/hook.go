@@ -66,7 +66,7 @@ func (h *hookRunner) run(command string, env []string) error {
 	case err := <-h.done:
 		return err
 	case <-time.After(hookTimeout):
-		h.cmd.Process.Kill()
+		syscall.Kill(h.cmd.Process.Pid, syscall.SIGKILL) // a plain kill: the seccomp list has no pidfd signals
 		<-h.done
 		return fmt.Errorf("still running after %s: killed", hookTimeout)
 	}
@@ -78,7 +78,7 @@ func (h *hookRunner) close() {
 	select {
 	case <-h.done:
 	case <-time.After(hookTimeout):
-		h.cmd.Process.Kill()
+		syscall.Kill(h.cmd.Process.Pid, syscall.SIGKILL)
 	}
 }
 

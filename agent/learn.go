@@ -14,7 +14,7 @@ import (
 // atomically: a reader sees the old file or the new one, never half.
 func (a *Agent) writeLearned() {
 	f := a.learner.Policy(policy.LearnOptions{SuffixDepth: a.cfg.LearnSuffixDepth})
-	if err := WritePolicyFile(a.cfg.Learn, f); err != nil {
+	if err := a.writePolicyFile("learn", a.cfg.Learn, f); err != nil {
 		a.log.Error("write the learned policy", "file", a.cfg.Learn, "err", err)
 		return
 	}
@@ -22,6 +22,19 @@ func (a *Agent) writeLearned() {
 		a.log.Warn("learn mode: destinations past its bound were not recorded", "dropped", n, "bound", policy.DefaultLearnMax)
 	}
 	a.log.Info("learned policy written", "file", a.cfg.Learn, "rules", len(f.Rules))
+}
+
+// writePolicyFile writes f to path (the --learn file, or the policy
+// file), through the keeper once the agent is no longer root.
+func (a *Agent) writePolicyFile(which, path string, f *policy.File) error {
+	if !a.armed.Load() {
+		return WritePolicyFile(path, f)
+	}
+	b, err := json.Marshal(f)
+	if err != nil {
+		return err
+	}
+	return a.keeper.writePolicy(which, b)
 }
 
 // WritePolicyFile writes f as an indented policy file at path through a

@@ -72,11 +72,21 @@ func (a *Agent) Run(ctx context.Context) error {
 		go func() { cmdDone <- cmd.Wait() }()
 		a.onClose(func() { stopCommand(cmd, cmdDone) })
 	}
-	// Set-up is over: keep only what the data path needs.
-	if err := harden.Apply(harden.Options{Keep: a.keepCaps(), Seccomp: !cfg.NoSeccomp}); err != nil {
+	// Set-up is over: hand the keeper its files, then become an
+	// unprivileged user that keeps only what the data path needs.
+	if a.keeper != nil {
+		if err := a.keeper.arm(keeperPaths{Audit: cfg.AuditLog, Pcap: cfg.Pcap, PIDFile: cfg.PIDFile,
+			Control: cfg.Control, Bundle: a.bundleDir(), Policy: cfg.PolicyPath, Secrets: cfg.Secrets.File, Links: a.links,
+			Learn: cfg.Learn, SavePolicy: cfg.AskSave}); err != nil {
+			return fmt.Errorf("drop privileges: %w", err)
+		}
+		a.armed.Store(true)
+	}
+	id := AgentID()
+	if err := harden.Apply(harden.Options{Keep: a.keepCaps(), UID: id, GID: id, Seccomp: !cfg.NoSeccomp,
+		Signal: a.signalTargets()}); err != nil {
 		return fmt.Errorf("drop privileges: %w", err)
 	}
-	releaseImage()
 
 	p := cfg.Plan
 	a.log.Info("ready", "tap", cfg.TapName, "netns", a.nsLabel(), "mode", a.modeLabel(), "guest_ipv4", p.GuestIPv4,
@@ -89,6 +99,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		f.Close()
 	}
+	releaseImage() // after ready: 1-2 ms that start-up need not wait for
 
 	var nsGone <-chan time.Time
 	if cfg.Netns != "" {
@@ -134,16 +145,46 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 }
 
+// AgentIDBase is where the agent's own uids and gids start: once set up,
+// the agent runs as uid and gid AgentIDBase + its pid, a user of its own
+// that owns no file and no other process (pids are below 2^22, so the ids
+// stay below 0x7f400000, clear of the ranges systemd and subuid files
+// hand out, and of the 2^31 and up that some tools mishandle).
+const AgentIDBase = 0x7f000000
+
+// AgentID is the uid and gid this agent runs as once set up.
+func AgentID() int { return AgentIDBase + os.Getpid() }
+
 // keepCaps are the capabilities the running agent keeps: CAP_NET_RAW for
 // raw ICMP sockets (the echo relay, where the host's ping_group_range
-// allows no datagram ones), CAP_KILL to stop a --guest-pid of another user,
-// and in VM mode CAP_NET_ADMIN to remove the VM's TAP at the end.
+// allows no datagram ones); and CAP_KILL, when there is a command, a
+// --guest-pid or an --on-terminate runner, to stop those (root's, or
+// another user's; the seccomp list lets kill reach only them). In VM mode
+// the keeper, not the agent, removes the TAPs at the end: the agent keeps
+// no CAP_NET_ADMIN on the host.
 func (a *Agent) keepCaps() []uintptr {
-	keep := []uintptr{unix.CAP_NET_RAW, unix.CAP_KILL}
-	if a.cfg.VM {
-		keep = append(keep, unix.CAP_NET_ADMIN)
+	keep := []uintptr{unix.CAP_NET_RAW}
+	if len(a.signalTargets()) > 0 {
+		keep = append(keep, unix.CAP_KILL)
 	}
 	return keep
+}
+
+// signalTargets are the processes the running agent signals: the
+// command's init and its process group, the --guest-pid, the
+// --on-terminate runner.
+func (a *Agent) signalTargets() []int {
+	var pids []int
+	if p := int(a.sandboxPID.Load()); p > 0 {
+		pids = append(pids, p, -p)
+	}
+	if a.cfg.GuestPID > 0 {
+		pids = append(pids, a.cfg.GuestPID)
+	}
+	if a.term != nil && a.term.runner != nil {
+		pids = append(pids, a.term.runner.cmd.Process.Pid)
+	}
+	return pids
 }
 
 // startCommand starts the command in the sandbox's namespace (in VM mode,
@@ -220,7 +261,7 @@ func (a *Agent) reloadPolicy() {
 		a.log.Warn("SIGHUP: the policy is a preset or inline, nothing to reload")
 		return
 	}
-	f, err := policy.LoadFile(path)
+	f, err := a.loadPolicy(path)
 	if err == nil {
 		a.ctl.mu.Lock()
 		err = a.setPolicy(policy.WithRulesFirst(f, a.cfg.Allow), path)
@@ -229,6 +270,30 @@ func (a *Agent) reloadPolicy() {
 	if err != nil {
 		a.log.Error("policy reload failed; the old policy stays in force", "file", path, "err", err)
 	}
+}
+
+// loadPolicy reads the policy file: through the keeper once the agent is
+// no longer root (the file may be root's only).
+func (a *Agent) loadPolicy(path string) (*policy.File, error) {
+	if !a.armed.Load() {
+		return policy.LoadFile(path)
+	}
+	b, err := a.keeper.readPolicy()
+	if err != nil {
+		return nil, fmt.Errorf("policy file: %w", err)
+	}
+	f, err := policy.ParseFile(b)
+	if err != nil {
+		var errs policy.Errors
+		if errors.As(err, &errs) {
+			for i := range errs {
+				errs[i] = fmt.Errorf("%s: %w", path, errs[i])
+			}
+			return nil, errs
+		}
+		return nil, err
+	}
+	return f, nil
 }
 
 // setPolicy compiles f and puts it in force for new flows.

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"fmt"
 	"net/netip"
 	"os"
@@ -61,7 +62,7 @@ func (a *Agent) buildSecrets() error {
 			}
 		}
 	}
-	st, err := secrets.New(specs, os.Getenv)
+	st, err := secrets.New(specs, a.getenv)
 	if err != nil {
 		return fielderr.Wrap("secret", err)
 	}
@@ -144,7 +145,13 @@ func (a *Agent) reloadSecrets() {
 	if sc.File == "" || a.secrets == nil {
 		return
 	}
-	specs, err := sc.specs()
+	var specs []secrets.Spec
+	var err error
+	if a.armed.Load() {
+		specs, err = a.keeperSpecs()
+	} else {
+		specs, err = sc.specs()
+	}
 	if err == nil {
 		err = a.checkCommandEnv(specs)
 	}
@@ -165,6 +172,64 @@ func (a *Agent) reloadSecrets() {
 		return
 	}
 	a.log.Info("secrets reloaded", "file", sc.File, "secrets", len(specs))
+}
+
+// keeperSpecs are the flags' secrets and the file's as the keeper read
+// it: a secret from a file takes its value from what the keeper read,
+// under a name no environment variable has (see getenv).
+func (a *Agent) keeperSpecs() ([]secrets.Spec, error) {
+	ks, err := a.keeper.readSecrets()
+	if err != nil {
+		return nil, err
+	}
+	f, err := secrets.ParseFile(ks.File)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", a.cfg.Secrets.File, err)
+	}
+	vals := map[string]string{}
+	specs := append([]secrets.Spec(nil), a.cfg.Secrets.Flags...)
+	for _, sp := range f.Secrets {
+		if sp.FromFile != "" {
+			v, ok := ks.Values[sp.FromFile]
+			if !ok {
+				return nil, fmt.Errorf("secret %s: %s not read", sp.Name, sp.FromFile)
+			}
+			v = bytes.TrimSuffix(v, []byte("\n"))
+			if len(v) == 0 {
+				return nil, fmt.Errorf("secret %s: %s is empty", sp.Name, sp.FromFile)
+			}
+			key := fileValuePrefix + sp.FromFile
+			vals[key] = string(v)
+			sp.FromEnv, sp.FromFile = key, ""
+		}
+		specs = append(specs, sp)
+	}
+	seen := map[string]bool{}
+	for _, s := range specs {
+		if seen[s.Name] {
+			return nil, fmt.Errorf("secret %s declared twice", s.Name)
+		}
+		seen[s.Name] = true
+	}
+	a.fileValues.Store(&vals)
+	return specs, nil
+}
+
+// fileValuePrefix starts the names under which getenv finds the values of
+// secrets from files, as the keeper read them: "=" is in no environment
+// variable's name.
+const fileValuePrefix = "=file:"
+
+// getenv is the secrets' environment: msbtap's, plus the values the
+// keeper read from files.
+func (a *Agent) getenv(name string) string {
+	if strings.HasPrefix(name, fileValuePrefix) {
+		if m := a.fileValues.Load(); m != nil {
+			return (*m)[name]
+		}
+		return ""
+	}
+	return os.Getenv(name)
 }
 
 // dnsFilter is the guard, behind the secrets' check of query names.

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/x509"
 	"os"
 	"path/filepath"
 
@@ -43,9 +44,14 @@ func (a *Agent) buildIntercept() error {
 	} else if ca, err = intercept.NewCA(); err != nil {
 		return err
 	}
-	roots, err := intercept.UpstreamRoots(tc.UpstreamCA...)
-	if err != nil {
-		return fielderr.Wrap("tls_upstream_ca", err)
+	// Without extra CAs the host's roots are Go's own system pool (a nil
+	// pool), which Go loads at the first upstream verification: parsing
+	// them takes 10-25 ms, which start-up need not wait for.
+	var roots *x509.CertPool
+	if len(tc.UpstreamCA) > 0 {
+		if roots, err = intercept.UpstreamRoots(tc.UpstreamCA...); err != nil {
+			return fielderr.Wrap("tls_upstream_ca", err)
+		}
 	}
 	a.ca = ca
 	if tc.CAOut != "" {
@@ -81,6 +87,14 @@ func (a *Agent) writeBundle() error {
 	}
 	a.bundle = filepath.Join(dir, "ca-bundle.pem")
 	return writeFile(a.bundle, a.ca.Bundle(), 0o644)
+}
+
+// bundleDir is the directory of the command's CA bundle, if any.
+func (a *Agent) bundleDir() string {
+	if a.bundle == "" {
+		return ""
+	}
+	return filepath.Dir(a.bundle)
 }
 
 // BundleVariables point the command's tools at the CA bundle (msbtap's CA

@@ -86,6 +86,10 @@ type Options struct {
 	Describe func(policy.Decision) string
 	// Domain returns the name a destination was resolved from, if any.
 	Domain func(netip.Addr) string
+	// Rotate, if set, rotates the file for a process that may no longer
+	// create files itself (the agent once set up): it moves PATH to
+	// PATH.1 and returns PATH opened anew, empty, for appending.
+	Rotate func() (*os.File, error)
 	Log    *slog.Logger
 }
 
@@ -157,7 +161,7 @@ func Open(o Options) (*Log, error) {
 	case "-":
 		l.w = os.Stdout
 	default:
-		r, err := openRotating(o.Path, o.MaxBytes)
+		r, err := openRotating(o.Path, o.MaxBytes, o.Rotate)
 		if err != nil {
 			return nil, err
 		}

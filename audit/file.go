@@ -32,19 +32,20 @@ func OpenPrivate(path string, flag int, perm os.FileMode) (*os.File, error) {
 // rotating is a file that starts over once it would pass max bytes: the
 // full file becomes PATH.1 (replacing the last one).
 type rotating struct {
-	path string
-	f    *os.File
-	size int64
-	max  int64
+	path   string
+	reopen func() (*os.File, error) // rotates in another process; nil: here
+	f      *os.File
+	size   int64
+	max    int64
 }
 
-func openRotating(path string, max int64) (*rotating, error) {
+func openRotating(path string, max int64, reopen func() (*os.File, error)) (*rotating, error) {
 	f, err := OpenPrivate(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
 	}
 	st, _ := f.Stat()
-	return &rotating{path: path, f: f, size: st.Size(), max: max}, nil
+	return &rotating{path: path, reopen: reopen, f: f, size: st.Size(), max: max}, nil
 }
 
 func (r *rotating) Write(b []byte) (int, error) {
@@ -59,6 +60,15 @@ func (r *rotating) Write(b []byte) (int, error) {
 }
 
 func (r *rotating) rotate() error {
+	if r.reopen != nil {
+		f, err := r.reopen()
+		if err != nil {
+			return fmt.Errorf("rotate %s: %w", r.path, err)
+		}
+		r.f.Close()
+		r.f, r.size = f, 0
+		return nil
+	}
 	r.f.Close()
 	if err := os.Rename(r.path, r.path+".1"); err != nil && !os.IsNotExist(err) {
 		return fmt.Errorf("rotate %s: %w", r.path, err)

@@ -44,19 +44,25 @@ type Capture struct {
 	done    chan struct{}
 	once    sync.Once
 
-	f    *os.File
-	w    *pcapgo.Writer
-	size int64
+	reopen func() (*os.File, error) // rotates in another process; nil: here
+	f      *os.File
+	w      *pcapgo.Writer
+	size   int64
 }
 
 // Start opens path (without following a symbolic link, mode 0600) and
 // starts writing; the file rotates to PATH.1 past maxBytes (0: the
 // default), so a capture takes at most twice that on disk.
-func Start(path string, maxBytes int64) (*Capture, error) {
+func Start(path string, maxBytes int64) (*Capture, error) { return StartRotating(path, maxBytes, nil) }
+
+// StartRotating is Start for a process that may no longer create files
+// itself (the agent once set up): reopen moves PATH to PATH.1 and returns
+// PATH opened anew, empty, for writing.
+func StartRotating(path string, maxBytes int64, reopen func() (*os.File, error)) (*Capture, error) {
 	if maxBytes <= 0 {
 		maxBytes = DefaultMaxBytes
 	}
-	c := &Capture{path: path, maxBytes: maxBytes, rotate: true, q: make(chan frame, queueLen), done: make(chan struct{})}
+	c := &Capture{path: path, maxBytes: maxBytes, rotate: true, reopen: reopen, q: make(chan frame, queueLen), done: make(chan struct{})}
 	if err := c.open(); err != nil {
 		return nil, err
 	}
@@ -102,6 +108,22 @@ func checkWritable(f *os.File, name string) error {
 		return fmt.Errorf("%s: not open for writing", name)
 	}
 	return nil
+}
+
+// next closes the full file and starts PATH anew, the full one kept as
+// PATH.1.
+func (c *Capture) next() error {
+	if c.reopen != nil {
+		f, err := c.reopen()
+		c.f.Close()
+		if err != nil {
+			return err
+		}
+		return c.start(f)
+	}
+	c.f.Close()
+	os.Rename(c.path, c.path+".1")
+	return c.open()
 }
 
 func (c *Capture) open() error {
@@ -157,9 +179,7 @@ func (c *Capture) routineWrite() {
 			continue
 		}
 		if c.size+n > c.maxBytes && c.size > 24 {
-			c.f.Close()
-			os.Rename(c.path, c.path+".1")
-			if err := c.open(); err != nil {
+			if err := c.next(); err != nil {
 				for range c.q { // keep draining, write nothing
 					c.dropped.Add(1)
 				}

@@ -122,6 +122,19 @@ func CreateVMTap(name string, owner, mtu int, offload bool) (t *VMTap, err error
 	return t, nil
 }
 
+// Created are the devices msbtap created (the VM's TAP unless it existed
+// before, and the agent's), which Close removes.
+func (t *VMTap) Created() []string {
+	var names []string
+	if t.createdVM {
+		names = append(names, t.Name)
+	}
+	if t.Agent != nil {
+		names = append(names, t.AgentName)
+	}
+	return names
+}
+
 // Close removes both devices (and with them the qdiscs and filters).
 func (t *VMTap) Close() error {
 	var errs []error

@@ -87,6 +87,9 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == agent.AskRunnerArg {
 		agent.AskRunner() // msbtap re-executed to run --ask-exec
 	}
+	if len(os.Args) > 1 && os.Args[1] == agent.KeeperArg {
+		agent.Keeper() // msbtap re-executed to keep the agent's files
+	}
 	err := newApp(os.Stdout, os.Stderr).Run(os.Args)
 	if err == nil {
 		return

@@ -405,3 +405,50 @@ func TestCNIKataStyleVM(t *testing.T) {
 		t.Logf("serial console:\n%s", serial)
 	}
 }
+
+// TestCNIAddTimeVsBridge measures ADD for msbtap and for the reference
+// bridge plugin (with host-local IPAM), alternating, ten each, and
+// reports the medians: a figure for `make bench`, not a pass/fail timing.
+func TestCNIAddTimeVsBridge(t *testing.T) {
+	if os.Getenv("MSBTAP_BENCH") == "" {
+		t.Skip("a measurement: MSBTAP_BENCH=1 (make bench) runs it")
+	}
+	w := testenv.NewWorld(t)
+	c := newCNI(t, w, "")
+	bin := cniBinDir(t, w)
+	br := `{"cniVersion": "1.0.0", "name": "br-test", "plugins": [{"type": "bridge", "bridge": "mtbr` + strconv.Itoa(os.Getpid()%10000) + `",
+		"isGateway": true, "ipam": {"type": "host-local", "dataDir": "` + filepath.Join(t.TempDir(), "ipam") + `", "ranges": [[{"subnet": "10.123.0.0/24"}]]}}]}`
+	brList, err := libcni.NetworkConfFromBytes([]byte(br))
+	if err != nil {
+		t.Fatal(err)
+	}
+	brCfg := libcni.NewCNIConfigWithCacheDir([]string{bin}, filepath.Join(t.TempDir(), "cache"), nil)
+	var ms, bs []time.Duration
+	for i := 0; i < 10; i++ {
+		ns := testenv.NewNS(t, "a"+strconv.Itoa(i))
+		rt := c.rt(ns, fmt.Sprintf("time-%d", i))
+		start := time.Now()
+		if _, err := c.add(t, rt); err != nil {
+			t.Fatal(err)
+		}
+		ms = append(ms, time.Since(start))
+		c.del(rt)
+		brt := &libcni.RuntimeConf{ContainerID: fmt.Sprintf("br-%d", i), NetNS: ns.Path(), IfName: "eth1"}
+		err := c.in(func() error {
+			start = time.Now()
+			_, err := brCfg.AddNetworkList(context.Background(), brList, brt)
+			bs = append(bs, time.Since(start))
+			if err == nil {
+				brCfg.DelNetworkList(context.Background(), brList, brt)
+			}
+			return err
+		})
+		if err != nil {
+			t.Fatalf("bridge ADD: %v", err)
+		}
+	}
+	sort.Slice(ms, func(i, j int) bool { return ms[i] < ms[j] })
+	sort.Slice(bs, func(i, j int) bool { return bs[i] < bs[j] })
+	t.Logf("ADD, median of 10 alternating: msbtap %s (%s..%s), bridge %s (%s..%s)", ms[5].Round(100*time.Microsecond),
+		ms[0].Round(100*time.Microsecond), ms[9].Round(100*time.Microsecond), bs[5].Round(100*time.Microsecond), bs[0].Round(100*time.Microsecond), bs[9].Round(100*time.Microsecond))
+}

@@ -1,0 +1,200 @@
+package agent
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/msbtap/msbtap/policy"
+)
+
+// startTestKeeper serves a keeper in this process (without hardening it)
+// on one end of a socket pair and returns the agent's side.
+func startTestKeeper(t *testing.T) (*keeper, chan struct{}) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() { keeperServe(fds[1]); unix.Close(fds[1]); close(served) }()
+	k := &keeper{fd: fds[0], done: served}
+	t.Cleanup(func() {
+		k.mu.Lock()
+		if k.fd >= 0 {
+			unix.Close(k.fd)
+			k.fd = -1
+		}
+		k.mu.Unlock()
+		<-served
+	})
+	return k, served
+}
+
+// TestKeeperProtocol: nothing before arm, one arm only, only the named
+// requests; rotation moves FILE to FILE.1 and hands over a new, empty,
+// private FILE; the end removes the pid file and the bundle's directory
+// but not a file put in place of the control socket since.
+func TestKeeperProtocol(t *testing.T) {
+	dir := t.TempDir()
+	logf := filepath.Join(dir, "audit.log")
+	pidf := filepath.Join(dir, "pid")
+	sock := filepath.Join(dir, "ctl.sock")
+	bundle := filepath.Join(dir, "bundle")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	defer ln.Close()
+	for _, f := range []string{logf, pidf} {
+		if err := os.WriteFile(f, []byte("old\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(bundle, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	k, served := startTestKeeper(t)
+	if _, err := k.rotate("audit"); err == nil || !strings.Contains(err.Error(), "not armed") {
+		t.Errorf("rotate before arm: %v", err)
+	}
+	if err := k.arm(keeperPaths{Audit: logf, PIDFile: pidf, Control: sock, Bundle: bundle}); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.arm(keeperPaths{Audit: "/etc/passwd"}); err == nil {
+		t.Error("a second arm was taken")
+	}
+	for _, op := range []string{"rotate-pcap", "read-policy", "read-secrets", "exec"} {
+		if _, err := k.call(keeperRequest{Op: op}); err == nil {
+			t.Errorf("%s: taken, with no such path armed", op)
+		}
+	}
+	f, err := k.rotate("audit")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString("new\n"); err != nil {
+		t.Error(err)
+	}
+	f.Close()
+	if b, _ := os.ReadFile(logf + ".1"); string(b) != "old\n" {
+		t.Errorf("FILE.1: %q", b)
+	}
+	if st, err := os.Stat(logf); err != nil || st.Mode().Perm() != 0o600 || st.Size() != 4 {
+		t.Errorf("new FILE: %v %v", st, err)
+	}
+	// The control socket's path now holds another file: it stays.
+	os.Remove(sock)
+	if err := os.WriteFile(sock, []byte("someone else's"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	k.finish()
+	<-served
+	for _, gone := range []string{pidf, bundle} {
+		if _, err := os.Lstat(gone); !os.IsNotExist(err) {
+			t.Errorf("%s: still there (%v)", gone, err)
+		}
+	}
+	if _, err := os.Lstat(sock); err != nil {
+		t.Errorf("the file put in place of the socket was removed: %v", err)
+	}
+}
+
+// TestKeeperCleansUpWhenTheAgentDies: the agent's end closing without a
+// word (the agent killed) is enough.
+func TestKeeperCleansUpWhenTheAgentDies(t *testing.T) {
+	pidf := filepath.Join(t.TempDir(), "pid")
+	if err := os.WriteFile(pidf, []byte("1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	k, served := startTestKeeper(t)
+	if err := k.arm(keeperPaths{PIDFile: pidf}); err != nil {
+		t.Fatal(err)
+	}
+	k.mu.Lock()
+	unix.Close(k.fd)
+	k.fd = -1
+	k.mu.Unlock()
+	<-served
+	if _, err := os.Lstat(pidf); !os.IsNotExist(err) {
+		t.Errorf("pid file still there: %v", err)
+	}
+}
+
+// TestKeeperRotateRefusesALink: a symbolic link put at FILE is moved
+// aside, never followed; the new FILE is a regular file of its own.
+func TestKeeperRotateRefusesALink(t *testing.T) {
+	dir := t.TempDir()
+	target := filepath.Join(dir, "target")
+	os.WriteFile(target, []byte("keep"), 0o644)
+	logf := filepath.Join(dir, "audit.log")
+	if err := os.Symlink(target, logf); err != nil {
+		t.Fatal(err)
+	}
+	f, err := keeperRotate(logf, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString("x")
+	f.Close()
+	if b, _ := os.ReadFile(target); string(b) != "keep" {
+		t.Errorf("the link's target was written: %q", b)
+	}
+	if st, err := os.Lstat(logf); err != nil || !st.Mode().IsRegular() {
+		t.Errorf("new FILE: %v %v", st, err)
+	}
+}
+
+// TestKeeperWritesPolicies: write-learn and save-policy write only the
+// paths armed (save-policy only with SavePolicy), only valid policies,
+// whole.
+func TestKeeperWritesPolicies(t *testing.T) {
+	dir := t.TempDir()
+	learn, pol := filepath.Join(dir, "learned.json"), filepath.Join(dir, "policy.json")
+	os.WriteFile(pol, []byte(`{"default_action": "deny"}`), 0o644)
+	k, _ := startTestKeeper(t)
+	if err := k.arm(keeperPaths{Learn: learn, Policy: pol}); err != nil {
+		t.Fatal(err)
+	}
+	good := []byte(`{"default_action":"deny","rules":[{"destination":{"domain":"pypi.org"},"protocols":["tcp"],"ports":[{"start":443,"end":443}],"action":"allow"}]}`)
+	if err := k.writePolicy("learn", good); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := policy.LoadFile(learn); err != nil || len(f.Rules) != 1 || f.Rules[0].Destination.Domain != "pypi.org" {
+		t.Errorf("learned file: %+v %v", f, err)
+	}
+	if err := k.writePolicy("learn", []byte(`{"default_action": "maybe"}`)); err == nil || !strings.Contains(err.Error(), "not a valid policy") {
+		t.Errorf("an invalid policy: %v", err)
+	}
+	if f, err := policy.LoadFile(learn); err != nil || len(f.Rules) != 1 {
+		t.Errorf("the learned file after a refused write: %+v %v", f, err)
+	}
+	if err := k.writePolicy("policy", good); err == nil {
+		t.Error("save-policy taken without SavePolicy armed")
+	}
+	if b, _ := os.ReadFile(pol); string(b) != `{"default_action": "deny"}` {
+		t.Errorf("the policy file changed: %s", b)
+	}
+	// Without a descriptor the request is refused.
+	if _, err := k.call(keeperRequest{Op: "write-learn"}); err == nil {
+		t.Error("write-learn without a policy taken")
+	}
+}
+
+// TestKeeperReportsErrors: a request that fails comes back with its
+// error (the switch once kept the cases' errors in a variable of its own,
+// and dropped them).
+func TestKeeperReportsErrors(t *testing.T) {
+	k, _ := startTestKeeper(t)
+	if err := k.arm(keeperPaths{Policy: filepath.Join(t.TempDir(), "gone.json")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := k.readPolicy(); err == nil || !strings.Contains(err.Error(), "no such file") {
+		t.Errorf("read-policy of a missing file: %v", err)
+	}
+}
