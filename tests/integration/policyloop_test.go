@@ -443,6 +443,7 @@ func TestAskCtl(t *testing.T) {
 	if o, err := aw.Guest.Run("dig", "+short", "flood.ask.test"); err != nil || strings.TrimSpace(o) != testenv.WebHost4 {
 		t.Fatalf("dig flood.ask.test: %v %q", err, o)
 	}
+	rssBefore := agentRSS(aw.AgentPID())
 	flood := aw.Guest.Command(aw.Testhost, "hold", testenv.WebHost4+":80", "200", "1")
 	if err := flood.Start(); err != nil {
 		t.Fatal(err)
@@ -453,6 +454,7 @@ func TestAskCtl(t *testing.T) {
 	if len(qs) != 1 || qs[0].Waiting < 150 {
 		t.Errorf("200 SYNs to one host: want one question with them all waiting, got %+v", qs)
 	}
+	t.Logf("agent RSS %s before, %s with %d flows held on one question", rssBefore, agentRSS(aw.AgentPID()), qs[0].Waiting)
 	aw.ctl("deny", fmt.Sprint(q.ID))
 	flood.Wait()
 
@@ -574,4 +576,15 @@ func TestAskUDP(t *testing.T) {
 	if !aw.auditHas(`"proto":"udp"`, "answered allow by ctl uid 0") || !aw.auditHas(`"proto":"udp"`, "answered deny by ctl uid 0") {
 		t.Error("the decision log lacks the UDP answers")
 	}
+}
+
+// agentRSS is a process's resident set, as /proc says it.
+func agentRSS(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "?"
 }
