@@ -13,11 +13,13 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"golang.org/x/sys/unix"
 
+	"github.com/msbtap/msbtap/ask"
 	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
@@ -95,7 +97,25 @@ type Config struct {
 	// SIGHUP.
 	Policy     *policy.File
 	PolicyPath string
-	DenyMode   stack.DenyMode
+	// Allow are rules put before the policy's own, at start and at every
+	// reload of PolicyPath (--allow's presets); a policy set through the
+	// control socket is taken whole, as given.
+	Allow []policy.FileRule
+	// Learn, if set, is learn mode: what only the policy's default would
+	// refuse is allowed and recorded, and this file gets a policy that
+	// allows exactly what the run used (at exit and on SIGUSR1), names
+	// of more than LearnSuffixDepth labels (≥ 2; 0: none) as suffixes.
+	Learn            string
+	LearnSuffixDepth int
+	// AskTimeout denies a flow an ask rule holds when no answer came
+	// (default ask.DefaultTimeout); AskExec is a shell command that gets
+	// each question as JSON on stdin and prints its answer, run as
+	// AskExecUID:AskExecGID; AskSave writes "always" rules to PolicyPath.
+	AskTimeout             time.Duration
+	AskExec                string
+	AskExecUID, AskExecGID int
+	AskSave                bool
+	DenyMode               stack.DenyMode
 	// DenyIsFatal makes every deny a terminate.
 	DenyIsFatal              bool
 	DNSBlock, DNSBlockSuffix []string
@@ -160,16 +180,20 @@ type Agent struct {
 	l7       *intercept.Handler
 	bundle   string // the CA bundle the command trusts
 	secrets  *secrets.Store
-	upstream *upstreamRoute // nil without --upstream-proxy
-	audit    *audit.Log
-	counts   *decisionCounts
-	term     *terminator
-	pub      *proxy.Publisher
-	ns       netns.Handle
-	shared   *rings.Shared
-	pump     *tap.Pump
-	gw       *stack.Stack
-	gwRef    atomic.Pointer[stack.Stack] // gw, for the termination hook
+	upstream *upstreamRoute  // nil without --upstream-proxy
+	learner  *policy.Learner // learn mode's record, or nil
+	asker    *ask.Asker
+	// askRunner runs --ask-exec; started in Run, before privileges drop.
+	askRunner atomic.Pointer[askRunner]
+	audit     *audit.Log
+	counts    *decisionCounts
+	term      *terminator
+	pub       *proxy.Publisher
+	ns        netns.Handle
+	shared    *rings.Shared
+	pump      *tap.Pump
+	gw        *stack.Stack
+	gwRef     atomic.Pointer[stack.Stack] // gw, for the termination hook
 	// sharedRef is shared, for the memory trimmer.
 	sharedRef atomic.Pointer[rings.Shared]
 
@@ -268,7 +292,7 @@ func (a *Agent) onClose(f func()) { a.undo = append(a.undo, f) }
 // needsKeeper says whether the agent has file work left once it is no
 // longer root: files to rotate, to read again, or to remove at the end.
 func (cfg *Config) needsKeeper() bool {
-	return cfg.VM || cfg.PIDFile != "" || cfg.Control != "" || cfg.PolicyPath != "" || cfg.Secrets.File != "" || (cfg.AuditLog != "" && cfg.AuditLog != "-") || cfg.Pcap != "" ||
+	return cfg.VM || cfg.PIDFile != "" || cfg.Control != "" || cfg.PolicyPath != "" || cfg.Learn != "" || cfg.Secrets.File != "" || (cfg.AuditLog != "" && cfg.AuditLog != "-") || cfg.Pcap != "" ||
 		(cfg.TLS.Mode != intercept.Off && len(cfg.Command) > 0) // the CA bundle's directory
 }
 
@@ -329,13 +353,21 @@ func checkPrivileges() error {
 func (a *Agent) buildPolicy() error {
 	a.popts = policy.Options{Host: HostAddrs(a.cfg.Plan), Pins: policy.NewPins(0), DenyIsFatal: a.cfg.DenyIsFatal,
 		RefuseQUIC: a.cfg.TLS.Mode == intercept.All || len(a.cfg.Secrets.Flags) > 0 || a.cfg.Secrets.File != ""}
+	if a.cfg.Learn != "" {
+		a.learner = policy.NewLearner()
+		a.popts.Learn = a.learner
+		// Registered first, so it runs last: every flow is over by then.
+		a.onClose(a.writeLearned)
+	}
 	a.onClose(watchHostAddrs(a.cfg.Plan, a.popts.Host, a.log))
-	engine, err := policy.Compile(a.cfg.Policy, a.popts)
+	a.buildAsk()
+	f := policy.WithRulesFirst(a.cfg.Policy, a.cfg.Allow)
+	engine, err := policy.Compile(f, a.popts)
 	if err != nil {
 		return fielderr.Wrap("policy", err)
 	}
 	a.holder = policy.NewHolder(engine)
-	a.policyFile.Store(a.cfg.Policy)
+	a.policyFile.Store(f)
 	// The control socket streams the decision log: it runs (writing
 	// nowhere) without --audit-log too.
 	if a.cfg.AuditLog != "" || a.cfg.Control != "" {
@@ -424,7 +456,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		return err
 	}
 	guard, err := policy.NewDNSGuard(policy.DNSGuardOptions{
-		Policy: a.holder, Pins: a.popts.Pins, Block: cfg.DNSBlock, BlockSuffix: cfg.DNSBlockSuffix,
+		Policy: a.holder, Pins: a.popts.Pins, Block: cfg.DNSBlock, BlockSuffix: cfg.DNSBlockSuffix, Ask: a.askDNS,
 		RebindProtection: cfg.RebindProtection, StripECH: cfg.TLS.Mode == intercept.All || a.secrets != nil,
 	})
 	if err != nil {
@@ -446,6 +478,8 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		DenyMode:       cfg.DenyMode,
 		DNSUpstreams:   ups,
 		DNSFilter:      a.dnsFilter(guard),
+		DNSHolds:       guard.Holds,
+		Ask:            a.askFlow,
 		MaxConnections: cfg.MaxConnections,
 		Offload:        cfg.Offload,
 		IsLocal:        routes.IsLocal,
@@ -461,6 +495,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 	}
 	a.gwRef.Store(a.gw)
 	a.onClose(func() { a.gw.Close(); a.gw.Wait() })
+	a.onClose(a.asker.Close) // first: held flows are refused, then the gateway goes
 	if a.pub != nil {
 		a.gw.SetIngressUDP(a.pub)
 		a.pub.Start(proxy.PublishOptions{

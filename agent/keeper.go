@@ -16,6 +16,7 @@ import (
 
 	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/harden"
+	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/secrets"
 )
 
@@ -44,13 +45,18 @@ type keeperPaths struct {
 	Audit, Pcap              string // rotated
 	PIDFile, Control, Bundle string // removed at the end, if they are still the ones set up
 	Policy, Secrets          string // read again on SIGHUP
+	// Learn gets learn mode's policy (write-learn); with SavePolicy, the
+	// policy file gets the rules "always" answers add (save-policy). Both
+	// are written whole and only as valid policies.
+	Learn      string
+	SavePolicy bool
 	// Links are network devices removed at the end (VM mode: the VM's
 	// TAP and the agent's), if they are still the ones set up.
 	Links []string
 }
 
 type keeperRequest struct {
-	Op    string       `json:"op"` // arm, rotate-audit, rotate-pcap, read-policy, read-secrets, cleanup
+	Op    string       `json:"op"` // arm, rotate-audit, rotate-pcap, read-policy, read-secrets, write-learn, save-policy, cleanup
 	Paths *keeperPaths `json:"paths,omitempty"`
 }
 
@@ -106,14 +112,22 @@ func startKeeper(links bool) (*keeper, error) {
 
 // call sends one request and waits for the reply, and the descriptor that
 // comes with it, if any.
-func (k *keeper) call(req keeperRequest) (*os.File, error) {
+func (k *keeper) call(req keeperRequest) (*os.File, error) { return k.callWith(req, nil) }
+
+// callWith is call, passing the keeper the descriptor of in (if not nil)
+// with the request.
+func (k *keeper) callWith(req keeperRequest, in *os.File) (*os.File, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if k.fd < 0 {
 		return nil, errors.New("the keeper is gone")
 	}
 	b, _ := json.Marshal(req)
-	if _, err := unix.Write(k.fd, b); err != nil {
+	var rights []byte
+	if in != nil {
+		rights = unix.UnixRights(int(in.Fd()))
+	}
+	if err := unix.Sendmsg(k.fd, b, rights, nil, 0); err != nil {
 		return nil, fmt.Errorf("keeper: %w", err)
 	}
 	buf := make([]byte, 4096)
@@ -170,6 +184,24 @@ func (k *keeper) readSecrets() (*keeperSecrets, error) {
 	return &s, nil
 }
 
+// writePolicy has the keeper write a policy file ("learn": the --learn
+// file, "policy": the policy file, for --ask-save), atomically; the
+// policy goes through a pipe (it may pass the socket's message size).
+func (k *keeper) writePolicy(which string, b []byte) error {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	go func() { w.Write(b); w.Close() }()
+	op := "write-learn"
+	if which == "policy" {
+		op = "save-policy"
+	}
+	_, err = k.callWith(keeperRequest{Op: op}, r)
+	return err
+}
+
 // arm hands the keeper its paths, once, while the agent is still root.
 func (k *keeper) arm(p keeperPaths) error {
 	_, err := k.call(keeperRequest{Op: "arm", Paths: &p})
@@ -223,8 +255,9 @@ func keeperServe(fd int) {
 	var armed map[string]unix.Stat_t // what the files to remove were at arm
 	var links map[string]int         // the devices to remove, by index at arm
 	buf := make([]byte, 4096)
+	ctl := make([]byte, unix.CmsgSpace(4))
 	for {
-		n, err := unix.Read(fd, buf)
+		n, oobn, _, _, err := unix.Recvmsg(fd, buf, ctl, unix.MSG_CMSG_CLOEXEC)
 		if err == unix.EINTR {
 			continue
 		}
@@ -232,11 +265,14 @@ func keeperServe(fd int) {
 			keeperCleanup(armed, links)
 			return
 		}
+		in := passedFile(ctl[:oobn]) // a policy to write, with write-learn and save-policy
 		var req keeperRequest
 		var rep keeperReply
 		var file *os.File
-		switch err := json.Unmarshal(buf[:n], &req); {
-		case err != nil:
+		// The cases' errors go to err, reported below (not to one of the
+		// switch's own, which would drop them).
+		switch jerr := json.Unmarshal(buf[:n], &req); {
+		case jerr != nil:
 			rep.Err = "bad request"
 		case req.Op == "arm" && paths == nil && req.Paths != nil:
 			paths = req.Paths
@@ -263,6 +299,10 @@ func keeperServe(fd int) {
 			file, err = os.Open(paths.Policy)
 		case req.Op == "read-secrets" && paths.Secrets != "":
 			file, err = keeperReadSecrets(paths.Secrets)
+		case req.Op == "write-learn" && paths.Learn != "" && in != nil:
+			err = keeperWritePolicy(paths.Learn, in)
+		case req.Op == "save-policy" && paths.SavePolicy && paths.Policy != "" && in != nil:
+			err = keeperWritePolicy(paths.Policy, in)
 		case req.Op == "cleanup":
 			keeperCleanup(armed, links)
 			armed, links = nil, nil
@@ -281,7 +321,49 @@ func keeperServe(fd int) {
 		if file != nil {
 			file.Close()
 		}
+		if in != nil {
+			in.Close()
+		}
 	}
+}
+
+// passedFile is the one descriptor a message's control data passed, or
+// nil (more than one are all closed).
+func passedFile(oob []byte) *os.File {
+	if len(oob) == 0 {
+		return nil
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil
+	}
+	var fds []int
+	for _, m := range msgs {
+		if f, err := unix.ParseUnixRights(&m); err == nil {
+			fds = append(fds, f...)
+		}
+	}
+	if len(fds) != 1 {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+		return nil
+	}
+	return os.NewFile(uintptr(fds[0]), "passed")
+}
+
+// keeperWritePolicy writes the policy read from in to path, atomically,
+// if it is a valid policy.
+func keeperWritePolicy(path string, in *os.File) error {
+	b, err := io.ReadAll(io.LimitReader(in, 64<<20))
+	if err != nil {
+		return err
+	}
+	f, err := policy.ParseFile(b)
+	if err != nil {
+		return fmt.Errorf("not a valid policy: %w", err)
+	}
+	return WritePolicyFile(path, f)
 }
 
 // keeperReadSecrets reads the secrets file with the checks the agent

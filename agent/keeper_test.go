@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/msbtap/msbtap/policy"
 )
 
 // startTestKeeper serves a keeper in this process (without hardening it)
@@ -145,5 +147,54 @@ func TestKeeperRotateRefusesALink(t *testing.T) {
 	}
 	if st, err := os.Lstat(logf); err != nil || !st.Mode().IsRegular() {
 		t.Errorf("new FILE: %v %v", st, err)
+	}
+}
+
+// TestKeeperWritesPolicies: write-learn and save-policy write only the
+// paths armed (save-policy only with SavePolicy), only valid policies,
+// whole.
+func TestKeeperWritesPolicies(t *testing.T) {
+	dir := t.TempDir()
+	learn, pol := filepath.Join(dir, "learned.json"), filepath.Join(dir, "policy.json")
+	os.WriteFile(pol, []byte(`{"default_action": "deny"}`), 0o644)
+	k, _ := startTestKeeper(t)
+	if err := k.arm(keeperPaths{Learn: learn, Policy: pol}); err != nil {
+		t.Fatal(err)
+	}
+	good := []byte(`{"default_action":"deny","rules":[{"destination":{"domain":"pypi.org"},"protocols":["tcp"],"ports":[{"start":443,"end":443}],"action":"allow"}]}`)
+	if err := k.writePolicy("learn", good); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := policy.LoadFile(learn); err != nil || len(f.Rules) != 1 || f.Rules[0].Destination.Domain != "pypi.org" {
+		t.Errorf("learned file: %+v %v", f, err)
+	}
+	if err := k.writePolicy("learn", []byte(`{"default_action": "maybe"}`)); err == nil || !strings.Contains(err.Error(), "not a valid policy") {
+		t.Errorf("an invalid policy: %v", err)
+	}
+	if f, err := policy.LoadFile(learn); err != nil || len(f.Rules) != 1 {
+		t.Errorf("the learned file after a refused write: %+v %v", f, err)
+	}
+	if err := k.writePolicy("policy", good); err == nil {
+		t.Error("save-policy taken without SavePolicy armed")
+	}
+	if b, _ := os.ReadFile(pol); string(b) != `{"default_action": "deny"}` {
+		t.Errorf("the policy file changed: %s", b)
+	}
+	// Without a descriptor the request is refused.
+	if _, err := k.call(keeperRequest{Op: "write-learn"}); err == nil {
+		t.Error("write-learn without a policy taken")
+	}
+}
+
+// TestKeeperReportsErrors: a request that fails comes back with its
+// error (the switch once kept the cases' errors in a variable of its own,
+// and dropped them).
+func TestKeeperReportsErrors(t *testing.T) {
+	k, _ := startTestKeeper(t)
+	if err := k.arm(keeperPaths{Policy: filepath.Join(t.TempDir(), "gone.json")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := k.readPolicy(); err == nil || !strings.Contains(err.Error(), "no such file") {
+		t.Errorf("read-policy of a missing file: %v", err)
 	}
 }

@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/msbtap/msbtap/ask"
 	"github.com/msbtap/msbtap/harden"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/netns"
@@ -34,7 +35,7 @@ func (e *ExitStatus) Error() string { return fmt.Sprintf("command exited with st
 func (a *Agent) Run(ctx context.Context) error {
 	cfg := a.cfg
 	sigc := make(chan os.Signal, 4)
-	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGUSR1)
 	defer signal.Stop(sigc)
 
 	if cfg.OnTerminate != "" {
@@ -48,6 +49,18 @@ func (a *Agent) Run(ctx context.Context) error {
 				a.term.runner.close()
 			}
 		})
+	}
+	if cfg.AskExec != "" {
+		timeout := cfg.AskTimeout
+		if timeout <= 0 {
+			timeout = ask.DefaultTimeout
+		}
+		r, err := startAskRunner(cfg.AskExec, cfg.AskExecUID, cfg.AskExecGID, timeout)
+		if err != nil {
+			return err
+		}
+		a.askRunner.Store(r)
+		a.onClose(r.close)
 	}
 	var cmdDone chan error
 	if len(cfg.Command) > 0 {
@@ -63,7 +76,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	// unprivileged user that keeps only what the data path needs.
 	if a.keeper != nil {
 		if err := a.keeper.arm(keeperPaths{Audit: cfg.AuditLog, Pcap: cfg.Pcap, PIDFile: cfg.PIDFile,
-			Control: cfg.Control, Bundle: a.bundleDir(), Policy: cfg.PolicyPath, Secrets: cfg.Secrets.File, Links: a.links}); err != nil {
+			Control: cfg.Control, Bundle: a.bundleDir(), Policy: cfg.PolicyPath, Secrets: cfg.Secrets.File, Links: a.links,
+			Learn: cfg.Learn, SavePolicy: cfg.AskSave}); err != nil {
 			return fmt.Errorf("drop privileges: %w", err)
 		}
 		a.armed.Store(true)
@@ -101,6 +115,14 @@ func (a *Agent) Run(ctx context.Context) error {
 			if sig == syscall.SIGHUP {
 				a.reloadPolicy()
 				a.reloadSecrets()
+				continue
+			}
+			if sig == syscall.SIGUSR1 {
+				if a.learner == nil {
+					a.log.Warn("SIGUSR1: not in learn mode (--learn), nothing to write")
+				} else {
+					a.writeLearned()
+				}
 				continue
 			}
 			a.log.Info("stopping", "signal", sig.String())
@@ -246,7 +268,7 @@ func (a *Agent) reloadPolicy() {
 	f, err := a.loadPolicy(path)
 	if err == nil {
 		a.ctl.mu.Lock()
-		err = a.setPolicy(f, path)
+		err = a.setPolicy(policy.WithRulesFirst(f, a.cfg.Allow), path)
 		a.ctl.mu.Unlock()
 	}
 	if err != nil {

@@ -65,7 +65,7 @@ func (a *Agent) buildIntercept() error {
 		}
 	}
 	a.l7 = intercept.NewHandler(intercept.Options{
-		Mode: tc.Mode, CA: ca, Roots: roots, Bypass: tc.Bypass, Policy: a.holder, Rewriter: a.rewriter(),
+		Mode: tc.Mode, CA: ca, Roots: roots, Bypass: tc.Bypass, Policy: a.holder, Ask: a.askFlow, Rewriter: a.rewriter(),
 		Report:    a.onL7,
 		Terminate: a.terminateL7,
 		Dial:      a.dialIntercepted,

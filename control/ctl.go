@@ -47,7 +47,7 @@ func Command(usage func(error) error) *cli.Command {
 		enc.SetIndent("", "  ")
 		return enc.Encode(v)
 	}
-	return &cli.Command{
+	cmd := &cli.Command{
 		Name:  "ctl",
 		Usage: "steer a running msbtap through its control socket",
 		Flags: []cli.Flag{&cli.StringFlag{Name: "control", EnvVars: []string{"MSBTAP_CONTROL"}, Usage: "the control socket's `PATH` (msbtap run --control)"}},
@@ -246,6 +246,8 @@ func Command(usage func(error) error) *cli.Command {
 			},
 		},
 	}
+	cmd.Subcommands = append(cmd.Subcommands, askCommands(do, printJSON, usage)...)
+	return cmd
 }
 
 // readArg reads the file the one argument names, or stdin for "-".

@@ -372,5 +372,6 @@ func (s *Server) routes(api API) http.Handler {
 	mux.HandleFunc("DELETE /v1/secrets/{name}", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, map[string]string{"removed": r.PathValue("name")}, api.RemoveSecret(r.PathValue("name")))
 	})
+	askRoutes(mux, api, reply)
 	return mux
 }

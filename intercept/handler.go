@@ -118,6 +118,11 @@ type Options struct {
 	// Bypass are names spliced whatever the mode (exact, or *.suffix).
 	Bypass []string
 	Policy *policy.Holder
+	// Ask, if set, holds a connection whose server name the policy asks
+	// about (its ClientHello unanswered, nothing sent upstream) until the
+	// question is answered, and returns the decision that replaces the
+	// ask. Without it an ask is a refusal.
+	Ask func(ctx context.Context, f policy.Flow, d policy.Decision) policy.Decision
 	// Rewriter, if any, rewrites intercepted requests.
 	Rewriter Rewriter
 	// Report is told of every flow decision and refused request.
@@ -336,6 +341,9 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 			return nil
 		}
 		d = h.o.Policy.Load().Check(withDomain(fl.Flow, sni))
+		if d.Action == policy.Ask && h.o.Ask != nil {
+			d = h.o.Ask(ctx, withDomain(fl.Flow, sni), d)
+		}
 		if d.Action != policy.Allow {
 			h.refuse(fl, down, hello, d, "server name "+sni+" is not allowed")
 			return nil
@@ -346,7 +354,11 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 			h.refuse(fl, down, hello, d, "TLS with encrypted client hello: the server name cannot be checked against the domain rules")
 			return nil
 		case sni != "":
-			if nd := h.o.Policy.Load().Check(withDomain(fl.Flow, sni)); nd.Action != policy.Allow {
+			nd := h.o.Policy.Load().Check(withDomain(fl.Flow, sni))
+			if nd.Action == policy.Ask && h.o.Ask != nil {
+				nd = h.o.Ask(ctx, withDomain(fl.Flow, sni), nd)
+			}
+			if nd.Action != policy.Allow {
 				h.refuse(fl, down, hello, nd, "server name "+sni+" is not allowed")
 				return nil
 			}

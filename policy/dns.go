@@ -22,6 +22,10 @@ type DNSGuardOptions struct {
 	// that clients send the server name in the clear; it is always on
 	// while the policy has domain rules.
 	StripECH bool
+	// Ask, if set, holds a query for a name the policy asks about until
+	// the question is answered, and reports whether the name may resolve.
+	// Without it such a name is refused.
+	Ask func(src netip.AddrPort, name string) bool
 }
 
 // DNSGuard applies the policy to name resolution: block lists, domain rules
@@ -90,10 +94,27 @@ func (g *DNSGuard) Query(src netip.AddrPort, q *dns.Msg) (*dns.Msg, *Verdict) {
 		return nxdomain(q), verdict(src, name, Decision{Action: Deny, Rule: RuleBlockList})
 	}
 	d := g.o.Policy.Load().CheckQuery(name)
+	if d.Action == Ask {
+		d.Action = Deny
+		if g.o.Ask != nil && g.o.Ask(src, name) {
+			d = Decision{Action: Allow, Rule: RuleAnswered}
+		} else if g.o.Ask != nil {
+			d.Rule = RuleAnswered
+		}
+	}
 	if d.Action != Allow {
 		return nxdomain(q), verdict(src, name, d)
 	}
 	return nil, verdict(src, name, d)
+}
+
+// Holds reports whether Query may hold q (its name is asked about), so
+// that it is never decided on the packet path.
+func (g *DNSGuard) Holds(src netip.AddrPort, q *dns.Msg) bool {
+	if g.o.Ask == nil || len(q.Question) != 1 {
+		return false
+	}
+	return g.o.Policy.Load().CheckQuery(q.Question[0].Name).Action == Ask
 }
 
 func (g *DNSGuard) blockedName(name string) bool {

@@ -26,6 +26,11 @@ type Engine struct {
 	deniesNames bool
 	namePorts   []PortRange
 	refuseQUIC  bool // UDP to 443 is refused whatever allows it
+	learn       *Learner
+	answers     Answers
+	asks        bool    // some egress rule (or the default) asks
+	denies      *Engine // the deny and terminate rules alone, for asks
+	denyIdx     []int   // denies' rule i is rules[denyIdx[i]]
 	src         *File
 }
 
@@ -43,6 +48,14 @@ type Options struct {
 	// allows it (all TLS is to be intercepted, say). Flows allowed by
 	// name are refused it in any case: QUIC hides the name.
 	RefuseQUIC bool
+	// Learn, if set, is learn mode: what only the default action would
+	// refuse is allowed instead (never to metadata or the host), and every
+	// flow, request and lookup allowed is recorded in it.
+	Learn *Learner
+	// Answers, if set, are the standing answers to asks (the ask
+	// package's); without them an ask stays an ask (a deny where no one
+	// can ask).
+	Answers Answers
 }
 
 // Compile builds an Engine from a parsed policy file.
@@ -51,8 +64,9 @@ func Compile(f *File, o Options) (*Engine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("default_action: %v", err)
 	}
-	e := &Engine{def: def, host: o.Host, pins: o.Pins, fatal: o.DenyIsFatal, refuseQUIC: o.RefuseQUIC, src: f}
-	e.allows = def == Allow
+	e := &Engine{def: def, host: o.Host, pins: o.Pins, fatal: o.DenyIsFatal, refuseQUIC: o.RefuseQUIC, learn: o.Learn, answers: o.Answers, src: f}
+	e.allows = def == Allow || def == Ask || o.Learn != nil
+	e.asks = def == Ask
 	switch f.Resolve {
 	case "", ResolveListed:
 	case ResolveAll:
@@ -65,16 +79,22 @@ func Compile(f *File, o Options) (*Engine, error) {
 		if err != nil {
 			return nil, fmt.Errorf("rules[%d].%v", i, err)
 		}
-		if r.dir == Egress && r.action == Allow {
+		if r.dir == Egress && (r.action == Allow || r.action == Ask) {
 			e.allows = true
+			e.asks = e.asks || r.action == Ask
 		}
 		e.rules = append(e.rules, r)
-		if r.dir == Egress && (r.dst.kind == matchDomain || r.dst.kind == matchSuffix) {
+		if r.dir == Egress && r.dst.byName() {
 			e.named = true
 			if r.action != Allow {
 				e.deniesNames = true
 			}
 			e.namePorts = append(e.namePorts, r.ports...)
+		}
+	}
+	if e.asks {
+		if err := e.compileDenies(f, o); err != nil {
+			return nil, err
 		}
 	}
 	return e, nil
@@ -104,13 +124,29 @@ func (e *Engine) decision(a Action, rule int) Decision {
 
 // Check decides a flow: the first rule that matches wins; no match gives
 // the default action for egress and allows ingress.
-func (e *Engine) Check(f Flow) Decision { return e.sideDoors(f, e.check(f, netip.Addr{})) }
+func (e *Engine) Check(f Flow) Decision {
+	d := e.check(f, netip.Addr{})
+	if e.asks {
+		d = e.askable(f, d, netip.Addr{})
+	}
+	if e.learn != nil {
+		return e.learnFlow(f, d, false)
+	}
+	return e.sideDoors(f, d)
+}
 
 // CheckAsHost decides a flow as if its destination were one of the host's
 // own addresses (the kernel says it is local, though the host group did not
 // know it yet).
 func (e *Engine) CheckAsHost(f Flow) Decision {
-	return e.sideDoors(f, e.check(f, f.Dst.Addr().Unmap()))
+	d := e.check(f, f.Dst.Addr().Unmap())
+	if e.asks {
+		d = e.askable(f, d, f.Dst.Addr().Unmap())
+	}
+	if e.learn != nil {
+		return e.learnFlow(f, d, true)
+	}
+	return e.sideDoors(f, d)
 }
 
 // Ports of the protocols that would carry names past the checks: QUIC
@@ -235,9 +271,9 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 		}
 		// A rule that would let the flow start must name a guarded
 		// destination; a name never does.
-		opens := r.action == Allow || r.http != nil
+		opens := r.action == Allow || r.action == Ask || r.http != nil
 		switch t.kind {
-		case matchDomain, matchSuffix:
+		case matchDomain, matchSuffix, matchPreset:
 			if opens && g != guardNone {
 				continue
 			}
@@ -257,7 +293,7 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 			}
 		default:
 			if e.addrMatches(t, a) || (extraHost.IsValid() && t.kind == matchGroup && t.group == GroupHost && a == extraHost) {
-				if r.action == Allow && !g.namedBy(t) {
+				if (r.action == Allow || r.action == Ask) && !g.namedBy(t) {
 					continue
 				}
 				return e.decision(r.action, i)
@@ -270,7 +306,7 @@ func (e *Engine) check(f Flow, extraHost netip.Addr) Decision {
 		// governs egress.
 		return Decision{Action: Allow, Rule: -1}
 	}
-	if e.def == Allow && g != guardNone {
+	if (e.def == Allow || e.def == Ask) && g != guardNone {
 		return e.decision(Deny, g.refusal())
 	}
 	return e.decision(e.def, -1)
@@ -292,13 +328,29 @@ func (e *Engine) byName(r *rule, i int) Decision {
 // request's host): the first rule that matches the flow and, if it has
 // HTTP conditions, the method and path, decides; none gives the default.
 func (e *Engine) CheckRequest(f Flow, method, path string) Decision {
+	d := e.checkRequest(f, method, path)
+	if d.Action == Ask {
+		// A request is never held: it stands on its flow's answer (or
+		// an ask rule that matched its host), else it is refused.
+		d = e.askable(f, d, netip.Addr{})
+		if d.Action == Ask {
+			d.Action = Deny
+		}
+	}
+	if e.learn != nil {
+		return e.learnRequest(f, d)
+	}
+	return d
+}
+
+func (e *Engine) checkRequest(f Flow, method, path string) Decision {
 	for i := range e.rules {
 		r := &e.rules[i]
 		if r.dir != Egress || (r.protos != 0 && r.protos&(1<<TCP) == 0) || (len(r.ports) > 0 && !inRanges(r.ports, f.Dst.Port())) {
 			continue
 		}
 		switch r.dst.kind {
-		case matchDomain, matchSuffix:
+		case matchDomain, matchSuffix, matchPreset:
 			if !nameMatches(&r.dst, f.Domain) {
 				continue
 			}
@@ -389,13 +441,32 @@ func (e *Engine) CheckQuery(name string) Decision {
 	if err != nil {
 		return Decision{Action: Deny, Rule: RuleBadName}
 	}
+	d := e.checkQuery(name)
+	if d.Action == Ask {
+		if d.Rule >= 0 {
+			// An ask rule lists the name: it resolves, and what connects
+			// to it is asked.
+			d.Action = Allow
+		} else if e.answers != nil {
+			if act, ok := e.answers.Answer(name, netip.Addr{}); ok {
+				d = e.decision(act, RuleAnswered)
+			}
+		}
+	}
+	if e.learn != nil {
+		return e.learnQuery(name, d)
+	}
+	return d
+}
+
+func (e *Engine) checkQuery(name string) Decision {
 	for i := range e.rules {
 		r := &e.rules[i]
-		if r.dir != Egress || (r.dst.kind != matchDomain && r.dst.kind != matchSuffix) || !nameMatches(&r.dst, name) {
+		if r.dir != Egress || !r.dst.byName() || !nameMatches(&r.dst, name) {
 			continue
 		}
-		if r.action != Allow && (r.protos != 0 || len(r.ports) > 0) {
-			continue
+		if r.action != Allow && r.action != Ask && (r.protos != 0 || len(r.ports) > 0) && (r.protos&(1<<DNS) == 0 || len(r.ports) > 0) {
+			continue // a deny of some connections only; a dns deny refuses the name
 		}
 		return e.decision(r.action, i)
 	}
@@ -429,6 +500,9 @@ func (e *Engine) addrMatches(t *target, a netip.Addr) bool {
 // ("evil\.example.com" is one label "evil.example" then "com") is no
 // boundary.
 func nameMatches(t *target, name string) bool {
+	if t.kind == matchPreset {
+		return t.preset.Matches(name)
+	}
 	if n := len(name); n > 0 && name[n-1] == '.' && !escaped(name, n-1) {
 		name = name[:n-1]
 	}
@@ -471,6 +545,15 @@ func (e *Engine) Describe(i int) string {
 	}
 	if i == RuleSecret {
 		return "a secret's placeholder where the secret may not go"
+	}
+	if i == RuleNotAsked {
+		return "never asked: cloud metadata and the host are refused"
+	}
+	if i == RuleAnswered {
+		return "an ask's standing answer"
+	}
+	if i == RuleLearned {
+		return "learned (--learn): what default_action " + e.src.DefaultAction + " refuses is allowed and recorded"
 	}
 	if i == RuleBadName {
 		return "a name no host has (control bytes, empty or non-LDH labels)"
@@ -542,6 +625,8 @@ func describeTarget(t *Target) string {
 		return "domain " + t.Domain
 	case t.DomainSuffix != "":
 		return "domain_suffix " + t.DomainSuffix
+	case t.Preset != "":
+		return "preset " + t.Preset
 	}
 	return "group " + t.Group
 }

@@ -36,7 +36,8 @@ type FileRule struct {
 	// Source is what an ingress rule matches (the host client); egress
 	// rules must not set it.
 	Source *Target `json:"source,omitempty"`
-	// Protocols: tcp, udp, icmp, icmpv6; empty means any.
+	// Protocols: tcp, udp, icmp, icmpv6, and dns (resolving the rule's
+	// names, no connection); empty means any.
 	Protocols []string `json:"protocols,omitempty"`
 	// Ports are inclusive ranges; empty means any. A rule with ports
 	// never matches ICMP.
@@ -70,6 +71,9 @@ type Target struct {
 	Domain       string `json:"domain,omitempty"`
 	DomainSuffix string `json:"domain_suffix,omitempty"`
 	Group        string `json:"group,omitempty"`
+	// Preset names a group of names kept with msbtap (pypi, github, …;
+	// see NamePreset).
+	Preset string `json:"preset,omitempty"`
 }
 
 // UnmarshalJSON accepts "any" or an object with exactly one field.
@@ -77,7 +81,7 @@ func (t *Target) UnmarshalJSON(b []byte) error {
 	var s string
 	if err := json.Unmarshal(b, &s); err == nil {
 		if s != "any" {
-			return fmt.Errorf("%q: want \"any\" or an object with cidr, domain, domain_suffix or group", s)
+			return fmt.Errorf("%q: want \"any\" or an object with cidr, domain, domain_suffix, group or preset", s)
 		}
 		*t = Target{Any: true}
 		return nil
@@ -87,7 +91,7 @@ func (t *Target) UnmarshalJSON(b []byte) error {
 	d := json.NewDecoder(bytes.NewReader(b))
 	d.DisallowUnknownFields()
 	if err := d.Decode(&p); err != nil {
-		return fmt.Errorf("want \"any\" or an object with cidr, domain, domain_suffix or group: %v", cleanJSONErr(err))
+		return fmt.Errorf("want \"any\" or an object with cidr, domain, domain_suffix, group or preset: %v", cleanJSONErr(err))
 	}
 	*t = Target(p)
 	return nil
@@ -136,7 +140,7 @@ func ParseFile(data []byte) (*File, error) {
 	var errs Errors
 	f := &File{}
 	if raw.DefaultAction == nil {
-		errs = append(errs, errors.New("policy: default_action: missing (want allow, deny or terminate)"))
+		errs = append(errs, errors.New("policy: default_action: missing (want allow, deny, terminate or ask)"))
 	} else {
 		f.DefaultAction = *raw.DefaultAction
 		if _, err := ParseAction(f.DefaultAction); err != nil {
@@ -195,7 +199,7 @@ func cleanJSONErr(err error) string {
 	return s
 }
 
-// ParseAction parses allow, deny or terminate.
+// ParseAction parses allow, deny, terminate or ask.
 func ParseAction(s string) (Action, error) {
 	switch s {
 	case "allow":
@@ -204,8 +208,10 @@ func ParseAction(s string) (Action, error) {
 		return Deny, nil
 	case "terminate":
 		return Terminate, nil
+	case "ask":
+		return Ask, nil
 	}
-	return 0, fmt.Errorf("%q: want allow, deny or terminate", s)
+	return 0, fmt.Errorf("%q: want allow, deny, terminate or ask", s)
 }
 
 // ParseProto parses a protocol name.
@@ -219,8 +225,10 @@ func ParseProto(s string) (Proto, error) {
 		return ICMP, nil
 	case "icmpv6":
 		return ICMPv6, nil
+	case "dns":
+		return DNS, nil
 	}
-	return 0, fmt.Errorf("%q: want tcp, udp, icmp or icmpv6", s)
+	return 0, fmt.Errorf("%q: want tcp, udp, icmp, icmpv6 or dns", s)
 }
 
 // targetKind says how a compiled target matches.
@@ -232,6 +240,7 @@ const (
 	matchDomain
 	matchSuffix
 	matchGroup
+	matchPreset // any of a NamePreset's names
 )
 
 type target struct {
@@ -239,6 +248,12 @@ type target struct {
 	prefix netip.Prefix
 	name   string // lower case, no trailing dot; suffix without leading dot
 	group  Group
+	preset *NamePreset
+}
+
+// byName reports whether the target matches names rather than addresses.
+func (t *target) byName() bool {
+	return t.kind == matchDomain || t.kind == matchSuffix || t.kind == matchPreset
 }
 
 func compileTarget(t *Target) (target, error) {
@@ -246,13 +261,13 @@ func compileTarget(t *Target) (target, error) {
 		return target{kind: matchAny}, nil
 	}
 	n := 0
-	for _, s := range []string{t.CIDR, t.Domain, t.DomainSuffix, t.Group} {
+	for _, s := range []string{t.CIDR, t.Domain, t.DomainSuffix, t.Group, t.Preset} {
 		if s != "" {
 			n++
 		}
 	}
 	if n != 1 {
-		return target{}, errors.New("want exactly one of cidr, domain, domain_suffix, group")
+		return target{}, errors.New("want exactly one of cidr, domain, domain_suffix, group, preset")
 	}
 	switch {
 	case t.CIDR != "":
@@ -283,6 +298,12 @@ func compileTarget(t *Target) (target, error) {
 			return target{}, fmt.Errorf("domain_suffix: %v", err)
 		}
 		return target{kind: matchSuffix, name: name}, nil
+	case t.Preset != "":
+		p, ok := LookupNamePreset(t.Preset)
+		if !ok {
+			return target{}, fmt.Errorf("preset: %q: want one of %s", t.Preset, strings.Join(NamePresetNames(), ", "))
+		}
+		return target{kind: matchPreset, preset: p}, nil
 	default:
 		g, err := ParseGroup(t.Group)
 		if err != nil {
@@ -343,7 +364,7 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 	if c.src, err = compileTarget(r.Source); err != nil {
 		bad("source: %v", err)
 	}
-	if c.dir == Ingress && (c.dst.kind == matchDomain || c.dst.kind == matchSuffix || c.src.kind == matchDomain || c.src.kind == matchSuffix) {
+	if c.dir == Ingress && (c.dst.byName() || c.src.byName()) {
 		bad("source: ingress rules match addresses, not domains")
 	}
 	for i, p := range r.Protocols {
@@ -368,9 +389,17 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 		}
 		c.ports = append(c.ports, pr)
 	}
+	if c.protos&(1<<DNS) != 0 {
+		switch {
+		case c.dir != Egress || !c.dst.byName():
+			bad("protocols: dns is for rules to a domain, domain_suffix or preset (it decides whether the names resolve)")
+		case c.protos == 1<<DNS && len(c.ports) > 0:
+			bad("ports: a dns rule decides lookups, which have no port")
+		}
+	}
 	if r.HTTP != nil {
-		if c.dir != Egress || (c.dst.kind != matchDomain && c.dst.kind != matchSuffix) {
-			bad("http: only egress rules to a domain or domain_suffix decide requests")
+		if c.dir != Egress || !c.dst.byName() {
+			bad("http: only egress rules to a domain, domain_suffix or preset decide requests")
 		}
 		if c.protos&^(1<<TCP) != 0 {
 			bad("http: requests run over tcp; the rule's protocols say otherwise")
@@ -388,9 +417,23 @@ func compileRuleAll(r FileRule) (c rule, errs []error) {
 		c.http = r.HTTP
 	}
 	if r.Action == "" {
-		bad("action: missing (want allow, deny or terminate)")
+		bad("action: missing (want allow, deny, terminate or ask)")
 	} else if c.action, err = ParseAction(r.Action); err != nil {
 		bad("action: %v", err)
+	}
+	if c.action == Ask && (c.http != nil || c.dir != Egress) {
+		bad("action: ask holds new egress flows; it decides no ingress and no single requests")
+	}
+	// A preset states the ports its registry serves on: an allowing rule
+	// that states none of its own allows TCP to those. A deny keeps to
+	// what it says (every port, if it says none).
+	if c.dst.kind == matchPreset && c.action == Allow {
+		if len(r.Ports) == 0 {
+			c.ports = c.dst.preset.portRanges()
+		}
+		if len(r.Protocols) == 0 {
+			c.protos = 1 << TCP
+		}
 	}
 	return c, errs
 }

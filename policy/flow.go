@@ -16,6 +16,10 @@ const (
 	UDP
 	ICMP   // ICMPv4 echo
 	ICMPv6 // ICMPv6 echo
+	// DNS is no flow's protocol: a rule for it lets its names resolve
+	// (an allow) or refuses them (a deny) without allowing or denying
+	// any connection.
+	DNS
 )
 
 // String returns the protocol's name as written in policy files.
@@ -29,6 +33,8 @@ func (p Proto) String() string {
 		return "icmp"
 	case ICMPv6:
 		return "icmpv6"
+	case DNS:
+		return "dns"
 	}
 	return fmt.Sprintf("proto(%d)", uint8(p))
 }
@@ -58,6 +64,9 @@ const (
 	Allow Action = iota
 	Deny
 	Terminate // deny, then fire the termination hook
+	// Ask holds the flow until someone decides (see Asker); wherever no
+	// one can, it is a deny.
+	Ask
 )
 
 // String returns the action's name as written in policy files.
@@ -69,6 +78,8 @@ func (a Action) String() string {
 		return "deny"
 	case Terminate:
 		return "terminate"
+	case Ask:
+		return "ask"
 	}
 	return fmt.Sprintf("action(%d)", uint8(a))
 }

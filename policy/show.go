@@ -50,8 +50,23 @@ func targetText(t *Target) string {
 		return "the name " + t.Domain + " (addresses the sandbox resolved it to through msbtap)"
 	case t.DomainSuffix != "":
 		return t.DomainSuffix + " and every name under it (addresses the sandbox resolved them to through msbtap)"
+	case t.Preset != "":
+		return presetText(t.Preset)
 	}
 	return "group " + t.Group + ": " + groupText(t.Group)
+}
+
+// presetText lists a preset of names.
+func presetText(name string) string {
+	p, ok := LookupNamePreset(name)
+	if !ok {
+		return "preset " + name + ": unknown preset"
+	}
+	names := append([]string{}, p.Domains...)
+	for _, s := range p.DomainSuffixes {
+		names = append(names, s+" and every name under it")
+	}
+	return "preset " + name + ": " + strings.Join(names, ", ") + " (addresses the sandbox resolved them to through msbtap)"
 }
 
 func actionText(a string) string {
@@ -60,6 +75,8 @@ func actionText(a string) string {
 		return "allow"
 	case "deny":
 		return "deny"
+	case "ask":
+		return "ask (hold until answered, through msbtap ctl or --ask-exec) about"
 	}
 	return "terminate the sandbox on"
 }
@@ -73,6 +90,8 @@ func Show(w io.Writer, f *File) {
 		fmt.Fprintln(w, "names: every name resolves unless a domain rule denies it")
 	case f.Resolve == ResolveAll:
 		fmt.Fprintln(w, `names: every name resolves unless a domain rule denies it ("resolve": "all")`)
+	case f.DefaultAction == "ask":
+		fmt.Fprintln(w, `names: names an allowing or asking domain rule lists resolve; the lookup of any other is asked about ("resolve": "listed")`)
 	default:
 		fmt.Fprintln(w, `names: only names an allowing domain rule lists resolve, the others get NXDOMAIN ("resolve": "listed")`)
 	}
@@ -95,13 +114,23 @@ func Show(w io.Writer, f *File) {
 				b.WriteString(", to the sandbox's " + targetText(r.Destination))
 			}
 		} else {
-			b.WriteString(" " + protosText(r.Protocols))
-			if len(r.Ports) > 0 {
-				b.WriteString(" to " + portsText(r.Ports) + " of " + targetText(r.Destination))
+			protos, ports := r.Protocols, r.Ports
+			if r.Destination != nil && r.Destination.Preset != "" && r.Action == "allow" {
+				// The preset's own ports, over TCP, unless the rule says.
+				if p, ok := LookupNamePreset(r.Destination.Preset); ok && len(ports) == 0 {
+					ports = p.portRanges()
+				}
+				if len(protos) == 0 {
+					protos = []string{"tcp"}
+				}
+			}
+			b.WriteString(" " + protosText(protos))
+			if len(ports) > 0 {
+				b.WriteString(" to " + portsText(ports) + " of " + targetText(r.Destination))
 			} else {
 				b.WriteString(" to " + targetText(r.Destination))
 			}
-			if r.Destination != nil && (r.Destination.Domain != "" || r.Destination.DomainSuffix != "") {
+			if r.Destination != nil && (r.Destination.Domain != "" || r.Destination.DomainSuffix != "" || r.Destination.Preset != "") {
 				named = true
 			}
 		}
@@ -123,6 +152,14 @@ func Show(w io.Writer, f *File) {
 	fmt.Fprintln(w, "  cloud metadata, the host and the local-use NAT64 prefix 64:ff9b:1::/48 are allowed only by a rule")
 	fmt.Fprintln(w, "  that names them (group metadata, group host, a CIDR inside 64:ff9b:1::/48), never by any, a CIDR or the default;")
 	fmt.Fprintln(w, "  broadcast and multicast addresses are never reached")
+	asks := f.DefaultAction == "ask"
+	for _, r := range f.Rules {
+		asks = asks || r.Action == "ask"
+	}
+	if asks {
+		fmt.Fprintln(w, "asking: a TCP connection (at its SYN or its TLS server name), a UDP flow (its first datagram) and a lookup wait for the answer")
+		fmt.Fprintln(w, "  (--ask-timeout, 30 s, then deny); ICMP and single HTTP requests an ask decides are refused; metadata, the host and what a deny rule matches are never asked")
+	}
 	if named {
 		fmt.Fprintln(w, "because rules match names: a connection's TLS server name or HTTP Host must be allowed too;")
 		fmt.Fprintln(w, "  UDP 443 (QUIC) to names and DNS over TLS (TCP 853) are refused")
@@ -133,7 +170,14 @@ func protosText(ps []string) string {
 	if len(ps) == 0 {
 		return "every protocol"
 	}
-	return strings.Join(ps, ", ")
+	out := make([]string, len(ps))
+	for i, p := range ps {
+		out[i] = p
+		if p == "dns" {
+			out[i] = "dns lookups (no connection)"
+		}
+	}
+	return strings.Join(out, ", ")
 }
 
 func portsText(rs []PortRange) string {

@@ -51,3 +51,30 @@ func TestShowPresets(t *testing.T) {
 		}
 	}
 }
+
+// TestShowAskPresetsAndDNS: show says what a preset of names holds (with
+// the ports an allow of it gets), what ask does, and what a dns rule is.
+func TestShowAskPresetsAndDNS(t *testing.T) {
+	f, err := ParseFile([]byte(`{"default_action": "ask", "rules": [
+		{"destination": {"preset": "pypi"}, "action": "allow"},
+		{"destination": {"preset": "github"}, "ports": [{"start": 22}], "action": "allow"},
+		{"destination": {"domain": "look.example"}, "protocols": ["dns"], "action": "allow"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	Show(&b, f)
+	for _, want := range []string{
+		"flows no rule matches: ask (hold until answered",
+		"the lookup of any other is asked about",
+		"  0. allow tcp to port 443 of preset pypi: pypi.org, files.pythonhosted.org, upload.pypi.org",
+		"  1. allow tcp to port 22 of preset github: github.com",
+		"  2. allow dns lookups (no connection) to the name look.example",
+		"ICMP and single HTTP requests an ask decides are refused",
+		"TLS server name or HTTP Host must be allowed too",
+	} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("no %q in:\n%s", want, b.String())
+		}
+	}
+}

@@ -47,6 +47,10 @@ type DNSOptions struct {
 	// Filter, when set, sees every query before it is forwarded and every
 	// answer before it is returned; see DNSFilter.
 	Filter DNSFilter
+	// Holds, if set, says which queries the filter may hold (an ask
+	// waiting for its answer): those are never answered from the cache
+	// on the caller's path, always in a goroutine of their own.
+	Holds func(src netip.AddrPort, q *dns.Msg) bool
 	// Report is told of the filter's decisions.
 	Report func(policy.Flow, policy.Decision)
 	Log    *slog.Logger
@@ -441,7 +445,7 @@ func (d *DNS) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
 		send(reply(q, dns.RcodeFormatError))
 		return true
 	}
-	if d.cache.has(q) {
+	if d.cache.has(q) && (d.o.Holds == nil || !d.o.Holds(src, q)) {
 		// Known answers cost no upstream round trip: answered here, ahead
 		// of any flood of new names.
 		up, done := d.prepare(src, q, policy.UDP)

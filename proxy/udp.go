@@ -27,6 +27,10 @@ type UDPOptions struct {
 	// Allow is asked once per new session, before any socket exists; it
 	// returns the flow's id.
 	Allow func(src, dst netip.AddrPort) (id uint64, ok bool)
+	// Hold, if set, is offered the datagram of a new session Allow did
+	// not allow: it may keep it (the flow is held for an answer, and
+	// Resume opens the session later) and say so; Handle then returns nil.
+	Hold func(src, dst netip.AddrPort, payload []byte) bool
 	// Track, when set, is told of each new session (end ends it) and
 	// returns the meters of its bytes each way (up: from the guest) and
 	// what to call when it is over.
@@ -142,9 +146,34 @@ func (u *UDP) Handle(src, dst netip.AddrPort, payload []byte) error {
 	if s == nil {
 		var err error
 		if s, err = u.open(k, now); err != nil {
+			if errors.Is(err, ErrDenied) && u.o.Hold != nil && u.o.Hold(src, dst, payload) {
+				return nil
+			}
 			return err
 		}
 	}
+	return u.send(s, now, payload)
+}
+
+// Resume opens the session of a flow that was held and is now allowed
+// (as flow id, without asking Allow again), and relays its datagram.
+func (u *UDP) Resume(id uint64, src, dst netip.AddrPort, payload []byte) error {
+	k := udpKey{src, dst}
+	now := time.Now().UnixNano()
+	u.mu.Lock()
+	s := u.sessions[k]
+	u.mu.Unlock()
+	if s == nil {
+		var err error
+		if s, err = u.openAs(k, now, id); err != nil {
+			return err
+		}
+	}
+	return u.send(s, now, payload)
+}
+
+// send relays one datagram on session s.
+func (u *UDP) send(s *udpSession, now int64, payload []byte) error {
 	s.lastSeen.Store(now)
 	if s.up != nil {
 		if !s.up.Shaper.Allow(len(payload)) {
@@ -169,6 +198,11 @@ func (u *UDP) open(k udpKey, now int64) (*udpSession, error) {
 	if !ok {
 		return nil, ErrDenied
 	}
+	return u.openAs(k, now, id)
+}
+
+// openAs opens the session of allowed flow id.
+func (u *UDP) openAs(k udpKey, now int64, id uint64) (*udpSession, error) {
 	u.mu.Lock()
 	if u.closed {
 		u.mu.Unlock()

@@ -11,8 +11,10 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/msbtap/msbtap/agent"
 	"github.com/msbtap/msbtap/control"
@@ -115,6 +117,9 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 	cfg.Upstream.URL, cfg.Upstream.Bypass = s.String("upstream-proxy"), s.Strings("upstream-proxy-bypass")
 	cfg.Upstream.CredentialsFile, cfg.Upstream.CredentialsEnv = s.String("upstream-proxy-credentials-file"), s.String("upstream-proxy-credentials-env")
 	secretFlags := s.Strings("secret")
+	cfg.Learn, cfg.LearnSuffixDepth = s.String("learn"), s.Int("learn-suffix-depth")
+	askTimeout := s.String("ask-timeout")
+	cfg.AskExec, cfg.AskSave = s.String("ask-exec"), s.Bool("ask-save")
 	cfg.Secrets.File, cfg.Secrets.EnvOut = s.String("secrets"), s.String("secrets-env-out")
 	if err := s.Err(); err != nil {
 		return cfg, err
@@ -249,12 +254,56 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 			}
 		}
 	}
+	if err := learnConfig(&cfg); err != nil {
+		return cfg, err
+	}
+	if askTimeout != "" {
+		if cfg.AskTimeout, err = time.ParseDuration(askTimeout); err != nil || cfg.AskTimeout < 100*time.Millisecond || cfg.AskTimeout > time.Hour {
+			return cfg, fielderr.Bad("ask_timeout", askTimeout, "want a duration from 100ms to 1h, like 30s")
+		}
+	}
+	if cfg.AskExec != "" {
+		if cfg.AskExecUID, cfg.AskExecGID, _, err = sandbox.Credentials(""); err != nil {
+			return cfg, fielderr.Bad("ask_exec", cfg.AskExec, "%w", err)
+		}
+	}
 	return cfg, loadPolicy(s, &cfg)
 }
 
+// learnConfig checks the learn mode settings: the file's directory must
+// exist (the file is written through a temporary file beside it).
+func learnConfig(cfg *agent.Config) error {
+	if cfg.Learn == "" {
+		if cfg.LearnSuffixDepth != 0 {
+			return fielderr.Bad("learn_suffix_depth", cfg.LearnSuffixDepth, "only with a learn file")
+		}
+		return nil
+	}
+	if cfg.LearnSuffixDepth < 0 || cfg.LearnSuffixDepth == 1 {
+		return fielderr.Bad("learn_suffix_depth", cfg.LearnSuffixDepth, "want 0 (exact names) or 2 and more labels")
+	}
+	p, err := filepath.Abs(cfg.Learn)
+	if err != nil {
+		return fielderr.Bad("learn", cfg.Learn, "%w", err)
+	}
+	if st, err := os.Stat(filepath.Dir(p)); err != nil || !st.IsDir() {
+		return fielderr.Bad("learn", cfg.Learn, "its directory does not exist")
+	}
+	if st, err := os.Stat(p); err == nil && st.IsDir() {
+		return fielderr.Bad("learn", cfg.Learn, "is a directory")
+	}
+	cfg.Learn = p
+	return nil
+}
+
 // loadPolicy reads the policy setting: a preset, a file name, or (from a
-// config file) an inline policy object.
+// config file) an inline policy object; and the presets --allow adds.
 func loadPolicy(s Source, cfg *agent.Config) error {
+	rules, err := policy.AllowRules(s.Strings("allow"))
+	if err != nil {
+		return fielderr.Wrap("allow", err)
+	}
+	cfg.Allow = rules
 	if raw, ok := s.InlinePolicy(); ok {
 		f, err := policy.ParseFile(raw)
 		if err != nil {

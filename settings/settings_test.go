@@ -47,6 +47,14 @@ func TestBuild(t *testing.T) {
 	if err != nil || cfg.Netns != "/run/netns/sb1" || cfg.RateDown != 50e6/8 || cfg.TLS.Mode.String() != "all" {
 		t.Fatalf("%+v %v", cfg, err)
 	}
+	cfg, err = Build(mapSource{"netns": "sb1", "allow": []string{"pypi,npm", "github"}}, io.Discard)
+	if err != nil || len(cfg.Allow) != 3 || cfg.Allow[2].Destination.Preset != "github" || cfg.Allow[0].Action != "allow" {
+		t.Errorf("--allow: %+v %v", cfg.Allow, err)
+	}
+	cfg, err = Build(mapSource{"netns": "sb1", "learn": "learned.json", "learn-suffix-depth": 3}, io.Discard)
+	if err != nil || !strings.HasSuffix(cfg.Learn, "/learned.json") || !strings.HasPrefix(cfg.Learn, "/") || cfg.LearnSuffixDepth != 3 {
+		t.Errorf("--learn: %q %d %v", cfg.Learn, cfg.LearnSuffixDepth, err)
+	}
 	if _, err := Build(mapSource{}, io.Discard); !errors.Is(err, ErrNothingToAttach) {
 		t.Errorf("nothing to attach: %v", err)
 	}
@@ -61,6 +69,12 @@ func TestBuild(t *testing.T) {
 		{mapSource{"netns": "x", "pprof": true}, "pprof"},
 		{mapSource{"netns": "x", "secret": []string{"NOHOST"}}, "secret"},
 		{mapSource{"netns": "x", "tls-bypass": []string{"*"}}, "tls_bypass"},
+		{mapSource{"netns": "x", "allow": []string{"nosuch"}}, "allow"},
+		{mapSource{"netns": "x", "learn-suffix-depth": 2}, "learn_suffix_depth"},
+		{mapSource{"netns": "x", "ask-timeout": "soon"}, "ask_timeout"},
+		{mapSource{"netns": "x", "ask-timeout": "1ms"}, "ask_timeout"},
+		{mapSource{"netns": "x", "learn": "/tmp/l.json", "learn-suffix-depth": 1}, "learn_suffix_depth"},
+		{mapSource{"netns": "x", "learn": "/nonexistent-dir/l.json"}, "learn"},
 		{mapSource{"netns": "x", "env": []string{"A=1"}}, "env"},
 		{mapSource{"args": []string{"true"}, "env": []string{"1A=1"}}, "env"},
 		{mapSource{"args": []string{"true"}, "env": []string{"A-B"}}, "env"},

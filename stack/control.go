@@ -20,9 +20,13 @@ func (st *Stack) Flows(domain func(netip.Addr) string) []FlowInfo { return st.fl
 func (st *Stack) CloseFlow(id uint64) bool { return st.flows.close(id) }
 
 // Revoke re-decides every open flow with the policy in force and resets
-// those it no longer allows; it returns how many.
+// those it no longer allows; it returns how many. A flow the policy would
+// ask about stays: it is open, so it was allowed or answered already.
 func (st *Stack) Revoke() int {
-	return st.flows.revoke(func(f policy.Flow) bool { return st.o.Policy.Check(f).Action == policy.Allow })
+	return st.flows.revoke(func(f policy.Flow) bool {
+		a := st.o.Policy.Check(f).Action
+		return a == policy.Allow || a == policy.Ask
+	})
 }
 
 // SetRates changes the sandbox's rates: bytes a second each way, TCP

@@ -46,6 +46,7 @@ func (st *Stack) Metrics() Metrics {
 			"udp_dropped":       udp.Dropped,
 			"udp_too_big":       udp.TooBig,
 			"udp_evicted":       udp.Evicted,
+			"udp_held_dropped":  st.heldUDP.dropped.Load(),
 			"icmp_dropped":      echo.Dropped,
 			"icmp_timeout":      echo.TimedOut,
 			"dns_dropped":       dns.Dropped,

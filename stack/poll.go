@@ -211,7 +211,7 @@ func (st *Stack) handleTCP(b []byte, p *wire.Packet) {
 			return
 		}
 		d := st.decideFlow(&f)
-		if d.Action != policy.Allow {
+		if d.Action != policy.Allow && (d.Action != policy.Ask || st.o.Ask == nil) { // an ask is held in the forwarder (tcp.go)
 			c.Drop(rings.DropPolicy)
 			if st.o.DenyMode == DenyReject {
 				st.r.sendTCPReset(p, seg)

@@ -52,6 +52,14 @@ type Options struct {
 	Shared *rings.Shared
 	// Policy decides new flows; nil allows everything.
 	Policy policy.Checker
+	// Ask, if set, holds a TCP flow the policy decided to ask about: it
+	// blocks (the guest's SYN unanswered, nothing dialled) until the
+	// question is answered and returns the decision that replaces the
+	// ask. Without it an ask is a deny.
+	Ask func(ctx context.Context, f policy.Flow, d policy.Decision) policy.Decision
+	// DNSHolds says which queries the DNS filter may hold (ask): they are
+	// never decided on the packet path.
+	DNSHolds func(src netip.AddrPort, q *dns.Msg) bool
 	// HandleTCP, if set, serves the allowed TCP flows WantsTCP says yes
 	// to (their first bytes looked at, say) instead of a plain relay.
 	HandleTCP func(context.Context, TCPFlow) error
@@ -143,6 +151,8 @@ type Stack struct {
 	// refusal the poll loop sends (both run on the poll loop).
 	lastUDPRule int
 	syns        synTable
+	// heldUDP are the UDP flows an ask holds (see udpask.go).
+	heldUDP heldUDP
 
 	done      chan struct{}
 	closeOnce sync.Once
@@ -194,6 +204,7 @@ func New(o Options) (*Stack, error) {
 	st.udp = proxy.NewUDP(proxy.UDPOptions{
 		Replier:     st.r,
 		Allow:       st.allowUDP,
+		Hold:        st.holdUDP,
 		Track:       st.trackUDP,
 		MapDst:      o.MapDst,
 		IdleTimeout: o.UDPIdleTimeout,
@@ -208,6 +219,7 @@ func New(o Options) (*Stack, error) {
 		Replier:       st.r,
 		MaxUDPPayload: st.sizes.MaxUDPPayload(true),
 		Filter:        cutAware{st, o.DNSFilter},
+		Holds:         o.DNSHolds,
 		Report:        st.report,
 		Log:           o.Log.With("component", "dns"),
 	})
@@ -350,6 +362,10 @@ func (st *Stack) allowUDP(src, dst netip.AddrPort) (uint64, bool) {
 	f := policy.Flow{Proto: policy.UDP, Src: src, Dst: dst}
 	d := st.decideFlow(&f)
 	st.lastUDPRule = d.Rule
+	st.heldUDP.candidate = synDecision{}
+	if d.Action == policy.Ask {
+		st.heldUDP.candidate = synDecision{f.ID, d} // for holdUDP, next
+	}
 	if d.Action != policy.Allow || !st.dialAllowed(f) {
 		return f.ID, false
 	}

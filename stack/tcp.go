@@ -97,6 +97,17 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	// The SYN's decision, taken at once: the dial below may take seconds,
 	// longer than the table keeps a record.
 	sd, decided := st.syns.take(synKey{src, dst})
+	if decided && sd.d.Action == policy.Ask {
+		// Held: no SYN-ACK and no dial until the question is answered;
+		// the forwarder drops the guest's retransmitted SYNs meanwhile.
+		f := policy.Flow{ID: sd.id, Proto: policy.TCP, Src: src, Dst: dst}
+		sd.d = st.o.Ask(t.ctx, f, sd.d)
+		st.report(f, sd.d)
+		if sd.d.Action != policy.Allow {
+			r.Complete(st.o.DenyMode == DenyReject) // completed either way: the forwarder's slot is freed
+			return
+		}
+	}
 	if t.active.Load() >= int64(st.o.MaxConnections) {
 		st.stats.overCap.Add(1)
 		r.Complete(true)
@@ -116,6 +127,12 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	f := policy.Flow{Proto: policy.TCP, Src: src, Dst: dst}
 	if !decided { // a SYN whose decision record is gone: a new id, decided again
 		sd = synDecision{st.ids.next(), st.o.Policy.Check(f)}
+		if sd.d.Action == policy.Ask {
+			// No record of its SYN to hold it by: refused.
+			t.dials.release(pd, nil)
+			r.Complete(true)
+			return
+		}
 	}
 	f.ID = sd.id
 	up, err := st.dialUp(ctx, f, sd.d)

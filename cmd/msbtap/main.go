@@ -84,6 +84,9 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == agent.HookRunnerArg {
 		agent.HookRunner() // msbtap re-executed to run --on-terminate
 	}
+	if len(os.Args) > 1 && os.Args[1] == agent.AskRunnerArg {
+		agent.AskRunner() // msbtap re-executed to run --ask-exec
+	}
 	if len(os.Args) > 1 && os.Args[1] == agent.KeeperArg {
 		agent.Keeper() // msbtap re-executed to keep the agent's files
 	}

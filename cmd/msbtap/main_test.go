@@ -47,6 +47,7 @@ func TestFlagErrors(t *testing.T) {
 		{"ready-fd stdout", []string{"run", "--netns", "x", "--ready-fd", "1"}, "--ready-fd"},
 		{"bad dns upstream", []string{"run", "--netns", "x", "--dns-upstream", "resolver.example"}, "--dns-upstream"},
 		{"max connections zero", []string{"run", "--netns", "x", "--max-connections", "0"}, "--max-connections"},
+		{"unknown allow preset", []string{"run", "--netns", "x", "--allow", "pypi,nosuch"}, "--allow"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := runApp(tc.args...)
@@ -190,6 +191,59 @@ func TestPolicyExplainShowsResolve(t *testing.T) {
 		out, err := runApp("policy", "explain", "--policy", tc.policy, "--dst", "198.51.100.7:443")
 		if err != nil || !strings.Contains(out, tc.want) {
 			t.Errorf("%s: %v\n%s", tc.policy, err, out)
+		}
+	}
+}
+
+func TestPolicyExplainPreset(t *testing.T) {
+	out, err := runApp("policy", "explain", "--preset", "debian")
+	if err != nil || !strings.Contains(out, "domain deb.debian.org") || !strings.Contains(out, "tcp 80, 443") || !strings.Contains(out, "source: ") {
+		t.Errorf("--preset debian: %v\n%s", err, out)
+	}
+	out, err = runApp("policy", "explain", "--preset", "list")
+	if err != nil || !strings.Contains(out, "huggingface") || !strings.Contains(out, "rubygems") {
+		t.Errorf("--preset list: %v\n%s", err, out)
+	}
+	if _, err := runApp("policy", "explain", "--preset", "nosuch"); err == nil || !strings.Contains(err.Error(), "pypi") {
+		t.Errorf("unknown preset: %v", err)
+	}
+	// A preset in a rule, explained for a flow to one of its names.
+	out, err = runApp("policy", "explain", "--policy", writeFile(t, `{"default_action": "deny", "rules": [{"destination": {"preset": "pypi"}, "action": "allow"}]}`),
+		"--dst", "198.51.100.7:443", "--domain", "pypi.org")
+	if err != nil || !strings.HasPrefix(out, "allow\nby rules[0]: allow egress to preset pypi") {
+		t.Errorf("explain a preset rule: %v\n%s", err, out)
+	}
+}
+
+func writeFile(t *testing.T, content string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "f.json")
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestPolicySuggest: a decision log becomes a policy that policy check
+// accepts, on standard output or atomically in a file.
+func TestPolicySuggest(t *testing.T) {
+	logf := writeFile(t, `{"time":"t","direction":"egress","proto":"dns","transport":"udp","src":"100.96.0.2:5000","domain":"files.pythonhosted.org","rule":-1,"rule_text":"d","action":"deny"}
+{"time":"t","direction":"egress","proto":"tcp","src":"100.96.0.2:40000","dst":"198.51.100.7:443","domain":"files.pythonhosted.org","rule":-1,"rule_text":"d","action":"deny"}
+`)
+	out, err := runApp("policy", "suggest", "--suffix-depth", "2", logf)
+	if err != nil || !strings.Contains(out, `"domain_suffix": "pythonhosted.org"`) || strings.Contains(out, `"dns"`) {
+		t.Fatalf("suggest: %v\n%s", err, out)
+	}
+	dst := filepath.Join(t.TempDir(), "suggested.json")
+	if _, err := runApp("policy", "suggest", "-o", dst, logf); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := runApp("policy", "check", dst); err != nil || !strings.Contains(out, "ok (1 rules, default_action deny)") {
+		t.Errorf("policy check of the suggestion: %v %s", err, out)
+	}
+	for _, args := range [][]string{{"policy", "suggest"}, {"policy", "suggest", "--suffix-depth", "1", logf}} {
+		if _, err := runApp(args...); err == nil {
+			t.Errorf("%v: no usage error", args)
 		}
 	}
 }

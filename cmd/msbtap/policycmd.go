@@ -1,14 +1,18 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/msbtap/msbtap/agent"
+	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
 )
@@ -47,11 +51,12 @@ func policyCommand() *cli.Command {
 			},
 			{
 				Name:         "explain",
-				Usage:        "print the rule that decides a flow, and its action",
+				Usage:        "print the rule that decides a flow, and its action; or what a preset of names (--preset) holds",
 				OnUsageError: usageErr,
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "policy", Value: policy.DefaultPreset, Usage: "a preset or a policy `FILE`"},
-					&cli.StringFlag{Name: "dst", Required: true, Usage: "destination `IP:PORT` (an IP alone for icmp)"},
+					&cli.StringFlag{Name: "preset", Usage: "print the names, ports and sources of preset `NAME` (pypi, npm, github, …; list: every preset) and exit"},
+					&cli.StringFlag{Name: "dst", Usage: "destination `IP:PORT` (an IP alone for icmp); required unless --preset"},
 					&cli.StringFlag{Name: "proto", Value: "tcp", Usage: "tcp, udp, icmp or icmpv6"},
 					&cli.StringFlag{Name: "domain", Usage: "the `NAME` the destination was resolved from"},
 					&cli.StringFlag{Name: "sni", Usage: "the server `NAME` (TLS SNI or HTTP Host) the connection then asks for"},
@@ -63,11 +68,28 @@ func policyCommand() *cli.Command {
 				},
 				Action: explain,
 			},
+			{
+				Name:         "suggest",
+				Usage:        "write a policy that allows what a decision log (--audit-log) shows the sandbox used or was refused by the default",
+				ArgsUsage:    "AUDITLOG [AUDITLOG…]",
+				OnUsageError: usageErr,
+				Flags: []cli.Flag{
+					&cli.IntFlag{Name: "suffix-depth", Usage: "write names of more than `N` labels (N ≥ 2) as domain_suffix rules on their last N labels"},
+					&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "write the policy to `FILE` (atomically) instead of standard output"},
+				},
+				Action: suggest,
+			},
 		},
 	}
 }
 
 func explain(c *cli.Context) error {
+	if name := c.String("preset"); name != "" {
+		return explainPreset(c, name)
+	}
+	if c.String("dst") == "" {
+		return withStatus(2, errors.New("policy explain: --dst is required (or --preset NAME)"))
+	}
 	f, err := policy.Load(c.String("policy"))
 	if err != nil {
 		return withStatus(1, fmt.Errorf("--policy: %w", err))
@@ -152,6 +174,69 @@ func explainName(c *cli.Context, e *policy.Engine, fl policy.Flow, d policy.Deci
 		rd := e.CheckRequest(fl, m, c.String("path"))
 		fmt.Fprintf(w, "request %s %s%s: %s by %s (intercepted)\n", m, name, c.String("path"), rd.Action, e.Describe(rd.Rule))
 	}
+}
+
+func suggest(c *cli.Context) error {
+	if c.NArg() == 0 {
+		return withStatus(2, errors.New("policy suggest: want one or more AUDITLOG files"))
+	}
+	depth := c.Int("suffix-depth")
+	if depth < 0 || depth == 1 {
+		return withStatus(2, fmt.Errorf("--suffix-depth %d: want 0 (exact names) or 2 and more labels", depth))
+	}
+	l := policy.NewLearner()
+	used, bad := 0, 0
+	for _, path := range c.Args().Slice() {
+		fh, err := os.Open(path)
+		if err != nil {
+			return withStatus(1, err)
+		}
+		u, b, err := audit.LearnFrom(fh, l)
+		fh.Close()
+		if err != nil {
+			return withStatus(1, fmt.Errorf("%s: %w", path, err))
+		}
+		used, bad = used+u, bad+b
+	}
+	f := l.Policy(policy.LearnOptions{SuffixDepth: depth})
+	if out := c.String("output"); out != "" {
+		if err := agent.WritePolicyFile(out, f); err != nil {
+			return withStatus(1, fmt.Errorf("--output: %w", err))
+		}
+	} else {
+		b, err := json.MarshalIndent(f, "", "  ")
+		if err != nil {
+			return withStatus(1, err)
+		}
+		fmt.Fprintf(c.App.Writer, "%s\n", b)
+	}
+	fmt.Fprintf(c.App.ErrWriter, "%d rules from %d decisions", len(f.Rules), used)
+	if bad > 0 {
+		fmt.Fprintf(c.App.ErrWriter, " (%d lines were no decision record)", bad)
+	}
+	if n := l.Dropped(); n > 0 {
+		fmt.Fprintf(c.App.ErrWriter, " (%d destinations past the bound of %d left out)", n, policy.DefaultLearnMax)
+	}
+	fmt.Fprintln(c.App.ErrWriter)
+	return nil
+}
+
+// explainPreset prints a preset of names (or, for "list", every preset
+// with its description).
+func explainPreset(c *cli.Context, name string) error {
+	if name == "list" {
+		for _, n := range policy.NamePresetNames() {
+			p, _ := policy.LookupNamePreset(n)
+			fmt.Fprintf(c.App.Writer, "%-12s %s\n", n, p.Description)
+		}
+		return nil
+	}
+	p, ok := policy.LookupNamePreset(name)
+	if !ok {
+		return withStatus(2, fmt.Errorf("--preset %q: want one of %s (or list)", name, strings.Join(policy.NamePresetNames(), ", ")))
+	}
+	fmt.Fprint(c.App.Writer, p.Explain())
+	return nil
 }
 
 // showCommand is `msbtap policy show`.

@@ -50,6 +50,10 @@ type World struct {
 	// internet's HTTP and HTTPS servers got.
 	RequestLog string
 
+	// DNSUpstream, if set, is the resolver StartAgent gives msbtap
+	// instead of the world's own test DNS server (DNSHost4).
+	DNSUpstream string
+
 	Agent    *exec.Cmd
 	AgentLog *Buffer
 	agentErr chan error
@@ -129,7 +133,11 @@ func waitFile(t testing.TB, path string) {
 // and checks that it exits cleanly.
 func (w *World) StartAgent(t testing.TB, extra ...string) {
 	t.Helper()
-	args := []string{w.Msbtap, "run", "--netns", w.Guest.Name, "--dns-upstream", DNSHost4, "--ready-fd", "3", "--log-level", "debug"}
+	dns := DNSHost4
+	if w.DNSUpstream != "" {
+		dns = w.DNSUpstream
+	}
+	args := []string{w.Msbtap, "run", "--netns", w.Guest.Name, "--dns-upstream", dns, "--ready-fd", "3", "--log-level", "debug"}
 	args = append(args, extra...)
 	cmd := w.Host.Command(args...)
 	w.AgentLog = &Buffer{}

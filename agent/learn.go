@@ -1,0 +1,61 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/msbtap/msbtap/policy"
+)
+
+// writeLearned writes the policy learn mode recorded to the --learn file,
+// atomically: a reader sees the old file or the new one, never half.
+func (a *Agent) writeLearned() {
+	f := a.learner.Policy(policy.LearnOptions{SuffixDepth: a.cfg.LearnSuffixDepth})
+	if err := a.writePolicyFile("learn", a.cfg.Learn, f); err != nil {
+		a.log.Error("write the learned policy", "file", a.cfg.Learn, "err", err)
+		return
+	}
+	if n := a.learner.Dropped(); n > 0 {
+		a.log.Warn("learn mode: destinations past its bound were not recorded", "dropped", n, "bound", policy.DefaultLearnMax)
+	}
+	a.log.Info("learned policy written", "file", a.cfg.Learn, "rules", len(f.Rules))
+}
+
+// writePolicyFile writes f to path (the --learn file, or the policy
+// file), through the keeper once the agent is no longer root.
+func (a *Agent) writePolicyFile(which, path string, f *policy.File) error {
+	if !a.armed.Load() {
+		return WritePolicyFile(path, f)
+	}
+	b, err := json.Marshal(f)
+	if err != nil {
+		return err
+	}
+	return a.keeper.writePolicy(which, b)
+}
+
+// WritePolicyFile writes f as an indented policy file at path through a
+// temporary file in the same directory, renamed over path (mode 0644).
+func WritePolicyFile(path string, f *policy.File) error {
+	b, err := json.MarshalIndent(f, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return fmt.Errorf("create: %w", err)
+	}
+	_, err = tmp.Write(append(b, '\n'))
+	err = errors.Join(err, tmp.Chmod(0o644), tmp.Sync(), tmp.Close())
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err != nil {
+		os.Remove(tmp.Name())
+		return err
+	}
+	return nil
+}
