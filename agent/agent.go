@@ -48,6 +48,9 @@ type Config struct {
 	// Offload puts virtio net headers with TSO and checksum offload on the
 	// TAP.
 	Offload bool
+	// FastPath carries the TCP flows the agent need not read on the TCP
+	// translator (stack.Options.FastPath).
+	FastPath bool
 	// Command runs in the sandbox (in VM mode: in msbtap's own namespace)
 	// as CommandUID:CommandGID with CommandGroups, with no capabilities,
 	// in a PID and mount namespace of its own; the agent ends with it.
@@ -371,6 +374,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		DNSFilter:      a.dnsFilter(guard),
 		MaxConnections: cfg.MaxConnections,
 		Offload:        cfg.Offload,
+		FastPath:       cfg.FastPath,
 		IsLocal:        newLocalRoutes().IsLocal,
 		RateUp:         cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
 		HandleTCP: a.handleTCP,

@@ -3,7 +3,6 @@ package tcpfast
 import (
 	"context"
 	"errors"
-	"fmt"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -350,15 +349,3 @@ func listen(t *testing.T, network string, serve func(c *net.TCPConn)) netip.Addr
 	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
 
-// debug describes the translator's connections, for failures.
-func (t *Translator) debug() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	s := ""
-	for _, c := range t.conns {
-		s += fmt.Sprintf("state %d rcvNxt +%d sndUna +%d sndNxt +%d sndMax +%d edge +%d guestWnd %d wndField %d ws %d/%d guestFin %v eof %v finSent %v finAcked %v readable %v wantWnd %v blocked %v held %d\n",
-			c.state, c.rcvNxt-c.guestISN, c.sndUna-c.iss, c.sndNxt-c.iss, c.sndMax-c.iss, c.edge-c.iss, c.guestWnd, c.wndField, c.guestWS, c.ourWS,
-			c.guestFin, c.sockEOF, c.finSent, c.finAcked, c.readable, c.wantWnd, c.blocked, len(c.ooo))
-	}
-	return s
-}

@@ -46,6 +46,10 @@ const (
 // on TCP sockets, Linux 6.9 and later).
 var ErrUnsupported = errors.New("the kernel does not support SO_PEEK_OFF on TCP sockets (Linux 6.9 or later)")
 
+// ErrRefused says Open's connect was refused at once; the guest has had
+// its reset.
+var ErrRefused = errors.New("connection refused")
+
 // Options configure a Translator.
 type Options struct {
 	// Shared holds the frame pool and the rx ring the guest's frames go
@@ -276,7 +280,7 @@ func (t *Translator) Open(p *wire.Packet, seg wire.TCPSegment, fl Flow) (*Conn, 
 		t.stats.Refused++
 		t.sendRefusal(p, seg)
 		t.flushLocked()
-		return nil, fmt.Errorf("fast path connect: %w", err)
+		return nil, fmt.Errorf("fast path connect: %w (%w)", ErrRefused, err)
 	}
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(fd)}
 	if err := unix.EpollCtl(t.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
@@ -413,4 +417,17 @@ func (t *Translator) run() {
 		t.flushLocked()
 		t.mu.Unlock()
 	}
+}
+
+// Debug describes the translator's connections, for failures.
+func (t *Translator) Debug() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := ""
+	for _, c := range t.conns {
+		s += fmt.Sprintf("state %d rcvNxt +%d sndUna +%d sndNxt +%d sndMax +%d edge +%d guestWnd %d wndField %d ws %d/%d guestFin %v eof %v finSent %v finAcked %v readable %v wantWnd %v blocked %v held %d\n",
+			c.state, c.rcvNxt-c.guestISN, c.sndUna-c.iss, c.sndNxt-c.iss, c.sndMax-c.iss, c.edge-c.iss, c.guestWnd, c.wndField, c.guestWS, c.ourWS,
+			c.guestFin, c.sockEOF, c.finSent, c.finAcked, c.readable, c.wantWnd, c.blocked, len(c.ooo))
+	}
+	return s
 }

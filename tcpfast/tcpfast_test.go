@@ -66,7 +66,7 @@ func bulk(t *testing.T, w *world, dst netip.AddrPort, up, down int, seed uint64)
 	c.SetReadDeadline(time.Now().Add(60 * time.Second))
 	got, err := io.ReadAll(c)
 	if err != nil {
-		t.Fatalf("%s: read: %v (got %d bytes); %+v\n%s", dst, err, len(got), w.tr.Stats(), w.tr.debug())
+		t.Fatalf("%s: read: %v (got %d bytes); %+v\n%s", dst, err, len(got), w.tr.Stats(), w.tr.Debug())
 	}
 	if err := <-errc; err != nil {
 		t.Fatalf("%s: write: %v", dst, err)

@@ -20,6 +20,7 @@ func runFlags() []cli.Flag {
 		&cli.StringFlag{Name: "config", Usage: "read settings from JSON `FILE` (keys are the flag names in snake_case; flags win)"},
 		&cli.BoolFlag{Name: "vm", Usage: "VM mode: create a TAP named by --tap for the VMM to open (QEMU -netdev tap,ifname=NAME,script=no,downscript=no)"},
 		&cli.StringFlag{Name: "offload", Value: "on", Usage: "on: virtio net headers with TCP segmentation and checksum offload on the TAP (64 KiB segments whatever the MTU); off: plain frames"},
+		&cli.StringFlag{Name: "fast-path", Value: "off", Usage: "on: TCP flows the agent need not read (no name check, HTTP rule, secret or interception; no rate limit) go through the TCP translator, straight onto host sockets; off: every TCP flow through the userspace stack"},
 		&cli.IntFlag{Name: "tap-owner", Value: -1, Usage: "VM mode: `UID` allowed to open the TAP (the VMM's user)"},
 		&cli.StringFlag{Name: "user", Usage: "run -- COMMAND as `USER[:GROUP]` (default: the user who ran sudo, else root); always with no capabilities and no_new_privs"},
 		&cli.StringFlag{Name: "memory-limit", Value: "48MiB", Usage: "Go's soft memory limit for the agent, `SIZE` (off for none): the garbage collector works harder near it, so floods stay small; raise it for sandboxes with many busy connections"},
