@@ -348,4 +348,3 @@ func listen(t *testing.T, network string, serve func(c *net.TCPConn)) netip.Addr
 	}()
 	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
-
