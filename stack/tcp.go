@@ -260,4 +260,5 @@ func (st *Stack) openFast(p *wire.Packet, seg wire.TCPSegment, f policy.Flow, d 
 	}
 	h.Store(c)
 	st.stats.total.Add(1)
+	st.o.Log.Debug("tcp flow on the fast path", "id", f.ID, "src", f.Src, "dst", f.Dst)
 }

@@ -55,10 +55,12 @@ type conn struct {
 	finSent    bool
 	finAcked   bool
 	ackPending bool
-	wantWnd    bool // we announced less than the guest wanted: update when the socket drains
-	blocked    bool // stopped by a full rx ring: the tick tries again
-	readable   bool // the socket may hold data past the peek offset (edge-triggered)
-	rdhup      bool // the peer shut its side: the data ends with an EOF
+	wantWnd    bool   // we announced less than the guest wanted: update when the socket drains
+	blocked    bool   // stopped by a full rx ring: the tick tries again
+	corked     bool   // the last send had MSG_MORE: the tick flushes it
+	over       []byte // guest bytes ACKed that the socket has not taken yet
+	readable   bool   // the socket may hold data past the peek offset (edge-triggered)
+	rdhup      bool   // the peer shut its side: the data ends with an EOF
 
 	// ooo holds guest segments past a gap (bounded), so that the
 	// retransmission of the gap's segment is all the guest has to send.
@@ -72,6 +74,9 @@ type conn struct {
 	probeAt  time.Time
 	deadline time.Time // connect, SYN-ACK, linger
 	done     bool
+
+	// per-connection counts, logged at its end
+	nPartial, nOOO, nRewind uint32
 }
 
 // finish tells the owner, once.
@@ -80,6 +85,8 @@ func (c *conn) finish() {
 		return
 	}
 	c.done = true
+	c.t.o.Log.Debug("fast path connection ended", "guest", c.guest, "dst", c.dst,
+		"partial_sends", c.nPartial, "out_of_order", c.nOOO, "rewinds", c.nRewind)
 	if c.fl.Done != nil {
 		c.fl.Done()
 	}
@@ -100,7 +107,7 @@ func (c *conn) recvWindow() uint32 {
 			c.sndbuf = b
 		}
 	}
-	free := c.sndbuf - out
+	free := c.sndbuf - out - len(c.over)
 	if free <= 0 {
 		return 0
 	}
@@ -109,6 +116,17 @@ func (c *conn) recvWindow() uint32 {
 		limit = 65535 << c.ourWS
 	}
 	return uint32(min(free, limit))
+}
+
+// watchWriteSpace makes the socket report EPOLLOUT when its send buffer
+// drains: the kernel wakes writers only after a poll or a send found the
+// buffer full (SOCK_NOSPACE), and an edge-triggered epoll polls only at
+// wake-ups. A poll that finds room already means the window is open.
+func (c *conn) watchWriteSpace() {
+	fds := []unix.PollFd{{Fd: int32(c.fd), Events: unix.POLLOUT}}
+	if n, err := unix.Poll(fds, 0); err == nil && n == 1 && fds[0].Revents&unix.POLLOUT != 0 {
+		c.wantWnd = false
+	}
 }
 
 // abort resets both ends: RST to the guest, RST to the host peer
@@ -214,7 +232,7 @@ func (c *conn) guestSegment(p *wire.Packet, seg wire.TCPSegment) {
 		return
 	}
 	if len(payload) > 0 || flags&wire.TCPFlagFIN != 0 {
-		c.guestData(seg.Seq, payload, flags&wire.TCPFlagFIN != 0)
+		c.guestData(seg.Seq, payload, flags&wire.TCPFlagFIN != 0, flags&uint8(header.TCPFlagPsh) != 0)
 	} else if seg.Seq != c.rcvNxt {
 		c.sendAck() // a keepalive probe (seq one below), or out of the window
 	}
@@ -285,7 +303,7 @@ func (c *conn) discard(n int) bool {
 }
 
 // guestData puts the guest's in-order data into the host socket.
-func (c *conn) guestData(seq uint32, data []byte, fin bool) {
+func (c *conn) guestData(seq uint32, data []byte, fin, psh bool) {
 	if seqLT(seq, c.rcvNxt) {
 		skip := c.rcvNxt - seq
 		if int(skip) >= len(data) {
@@ -306,12 +324,13 @@ func (c *conn) guestData(seq uint32, data []byte, fin bool) {
 		return
 	}
 	if seq != c.rcvNxt {
+		c.nOOO++
 		c.hold(seq, data, fin)
 		c.dupAck = true
 		c.sendAck() // out of order: a duplicate ACK asks for the gap
 		return
 	}
-	if !c.deliver(data, fin) {
+	if !c.deliver(data, fin, !psh) {
 		return
 	}
 	// The gap may be filled: what was held follows.
@@ -326,14 +345,21 @@ func (c *conn) guestData(seq uint32, data []byte, fin bool) {
 		if seqLT(end, c.rcvNxt) || end == c.rcvNxt && !h.fin {
 			continue // all old
 		}
-		if !c.deliver(h.data[c.rcvNxt-h.seq:], h.fin) {
+		if !c.deliver(h.data[c.rcvNxt-h.seq:], h.fin, false) {
 			return
 		}
 	}
 	if len(c.ooo) == 0 {
 		c.ooo = nil
 	}
-	c.sendAck()
+	// ACK every other full segment, and at once what the guest pushed, a
+	// FIN, a short window, or past a gap; the rest goes with the data we
+	// send next, or at the tick.
+	if psh || fin || c.wantWnd || c.ooo != nil || c.rcvNxt-c.ackSent >= 2*uint32(c.mss()) {
+		c.sendAck()
+	} else {
+		c.ackPending = true
+	}
 }
 
 // oooSeg is a guest segment held past a gap.
@@ -373,33 +399,91 @@ func (c *conn) hold(seq uint32, data []byte, fin bool) {
 
 // deliver puts in-order guest data (and its FIN) into the host socket; it
 // reports false when the connection is over.
-func (c *conn) deliver(data []byte, fin bool) bool {
-	took := 0
+//
+// Data the guest did not push (no PSH: more of the same write follows) goes
+// with MSG_MORE, so that the host socket sends full segments and not one
+// per guest segment; the tick flushes what a guest never pushed.
+func (c *conn) deliver(data []byte, fin, more bool) bool {
 	if len(data) > 0 {
-		n, err := unix.SendmsgN(c.fd, data, nil, nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
-		switch {
-		case err == unix.EAGAIN:
-		case err != nil:
-			c.t.stats.HostResets++
-			c.abort()
-			return false
-		default:
-			took = n
-		}
-		c.rcvNxt += uint32(took)
-		c.fl.Up.Add(uint64(took))
-		if took < len(data) {
-			c.wantWnd = true
-			fin = false // the FIN comes again with the rest
+		if len(c.over) > 0 {
+			// Behind bytes the socket has not taken yet: queue, in order.
+			if len(c.over)+len(data) > maxOver {
+				return true // past what we let the guest send: it sends again
+			}
+			c.over = append(c.over, data...)
+			c.rcvNxt += uint32(len(data))
+		} else {
+			took, ok := c.send(data, more && !fin)
+			if !ok {
+				return false
+			}
+			if took < len(data) {
+				// The socket took less than the window promised (its
+				// buffer counts overhead too): keep the rest, ACKed, and
+				// write it when the socket drains.
+				c.nPartial++
+				c.over = append(c.over[:0], data[took:]...)
+				c.wantWnd = true
+				c.watchWriteSpace()
+			}
+			c.rcvNxt += uint32(len(data))
 		}
 	}
 	if fin {
 		c.rcvNxt++
 		c.guestFin = true
 		c.ooo, c.oooBytes = nil, 0
-		_ = unix.Shutdown(c.fd, unix.SHUT_WR)
+		if len(c.over) == 0 {
+			_ = unix.Shutdown(c.fd, unix.SHUT_WR)
+		}
 	}
 	return true
+}
+
+// maxOver bounds the bytes a connection holds for a full socket.
+const maxOver = 256 << 10
+
+// send writes guest data into the host socket and counts it; it reports
+// false when the connection is over.
+func (c *conn) send(data []byte, more bool) (int, bool) {
+	flags := unix.MSG_DONTWAIT | unix.MSG_NOSIGNAL
+	if more {
+		flags |= unix.MSG_MORE
+	}
+	c.corked = more
+	r, _, e := unix.Syscall6(unix.SYS_SENDTO, uintptr(c.fd), uintptr(unsafe.Pointer(&data[0])), uintptr(len(data)), uintptr(flags), 0, 0)
+	switch {
+	case e == unix.EAGAIN:
+		return 0, true
+	case e != 0:
+		c.t.stats.HostResets++
+		c.abort()
+		return 0, false
+	}
+	c.fl.Up.Add(uint64(r))
+	return int(r), true
+}
+
+// flushOver writes what a full socket left over; once it is all in, a FIN
+// the guest sent meanwhile shuts the socket for writing.
+func (c *conn) flushOver() {
+	if len(c.over) == 0 || c.fd < 0 {
+		return
+	}
+	took, ok := c.send(c.over, false)
+	if !ok {
+		return
+	}
+	n := copy(c.over, c.over[took:])
+	c.over = c.over[:n]
+	if n == 0 {
+		c.over = nil
+		if c.guestFin {
+			_ = unix.Shutdown(c.fd, unix.SHUT_WR)
+		}
+	} else {
+		c.watchWriteSpace()
+	}
 }
 
 // push sends what the socket holds within the guest's window.
@@ -531,6 +615,7 @@ func (c *conn) rewind() {
 	c.sndNxt = c.sndUna
 	c.finSent = false
 	c.readable = true
+	c.nRewind++
 	c.rtoAt = time.Time{}
 	c.t.stats.Retransmits++
 	c.push()
@@ -538,7 +623,7 @@ func (c *conn) rewind() {
 
 // maybeClose ends a connection whose both directions are done.
 func (c *conn) maybeClose() {
-	if c.state == stateEstablished && c.guestFin && c.finAcked {
+	if c.state == stateEstablished && c.guestFin && c.finAcked && len(c.over) == 0 {
 		if c.fd >= 0 {
 			unix.Close(c.fd)
 			delete(c.t.byFD, int32(c.fd))
@@ -591,9 +676,12 @@ func (c *conn) socketEvent(ev uint32) {
 		c.readable = true
 		c.push()
 	}
-	if ev&unix.EPOLLOUT != 0 && c.wantWnd && c.state == stateEstablished {
-		c.wantWnd = false
-		c.sendAck()
+	if ev&unix.EPOLLOUT != 0 && c.state == stateEstablished {
+		c.flushOver()
+		if c.wantWnd && len(c.over) == 0 {
+			c.wantWnd = false
+			c.sendAck()
+		}
 	}
 	c.maybeClose()
 }
@@ -646,7 +734,16 @@ func (c *conn) timers() {
 		c.probeAt = now.Add(persistEvery)
 		c.sendCtl(wire.TCPFlagACK, c.sndUna-1)
 	}
-	if c.wantWnd && c.recvWindow() > 0 {
+	if c.corked {
+		// Setting TCP_NODELAY sends what MSG_MORE held.
+		c.corked = false
+		_ = unix.SetsockoptInt(c.fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	}
+	if c.ackPending {
+		c.sendAck()
+	}
+	c.flushOver()
+	if c.wantWnd && len(c.over) == 0 && c.recvWindow() > 0 {
 		c.wantWnd = false
 		c.sendAck()
 	}

@@ -184,6 +184,12 @@ func (c *conn) windowField(flags uint8) uint16 {
 	}
 	w := c.recvWindow()
 	c.wndSent = w
+	if w < uint32(c.sndbuf/2) && !c.wantWnd && c.fd >= 0 {
+		// A low window: make sure its opening is heard of, or the guest
+		// waits for its persist timer.
+		c.wantWnd = true
+		c.watchWriteSpace()
+	}
 	if flags&wire.TCPFlagSYN != 0 {
 		return uint16(min(w, 65535))
 	}

@@ -130,6 +130,11 @@ func waitFile(t testing.TB, path string) {
 func (w *World) StartAgent(t testing.TB, extra ...string) {
 	t.Helper()
 	args := []string{w.Msbtap, "run", "--netns", w.Guest.Name, "--dns-upstream", DNSHost4, "--ready-fd", "3", "--log-level", "debug"}
+	if fp := os.Getenv("MSBTAP_TEST_FAST_PATH"); fp != "" {
+		// Run any test with the TCP fast path on (or off); a test's own
+		// --fast-path, after it, wins.
+		args = append(args, "--fast-path", fp)
+	}
 	args = append(args, extra...)
 	cmd := w.Host.Command(args...)
 	w.AgentLog = &Buffer{}
