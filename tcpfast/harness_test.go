@@ -42,6 +42,7 @@ type fault struct {
 	drop, dup, reorder float64 // probabilities
 	rng                *rand.Rand
 	held               []byte
+	seen               int
 	n                  atomic.Int64 // frames faulted
 }
 
@@ -52,6 +53,15 @@ func (f *fault) apply(b []byte) [][]byte {
 	}
 	out := [][]byte{}
 	r := f.rng.Float64()
+	if f.seen++; f.seen == 100 && f.n.Load() == 0 {
+		r = 0 // the 100th frame is faulted if nothing was yet: every run tests something
+		if f.drop == 0 {
+			r = f.dup / 2
+			if f.dup == 0 {
+				r = f.reorder / 2
+			}
+		}
+	}
 	switch {
 	case r < f.drop:
 		f.n.Add(1)
