@@ -2,6 +2,7 @@ package tcpfast
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"math/rand/v2"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 	"gvisor.dev/gvisor/pkg/tcpip/link/ethernet"
@@ -103,6 +105,7 @@ type worldOpts struct {
 	mtu           int
 	toTr, toGuest *fault
 	guestRcvBuf   int
+	offload       bool // frames to the guest may carry partial checksums (completed here, as a TAP guest would)
 }
 
 func newWorld(t *testing.T, dial netip.AddrPort, o worldOpts) *world {
@@ -110,7 +113,7 @@ func newWorld(t *testing.T, dial netip.AddrPort, o worldOpts) *world {
 	if o.mtu == 0 {
 		o.mtu = 1500
 	}
-	sizes := wire.SizesFor(o.mtu, false)
+	sizes := wire.SizesFor(o.mtu, o.offload)
 	w := &world{t: t, sh: rings.NewShared(0, sizes.Buffer), dial: dial, toTr: o.toTr, toGuest: o.toGuest}
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("fault seed %d", seed)
@@ -119,7 +122,7 @@ func newWorld(t *testing.T, dial netip.AddrPort, o worldOpts) *world {
 			f.rng = rand.New(rand.NewPCG(seed, uint64(i)))
 		}
 	}
-	tr, err := New(Options{Shared: w.sh, GatewayMAC: gwMAC, GuestMAC: func() [6]byte { return guestMAC }, MTU: o.mtu})
+	tr, err := New(Options{Shared: w.sh, GatewayMAC: gwMAC, GuestMAC: func() [6]byte { return guestMAC }, MTU: o.mtu, Offload: o.offload})
 	if err != nil {
 		t.Skipf("fast path unavailable here: %v", err)
 	}
@@ -190,6 +193,13 @@ func newWorld(t *testing.T, dial netip.AddrPort, o worldOpts) *world {
 					break
 				}
 				b := append([]byte(nil), f.B...)
+				if f.GSO.Type != rings.GSONone {
+					w.t.Errorf("a GSO frame of %d bytes for a guest of MTU %d", len(b), o.mtu)
+				}
+				if f.GSO.NeedsCsum {
+					st, off := int(f.GSO.CsumStart), int(f.GSO.CsumStart+f.GSO.CsumOffset)
+					binary.BigEndian.PutUint16(b[off:], ^checksum.Checksum(b[st:], 0))
+				}
 				w.sh.Frames.Put(f)
 				for _, fr := range w.faulted(w.toGuest, b) {
 					pkt := gstack.NewPacketBuffer(gstack.PacketBufferOptions{Payload: buffer.MakeWithData(fr)})

@@ -256,7 +256,8 @@ func (t *Translator) Open(p *wire.Packet, seg wire.TCPSegment, fl Flow) (*Conn, 
 	}
 	c.segMax = c.mss()
 	if t.o.Offload {
-		c.segMax = (maxGSOPayload / c.mss()) * c.mss()
+		// GSO frames of whole segments (at a 64 KiB MTU, one segment).
+		c.segMax = max(c.mss(), (maxGSOPayload/c.mss())*c.mss())
 	}
 	c.sndbuf, _ = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
 	c.iss = randISN()

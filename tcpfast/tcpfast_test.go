@@ -86,17 +86,19 @@ func TestBulkBothWays(t *testing.T) {
 		network string
 		dst     netip.AddrPort
 		mtu     int
+		offload bool
 	}{
-		{"ipv4-1500", "tcp4", remote4, 1500},
-		{"ipv6-1500", "tcp6", remote6, 1500},
-		{"ipv4-1280", "tcp4", remote4, 1280},
-		{"ipv4-9000", "tcp4", remote4, 9000},
-		{"ipv6-65520", "tcp6", remote6, 65520},
+		{"ipv4-1500", "tcp4", remote4, 1500, false},
+		{"ipv6-1500", "tcp6", remote6, 1500, false},
+		{"ipv4-1280", "tcp4", remote4, 1280, false},
+		{"ipv4-9000", "tcp4", remote4, 9000, false},
+		{"ipv6-65520", "tcp6", remote6, 65520, false},
+		{"ipv4-65520-offload", "tcp4", remote4, 65520, true}, // one segment per GSO frame
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			const n = 8 << 20
 			srv := listen(t, tc.network, sumServer(n, 7))
-			w := newWorld(t, srv, worldOpts{mtu: tc.mtu})
+			w := newWorld(t, srv, worldOpts{mtu: tc.mtu, offload: tc.offload})
 			bulk(t, w, tc.dst, n, n, 7)
 			w.waitEnded(1)
 			if up, down := w.up.Load(), w.down.Load(); up != n || down != n+32 {
