@@ -375,6 +375,7 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		MaxConnections: cfg.MaxConnections,
 		Offload:        cfg.Offload,
 		FastPath:       cfg.FastPath,
+		WriteNow:       pump.WriteNow,
 		IsLocal:        newLocalRoutes().IsLocal,
 		RateUp:         cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
 		HandleTCP: a.handleTCP,

@@ -71,8 +71,11 @@ type Options struct {
 	// 64 KiB TCP segments with partial checksums.
 	Offload bool
 	// FastPath carries the allowed TCP flows the agent need not read on
-	// the TCP translator (package tcpfast) instead of the netstack.
+	// the TCP translator (package tcpfast) instead of the netstack;
+	// WriteNow, if set, lets it write a few frames to the TAP itself
+	// (tap.Pump.WriteNow).
 	FastPath bool
+	WriteNow func([]*rings.Frame) bool
 	// MaxConnections caps concurrent established TCP relays (default 256).
 	MaxConnections int
 	// MaxPendingDials caps upstream TCP dials under way (default 192): a
@@ -215,7 +218,7 @@ func New(o Options) (*Stack, error) {
 	if o.FastPath {
 		st.fast, err = tcpfast.New(tcpfast.Options{
 			Shared: o.Shared, GatewayMAC: st.gwMAC, GuestMAC: func() [6]byte { return *st.r.guestMAC.Load() },
-			MTU: p.MTU, Offload: o.Offload, ConnectTimeout: o.DialTimeout, Log: o.Log.With("component", "tcpfast"),
+			MTU: p.MTU, Offload: o.Offload, ConnectTimeout: o.DialTimeout, Direct: o.WriteNow, Log: o.Log.With("component", "tcpfast"),
 		})
 		if err != nil {
 			o.Log.Warn("TCP fast path off: "+err.Error(), "fast_path", "off")

@@ -352,10 +352,10 @@ func (c *conn) guestData(seq uint32, data []byte, fin, psh bool) {
 	if len(c.ooo) == 0 {
 		c.ooo = nil
 	}
-	// ACK every other full segment, and at once what the guest pushed, a
-	// FIN, a short window, or past a gap; the rest goes with the data we
-	// send next, or at the tick.
-	if psh || fin || c.wantWnd || c.ooo != nil || c.rcvNxt-c.ackSent >= 2*uint32(c.mss()) {
+	// ACK every other full segment, and at once a FIN, a short window, or
+	// past a gap; the rest (a request, say) goes with the data we send next
+	// (its answer), or at the tick, as a delayed ACK.
+	if fin || c.wantWnd || c.ooo != nil || c.rcvNxt-c.ackSent >= 2*uint32(c.mss()) {
 		c.sendAck()
 	} else {
 		c.ackPending = true

@@ -102,9 +102,7 @@ func (c *conn) finishFrame(f *rings.Frame, flags uint8, seq uint32, n int, opts 
 	} else {
 		tcp.SetChecksum(^checksum.Checksum(tcp, sum))
 	}
-	if t.o.Shared.PushRxNoWake(f) {
-		t.queued++
-	}
+	t.queue(f)
 }
 
 // mss is the largest payload of one segment to the guest.
@@ -212,7 +210,5 @@ func (t *Translator) sendRefusal(p *wire.Packet, seg wire.TCPSegment) {
 		sh.Frames.Put(f)
 		return
 	}
-	if sh.PushRxNoWake(f) {
-		t.queued++
-	}
+	t.queue(f)
 }

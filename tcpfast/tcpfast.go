@@ -63,6 +63,10 @@ type Options struct {
 	// to 64 KiB with partial checksums.
 	MTU     int
 	Offload bool
+	// Direct, if set, writes frames to the TAP on the caller's thread and
+	// takes them (returns true), or declines (the TAP writer is busy or
+	// has frames queued: they go through the ring, in order).
+	Direct func([]*rings.Frame) bool
 	// ConnectTimeout bounds a host connect (default 10 s).
 	ConnectTimeout time.Duration
 	Log            *slog.Logger
@@ -101,7 +105,7 @@ type Translator struct {
 	conns  map[key]*conn
 	byFD   map[int32]*conn
 	closed bool
-	queued int // frames pushed to the ring since the last wake
+	out    []*rings.Frame // frames for the guest since the last flush
 	ipID   uint16
 	stats  Stats
 	now    time.Time
@@ -367,11 +371,41 @@ func (t *Translator) forget(c *conn) {
 	c.finish()
 }
 
-// flushLocked wakes the TAP writer for the frames queued since the last
-// wake.
+// queue holds a frame for the guest until flushLocked.
+func (t *Translator) queue(f *rings.Frame) {
+	t.out = append(t.out, f)
+	if len(t.out) >= batchFrames {
+		t.flushLocked()
+	}
+}
+
+// directMax is the most frames written to the TAP on the loop's own
+// thread: an answer's few frames save the TAP writer's wake-up; a bulk
+// transfer's go through the ring, so that the guest kernel's receive work
+// (which a TAP write does inline) runs beside the loop, not in it.
+const directMax = 4
+
+// flushLocked hands the frames queued since the last flush to the TAP:
+// written at once when few and the TAP writer is idle with nothing queued
+// (Options.Direct), else through the rx ring, waking its writer.
 func (t *Translator) flushLocked() {
-	if t.queued > 0 {
-		t.queued = 0
+	if len(t.out) == 0 {
+		return
+	}
+	if t.o.Direct != nil && len(t.out) <= directMax && t.o.Direct(t.out) {
+		clear(t.out)
+		t.out = t.out[:0]
+		return
+	}
+	n := 0
+	for _, f := range t.out {
+		if t.o.Shared.PushRxNoWake(f) {
+			n++
+		}
+	}
+	clear(t.out)
+	t.out = t.out[:0]
+	if n > 0 {
 		t.o.Shared.RxWake.Wake()
 	}
 }
