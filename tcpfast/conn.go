@@ -85,6 +85,8 @@ func (c *conn) finish() {
 		return
 	}
 	c.done = true
+	c.t.held -= c.oooBytes + len(c.over)
+	c.ooo, c.oooBytes, c.over = nil, 0, nil
 	c.t.o.Log.Debug("fast path connection ended", "guest", c.guest, "dst", c.dst,
 		"partial_sends", c.nPartial, "out_of_order", c.nOOO, "rewinds", c.nRewind)
 	if c.fl.Done != nil {
@@ -342,6 +344,7 @@ func (c *conn) guestData(seq uint32, data []byte, fin, psh bool) {
 		}
 		c.ooo = c.ooo[1:]
 		c.oooBytes -= len(h.data)
+		c.t.held -= len(h.data)
 		if seqLT(end, c.rcvNxt) || end == c.rcvNxt && !h.fin {
 			continue // all old
 		}
@@ -352,10 +355,10 @@ func (c *conn) guestData(seq uint32, data []byte, fin, psh bool) {
 	if len(c.ooo) == 0 {
 		c.ooo = nil
 	}
-	// ACK every other full segment, and at once a FIN, a short window, or
-	// past a gap; the rest (a request, say) goes with the data we send next
-	// (its answer), or at the tick, as a delayed ACK.
-	if fin || c.wantWnd || c.ooo != nil || c.rcvNxt-c.ackSent >= 2*uint32(c.mss()) {
+	// ACK every other full segment, half a window, and at once a FIN, a
+	// short window, or past a gap; the rest (a request, say) goes with the
+	// data we send next (its answer), or at the tick, as a delayed ACK.
+	if unacked := c.rcvNxt - c.ackSent; fin || c.wantWnd || c.ooo != nil || unacked >= 2*uint32(c.mss()) || unacked >= c.wndSent/2 {
 		c.sendAck()
 	} else {
 		c.ackPending = true
@@ -378,7 +381,7 @@ const (
 // hold keeps a copy of an out-of-order segment, in sequence order, within
 // the bounds (a segment over them is dropped: the guest sends it again).
 func (c *conn) hold(seq uint32, data []byte, fin bool) {
-	if len(data) == 0 || len(c.ooo) >= maxOOOSegs || c.oooBytes+len(data) > maxOOOBytes {
+	if len(data) == 0 || len(c.ooo) >= maxOOOSegs || c.oooBytes+len(data) > maxOOOBytes || c.t.held+len(data) > maxHeld {
 		return
 	}
 	if seqGE(seq+uint32(len(data)), c.rcvNxt+max(c.wndSent, 1)+(64<<10)) {
@@ -395,6 +398,7 @@ func (c *conn) hold(seq uint32, data []byte, fin bool) {
 	copy(c.ooo[i+1:], c.ooo[i:])
 	c.ooo[i] = oooSeg{seq: seq, data: append([]byte(nil), data...), fin: fin}
 	c.oooBytes += len(data)
+	c.t.held += len(data)
 }
 
 // deliver puts in-order guest data (and its FIN) into the host socket; it
@@ -407,10 +411,11 @@ func (c *conn) deliver(data []byte, fin, more bool) bool {
 	if len(data) > 0 {
 		if len(c.over) > 0 {
 			// Behind bytes the socket has not taken yet: queue, in order.
-			if len(c.over)+len(data) > maxOver {
+			if len(c.over)+len(data) > maxOver || c.t.held+len(data) > maxHeld {
 				return true // past what we let the guest send: it sends again
 			}
 			c.over = append(c.over, data...)
+			c.t.held += len(data)
 			c.rcvNxt += uint32(len(data))
 		} else {
 			took, ok := c.send(data, more && !fin)
@@ -420,18 +425,28 @@ func (c *conn) deliver(data []byte, fin, more bool) bool {
 			if took < len(data) {
 				// The socket took less than the window promised (its
 				// buffer counts overhead too): keep the rest, ACKed, and
-				// write it when the socket drains.
+				// write it when the socket drains; past the agent's
+				// budget, the guest sends it again.
 				c.nPartial++
-				c.over = append(c.over[:0], data[took:]...)
 				c.wantWnd = true
 				c.watchWriteSpace()
+				if rest := len(data) - took; c.t.held+rest <= maxHeld {
+					c.over = append(c.over[:0], data[took:]...)
+					c.t.held += rest
+				} else {
+					c.rcvNxt += uint32(took)
+					fin = false
+					goto done
+				}
 			}
 			c.rcvNxt += uint32(len(data))
 		}
 	}
+done:
 	if fin {
 		c.rcvNxt++
 		c.guestFin = true
+		c.t.held -= c.oooBytes
 		c.ooo, c.oooBytes = nil, 0
 		if len(c.over) == 0 {
 			_ = unix.Shutdown(c.fd, unix.SHUT_WR)
@@ -440,8 +455,13 @@ func (c *conn) deliver(data []byte, fin, more bool) bool {
 	return true
 }
 
-// maxOver bounds the bytes a connection holds for a full socket.
-const maxOver = 256 << 10
+// maxOver bounds the bytes a connection holds for a full socket; maxHeld
+// the bytes all connections hold (past gaps and for full sockets), so a
+// guest's out-of-order or over-window floods cost the agent at most that.
+const (
+	maxOver = 256 << 10
+	maxHeld = 4 << 20
+)
 
 // send writes guest data into the host socket and counts it; it reports
 // false when the connection is over.
@@ -476,6 +496,7 @@ func (c *conn) flushOver() {
 	}
 	n := copy(c.over, c.over[took:])
 	c.over = c.over[:n]
+	c.t.held -= took
 	if n == 0 {
 		c.over = nil
 		if c.guestFin {

@@ -201,3 +201,46 @@ func FuzzGuestSegments(f *testing.F) {
 		}
 	})
 }
+
+// TestHeldBounded: segments past a gap are held only up to the bounds,
+// and released when the connection ends.
+func TestHeldBounded(t *testing.T) {
+	r, err := getRig()
+	if err != nil {
+		t.Skipf("no fast path here: %v", err)
+	}
+	src := netip.AddrPortFrom(guestV4.Addr(), 9999)
+	dst := netip.MustParseAddrPort("198.51.100.7:80")
+	dial := r.ln.Addr().(*net.TCPAddr).AddrPort()
+	var up, down atomic.Uint64
+	ended := make(chan struct{})
+	fl := Flow{Up: &up, Down: &down, Done: func() { close(ended) }}
+	const isn = 5000
+	if !r.feed(guestSeg(src, dst, isn, 0, wire.TCPFlagSYN, 65535, []byte{2, 4, 5, 0xb4, 1, 3, 3, 7}, nil), dial, &fl) {
+		t.Fatal("SYN not taken")
+	}
+	iss, ok := r.synAck(9999)
+	if !ok {
+		t.Fatal("no SYN-ACK")
+	}
+	r.feed(guestSeg(src, dst, isn+1, iss+1, wire.TCPFlagACK, 1024, nil, nil), dial, nil)
+	payload := make([]byte, 1400)
+	for i := 0; i < 500; i++ { // 700 KB past a 1-byte gap
+		r.feed(guestSeg(src, dst, isn+2+uint32(i*len(payload)), iss+1, wire.TCPFlagACK, 1024, nil, payload), dial, nil)
+		r.drain()
+	}
+	if h := r.tr.Stats().HeldBytes; h <= 0 || h > maxOOOBytes {
+		t.Errorf("%d bytes held past the gap, want some and at most %d", h, maxOOOBytes)
+	}
+	r.feed(guestSeg(src, dst, isn+1, 0, wire.TCPFlagRST, 0, nil, nil), dial, nil)
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the reset did not end the connection")
+	}
+	<-r.got
+	r.drain()
+	if h := r.tr.Stats().HeldBytes; h != 0 {
+		t.Errorf("%d bytes held after the connection ended", h)
+	}
+}

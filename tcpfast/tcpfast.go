@@ -90,6 +90,7 @@ type Stats struct {
 	Opened, Refused, ConnectTimeouts, Aborted  uint64
 	Retransmits, FastRetransmits, BadSegments  uint64
 	GuestResets, HostResets, SegmentsFromGuest uint64
+	HeldBytes                                  int // guest bytes held past gaps and for full sockets, all connections
 }
 
 // Translator carries fast-path connections between the guest and host
@@ -106,6 +107,7 @@ type Translator struct {
 	byFD   map[int32]*conn
 	closed bool
 	out    []*rings.Frame // frames for the guest since the last flush
+	held   int            // bytes all connections hold (see maxHeld)
 	ipID   uint16
 	stats  Stats
 	now    time.Time
@@ -180,6 +182,7 @@ func (t *Translator) Stats() Stats {
 	t.mu.Lock()
 	s := t.stats
 	s.Active = len(t.conns)
+	s.HeldBytes = t.held
 	t.mu.Unlock()
 	return s
 }

@@ -151,6 +151,9 @@ func TestLossReorderDuplication(t *testing.T) {
 			if up, down := w.up.Load(), w.down.Load(); up != n || down != n+32 {
 				t.Errorf("meters: up %d down %d, want %d and %d: a byte counted twice", up, down, n, n+32)
 			}
+			if st.HeldBytes != 0 {
+				t.Errorf("%d bytes still held with the connection over", st.HeldBytes)
+			}
 		})
 	}
 }
