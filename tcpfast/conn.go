@@ -374,7 +374,7 @@ type oooSeg struct {
 
 // Bounds on what one connection holds past a gap.
 const (
-	maxOOOSegs  = 64
+	maxOOOSegs  = 256 // the bytes bound below is the one that counts; a window of small segments fits
 	maxOOOBytes = 256 << 10
 )
 
