@@ -52,6 +52,9 @@ type Config struct {
 	// Offload puts virtio net headers with TSO and checksum offload on the
 	// TAP.
 	Offload bool
+	// FastPath carries the TCP flows the agent need not read on the TCP
+	// translator (stack.Options.FastPath).
+	FastPath bool
 	// Command runs in the sandbox (in VM mode: in msbtap's own namespace)
 	// as CommandUID:CommandGID with CommandGroups, with no capabilities,
 	// in a PID and mount namespace of its own; the agent ends with it.
@@ -482,9 +485,13 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		Ask:            a.askFlow,
 		MaxConnections: cfg.MaxConnections,
 		Offload:        cfg.Offload,
-		IsLocal:        routes.IsLocal,
-		IsBroadcast:    routes.IsBroadcast,
-		RateUp:         cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
+		// The translator connects on its own: with an upstream proxy every
+		// flow goes through the relay, whose dial the proxy takes.
+		FastPath:    cfg.FastPath && a.upstream == nil,
+		WriteNow:    pump.WriteNow,
+		IsLocal:     routes.IsLocal,
+		IsBroadcast: routes.IsBroadcast,
+		RateUp:      cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
 		Dial:      a.dialTCP,
 		HandleTCP: a.handleTCP,
 		WantsTCP:  a.l7.Wants,

@@ -84,6 +84,7 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 	cfg.TerminatedFD = s.Int("terminated-fd")
 	cfg.VM, cfg.TapOwner = s.Bool("vm"), s.Int("tap-owner")
 	offload, logFormat, level := s.String("offload"), s.String("log-format"), s.String("log-level")
+	fastPath := s.String("fast-path")
 	if s.IsGiven("netns") {
 		if ns := s.String("netns"); ns == "" {
 			return cfg, fielderr.Bad("netns", ns, "empty namespace name")
@@ -126,6 +127,9 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 	}
 
 	if cfg.Offload, err = oneOf("offload", offload, map[string]bool{"on": true, "off": false}); err != nil {
+		return cfg, err
+	}
+	if cfg.FastPath, err = oneOf("fast-path", fastPath, map[string]bool{"on": true, "off": false}); err != nil {
 		return cfg, err
 	}
 	if cfg.NoSeccomp, err = oneOf("seccomp", seccompMode, map[string]bool{"on": false, "off": true}); err != nil {

@@ -21,7 +21,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // mapSource is a Source from a map, with run's defaults.
 type mapSource map[string]any
 
-var defaults = mapSource{"tap": "eth0", "ready-fd": -1, "terminated-fd": -1, "tap-owner": -1, "offload": "on", "seccomp": "on", "memory-limit": "48MiB",
+var defaults = mapSource{"tap": "eth0", "ready-fd": -1, "terminated-fd": -1, "tap-owner": -1, "offload": "on", "fast-path": "off", "seccomp": "on", "memory-limit": "48MiB",
 	"log-format": "text", "log-level": "info", "max-connections": 256, "policy": "public-only", "deny-mode": "reject",
 	"on-violation": "deny", "audit-log-max-size": "64MiB", "pcap-max-size": "100MiB", "rate-up": "off", "rate-down": "off",
 	"tls-intercept": "auto"}

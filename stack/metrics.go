@@ -30,7 +30,7 @@ func (st *Stack) Metrics() Metrics {
 	echo := st.echo.Stats()
 	dns := st.dns.Stats()
 	udp := st.udp.Stats()
-	return Metrics{
+	m := Metrics{
 		PendingDials: st.tcp.dials.pending(),
 		Flows: []FlowStat{
 			{"tcp", int(st.tcp.active.Load()), st.stats.total.Load()},
@@ -58,4 +58,13 @@ func (st *Stack) Metrics() Metrics {
 			"netstack_dropped": st.s.Stats().DroppedPackets.Value(),
 		},
 	}
+	if st.fast != nil {
+		// The fast path's own: refusals and connect timeouts are dial
+		// failures like the relay's; the rest have names of their own.
+		fs := st.fast.Stats()
+		m.Failures["tcp_dial_failed"] += fs.Refused + fs.ConnectTimeouts
+		m.Failures["tcp_fast_aborted"] = fs.Aborted
+		m.Failures["tcp_fast_bad_segments"] = fs.BadSegments
+	}
+	return m
 }

@@ -195,11 +195,17 @@ func (st *Stack) handleTCP(b []byte, p *wire.Packet) {
 		c.Drop(rings.DropOther) // multicast, broadcast, unspecified
 		return
 	}
-	if st.o.Offload && !p.CsumDone && !p.TransportChecksumOK() {
-		// The netstack skips verification when offload is on; do it here
-		// for the frames whose checksum is complete.
-		c.Drop(rings.DropMalformed)
-		return
+	if st.o.Offload && !p.CsumDone {
+		if !p.TransportChecksumOK() {
+			// The netstack skips verification when offload is on; do it
+			// here for the frames whose checksum is complete.
+			c.Drop(rings.DropMalformed)
+			return
+		}
+		p.CsumDone = true
+	}
+	if st.fast != nil && st.fast.Handle(p, seg) {
+		return // a fast-path connection's segment (a SYN again, too)
 	}
 	if seg.IsSYN() && seg.DstPort != wire.PortDNS { // DNS is answered by the agent; its policy is the name's
 		f := policy.Flow{Proto: policy.TCP, Src: netip.AddrPortFrom(p.Src, seg.SrcPort), Dst: netip.AddrPortFrom(p.Dst, seg.DstPort)}
@@ -216,6 +222,10 @@ func (st *Stack) handleTCP(b []byte, p *wire.Packet) {
 			if st.o.DenyMode == DenyReject {
 				st.r.sendTCPReset(p, seg)
 			}
+			return
+		}
+		if st.fastEligible(f, d) {
+			st.openFast(p, seg, f, d)
 			return
 		}
 		st.syns.put(synKey{f.Src, f.Dst}, synDecision{f.ID, d})

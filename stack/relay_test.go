@@ -88,7 +88,7 @@ func newGuestStack(t *testing.T, sh *rings.Shared, p plan.Plan) *guestStack {
 			case <-sh.RxWake.C():
 			}
 			for {
-				f, ok := sh.Rx.Pop()
+				f, ok := sh.PopRx() // PopRx: the bytes queued go down, as the TAP writer has them
 				if !ok {
 					break
 				}

@@ -29,6 +29,7 @@ import (
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/rings"
+	"github.com/msbtap/msbtap/tcpfast"
 	"github.com/msbtap/msbtap/wire"
 )
 
@@ -77,6 +78,12 @@ type Options struct {
 	// Offload says the TAP carries virtio net headers: take and hand over
 	// 64 KiB TCP segments with partial checksums.
 	Offload bool
+	// FastPath carries the allowed TCP flows the agent need not read on
+	// the TCP translator (package tcpfast) instead of the netstack;
+	// WriteNow, if set, lets it write a few frames to the TAP itself
+	// (tap.Pump.WriteNow).
+	FastPath bool
+	WriteNow func([]*rings.Frame) bool
 	// MaxConnections caps concurrent established TCP relays (default 256).
 	MaxConnections int
 	// MaxPendingDials caps upstream TCP dials under way (default 192): a
@@ -139,6 +146,7 @@ type Stack struct {
 	echo  *proxy.Echo
 	dns   *proxy.DNS
 	tcp   *tcpRelay
+	fast  *tcpfast.Translator // nil: no fast path
 
 	// cut is set by Cut: every decision from then on is a deny.
 	cut atomic.Bool
@@ -229,6 +237,16 @@ func New(o Options) (*Stack, error) {
 	}
 	st.dns = dns
 	st.tcp = newTCPRelay(st)
+	if o.FastPath {
+		st.fast, err = tcpfast.New(tcpfast.Options{
+			Shared: o.Shared, GatewayMAC: st.gwMAC, GuestMAC: func() [6]byte { return *st.r.guestMAC.Load() },
+			MTU: p.MTU, Offload: o.Offload, ConnectTimeout: o.DialTimeout, Direct: o.WriteNow, Log: o.Log.With("component", "tcpfast"),
+		})
+		if err != nil {
+			o.Log.Warn("TCP fast path off: "+err.Error(), "fast_path", "off")
+			st.fast = nil
+		}
+	}
 
 	st.o.Shared.SetTxHandler(st.handleTx)
 	st.wg.Add(1)
@@ -427,6 +445,9 @@ func (c cutAware) Answer(src netip.AddrPort, q, a *dns.Msg) (*dns.Msg, *policy.V
 func (st *Stack) Cut() {
 	st.cut.Store(true)
 	st.tcp.resetAll()
+	if st.fast != nil {
+		st.fast.ResetAll()
+	}
 	st.udp.CloseSessions()
 	st.echo.Forget()
 }
@@ -463,6 +484,9 @@ func (st *Stack) Close() error {
 		st.o.Shared.LockTx() // the TAP reader handles no frame of ours from now on
 		st.wg.Wait()         // the poll loop: nothing hands the proxies work now
 		st.tcp.close()
+		if st.fast != nil {
+			st.fast.Close() // every fast-path connection reset both ways
+		}
 		st.udp.Close()
 		st.echo.Close()
 		st.dns.Close()

@@ -2,6 +2,7 @@ package stack
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/netip"
 	"sync"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
+	"github.com/msbtap/msbtap/tcpfast"
 	"github.com/msbtap/msbtap/wire"
 )
 
@@ -241,3 +243,58 @@ func (t *tcpRelay) resetAll() {
 }
 
 func (t *tcpRelay) wait() { t.wg.Wait() }
+
+// fastEligible says whether a TCP flow takes the fast path: one the
+// policy allowed outright (an ask is held in the forwarder until its
+// answer), which the agent has no need to read (no name check, domain deny
+// rule to enforce, HTTP rule, secret or interception), while no rate paces
+// the sandbox (pacing is the relay's).
+func (st *Stack) fastEligible(f policy.Flow, d policy.Decision) bool {
+	if st.fast == nil || d.Action != policy.Allow {
+		return false
+	}
+	if st.o.HandleTCP != nil && st.o.WantsTCP != nil && st.o.WantsTCP(f, d) {
+		return false
+	}
+	return st.up.Rate() <= 0 && st.down.Rate() <= 0
+}
+
+// openFast opens an allowed flow on the fast path at its SYN: the same
+// checks as the relay's (dial time, --max-connections), the flow in the
+// table with its meters, reset both ways by flows close and revocation.
+func (st *Stack) openFast(p *wire.Packet, seg wire.TCPSegment, f policy.Flow, d policy.Decision) {
+	if !st.dialAllowed(f) {
+		st.r.sendTCPReset(p, seg)
+		return
+	}
+	t := st.tcp
+	if t.active.Add(1) > int64(st.o.MaxConnections) {
+		t.active.Add(-1)
+		st.stats.overCap.Add(1)
+		st.r.sendTCPReset(p, seg)
+		return
+	}
+	var h atomic.Pointer[tcpfast.Conn]
+	fl := st.flows.add(f, d.Rule, func() {
+		if c := h.Load(); c != nil {
+			c.Reset()
+		}
+	})
+	done := func() {
+		fl.Done()
+		t.active.Add(-1)
+	}
+	c, err := st.fast.Open(p, seg, tcpfast.Flow{Dial: st.o.MapDst(f.Dst), Up: &fl.Up.Bytes, Down: &fl.Down.Bytes, Done: done})
+	if err != nil {
+		done()
+		st.o.Log.Debug("fast path: tcp open failed", "src", f.Src, "dst", f.Dst, "err", err)
+		if !errors.Is(err, tcpfast.ErrRefused) { // a refusal is in the translator's counts, and was answered
+			st.stats.dialFailed.Add(1)
+			st.r.sendTCPReset(p, seg)
+		}
+		return
+	}
+	h.Store(c)
+	st.stats.total.Add(1)
+	st.o.Log.Debug("tcp flow on the fast path", "id", f.ID, "src", f.Src, "dst", f.Dst)
+}

@@ -22,6 +22,11 @@ type Pump struct {
 	// tap, when set, sees every frame both ways (a packet capture).
 	tap atomic.Pointer[func([]byte)]
 
+	// wmu is held while frames are written to the device, by the writer
+	// goroutine or by WriteNow; nowBufs is WriteNow's scratch.
+	wmu     sync.Mutex
+	nowBufs [][]byte
+
 	done      chan struct{}
 	closeOnce sync.Once
 	wg        sync.WaitGroup
@@ -183,6 +188,7 @@ func (p *Pump) RoutineWriteToTAP() {
 		}
 		for {
 			frames, bufs = frames[:0], bufs[:0]
+			p.wmu.Lock()
 			for len(frames) < batch {
 				f, ok := p.sh.PopRx()
 				if !ok {
@@ -198,6 +204,7 @@ func (p *Pump) RoutineWriteToTAP() {
 				bufs = append(bufs, f.Full(hl))
 			}
 			if len(frames) == 0 {
+				p.wmu.Unlock()
 				break
 			}
 			n, err := p.dev.Write(bufs)
@@ -209,6 +216,7 @@ func (p *Pump) RoutineWriteToTAP() {
 				}
 				p.sh.Frames.Put(f)
 			}
+			p.wmu.Unlock()
 			// Forget the batch: a slice cut to [:0] would still hold its
 			// frames, up to a batch of 64 KiB buffers after a burst.
 			clear(frames)
@@ -223,6 +231,43 @@ func (p *Pump) RoutineWriteToTAP() {
 			}
 		}
 	}
+}
+
+// WriteNow writes frames to the device on the caller's thread, when the
+// writer is idle and the rx ring empty (so frames keep their order); it
+// reports false, taking nothing, otherwise. The frames go back to the pool.
+// The TCP fast path's loop answers this way without waking the writer.
+func (p *Pump) WriteNow(frames []*rings.Frame) bool {
+	if !p.wmu.TryLock() {
+		return false
+	}
+	defer p.wmu.Unlock()
+	if p.sh.Rx.Len() > 0 || p.closing() {
+		return false
+	}
+	hl := p.dev.VNetHdrLen()
+	bufs := p.nowBufs[:0]
+	for _, f := range frames {
+		if hl > 0 {
+			encodeVNetHdr(f.Head(hl), &f.GSO)
+		}
+		if t := p.tap.Load(); t != nil {
+			(*t)(f.B)
+		}
+		bufs = append(bufs, f.Full(hl))
+	}
+	n, _ := p.dev.Write(bufs) // an error stops the writer goroutine too
+	for i, f := range frames {
+		if i < n {
+			p.sh.Counters.AddRx(len(f.B))
+		} else {
+			p.sh.Counters.Drop(rings.DropOther)
+		}
+		p.sh.Frames.Put(f)
+	}
+	clear(bufs)
+	p.nowBufs = bufs[:0]
+	return true
 }
 
 func (p *Pump) closing() bool {

@@ -20,6 +20,7 @@ func runFlags() []cli.Flag {
 		&cli.StringFlag{Name: "config", Usage: "read settings from JSON `FILE` (keys are the flag names in snake_case; flags win)"},
 		&cli.BoolFlag{Name: "vm", Usage: "VM mode: create a TAP named by --tap for the VMM to open (QEMU -netdev tap,ifname=NAME,script=no,downscript=no)"},
 		&cli.StringFlag{Name: "offload", Value: "on", Usage: "on: virtio net headers with TCP segmentation and checksum offload on the TAP (64 KiB segments whatever the MTU); off: plain frames"},
+		&cli.StringFlag{Name: "fast-path", Value: "off", Usage: "on: TCP flows the agent need not read (no name check, HTTP rule, secret or interception; no rate limit) go through the TCP translator, straight onto host sockets; off: every TCP flow through the userspace stack"},
 		&cli.IntFlag{Name: "tap-owner", Value: -1, Usage: "VM mode: `UID` allowed to open the TAP (the VMM's user)"},
 		&cli.StringFlag{Name: "user", Usage: "run -- COMMAND as `USER[:GROUP]` (default: the user who ran sudo unless that is root, else nobody:nogroup); always with no capabilities and no_new_privs. --user root is an explicit opt-in: uid 0 without capabilities still owns the host's root-owned files (/etc, /etc/cron.d, /root), so the command can change them"},
 		&cli.StringSliceFlag{Name: "env", Usage: "give -- COMMAND the variable `NAME` (its value in msbtap's environment) or NAME=VALUE (repeatable); it gets only PATH, TERM, LANG, LC_ALL and the locale's LC_ categories, TZ, its user's HOME, USER, LOGNAME, SHELL and msbtap's own otherwise. A secret's source variable is refused"},

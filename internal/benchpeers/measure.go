@@ -151,8 +151,11 @@ func (w *world) attach(b string, mtu int) (*exec.Cmd, error) {
 			time.Sleep(100 * time.Millisecond)
 		}
 		return p, fmt.Errorf("gvproxy's gateway never answered")
-	case "msbtap":
+	case "msbtap", "msbtap-fast":
 		args := []string{"run", "--netns", w.sandbox, "--policy", "allow-all", "--mtu", strconv.Itoa(mtu), "--log-level", "warn"}
+		if b == "msbtap-fast" { // the TCP fast path (issue 27)
+			args = append(args, "--fast-path", "on")
+		}
 		if profileDir != "" {
 			args = append(args, "--metrics-addr", profileAddr, "--pprof")
 		}
@@ -197,7 +200,7 @@ func measure(b string, mtu int, resources bool) (r result, err error) {
 		return r, err
 	}
 	pid := 0
-	if b == "msbtap" && proc != nil {
+	if strings.HasPrefix(b, "msbtap") && proc != nil {
 		pid = proc.Process.Pid
 	}
 	if resources && pid > 0 {

@@ -138,6 +138,11 @@ func (w *World) StartAgent(t testing.TB, extra ...string) {
 		dns = w.DNSUpstream
 	}
 	args := []string{w.Msbtap, "run", "--netns", w.Guest.Name, "--dns-upstream", dns, "--ready-fd", "3", "--log-level", "debug"}
+	if fp := os.Getenv("MSBTAP_TEST_FAST_PATH"); fp != "" {
+		// Run any test with the TCP fast path on (or off); a test's own
+		// --fast-path, after it, wins.
+		args = append(args, "--fast-path", fp)
+	}
 	args = append(args, extra...)
 	cmd := w.Host.Command(args...)
 	w.AgentLog = &Buffer{}

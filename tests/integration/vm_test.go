@@ -58,8 +58,11 @@ func TestVMEndToEnd(t *testing.T) {
 	w := testenv.NewWorld(t)
 	kernel, initrd := vmImage(t)
 	root := repoRoot()
-	cmd := w.Host.Command(filepath.Join(root, "scripts", "launch-qemu.sh"), "3", "--",
-		"--dns-upstream", testenv.DNSHost4, "--log-level", "debug")
+	flags := []string{filepath.Join(root, "scripts", "launch-qemu.sh"), "3", "--", "--dns-upstream", testenv.DNSHost4, "--log-level", "debug"}
+	if fp := os.Getenv("MSBTAP_TEST_FAST_PATH"); fp != "" {
+		flags = append(flags, "--fast-path", fp) // as testenv's StartAgent
+	}
+	cmd := w.Host.Command(flags...)
 	cmd.Env = append(os.Environ(),
 		"MSBTAP="+w.Msbtap, "KERNEL="+kernel, "INITRD="+initrd, "QEMU_ACCEL=tcg",
 		"APPEND=msbtap.resolve="+testenv.TestDomain+
