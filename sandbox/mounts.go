@@ -69,6 +69,9 @@ func privateMounts(spec Spec) error {
 			binds = append(binds, Bind{Path: t, ReadOnly: true})
 		}
 	}
+	if d := workDirBind(spec.Dir, binds); d != "" {
+		binds = append(binds, Bind{Path: d})
+	}
 	// A bind inside another goes on top of it, whatever the order given.
 	sort.SliceStable(binds, func(i, j int) bool {
 		return strings.Count(binds[i].Path, "/") < strings.Count(binds[j].Path, "/")
@@ -158,6 +161,37 @@ func mountPoint(p string, dir bool) error {
 		return err
 	}
 	return f.Close()
+}
+
+// workDirBind is the working directory the command is started in when it
+// lies below a private directory (a checkout in /tmp, say) and no bind
+// shares it yet: the command keeps it, as it keeps every directory outside
+// the private ones. A private directory itself (/tmp, /run) is never shared
+// this way: that is what it hides.
+func workDirBind(dir string, binds []Bind) string {
+	if dir == "" {
+		return ""
+	}
+	if r, err := filepath.EvalSymlinks(dir); err == nil {
+		dir = r
+	}
+	if !underAny(dir, PrivateDirs) {
+		return ""
+	}
+	for _, d := range PrivateDirs {
+		if r, err := filepath.EvalSymlinks(d); err == nil {
+			d = r
+		}
+		if dir == d {
+			return ""
+		}
+	}
+	for _, b := range binds {
+		if dir == b.Path || strings.HasPrefix(dir, b.Path+"/") {
+			return ""
+		}
+	}
+	return dir
 }
 
 func underAny(p string, dirs []string) bool {

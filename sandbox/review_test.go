@@ -34,3 +34,28 @@ func TestEnvironLocaleByName(t *testing.T) {
 		t.Errorf("--env LC_GITHUB_TOKEN: %q", env)
 	}
 }
+
+// TestWorkDirBind: a working directory below a private directory is shared
+// with the command (a checkout in /tmp keeps working); the private
+// directory itself, a directory outside them, and one a bind already
+// shares are not.
+func TestWorkDirBind(t *testing.T) {
+	for _, tc := range []struct {
+		dir   string
+		binds []Bind
+		want  string
+	}{
+		{"/tmp/ci/tests/integration", nil, "/tmp/ci/tests/integration"},
+		{"/var/tmp/work", nil, "/var/tmp/work"},
+		{"/tmp", nil, ""},
+		{"/run", nil, ""},
+		{"/", nil, ""},
+		{"/etc", nil, ""},
+		{"/tmp/ci/x", []Bind{{Path: "/tmp/ci"}}, ""},
+		{"", nil, ""},
+	} {
+		if got := workDirBind(tc.dir, tc.binds); got != tc.want {
+			t.Errorf("workDirBind(%q, %v) = %q, want %q", tc.dir, tc.binds, got, tc.want)
+		}
+	}
+}
