@@ -374,3 +374,36 @@ echo "BUNDLE-CERTS $(grep -c 'BEGIN CERTIFICATE' "$SSL_CERT_FILE")"`,
 // says what a user relies on.
 var agentBundleVariables = []string{"SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
 	"npm_config_cafile", "PIP_CERT", "GIT_SSL_CAINFO", "CARGO_HTTP_CAINFO", "AWS_CA_BUNDLE", "DENO_CERT"}
+
+// TestCommandKeepsWorkDirBelowTmp: started in a directory below /tmp (a
+// checkout there, as CI's), the command works in it and sees its files,
+// while the rest of the host's /tmp stays out; started in /tmp itself it
+// gets its own empty one.
+func TestCommandKeepsWorkDirBelowTmp(t *testing.T) {
+	w := testenv.NewWorld(t)
+	work := filepath.Join(t.TempDir(), "checkout")
+	os.MkdirAll(work, 0o755)
+	os.Chmod(filepath.Dir(work), 0o755)
+	os.WriteFile(filepath.Join(work, "Makefile"), []byte("all:\n"), 0o644)
+	run := func(dir string) (string, error) {
+		cmd := w.Host.Command(w.Msbtap, "run", "--dns-upstream", testenv.DNSHost4, "--log-level", "warn", "--tls-intercept", "off",
+			"--", "sh", "-c", "pwd; ls; ls -A /tmp | wc -l")
+		cmd.Env = rootEnv()
+		cmd.Dir = dir
+		b, err := cmd.CombinedOutput()
+		return string(b), err
+	}
+	out, err := run(work)
+	if err != nil || !strings.Contains(out, work+"\n") || !strings.Contains(out, "Makefile") {
+		t.Fatalf("in %s: %v\n%s", work, err, out)
+	}
+	// The command sees its directory's ancestors under /tmp only as the
+	// path to it: one entry in /tmp.
+	if lines := strings.Split(strings.TrimSpace(out), "\n"); lines[len(lines)-1] != "1" {
+		t.Errorf("/tmp holds more than the path to the working directory:\n%s", out)
+	}
+	// Started in /tmp itself, it works in its own empty one.
+	if out, err := run("/tmp"); err != nil || out != "/tmp\n0\n" {
+		t.Errorf("started in /tmp: %v %q", err, out)
+	}
+}
