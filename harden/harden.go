@@ -249,11 +249,21 @@ func rules(o Options) []rule {
 	// raw), route netlink. Not packet sockets, raw sockets of any other
 	// protocol (forged TCP or UDP from the host), other netlink families
 	// or Unix sockets (the host's services).
+	// The protocol is checked too: a stream or datagram socket of another
+	// one (SCTP, MPTCP, L2TP, UDP-Lite) loads kernel modules the agent has
+	// no use for.
 	for _, flags := range []uint64{0, unix.SOCK_NONBLOCK, unix.SOCK_CLOEXEC, unix.SOCK_NONBLOCK | unix.SOCK_CLOEXEC} {
 		for _, dom := range []uint64{unix.AF_INET, unix.AF_INET6} {
-			add("socket", eq(0, dom), eq(1, unix.SOCK_STREAM|flags))
-			add("socket", eq(0, dom), eq(1, unix.SOCK_DGRAM|flags))
+			for _, proto := range []uint64{0, unix.IPPROTO_TCP} {
+				add("socket", eq(0, dom), eq(1, unix.SOCK_STREAM|flags), eq(2, proto))
+			}
+			for _, proto := range []uint64{0, unix.IPPROTO_UDP} {
+				add("socket", eq(0, dom), eq(1, unix.SOCK_DGRAM|flags), eq(2, proto))
+			}
 		}
+		// ICMP echo through datagram ("ping") sockets.
+		add("socket", eq(0, unix.AF_INET), eq(1, unix.SOCK_DGRAM|flags), eq(2, unix.IPPROTO_ICMP))
+		add("socket", eq(0, unix.AF_INET6), eq(1, unix.SOCK_DGRAM|flags), eq(2, unix.IPPROTO_ICMPV6))
 		add("socket", eq(0, unix.AF_INET), eq(1, unix.SOCK_RAW|flags), eq(2, unix.IPPROTO_ICMP))
 		add("socket", eq(0, unix.AF_INET6), eq(1, unix.SOCK_RAW|flags), eq(2, unix.IPPROTO_ICMPV6))
 		add("socket", eq(0, unix.AF_NETLINK), eq(1, unix.SOCK_RAW|flags), eq(2, unix.NETLINK_ROUTE))

@@ -249,6 +249,14 @@ func TestFilterDecides(t *testing.T) {
 		{"socket", []uint64{unix.AF_PACKET, unix.SOCK_RAW, 0x300}, false},
 		{"socket", []uint64{unix.AF_UNIX, unix.SOCK_STREAM, 0}, false},
 		{"socket", []uint64{unix.AF_NETLINK, unix.SOCK_RAW, unix.NETLINK_NETFILTER}, false},
+		{"socket", []uint64{unix.AF_INET, unix.SOCK_STREAM, unix.IPPROTO_TCP}, true},
+		{"socket", []uint64{unix.AF_INET6, unix.SOCK_DGRAM | unix.SOCK_CLOEXEC, unix.IPPROTO_UDP}, true},
+		{"socket", []uint64{unix.AF_INET, unix.SOCK_DGRAM | unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP}, true},
+		{"socket", []uint64{unix.AF_INET6, unix.SOCK_DGRAM, unix.IPPROTO_ICMPV6}, true},
+		{"socket", []uint64{unix.AF_INET, unix.SOCK_STREAM, unix.IPPROTO_SCTP}, false},
+		{"socket", []uint64{unix.AF_INET6, unix.SOCK_STREAM, 262}, false}, // IPPROTO_MPTCP
+		{"socket", []uint64{unix.AF_INET, unix.SOCK_DGRAM, 115}, false},   // IPPROTO_L2TP
+		{"socket", []uint64{unix.AF_INET, unix.SOCK_DGRAM, unix.IPPROTO_UDPLITE}, false},
 		{"openat", []uint64{neg(unix.AT_FDCWD), 0, unix.O_RDONLY | unix.O_CLOEXEC}, true},
 		{"openat", []uint64{neg(unix.AT_FDCWD), 0, unix.O_WRONLY | unix.O_APPEND}, true},
 		{"openat", []uint64{neg(unix.AT_FDCWD), 0, unix.O_RDONLY | unix.O_DIRECTORY}, true},
