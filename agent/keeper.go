@@ -371,22 +371,26 @@ func keeperWritePolicy(path string, in *os.File) error {
 // and hands them over through a pipe (they may pass the socket's message
 // size).
 func keeperReadSecrets(path string) (*os.File, error) {
-	f, err := secrets.LoadFile(path)
+	// One read, checked (owner, mode, a regular file, its size): the
+	// bytes parsed are the bytes handed over, and every value file gets
+	// the same checks as at start.
+	b, err := secrets.ReadPrivate(path)
 	if err != nil {
 		return nil, err
 	}
-	out := keeperSecrets{Values: map[string][]byte{}}
-	if out.File, err = os.ReadFile(path); err != nil {
-		return nil, err
+	f, err := secrets.ParseFile(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
+	out := keeperSecrets{File: b, Values: map[string][]byte{}}
 	for _, sp := range f.Secrets {
 		if sp.FromFile != "" {
-			if out.Values[sp.FromFile], err = os.ReadFile(sp.FromFile); err != nil {
+			if out.Values[sp.FromFile], err = secrets.ReadPrivate(sp.FromFile); err != nil {
 				return nil, fmt.Errorf("secret %s: %w", sp.Name, err)
 			}
 		}
 	}
-	b, _ := json.Marshal(out)
+	b, _ = json.Marshal(out)
 	r, w, err := os.Pipe()
 	if err != nil {
 		return nil, err

@@ -198,3 +198,40 @@ func TestKeeperReportsErrors(t *testing.T) {
 		t.Errorf("read-policy of a missing file: %v", err)
 	}
 }
+
+// TestKeeperSecretsRereadChecked: the keeper's re-read of the secrets
+// (SIGHUP, or a hijacked agent asking) makes the start's checks on the
+// value files too: a from_file that became readable by others, a link to
+// a root-only file swapped in for it, or a FIFO, is refused, not read as
+// root and handed over.
+func TestKeeperSecretsRereadChecked(t *testing.T) {
+	dir := t.TempDir()
+	val := filepath.Join(dir, "tok")
+	os.WriteFile(val, []byte("value\n"), 0o600)
+	file := filepath.Join(dir, "secrets.json")
+	os.WriteFile(file, []byte(`{"secrets": [{"name": "T", "from_file": "`+val+`", "hosts": ["api.example.test"]}]}`), 0o600)
+	r, err := keeperReadSecrets(file)
+	if err != nil {
+		t.Fatalf("a private value file: %v", err)
+	}
+	r.Close()
+	other := filepath.Join(dir, "other")
+	os.WriteFile(other, []byte("not for the sandbox\n"), 0o644)
+	fifo := filepath.Join(dir, "fifo")
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for name, swap := range map[string]func(){
+		"mode 0644":             func() { os.Chmod(val, 0o644) },
+		"a link to a 0644 file": func() { os.Remove(val); os.Symlink(other, val) },
+		"a FIFO":                func() { os.Remove(val); os.Symlink(fifo, val) },
+	} {
+		os.Remove(val)
+		os.WriteFile(val, []byte("value\n"), 0o600)
+		swap()
+		if r, err := keeperReadSecrets(file); err == nil {
+			r.Close()
+			t.Errorf("%s: read and handed over", name)
+		}
+	}
+}

@@ -197,14 +197,19 @@ func (s Spec) value(getenv func(string) string) ([]byte, error) {
 // maxFile bounds what is read of a secrets file or a value's file.
 const maxFile = 1 << 20
 
+// ReadPrivate is readPrivate, for the keeper's re-reads (as root, on
+// SIGHUP), which must make the same checks as the start.
+func ReadPrivate(path string) ([]byte, error) { return readPrivate(path) }
+
 // readPrivate reads a secrets file or a secret's value file. msbtap reads
 // them as root, before it drops its privileges, so a file must be one the
 // user who started it could have written: a regular file owned by root,
 // by msbtap's own user or by the user who ran sudo (SUDO_UID), that no
 // group and no other user may read or write. A symbolic link is followed;
-// the file it names is checked, through the descriptor read from.
+// the file it names is checked, through the descriptor read from (opened
+// without blocking, so a FIFO put in its place is refused, not waited on).
 func readPrivate(path string) ([]byte, error) {
-	f, err := os.Open(path)
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, err
 	}
