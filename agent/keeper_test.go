@@ -235,3 +235,26 @@ func TestKeeperSecretsRereadChecked(t *testing.T) {
 		}
 	}
 }
+
+// TestWritePolicyFileKeepsMode: --ask-save and --learn rewrite a policy
+// file with the mode it had (a root-only 0600 policy does not become
+// world-readable); a new file is 0644.
+func TestWritePolicyFileKeepsMode(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "policy.json")
+	os.WriteFile(p, []byte(`{"default_action": "deny"}`), 0o600)
+	f, _ := policy.ParseFile([]byte(`{"default_action": "deny"}`))
+	if err := WritePolicyFile(p, f); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := os.Stat(p); st.Mode().Perm() != 0o600 {
+		t.Errorf("rewritten as %v, want 0600", st.Mode().Perm())
+	}
+	n := filepath.Join(dir, "new.json")
+	if err := WritePolicyFile(n, f); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := os.Stat(n); st.Mode().Perm() != 0o644 {
+		t.Errorf("a new file is %v, want 0644", st.Mode().Perm())
+	}
+}

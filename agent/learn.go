@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"github.com/msbtap/msbtap/policy"
 )
@@ -38,7 +39,9 @@ func (a *Agent) writePolicyFile(which, path string, f *policy.File) error {
 }
 
 // WritePolicyFile writes f as an indented policy file at path through a
-// temporary file in the same directory, renamed over path (mode 0644).
+// temporary file in the same directory, renamed over path. A file already
+// there keeps its mode and owner (a root-only policy stays so); a new one
+// is 0644.
 func WritePolicyFile(path string, f *policy.File) error {
 	b, err := json.MarshalIndent(f, "", "  ")
 	if err != nil {
@@ -48,8 +51,15 @@ func WritePolicyFile(path string, f *policy.File) error {
 	if err != nil {
 		return fmt.Errorf("create: %w", err)
 	}
+	mode := os.FileMode(0o644)
 	_, err = tmp.Write(append(b, '\n'))
-	err = errors.Join(err, tmp.Chmod(0o644), tmp.Sync(), tmp.Close())
+	if st, serr := os.Lstat(path); serr == nil && st.Mode().IsRegular() {
+		mode = st.Mode().Perm()
+		if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+			err = errors.Join(err, tmp.Chown(int(sys.Uid), int(sys.Gid)))
+		}
+	}
+	err = errors.Join(err, tmp.Chmod(mode), tmp.Sync(), tmp.Close())
 	if err == nil {
 		err = os.Rename(tmp.Name(), path)
 	}
