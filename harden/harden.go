@@ -177,7 +177,8 @@ func lastCap() int {
 // Allowed is the seccomp allow-list of calls taken whatever their
 // arguments: what the Go runtime, the relays, the netstack, netlink (route
 // and address queries) and the agent's open files need once set-up is
-// done. Mounting, namespaces (setns, unshare), ptrace, module and kernel
+// done. Mounting, namespaces (setns, unshare, clone with CLONE_NEW*; clone3
+// answers ENOSYS), ptrace, module and kernel
 // calls, BPF, keyrings, running programs (execve: the sandbox's init and
 // the --on-terminate runner are started before the filter), the setuid
 // and capset families, chmod, chown, mknod and links are not on it;
@@ -198,7 +199,7 @@ var Allowed = []string{
 	"getgroups", "capget", "arch_prctl", "futex", "nanosleep", "clock_nanosleep",
 	"clock_gettime", "clock_getres", "gettimeofday", "sched_yield", "sched_getaffinity", "getrandom",
 	"uname", "sysinfo", "getrlimit", "prlimit64", "rseq", "set_robust_list", "set_tid_address",
-	"restart_syscall", "exit", "exit_group", "clone", "clone3", "wait4", "waitid",
+	"restart_syscall", "exit", "exit_group", "wait4", "waitid",
 	"setitimer", "getitimer", "timer_create", "timer_settime", "timer_gettime", "timer_delete", // the CPU profiler (--pprof)
 	// polling
 	"epoll_create1", "epoll_ctl", "epoll_pwait", "epoll_pwait2", "epoll_wait", "eventfd2", "poll", "ppoll",
@@ -269,6 +270,11 @@ func rules(o Options) []rule {
 		add("socket", eq(0, unix.AF_NETLINK), eq(1, unix.SOCK_RAW|flags), eq(2, unix.NETLINK_ROUTE))
 		add("socket", eq(0, unix.AF_NETLINK), eq(1, unix.SOCK_DGRAM|flags), eq(2, unix.NETLINK_ROUTE))
 	}
+	// Threads (and children) but no new namespaces: clone without any
+	// CLONE_NEW* flag. clone3 keeps its flags in memory a filter cannot
+	// read, so it is refused: Go's runtime makes its threads with clone.
+	add("clone", cond{arg: 0, val: unix.CLONE_NEWNS | unix.CLONE_NEWCGROUP | unix.CLONE_NEWUTS | unix.CLONE_NEWIPC |
+		unix.CLONE_NEWUSER | unix.CLONE_NEWPID | unix.CLONE_NEWNET, mask: true})
 	// Signals: the process's own threads, itself, and the targets named.
 	self := uint64(os.Getpid())
 	add("tgkill", eq(0, self))
@@ -322,6 +328,14 @@ func program(o Options) ([]bpf.Instruction, error) {
 	if runtime.GOARCH == "amd64" { // the x32 ABI's calls are numbered from bit 30
 		prog = append(prog, bpf.LoadAbsolute{Off: offNr, Size: 4},
 			bpf.JumpIf{Cond: bpf.JumpGreaterOrEqual, Val: 1 << 30, SkipFalse: 1}, errno)
+	}
+	// clone3 answers ENOSYS, not EPERM: glibc's pthread_create (a cgo
+	// build's threads) and Go's fork then fall back to clone, whose flags
+	// the rules can read.
+	if nr, ok := info.SyscallNames["clone3"]; ok {
+		prog = append(prog, bpf.LoadAbsolute{Off: offNr, Size: 4},
+			bpf.JumpIf{Cond: bpf.JumpNotEqual, Val: uint32(nr), SkipTrue: 1},
+			bpf.RetConstant{Val: unix.SECCOMP_RET_ERRNO | uint32(unix.ENOSYS)})
 	}
 	for _, r := range rules(o) {
 		nr, ok := info.SyscallNames[r.name]
