@@ -337,6 +337,18 @@ func program(o Options) ([]bpf.Instruction, error) {
 			bpf.JumpIf{Cond: bpf.JumpNotEqual, Val: uint32(nr), SkipTrue: 1},
 			bpf.RetConstant{Val: unix.SECCOMP_RET_ERRNO | uint32(unix.ENOSYS)})
 	}
+	// ioctl is allowed but for the two that type into a terminal
+	// (TIOCSTI) or paste on a console (TIOCLINUX): the agent may still have
+	// the terminal of the shell that started it (root's) as its own.
+	if nr, ok := info.SyscallNames["ioctl"]; ok {
+		for _, req := range []uint32{unix.TIOCSTI, unix.TIOCLINUX} {
+			prog = append(prog, bpf.LoadAbsolute{Off: offNr, Size: 4},
+				bpf.JumpIf{Cond: bpf.JumpNotEqual, Val: uint32(nr), SkipTrue: 3},
+				bpf.LoadAbsolute{Off: offArgs + 8, Size: 4},
+				bpf.JumpIf{Cond: bpf.JumpNotEqual, Val: req, SkipTrue: 1},
+				errno)
+		}
+	}
 	for _, r := range rules(o) {
 		nr, ok := info.SyscallNames[r.name]
 		if !ok {
