@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -355,7 +356,35 @@ func passedFile(oob []byte) *os.File {
 // keeperWritePolicy writes the policy read from in to path, atomically,
 // if it is a valid policy.
 func keeperWritePolicy(path string, in *os.File) error {
-	b, err := io.ReadAll(io.LimitReader(in, 64<<20))
+	// Only from a pipe, and only for keeperReadTimeout: a socket (or a
+	// pipe) whose far end never closes must not hold the keeper, whose
+	// cleanup at the end runs however the agent ends.
+	rc, err := in.SyscallConn()
+	if err != nil {
+		return err
+	}
+	dup, ferr := -1, error(nil)
+	if err := rc.Control(func(fd uintptr) {
+		var st unix.Stat_t
+		if ferr = unix.Fstat(int(fd), &st); ferr == nil && st.Mode&unix.S_IFMT != unix.S_IFIFO {
+			ferr = errors.New("the policy must come through a pipe")
+		}
+		if ferr == nil {
+			dup, ferr = unix.Dup(int(fd))
+		}
+	}); err != nil {
+		return err
+	}
+	if ferr != nil {
+		return ferr
+	}
+	unix.SetNonblock(dup, true)
+	p := os.NewFile(uintptr(dup), "policy")
+	defer p.Close()
+	if err := p.SetReadDeadline(time.Now().Add(keeperReadTimeout)); err != nil {
+		return err
+	}
+	b, err := io.ReadAll(io.LimitReader(p, 64<<20))
 	if err != nil {
 		return err
 	}
@@ -365,6 +394,10 @@ func keeperWritePolicy(path string, in *os.File) error {
 	}
 	return WritePolicyFile(path, f)
 }
+
+// keeperReadTimeout bounds how long the keeper reads a policy the agent
+// hands it.
+var keeperReadTimeout = 10 * time.Second
 
 // keeperReadSecrets reads the secrets file with the checks the agent
 // makes at start (secrets.LoadFile) and the files its secrets come from,

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -257,4 +258,42 @@ func TestWritePolicyFileKeepsMode(t *testing.T) {
 	if st, _ := os.Stat(n); st.Mode().Perm() != 0o644 {
 		t.Errorf("a new file is %v, want 0644", st.Mode().Perm())
 	}
+}
+
+// TestKeeperWritePolicyBounded: a policy handed to the keeper comes
+// through a pipe and is read for a bounded time: a pipe whose far end
+// never closes (a hijacked agent holding it) or a regular file is refused,
+// and the keeper goes on.
+func TestKeeperWritePolicyBounded(t *testing.T) {
+	defer func(d time.Duration) { keeperReadTimeout = d }(keeperReadTimeout)
+	keeperReadTimeout = 200 * time.Millisecond
+	dir := t.TempDir()
+	out := filepath.Join(dir, "learned.json")
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	w.Write([]byte(`{"default_action": "deny"`)) // and never more, never closed
+	start := time.Now()
+	if err := keeperWritePolicy(out, r); err == nil {
+		t.Error("a pipe that never ends was taken")
+	}
+	r.Close()
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("the keeper was held %s", d)
+	}
+	reg := filepath.Join(dir, "reg")
+	os.WriteFile(reg, []byte(`{"default_action": "deny"}`), 0o600)
+	f, _ := os.Open(reg)
+	defer f.Close()
+	if err := keeperWritePolicy(out, f); err == nil {
+		t.Error("a regular file was taken")
+	}
+	r2, w2, _ := os.Pipe()
+	go func() { w2.Write([]byte(`{"default_action": "deny"}`)); w2.Close() }()
+	if err := keeperWritePolicy(out, r2); err != nil {
+		t.Errorf("a policy through a pipe: %v", err)
+	}
+	r2.Close()
 }

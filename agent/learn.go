@@ -55,8 +55,11 @@ func WritePolicyFile(path string, f *policy.File) error {
 	_, err = tmp.Write(append(b, '\n'))
 	if st, serr := os.Lstat(path); serr == nil && st.Mode().IsRegular() {
 		mode = st.Mode().Perm()
-		if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-			err = errors.Join(err, tmp.Chown(int(sys.Uid), int(sys.Gid)))
+		// The owner too where it is another's and can be given back: the
+		// keeper (no CAP_CHOWN, no chown under its filter) cannot, and its
+		// file then stays root's, with the mode kept.
+		if sys, ok := st.Sys().(*syscall.Stat_t); ok && (int(sys.Uid) != os.Getuid() || int(sys.Gid) != os.Getgid()) {
+			_ = tmp.Chown(int(sys.Uid), int(sys.Gid))
 		}
 	}
 	err = errors.Join(err, tmp.Chmod(mode), tmp.Sync(), tmp.Close())
