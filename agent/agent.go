@@ -21,6 +21,7 @@ import (
 
 	"github.com/msbtap/msbtap/ask"
 	"github.com/msbtap/msbtap/audit"
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/netns"
@@ -393,7 +394,9 @@ func (a *Agent) buildPolicy() error {
 		}
 		a.onClose(func() { a.audit.Close() })
 	}
-	a.term = newTerminator(terminatorConfig{onTerminate: a.cfg.OnTerminate, guestPID: a.cfg.GuestPID, cut: a.cutNetwork, notify: a.terminatedOut}, a.holder, a.log)
+	a.term = newTerminator(a.cutNetwork, a.cfg.OnTerminate, a.log)
+	h := a.halt()
+	a.term.halt.Store(&h)
 	return nil
 }
 
@@ -442,12 +445,11 @@ func (a *Agent) buildLink() (*tap.File, error) {
 
 // buildGateway starts the rings and pump on dev, then the gateway, and
 // connects the published ports to it.
-func (a *Agent) buildGateway(dev *tap.File) error {
+func (a *Agent) buildGateway(dev tap.Device) error {
 	cfg := a.cfg
 	sizes := wire.SizesFor(cfg.Plan.MTU, cfg.Offload)
 	a.shared = rings.NewShared(rings.DefaultCapacity, sizes.Buffer)
 	a.sharedRef.Store(a.shared)
-	a.shared.SetTerminationHook(a.term.hook)
 	pump := tap.StartPump(dev, a.shared, sizes.MaxFrame, a.log.With("component", "tap"))
 	a.pump = pump
 	a.onClose(func() { pump.Close(); pump.Wait() })
@@ -458,12 +460,31 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 	if err := a.buildIntercept(); err != nil {
 		return err
 	}
+	opts, err := a.stackOptions()
+	if err != nil {
+		return err
+	}
+	if a.gw, err = stack.New(opts); err != nil {
+		return err
+	}
+	a.gwRef.Store(a.gw)
+	a.onClose(func() { a.gw.Close(); a.gw.Wait() })
+	a.onClose(a.asker.Close) // first: held flows are refused, then the gateway goes
+	a.startPublished()
+	return nil
+}
+
+// stackOptions are the gateway's options: the policy and its DNS guard,
+// the resolvers, the hooks by which the agent logs, asks, dials, looks
+// inside and terminates.
+func (a *Agent) stackOptions() (stack.Options, error) {
+	cfg := a.cfg
 	guard, err := policy.NewDNSGuard(policy.DNSGuardOptions{
 		Policy: a.holder, Pins: a.popts.Pins, Block: cfg.DNSBlock, BlockSuffix: cfg.DNSBlockSuffix, Ask: a.askDNS,
 		RebindProtection: cfg.RebindProtection, StripECH: cfg.TLS.Mode == intercept.All || a.secrets != nil,
 	})
 	if err != nil {
-		return fielderr.Wrap("dns_block", err)
+		return stack.Options{}, fielderr.Wrap("dns_block", err)
 	}
 	ups := cfg.DNSUpstreams
 	if len(ups) == 0 {
@@ -473,56 +494,36 @@ func (a *Agent) buildGateway(dev *tap.File) error {
 		}
 	}
 	routes := newLocalRoutes()
-	a.gw, err = stack.New(stack.Options{
-		Plan:           cfg.Plan,
-		Shared:         a.shared,
-		Policy:         a.holder,
-		OnDecision:     a.onDecision,
-		DenyMode:       cfg.DenyMode,
-		DNSUpstreams:   ups,
-		DNSFilter:      a.dnsFilter(guard),
-		DNSHolds:       guard.Holds,
-		Ask:            a.askFlow,
-		MaxConnections: cfg.MaxConnections,
-		Offload:        cfg.Offload,
+	return stack.Options{
+		Plan: cfg.Plan, Shared: a.shared, Policy: a.holder, DenyMode: cfg.DenyMode,
+		OnDecision: a.onDecision, Terminate: a.terminateFlow, Ask: a.askFlow,
+		DNSUpstreams: ups, DNSFilter: a.dnsFilter(guard), DNSHolds: guard.Holds,
+		MaxConnections: cfg.MaxConnections, Offload: cfg.Offload,
 		// The translator connects on its own: with an upstream proxy every
 		// flow goes through the relay, whose dial the proxy takes.
-		FastPath:    cfg.FastPath && a.upstream == nil,
-		WriteNow:    pump.WriteNow,
-		IsLocal:     routes.IsLocal,
-		IsBroadcast: routes.IsBroadcast,
-		RateUp:      cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
-		Dial:      a.dialTCP,
-		HandleTCP: a.handleTCP,
-		WantsTCP:  a.l7.Wants,
-		Log:       a.log.With("component", "stack"),
+		FastPath: cfg.FastPath && a.upstream == nil, WriteNow: a.pump.WriteNow,
+		IsLocal: routes.IsLocal, IsBroadcast: routes.IsBroadcast,
+		RateUp: cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
+		Dial: a.dialTCP, HandleTCP: a.l7.Handle, WantsTCP: a.l7.Wants,
+		Log: a.log.With("component", "stack"),
+	}, nil
+}
+
+// startPublished connects the published ports to the gateway.
+func (a *Agent) startPublished() {
+	if a.pub == nil {
+		return
+	}
+	a.gw.SetIngressUDP(a.pub)
+	a.pub.Start(proxy.PublishOptions{
+		DialGuest:   a.gw.DialGuest,
+		SendToGuest: a.gw.SendUDPToGuest,
+		Allow:       a.gw.AllowIngress,
+		Log:         a.log.With("component", "publish"),
 	})
-	if err != nil {
-		return err
+	for _, p := range a.cfg.Publish {
+		a.log.Info("published", "host", p.Host, "guest_port", p.GuestPort, "proto", p.Proto)
 	}
-	a.gwRef.Store(a.gw)
-	a.onClose(func() { a.gw.Close(); a.gw.Wait() })
-	a.onClose(a.asker.Close) // first: held flows are refused, then the gateway goes
-	if a.pub != nil {
-		a.gw.SetIngressUDP(a.pub)
-		a.pub.Start(proxy.PublishOptions{
-			DialGuest:   a.gw.DialGuest,
-			SendToGuest: a.gw.SendUDPToGuest,
-			Allow: func(proto string, client, listen netip.AddrPort) (uint64, bool) {
-				pr := policy.TCP
-				if proto == "udp" {
-					pr = policy.UDP
-				}
-				return a.gw.CheckIngress(policy.Flow{Proto: pr, Src: client, Dst: listen})
-			},
-			Track: a.gw.TrackIngress,
-			Log:   a.log.With("component", "publish"),
-		})
-		for _, p := range cfg.Publish {
-			a.log.Info("published", "host", p.Host, "guest_port", p.GuestPort, "proto", p.Proto)
-		}
-	}
-	return nil
 }
 
 // cutNetwork cuts the sandbox off: the gateway refuses everything from now
@@ -534,14 +535,11 @@ func (a *Agent) cutNetwork() {
 	a.pub.ResetAll()
 }
 
-// onDecision is told of every flow decision: counted, logged, and a
-// terminate is recorded for the termination hook the gateway fires next.
-func (a *Agent) onDecision(f policy.Flow, d policy.Decision) {
-	a.counts.add(d.Action)
-	a.audit.Decision(f, d)
-	if d.Action == policy.Terminate {
-		a.term.record(f, d)
-	}
+// onDecision is told of every flow decision: counted and logged (a
+// terminate goes on to terminateFlow).
+func (a *Agent) onDecision(fl *flow.Flow) {
+	a.counts.add(fl.Decision.Action)
+	a.audit.Decision(fl)
 }
 
 // Close tears the sandbox's network down, last part first: the command,

@@ -6,7 +6,7 @@ import (
 	"net/netip"
 
 	"github.com/msbtap/msbtap/ask"
-	"github.com/msbtap/msbtap/audit"
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -56,7 +56,7 @@ func (a *Agent) askReport(q ask.Question, ans ask.Answer) {
 		verb += " always"
 	}
 	reason := fmt.Sprintf("ask %d answered %s by %s", q.ID, verb, ans.By)
-	a.audit.Inspected(f, d, audit.L7{Reason: reason})
+	a.audit.Inspected(flow.Of(f, d), d, flow.L7{Reason: reason})
 	a.log.Info("ask answered", "id", q.ID, "proto", q.Proto, "name", q.Name, "dst", q.Dst, "answer", verb, "by", ans.By, "waiting", q.Waiting)
 }
 

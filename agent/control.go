@@ -17,9 +17,9 @@ import (
 	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/capture"
 	"github.com/msbtap/msbtap/control"
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
-	"github.com/msbtap/msbtap/stack"
 	"github.com/msbtap/msbtap/tap"
 )
 
@@ -67,7 +67,7 @@ func (c *controller) set(cp *capture.Capture) {
 	c.pump.SetTap(cp.Frame)
 }
 
-func (c *controller) Flows() []stack.FlowInfo {
+func (c *controller) Flows() []flow.Info {
 	pins := c.a.popts.Pins
 	return c.a.gw.Flows(func(ip netip.Addr) string {
 		if names := pins.Lookup(ip); len(names) > 0 {

@@ -19,6 +19,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/upstream"
@@ -107,7 +108,7 @@ func TestUpstreamProxyNeverReachedDirectly(t *testing.T) {
 	} {
 		f := policy.Flow{Proto: policy.TCP, Src: netip.MustParseAddrPort("10.200.0.2:40000"), Dst: tc.dst}
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		c, err := a.dialTCP(ctx, f, policy.Decision{Action: policy.Allow}, tc.to)
+		c, err := a.dialTCP(ctx, flow.Of(f, policy.Decision{Action: policy.Allow}), tc.to)
 		cancel()
 		if err == nil {
 			c.Close()

@@ -209,8 +209,28 @@ func (a *Agent) startCommand() (*exec.Cmd, error) {
 		return nil, err
 	}
 	a.sandboxPID.Store(int32(p.Process.Pid))
-	a.term.setProcessGroup(p.Process.Pid)
 	return p.Cmd, nil
+}
+
+// halt is the process side of a termination: the supervisor told on
+// --terminated-fd, then the command's process group and --guest-pid
+// killed.
+func (a *Agent) halt() Halt {
+	return Halt{
+		Notify: func() {
+			if a.terminatedOut != nil {
+				a.terminatedOut.WriteString("terminated\n")
+			}
+		},
+		Kill: func() {
+			if pg := a.sandboxPID.Load(); pg > 0 {
+				_ = syscall.Kill(-int(pg), syscall.SIGKILL)
+			}
+			if a.cfg.GuestPID > 0 {
+				_ = syscall.Kill(a.cfg.GuestPID, syscall.SIGKILL)
+			}
+		},
+	}
 }
 
 // commandEnv is the command's environment: the allow-list of msbtap's own

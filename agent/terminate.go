@@ -3,12 +3,11 @@ package agent
 import (
 	"fmt"
 	"log/slog"
-	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -24,86 +23,75 @@ func (t *Terminated) Error() string {
 	return fmt.Sprintf("sandbox terminated: %s flow %s -> %s violated %s", t.Proto, t.Src, t.Dst, t.Rule)
 }
 
-// terminatorConfig is what the terminator needs of the agent.
-type terminatorConfig struct {
-	onTerminate string
-	guestPID    int
-	// cut cuts the sandbox's network at once (deny everything, reset every
-	// open flow).
-	cut func()
-	// notify, if set, hears "terminated" before anything else happens.
-	notify *os.File
+// violation describes flow fl's fatal decision d; l7 is what was found
+// inside it, if anything (its name stands for the flow's domain when the
+// flow has none).
+func violation(fl *flow.Flow, d policy.Decision, l7 flow.L7, e *policy.Engine) Terminated {
+	f := fl.Flow
+	if f.Domain == "" {
+		f.Domain = l7.Name()
+	}
+	return Terminated{Proto: protoLabel(f), Src: flow.AddrText(f.Src), Dst: flow.AddrText(f.Dst), Domain: f.Domain,
+		Rule: ruleLabel(d, e), Secret: l7.Secret}
 }
 
-// terminator carries out the termination hook: once, on the first fatal
-// decision, it stops the sandbox and hands the violation to Run, which
+// Halt is the part of a termination that falls to whoever runs the
+// sandbox's processes (nil funcs: none).
+type Halt struct {
+	// Notify is called first, before the network is cut: a supervisor
+	// must hear of the termination whatever happens next.
+	Notify func()
+	// Kill stops the sandbox's processes, once the network is cut.
+	Kill func()
+}
+
+// terminator carries out a termination: once, on the first fatal
+// violation, it stops the sandbox and hands the violation to Run, which
 // runs --on-terminate and returns a *Terminated.
 type terminator struct {
-	c      terminatorConfig
-	runner *hookRunner // runs --on-terminate; started before privileges drop
-	holder *policy.Holder
-	log    *slog.Logger
-	pgid   atomic.Int64
+	cut         func()
+	halt        atomic.Pointer[Halt]
+	onTerminate string
+	runner      *hookRunner // runs --on-terminate; started before privileges drop
+	log         *slog.Logger
 
-	mu      sync.Mutex // mu protects pending
-	pending *Terminated
-	once    sync.Once
-	firing  atomic.Bool // set before the sandbox is killed
-	fired   chan Terminated
+	once   sync.Once
+	firing atomic.Bool // set before the sandbox is killed
+	fired  chan Terminated
 }
 
-func newTerminator(c terminatorConfig, holder *policy.Holder, log *slog.Logger) *terminator {
-	return &terminator{c: c, holder: holder, log: log, fired: make(chan Terminated, 1)}
+func newTerminator(cut func(), onTerminate string, log *slog.Logger) *terminator {
+	t := &terminator{cut: cut, onTerminate: onTerminate, log: log, fired: make(chan Terminated, 1)}
+	t.halt.Store(&Halt{})
+	return t
 }
 
-func (t *terminator) setProcessGroup(pgid int) { t.pgid.Store(int64(pgid)) }
-
-// record keeps the first fatal violation for the hook, which the gateway
-// fires right after reporting it.
-func (t *terminator) record(f policy.Flow, d policy.Decision) { t.recordSecret(f, d, "") }
-
-// recordSecret is record for a violation that involves a secret.
-func (t *terminator) recordSecret(f policy.Flow, d policy.Decision, secret string) {
-	v := &Terminated{Proto: protoLabel(f), Src: addrLabel(f.Src.String()), Dst: addrLabel(f.Dst.String()),
-		Domain: f.Domain, Rule: ruleLabel(d, t.holder.Load()), Secret: secret}
-	t.mu.Lock()
-	if t.pending == nil {
-		t.pending = v
-	}
-	t.mu.Unlock()
-}
-
-// hook is the shared state's termination hook. It runs on the packet path:
-// first it cuts the network (nothing more gets out, every open flow is
-// reset), then it stops the sandbox's processes, then it wakes Run, which
-// runs --on-terminate.
-func (t *terminator) hook() {
+// terminate stops the sandbox for violation v, the first time it is called
+// (later calls do nothing). It may run on the packet path: it tells the
+// supervisor, cuts the network (nothing more gets out, every open flow is
+// reset), stops the sandbox's processes, then wakes Run.
+func (t *terminator) terminate(v Terminated) {
 	t.once.Do(func() {
 		t.firing.Store(true)
-		t.mu.Lock()
-		v := t.pending
-		t.mu.Unlock()
-		if v == nil {
-			v = &Terminated{Rule: "termination hook"}
+		h := t.halt.Load()
+		if h.Notify != nil {
+			h.Notify()
 		}
-		if t.c.notify != nil {
-			t.c.notify.WriteString("terminated\n")
+		t.cut()
+		if h.Kill != nil {
+			h.Kill()
 		}
-		if t.c.cut != nil {
-			t.c.cut()
-		}
-		t.kill()
-		t.fired <- *v
+		t.fired <- v
 	})
 }
 
-func (t *terminator) kill() {
-	if pg := t.pgid.Load(); pg > 0 {
-		_ = syscall.Kill(-int(pg), syscall.SIGKILL)
-	}
-	if t.c.guestPID > 0 {
-		_ = syscall.Kill(t.c.guestPID, syscall.SIGKILL)
-	}
+// terminate stops the sandbox for violation v (see terminator.terminate).
+func (a *Agent) terminate(v Terminated) { a.term.terminate(v) }
+
+// terminateFlow stops the sandbox for flow fl's fatal decision
+// (stack.Options.Terminate).
+func (a *Agent) terminateFlow(fl *flow.Flow) {
+	a.terminate(violation(fl, fl.Decision, flow.L7{}, a.holder.Load()))
 }
 
 // finish logs the violation, runs --on-terminate, and returns it.
@@ -121,7 +109,7 @@ func (t *terminator) finish(v Terminated) error {
 		if v.Secret != "" {
 			env = append(env, "MSBTAP_VIOLATION_SECRET="+v.Secret) // a declared name: letters, digits, _
 		}
-		if err := t.runner.run(t.c.onTerminate, env); err != nil {
+		if err := t.runner.run(t.onTerminate, env); err != nil {
 			t.log.Error("--on-terminate failed", "err", err)
 		}
 		t.runner = nil
@@ -148,13 +136,6 @@ func protoLabel(f policy.Flow) string {
 		return "dns"
 	}
 	return f.Proto.String()
-}
-
-func addrLabel(s string) string {
-	if s == "invalid AddrPort" {
-		return ""
-	}
-	return s
 }
 
 // ruleLabel names the deciding rule: its index and description.

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"context"
 	"crypto/x509"
 	"os"
 	"path/filepath"
@@ -10,7 +9,6 @@ import (
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
-	"github.com/msbtap/msbtap/stack"
 )
 
 // TLSConfig is the TLS side of the agent: name checks, interception.
@@ -136,41 +134,16 @@ func writeFile(path string, b []byte, perm os.FileMode) error {
 	return f.Close()
 }
 
-// handleTCP hands a flow to the handler.
-func (a *Agent) handleTCP(ctx context.Context, tf stack.TCPFlow) error {
-	return a.l7.Handle(ctx, intercept.Flow{Guest: tf.Guest, Up: tf.Up, Flow: tf.Flow, Decision: tf.Decision,
-		UpMeter: tf.UpMeter, DownMeter: tf.DownMeter})
-}
-
 // onL7 records what the handler decided.
 func (a *Agent) onL7(ev intercept.Event) {
 	if ev.Mode == "refused" || ev.Decision.Action != policy.Allow {
 		a.counts.add(ev.Decision.Action)
 	}
-	f := ev.Flow
-	if f.Domain == "" {
-		f.Domain = firstNonEmpty(ev.SNI, ev.Host)
-	}
-	a.audit.Inspected(f, ev.Decision, audit.L7{Mode: ev.Mode, SNI: ev.SNI, ALPN: ev.ALPN, Method: ev.Method,
-		Host: ev.Host, Path: ev.Path, Secret: ev.Secret, Reason: ev.Reason})
+	a.audit.Inspected(ev.Flow, ev.Decision, ev.L7)
 }
 
 // terminateL7 stops the sandbox for a fatal violation found inside a
 // connection.
 func (a *Agent) terminateL7(ev intercept.Event) {
-	f := ev.Flow
-	if f.Domain == "" {
-		f.Domain = firstNonEmpty(ev.SNI, ev.Host)
-	}
-	a.term.recordSecret(f, ev.Decision, ev.Secret)
-	a.shared.TriggerTermination()
-}
-
-func firstNonEmpty(s ...string) string {
-	for _, x := range s {
-		if x != "" {
-			return x
-		}
-	}
-	return ""
+	a.terminate(violation(ev.Flow, ev.Decision, ev.L7, a.holder.Load()))
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/sandbox"
@@ -52,7 +53,8 @@ func (a *Agent) buildUpstream() error {
 // flow allowed by name is handed to a SOCKS5 or CONNECT proxy as that name,
 // which the proxy resolves; the sandbox's SNI or Host is still checked
 // against the policy on the first bytes.
-func (a *Agent) dialTCP(ctx context.Context, f policy.Flow, d policy.Decision, to netip.AddrPort) (net.Conn, error) {
+func (a *Agent) dialTCP(ctx context.Context, fl *flow.Flow, to netip.AddrPort) (net.Conn, error) {
+	f, d := fl.Flow, fl.Decision
 	u := a.upstream
 	if u != nil && (u.d.IsProxy(to, a.isHostAddr) || u.d.IsProxy(f.Dst, a.isHostAddr)) {
 		// By the host's addresses or a bypass, too: the proxy would carry
@@ -123,7 +125,7 @@ func (a *Agent) dialIntercepted(ctx context.Context, addr string) (net.Conn, err
 	if gw != nil {
 		to = gw.MapDst(ap)
 	}
-	return a.dialTCP(ctx, f, a.holder.Check(f), to)
+	return a.dialTCP(ctx, flow.Of(f, a.holder.Check(f)), to)
 }
 
 var (

@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -37,21 +38,7 @@ type Record struct {
 	// folded into this line, the last of them at Until.
 	Repeats int    `json:"repeats,omitempty"`
 	Until   string `json:"until,omitempty"`
-	L7
-}
-
-// L7 is what msbtap saw inside a connection: how it handled it, the TLS
-// server name and ALPN, an HTTP request's method, host and path, the
-// secret involved, and why it refused.
-type L7 struct {
-	Mode   string `json:"mode,omitempty"`
-	SNI    string `json:"sni,omitempty"`
-	ALPN   string `json:"alpn,omitempty"`
-	Method string `json:"method,omitempty"`
-	Host   string `json:"host,omitempty"`
-	Path   string `json:"path,omitempty"`
-	Secret string `json:"secret,omitempty"`
-	Reason string `json:"reason,omitempty"`
+	flow.L7
 }
 
 // Defaults of Options.
@@ -100,14 +87,14 @@ type key struct {
 	dst    netip.Addr
 	rule   int
 	action policy.Action
-	l7     L7
+	l7     flow.L7
 }
 
 type pending struct {
 	at    time.Time
 	f     policy.Flow
 	d     policy.Decision
-	l7    L7
+	l7    flow.L7
 	count int
 	last  time.Time
 }
@@ -171,14 +158,19 @@ func Open(o Options) (*Log, error) {
 	return l, nil
 }
 
-// Decision records one decision. A nil Log ignores it.
-func (l *Log) Decision(f policy.Flow, d policy.Decision) { l.Inspected(f, d, L7{}) }
+// Decision records a flow's decision. A nil Log ignores it.
+func (l *Log) Decision(fl *flow.Flow) { l.Inspected(fl, fl.Decision, flow.L7{}) }
 
-// Inspected records a decision on what a connection carried (x). Repeats
-// fold as for Decision, when x is the same too.
-func (l *Log) Inspected(f policy.Flow, d policy.Decision, x L7) {
+// Inspected records decision d on what flow fl carried (x): its domain,
+// when the flow has none, is the name asked for inside. Repeats fold as
+// for Decision, when x is the same too.
+func (l *Log) Inspected(fl *flow.Flow, d policy.Decision, x flow.L7) {
 	if l == nil {
 		return
+	}
+	f := fl.Flow
+	if f.Domain == "" {
+		f.Domain = x.Name()
 	}
 	now := time.Now()
 	dst := f.Dst.Addr().Unmap()
@@ -297,8 +289,8 @@ func (l *Log) record(p *pending, repeats int) Record {
 		FlowID:    f.ID,
 		Direction: f.Direction.String(),
 		Proto:     f.Proto.String(),
-		Src:       addrLabel(f.Src),
-		Dst:       addrLabel(f.Dst),
+		Src:       flow.AddrText(f.Src),
+		Dst:       flow.AddrText(f.Dst),
 		Domain:    f.Domain,
 		Rule:      d.Rule,
 		RuleText:  l.o.Describe(d),
@@ -316,13 +308,6 @@ func (l *Log) record(p *pending, repeats int) Record {
 		r.Domain = l.o.Domain(f.Dst.Addr())
 	}
 	return r
-}
-
-func addrLabel(a netip.AddrPort) string {
-	if !a.IsValid() {
-		return ""
-	}
-	return a.String()
 }
 
 // Subscribe returns a channel that gets every record from now on, as it is

@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -51,7 +52,7 @@ func TestFloodFoldsIntoFewLines(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i := 0; i < 10000; i++ {
-		l.Decision(deny(fmt.Sprintf("198.51.100.9:%d", 1+i%60000)))
+		l.Decision(flow.Of(deny(fmt.Sprintf("198.51.100.9:%d", 1+i%60000))))
 	}
 	l.Close()
 	rs := readRecords(t, path)
@@ -69,13 +70,13 @@ func TestTerminateAndFirstDenyNeverDropped(t *testing.T) {
 	for i := 0; i < 10; i++ {
 		f, _ := deny("198.51.100.1:80")
 		f.Dst = netip.MustParseAddrPort(fmt.Sprintf("198.51.100.%d:80", 10+i))
-		l.Decision(f, allow) // fills the window
+		l.Decision(flow.Of(f, allow)) // fills the window
 	}
 	f, _ := deny("198.51.100.50:80")
-	l.Decision(f, allow) // dropped
-	l.Decision(deny("198.51.100.51:22"))
+	l.Decision(flow.Of(f, allow)) // dropped
+	l.Decision(flow.Of(deny("198.51.100.51:22")))
 	f, _ = deny("198.51.100.52:22")
-	l.Decision(f, policy.Decision{Action: policy.Terminate, Rule: 0})
+	l.Decision(flow.Of(f, policy.Decision{Action: policy.Terminate, Rule: 0}))
 	l.Close()
 	var gotDeny, gotTerm, gotDropped bool
 	for _, r := range readRecords(t, path) {
@@ -99,7 +100,7 @@ func TestRotationBoundsTheFile(t *testing.T) {
 	l, _ := Open(Options{Path: path, MaxBytes: 4096, Window: time.Millisecond})
 	for i := 0; i < 500; i++ {
 		f, d := deny(fmt.Sprintf("198.51.%d.%d:80", i/250, i%250))
-		l.Decision(f, d)
+		l.Decision(flow.Of(f, d))
 	}
 	l.Close()
 	for _, p := range []string{path, path + ".1"} {
@@ -134,7 +135,7 @@ func TestSubscribe(t *testing.T) {
 	start := time.Now()
 	f, d := deny("198.51.100.9:22")
 	f.ID = 42
-	l.Decision(f, d)
+	l.Decision(flow.Of(f, d))
 	select {
 	case r := <-ch:
 		if r.FlowID != 42 || r.Action != "deny" || r.Dst != "198.51.100.9:22" {
@@ -148,7 +149,7 @@ func TestSubscribe(t *testing.T) {
 	}
 	for i := 0; i < 5; i++ {
 		f, d := deny(fmt.Sprintf("198.51.100.%d:22", 10+i))
-		l.Decision(f, d)
+		l.Decision(flow.Of(f, d))
 	}
 	time.Sleep(100 * time.Millisecond)
 	if l.Lost() < 3 {

@@ -18,7 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/msbtap/msbtap/audit"
-	"github.com/msbtap/msbtap/stack"
+	"github.com/msbtap/msbtap/flow"
 )
 
 // Client talks to a control socket.
@@ -79,8 +79,8 @@ func decodeReply(resp *http.Response, out any) error {
 }
 
 // Flows lists the open flows.
-func (c *Client) Flows() ([]stack.FlowInfo, error) {
-	var fs []stack.FlowInfo
+func (c *Client) Flows() ([]flow.Info, error) {
+	var fs []flow.Info
 	return fs, c.do(c.hc, "GET", "/v1/flows", nil, &fs)
 }
 

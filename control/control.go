@@ -12,7 +12,7 @@ import (
 	"os"
 
 	"github.com/msbtap/msbtap/audit"
-	"github.com/msbtap/msbtap/stack"
+	"github.com/msbtap/msbtap/flow"
 )
 
 // Rates are the sandbox's rates: bytes a second each way ("up" what it
@@ -24,7 +24,7 @@ type Rates struct {
 
 // API is what the socket drives; the agent implements it.
 type API interface {
-	Flows() []stack.FlowInfo
+	Flows() []flow.Info
 	CloseFlow(id uint64) bool
 	// Policy returns the policy in force (JSON); SetPolicy validates and
 	// swaps in a new one, and with revoke resets the open flows it denies.

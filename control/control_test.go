@@ -17,7 +17,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/msbtap/msbtap/audit"
-	"github.com/msbtap/msbtap/stack"
+	"github.com/msbtap/msbtap/flow"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -34,8 +34,8 @@ type fakeAPI struct {
 	capture []byte
 }
 
-func (f *fakeAPI) Flows() []stack.FlowInfo {
-	return []stack.FlowInfo{{ID: 7, Proto: "tcp", Src: "10.0.0.2:4000", Dst: "198.51.100.1:80", BytesDown: 1234}}
+func (f *fakeAPI) Flows() []flow.Info {
+	return []flow.Info{{ID: 7, Proto: "tcp", Src: "10.0.0.2:4000", Dst: "198.51.100.1:80", BytesDown: 1234}}
 }
 func (f *fakeAPI) CloseFlow(id uint64) bool {
 	f.mu.Lock()

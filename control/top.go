@@ -12,14 +12,14 @@ import (
 	"github.com/gdamore/tcell/v2"
 
 	"github.com/msbtap/msbtap/audit"
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/policy"
-	"github.com/msbtap/msbtap/stack"
 )
 
 // topSource is what `ctl top` needs of the control socket (a *Client, or
 // a fake in the tests).
 type topSource interface {
-	Flows() ([]stack.FlowInfo, error)
+	Flows() ([]flow.Info, error)
 	CloseFlow(id uint64) error
 	Events(ctx context.Context, fn func(audit.Record) error) error
 	Policy() (json.RawMessage, error)
@@ -34,7 +34,7 @@ const (
 )
 
 type topRow struct {
-	stack.FlowInfo
+	flow.Info
 	upRate, downRate float64 // bytes a second over the last refresh
 	ruleText         string
 }
@@ -110,7 +110,7 @@ func (t *top) refresh(now time.Time) {
 	rows := make([]topRow, len(fs))
 	next := make(map[uint64]topSample, len(fs))
 	for i, f := range fs {
-		r := topRow{FlowInfo: f, ruleText: t.rules[f.ID]}
+		r := topRow{Info: f, ruleText: t.rules[f.ID]}
 		if p, ok := t.prev[f.ID]; ok {
 			if dt := now.Sub(p.at).Seconds(); dt > 0 {
 				r.upRate = float64(f.BytesUp-min(p.up, f.BytesUp)) / dt

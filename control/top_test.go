@@ -11,25 +11,25 @@ import (
 	"github.com/gdamore/tcell/v2"
 
 	"github.com/msbtap/msbtap/audit"
-	"github.com/msbtap/msbtap/stack"
+	"github.com/msbtap/msbtap/flow"
 )
 
 // fakeSource is an agent whose flows grow by fixed amounts each refresh.
 type fakeSource struct {
 	mu     sync.Mutex
-	flows  []stack.FlowInfo
+	flows  []flow.Info
 	grow   map[uint64]uint64 // bytes down added per Flows call
 	closed []uint64
 	events chan audit.Record
 }
 
-func (f *fakeSource) Flows() ([]stack.FlowInfo, error) {
+func (f *fakeSource) Flows() ([]flow.Info, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for i := range f.flows {
 		f.flows[i].BytesDown += f.grow[f.flows[i].ID]
 	}
-	return append([]stack.FlowInfo(nil), f.flows...), nil
+	return append([]flow.Info(nil), f.flows...), nil
 }
 
 func (f *fakeSource) Policy() (json.RawMessage, error) {
@@ -124,7 +124,7 @@ func lineWith(lines []string, s string) int {
 
 func TestTop(t *testing.T) {
 	src := &fakeSource{
-		flows: []stack.FlowInfo{
+		flows: []flow.Info{
 			{ID: 3, Direction: "egress", Proto: "tcp", Src: "100.96.0.2:40001", Dst: "198.51.100.10:80", Domain: "slow.test", Rule: 2, AgeSecs: 9},
 			{ID: 5, Direction: "egress", Proto: "tcp", Src: "100.96.0.2:40002", Dst: "198.51.100.11:443", Domain: "fast.test", Rule: 0, AgeSecs: 1},
 		},

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -82,7 +83,7 @@ func benchPlainHTTP(b *testing.B, policyJSON string) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			w.h.Handle(context.Background(), Flow{Guest: inside, Up: up, Flow: policy.Flow{ID: 1, Proto: policy.TCP, Dst: w.dst}, Decision: w.decided})
+			w.h.Handle(context.Background(), flow.Of(policy.Flow{ID: 1, Proto: policy.TCP, Dst: w.dst}, w.decided), inside, up)
 		}()
 		wait := func() { <-done; inside.Close() }
 		guest.SetDeadline(time.Now().Add(10 * time.Second))

@@ -15,14 +15,14 @@ import (
 // request's Host is, and an HTTP/2 client of the flow's own upstream
 // connection carries the allowed streams. A refused stream gets its 403
 // and the others go on.
-func (h *Handler) serveH2C(ctx context.Context, fl Flow, peeked []byte) error {
-	guest := proxy.WrapConn(fl.Guest, peeked, fl.UpMeter, fl.DownMeter)
+func (h *Handler) serveH2C(ctx context.Context, fl conn, peeked []byte) error {
+	guest := proxy.WrapConn(fl.guest, peeked, &fl.f.Up, &fl.f.Down)
 	defer guest.Close()
-	defer fl.Up.Close()
+	defer fl.host.Close()
 	rh := &requestHandler{h: h, fl: fl, scheme: "http"}
 	// The bytes are the server's: no compression asked for on the
 	// client's behalf.
-	cc, err := (&http2.Transport{AllowHTTP: true, DisableCompression: true}).NewClientConn(fl.Up)
+	cc, err := (&http2.Transport{AllowHTTP: true, DisableCompression: true}).NewClientConn(fl.host)
 	if err != nil {
 		rh.upErr = "upstream HTTP/2: " + err.Error()
 	} else {

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/inspect"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
@@ -98,15 +99,10 @@ type FlowScanner interface {
 
 // Event is one decision of the handler, for the decision log and counters.
 type Event struct {
-	Flow     policy.Flow
+	Flow *flow.Flow
+	// Decision is the handler's: on the flow, or on one request.
 	Decision policy.Decision
-	// Mode is spliced, intercepted, proxied (plain HTTP, request by
-	// request) or refused for a flow; request for one request.
-	Mode               string
-	SNI                string
-	ALPN               string
-	Method, Host, Path string
-	Secret, Reason     string
+	flow.L7
 }
 
 // Options configure a Handler.
@@ -144,15 +140,11 @@ type Options struct {
 	Log                                          *slog.Logger
 }
 
-// Flow is one allowed TCP flow, its guest side accepted and its upstream
-// dialled.
-type Flow struct {
-	Guest, Up net.Conn
-	Flow      policy.Flow
-	Decision  policy.Decision
-	// UpMeter counts (and paces) what the sandbox sends, DownMeter what it
-	// receives.
-	UpMeter, DownMeter *proxy.Meter
+// conn is one allowed TCP flow being served: its guest side accepted, its
+// upstream (host) dialled; f's meters count what each side sends.
+type conn struct {
+	guest, host net.Conn
+	f           *flow.Flow
 }
 
 // Handler decides, flow by flow, whether to splice, intercept or refuse.
@@ -199,10 +191,10 @@ func (h *Handler) Stats() Stats {
 	return Stats{h.spliced.Load(), h.intercepted.Load(), h.proxied.Load(), h.refused.Load(), h.reqAllowed.Load(), h.reqDenied.Load()}
 }
 
-// Wants reports whether flow f, so decided, needs its first bytes looked
-// at; the others are relayed as they are.
-func (h *Handler) Wants(f policy.Flow, d policy.Decision) bool {
-	if d.ByName || h.o.Mode == All || h.o.Policy.Load().ReadsNames(f) {
+// Wants reports whether flow fl needs its first bytes looked at; the
+// others are relayed as they are.
+func (h *Handler) Wants(fl *flow.Flow) bool {
+	if fl.Decision.ByName || h.o.Mode == All || h.o.Policy.Load().ReadsNames(fl.Flow) {
 		return true
 	}
 	if h.o.Mode == Auto {
@@ -243,26 +235,27 @@ func normalOrLower(s string) string {
 // Handle serves one flow to its end. The bytes from upstream reach the
 // sandbox from the start (a server may speak first); the sandbox's own go
 // nowhere until its first bytes have been looked at.
-func (h *Handler) Handle(ctx context.Context, fl Flow) error {
-	down := startDown(fl.Up, fl.Guest, fl.DownMeter)
+func (h *Handler) Handle(ctx context.Context, f *flow.Flow, guest, host net.Conn) error {
+	fl := conn{guest: guest, host: host, f: f}
+	down := startDown(fl.host, fl.guest, &fl.f.Down)
 	// A client may wait as long as it likes before its first byte; once it
 	// has started, it has FirstBytes to say what it wants.
-	peeked, hello, err := inspect.Peek(ctx, fl.Guest, h.o.FirstBytes)
+	peeked, hello, err := inspect.Peek(ctx, fl.guest, h.o.FirstBytes)
 	if err != nil {
 		if errors.Is(err, inspect.ErrTooLong) || len(peeked) > 0 {
-			h.refuse(fl, down, inspect.Hello{}, fl.Decision, "first bytes: "+err.Error())
+			h.refuse(fl, down, inspect.Hello{}, fl.f.Decision, "first bytes: "+err.Error())
 			return err
 		}
 		// The client closed (or ctx ended) before sending anything: let
 		// the relay pass the end on.
 		down.stop()
-		_, _, rerr := proxy.Relay(down.guestAfter(fl.Guest, nil), fl.Up, fl.UpMeter, fl.DownMeter)
+		_, _, rerr := proxy.Relay(down.guestAfter(fl.guest, nil), fl.host, &fl.f.Up, &fl.f.Down)
 		return rerr
 	}
-	d := fl.Decision
+	d := fl.f.Decision
 	// Domain deny rules hold whatever the address: a flow the addresses
 	// allowed is still refused for the name it asks for.
-	denyCheck := !d.ByName && !d.PerRequest && h.o.Policy.Load().ReadsNames(fl.Flow)
+	denyCheck := !d.ByName && !d.PerRequest && h.o.Policy.Load().ReadsNames(fl.f.Flow)
 	if sc, ok := h.o.Rewriter.(FlowScanner); ok && h.o.Rewriter.Active() {
 		name := strings.Join(hello.Names, ",")
 		first := peeked
@@ -309,7 +302,7 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 		// Plain HTTP to a host allowed by name goes through the proxy,
 		// which checks every request's host, not only the first.
 		for _, n := range hello.Names {
-			nd := h.o.Policy.Load().CheckRequest(withDomain(fl.Flow, n), hello.Method, hello.Path)
+			nd := h.o.Policy.Load().CheckRequest(withDomain(fl.f.Flow, n), hello.Method, hello.Path)
 			if nd.Action != policy.Allow {
 				h.refuse(fl, down, hello, nd, "host "+n+" is not allowed")
 				return nil
@@ -340,9 +333,9 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 			h.refuse(fl, down, hello, d, "TLS with encrypted client hello: the server name cannot be checked")
 			return nil
 		}
-		d = h.o.Policy.Load().Check(withDomain(fl.Flow, sni))
+		d = h.o.Policy.Load().Check(withDomain(fl.f.Flow, sni))
 		if d.Action == policy.Ask && h.o.Ask != nil {
-			d = h.o.Ask(ctx, withDomain(fl.Flow, sni), d)
+			d = h.o.Ask(ctx, withDomain(fl.f.Flow, sni), d)
 		}
 		if d.Action != policy.Allow {
 			h.refuse(fl, down, hello, d, "server name "+sni+" is not allowed")
@@ -354,9 +347,9 @@ func (h *Handler) Handle(ctx context.Context, fl Flow) error {
 			h.refuse(fl, down, hello, d, "TLS with encrypted client hello: the server name cannot be checked against the domain rules")
 			return nil
 		case sni != "":
-			nd := h.o.Policy.Load().Check(withDomain(fl.Flow, sni))
+			nd := h.o.Policy.Load().Check(withDomain(fl.f.Flow, sni))
 			if nd.Action == policy.Ask && h.o.Ask != nil {
-				nd = h.o.Ask(ctx, withDomain(fl.Flow, sni), nd)
+				nd = h.o.Ask(ctx, withDomain(fl.f.Flow, sni), nd)
 			}
 			if nd.Action != policy.Allow {
 				h.refuse(fl, down, hello, nd, "server name "+sni+" is not allowed")
@@ -390,12 +383,12 @@ func withDomain(f policy.Flow, name string) policy.Flow {
 	return f
 }
 
-func (h *Handler) report(fl Flow, hello inspect.Hello, d policy.Decision, mode, reason string) Event {
+func (h *Handler) report(fl conn, hello inspect.Hello, d policy.Decision, mode, reason string) Event {
 	return h.reportSecret(fl, hello, d, mode, reason, "")
 }
 
-func (h *Handler) reportSecret(fl Flow, hello inspect.Hello, d policy.Decision, mode, reason, secret string) Event {
-	ev := Event{Flow: fl.Flow, Decision: d, Mode: mode, Reason: reason, Secret: secret}
+func (h *Handler) reportSecret(fl conn, hello inspect.Hello, d policy.Decision, mode, reason, secret string) Event {
+	ev := Event{Flow: fl.f, Decision: d, L7: flow.L7{Mode: mode, Reason: reason, Secret: secret}}
 	switch hello.Kind {
 	case inspect.TLS:
 		if len(hello.Names) > 0 {
@@ -411,31 +404,31 @@ func (h *Handler) reportSecret(fl Flow, hello inspect.Hello, d policy.Decision, 
 }
 
 // splice relays the flow as it is, the peeked bytes first.
-func (h *Handler) splice(fl Flow, down *downCopier, peeked []byte, hello inspect.Hello, d policy.Decision) error {
+func (h *Handler) splice(fl conn, down *downCopier, peeked []byte, hello inspect.Hello, d policy.Decision) error {
 	down.stop()
 	h.spliced.Add(1)
-	if hello.Kind == inspect.TLS || fl.Decision.ByName {
+	if hello.Kind == inspect.TLS || fl.f.Decision.ByName {
 		h.report(fl, hello, d, "spliced", "")
 	}
-	_, _, err := proxy.Relay(down.guestAfter(fl.Guest, peeked), fl.Up, fl.UpMeter, fl.DownMeter)
+	_, _, err := proxy.Relay(down.guestAfter(fl.guest, peeked), fl.host, &fl.f.Up, &fl.f.Down)
 	return err
 }
 
 // refuse resets both ends and reports d (a terminate stops the sandbox).
-func (h *Handler) refuse(fl Flow, down *downCopier, hello inspect.Hello, d policy.Decision, reason string) {
+func (h *Handler) refuse(fl conn, down *downCopier, hello inspect.Hello, d policy.Decision, reason string) {
 	h.refuseAs(fl, down, hello, d, reason, "")
 }
 
-func (h *Handler) refuseAs(fl Flow, down *downCopier, hello inspect.Hello, d policy.Decision, reason, secret string) {
+func (h *Handler) refuseAs(fl conn, down *downCopier, hello inspect.Hello, d policy.Decision, reason, secret string) {
 	if d.Action == policy.Allow {
 		d.Action = policy.Deny // allowed by rule, refused for what it sent
 	}
 	h.refused.Add(1)
 	ev := h.reportSecret(fl, hello, d, "refused", reason, secret)
-	proxy.ResetConn(fl.Guest)
-	proxy.ResetConn(fl.Up)
+	proxy.ResetConn(fl.guest)
+	proxy.ResetConn(fl.host)
 	down.stop()
-	h.o.Log.Info("flow refused", "flow_id", fl.Flow.ID, "dst", fl.Flow.Dst, "reason", reason)
+	h.o.Log.Info("flow refused", "flow_id", fl.f.Flow.ID, "dst", fl.f.Flow.Dst, "reason", reason)
 	if d.Action == policy.Terminate {
 		h.o.Terminate(ev)
 	}
@@ -453,7 +446,7 @@ type downCopier struct {
 	once    sync.Once
 }
 
-func startDown(up, guest net.Conn, m *proxy.Meter) *downCopier {
+func startDown(up, guest net.Conn, m *flow.Meter) *downCopier {
 	d := &downCopier{up: up, done: make(chan struct{})}
 	go func() {
 		defer close(d.done)

@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/inspect"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
@@ -39,11 +40,11 @@ const upstreamTimeout = 10 * time.Second
 // first (the sandbox's ALPN offer forwarded, the upstream's choice then
 // offered back), then with the sandbox under a certificate of the CA, and
 // proxies request by request.
-func (h *Handler) serveTLS(ctx context.Context, fl Flow, peeked []byte, hello inspect.Hello, d policy.Decision) error {
+func (h *Handler) serveTLS(ctx context.Context, fl conn, peeked []byte, hello inspect.Hello, d policy.Decision) error {
 	sni := hello.Names[0]
-	guest := proxy.WrapConn(fl.Guest, peeked, fl.UpMeter, fl.DownMeter)
+	guest := proxy.WrapConn(fl.guest, peeked, &fl.f.Up, &fl.f.Down)
 	defer guest.Close()
-	defer fl.Up.Close()
+	defer fl.host.Close()
 	offer := slices.DeleteFunc(slices.Clone(hello.ALPN), func(p string) bool { return p != "h2" && p != "http/1.1" })
 	// A server that asks for a client certificate gets none (msbtap has
 	// none to give); that it asked explains the failure that follows.
@@ -55,7 +56,7 @@ func (h *Handler) serveTLS(ctx context.Context, fl Flow, peeked []byte, hello in
 		}}
 	hctx, cancel := context.WithTimeout(ctx, upstreamTimeout)
 	defer cancel()
-	upTLS := tls.Client(fl.Up, upCfg)
+	upTLS := tls.Client(fl.host, upCfg)
 	upErr := upTLS.HandshakeContext(hctx)
 	proto := ""
 	if upErr == nil {
@@ -68,7 +69,7 @@ func (h *Handler) serveTLS(ctx context.Context, fl Flow, peeked []byte, hello in
 	}
 	leaf, err := h.o.CA.Leaf(sni)
 	if err != nil {
-		proxy.ResetConn(fl.Guest)
+		proxy.ResetConn(fl.guest)
 		return err
 	}
 	gCfg := &tls.Config{Certificates: []tls.Certificate{*leaf}, MinVersion: tls.VersionTLS12}
@@ -82,7 +83,7 @@ func (h *Handler) serveTLS(ctx context.Context, fl Flow, peeked []byte, hello in
 		return err
 	}
 	cancel()
-	ev := Event{Flow: fl.Flow, Decision: d, Mode: "intercepted", SNI: sni, ALPN: proto}
+	ev := Event{Flow: fl.f, Decision: d, L7: flow.L7{Mode: "intercepted", SNI: sni, ALPN: proto}}
 	if upErr != nil {
 		ev.Reason = "upstream: " + upErr.Error()
 	}
@@ -128,11 +129,11 @@ func (h *Handler) serveTLS(ctx context.Context, fl Flow, peeked []byte, hello in
 
 // serveHTTP proxies plain HTTP/1 request by request, so that every
 // request's host is checked, not only the first one's.
-func (h *Handler) serveHTTP(ctx context.Context, fl Flow, peeked []byte, host string, _ any) error {
-	guest := proxy.WrapConn(fl.Guest, peeked, fl.UpMeter, fl.DownMeter)
+func (h *Handler) serveHTTP(ctx context.Context, fl conn, peeked []byte, host string, _ any) error {
+	guest := proxy.WrapConn(fl.guest, peeked, &fl.f.Up, &fl.f.Down)
 	defer guest.Close()
-	defer fl.Up.Close()
-	tr := h.upstreamTransport(fl, fl.Up, nil)
+	defer fl.host.Close()
+	tr := h.upstreamTransport(fl, fl.host, nil)
 	defer tr.CloseIdleConnections()
 	rh := &requestHandler{h: h, fl: fl, host: host, scheme: "http", rt: tr}
 	return serveOne(ctx, guest, rh)
@@ -142,7 +143,7 @@ func (h *Handler) serveHTTP(ctx context.Context, fl Flow, peeked []byte, host st
 // flow's own (already dialled, policy-checked) upstream, and which dials
 // the same address again (wrapped by wrap, for TLS) when the client opens
 // more.
-func (h *Handler) upstreamTransport(fl Flow, first net.Conn, wrap func(context.Context, net.Conn) (net.Conn, error)) *http.Transport {
+func (h *Handler) upstreamTransport(fl conn, first net.Conn, wrap func(context.Context, net.Conn) (net.Conn, error)) *http.Transport {
 	var mu sync.Mutex
 	take := func() net.Conn {
 		mu.Lock()
@@ -155,7 +156,7 @@ func (h *Handler) upstreamTransport(fl Flow, first net.Conn, wrap func(context.C
 		if c := take(); c != nil {
 			return &meteredConn{Conn: c}, nil
 		}
-		c, err := h.o.Dial(ctx, fl.Flow.Dst.String())
+		c, err := h.o.Dial(ctx, fl.f.Flow.Dst.String())
 		if err == nil && wrap != nil {
 			c, err = wrap(ctx, c)
 		}
@@ -177,7 +178,7 @@ func (h *Handler) upstreamTransport(fl Flow, first net.Conn, wrap func(context.C
 // requestHandler decides and proxies the requests of one flow.
 type requestHandler struct {
 	h      *Handler
-	fl     Flow
+	fl     conn
 	host   string // the name the connection asked for (SNI), or the first request's host
 	tls    bool
 	scheme string
@@ -226,7 +227,7 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := rh.h
 	auth, authErr := inspect.ParseAuthority(r.Host)
 	host := auth.Name
-	ev := Event{Flow: rh.fl.Flow, Mode: "request", Method: r.Method, Host: host, Path: r.URL.Path}
+	ev := Event{Flow: rh.fl.f, L7: flow.L7{Mode: "request", Method: r.Method, Host: host, Path: r.URL.Path}}
 	if rh.tls {
 		ev.SNI = rh.host
 	}
@@ -257,13 +258,13 @@ func (rh *requestHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			fmt.Sprintf("host %q is not the server name %q this connection asked for", host, rh.host))
 		return
 	}
-	if host == "" && (rh.tls || rh.fl.Decision.ByName || rh.fl.Decision.PerRequest) {
+	if host == "" && (rh.tls || rh.fl.f.Decision.ByName || rh.fl.f.Decision.PerRequest) {
 		// Where the addresses decide (a flow read for the domain deny
 		// rules only), a request without a host names none of them.
 		deny(http.StatusBadRequest, policy.Decision{Action: policy.Deny, Rule: -1}, "request without a host")
 		return
 	}
-	d := h.o.Policy.Load().CheckRequest(withDomain(rh.fl.Flow, host), r.Method, r.URL.Path)
+	d := h.o.Policy.Load().CheckRequest(withDomain(rh.fl.f.Flow, host), r.Method, r.URL.Path)
 	ev.Decision = d
 	if d.Action != policy.Allow {
 		deny(http.StatusForbidden, d, fmt.Sprintf("%s %s%s is not allowed by the policy", r.Method, host, r.URL.Path))
@@ -355,8 +356,8 @@ func (rh *requestHandler) proxy() *httputil.ReverseProxy {
 				if errors.As(err, &rerr) {
 					// The Rewriter stopped the request mid-body.
 					ref := rerr.Refusal()
-					ev := Event{Flow: rh.fl.Flow, Decision: ref.decision(), Mode: "request", Method: r.Method,
-						Host: hostOnly(r.Host), Path: r.URL.Path, Reason: ref.Reason, Secret: ref.Secret}
+					ev := Event{Flow: rh.fl.f, Decision: ref.decision(), L7: flow.L7{Mode: "request", Method: r.Method,
+						Host: hostOnly(r.Host), Path: r.URL.Path, Reason: ref.Reason, Secret: ref.Secret}}
 					rh.h.reqDenied.Add(1)
 					if !ref.Quiet {
 						rh.h.o.Report(ev)

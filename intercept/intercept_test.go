@@ -21,6 +21,7 @@ import (
 	"go.uber.org/goleak"
 	"golang.org/x/net/http2"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -146,7 +147,7 @@ func (w *world) serve(t testing.TB) (net.Conn, func() error) {
 	var herr error
 	go func() {
 		defer close(done)
-		herr = w.h.Handle(context.Background(), Flow{Guest: inside, Up: up, Flow: policy.Flow{ID: 1, Proto: policy.TCP, Dst: w.dst}, Decision: w.decided})
+		herr = w.h.Handle(context.Background(), flow.Of(policy.Flow{ID: 1, Proto: policy.TCP, Dst: w.dst}, w.decided), inside, up)
 	}()
 	wait := func() error { <-done; return herr }
 	t.Cleanup(func() { guest.Close(); wait() })

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/h2c"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -238,7 +239,7 @@ const denyEvil = `{"default_action": "allow", "rules": [
 func TestDomainDenyWithoutPin(t *testing.T) {
 	w := newPlainWorld(t, Auto, denyEvil)
 	w.dst = netip.AddrPortFrom(w.dst.Addr(), 80)
-	if !w.h.Wants(policy.Flow{Proto: policy.TCP, Dst: w.dst}, w.decided) {
+	if !w.h.Wants(flow.Of(policy.Flow{Proto: policy.TCP, Dst: w.dst}, w.decided)) {
 		t.Fatal("a flow to port 80 is not read under domain deny rules")
 	}
 	for _, host := range []string{"evil.test", "EVIL.test.", "x.bad.test", "evil.test:80"} {

@@ -50,7 +50,7 @@ func TestAgentSocketsNeverBroadcast(t *testing.T) {
 	}
 	u := NewUDP(UDPOptions{Replier: &captureReplier{}})
 	defer u.Close()
-	if err := u.Handle(netip.MustParseAddrPort("100.96.0.2:4000"), loopBroadcast, []byte("x")); err == nil {
+	if _, err := u.Handle(netip.MustParseAddrPort("100.96.0.2:4000"), loopBroadcast, []byte("x")); err == nil {
 		t.Error("the UDP relay opened a session to a broadcast address")
 	}
 	if c, err := upstreamDialer.Dial("udp", "127.255.255.255:53"); !errors.Is(err, syscall.EACCES) {

@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"github.com/msbtap/msbtap/flow"
+
 	"context"
 	"net"
 )
@@ -8,14 +10,14 @@ import (
 // WrapConn returns c with prefix replayed before its own bytes, what is
 // read counted (and paced) by rm and what is written by wm (either may be
 // nil). Reset and CloseWrite pass through to c, so relays treat it as c.
-func WrapConn(c net.Conn, prefix []byte, rm, wm *Meter) net.Conn {
+func WrapConn(c net.Conn, prefix []byte, rm, wm *flow.Meter) net.Conn {
 	return &wrappedConn{Conn: c, prefix: prefix, rm: rm, wm: wm}
 }
 
 type wrappedConn struct {
 	net.Conn
 	prefix []byte
-	rm, wm *Meter
+	rm, wm *flow.Meter
 }
 
 func (c *wrappedConn) Read(b []byte) (int, error) {

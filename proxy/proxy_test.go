@@ -15,6 +15,9 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/msbtap/msbtap/flow"
+	"github.com/msbtap/msbtap/policy"
 )
 
 // tcpPair returns the two ends of a loopback TCP connection.
@@ -374,7 +377,7 @@ func TestUDPSessionsIdleOut(t *testing.T) {
 	defer u.Close()
 	dst := netip.MustParseAddrPort(echo.LocalAddr().String())
 	src := netip.MustParseAddrPort("100.96.0.2:4000")
-	if err := u.Handle(src, dst, []byte("hi")); err != nil {
+	if _, err := u.Handle(src, dst, []byte("hi")); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -389,7 +392,7 @@ func TestUDPSessionsIdleOut(t *testing.T) {
 		t.Fatal("no reply to the second session")
 	}
 	// Both sessions were answered: none gives way to a third.
-	if err := u.Handle(netip.MustParseAddrPort("100.96.0.2:4002"), dst, []byte("x")); err != ErrLimit {
+	if _, err := u.Handle(netip.MustParseAddrPort("100.96.0.2:4002"), dst, []byte("x")); err != ErrLimit {
 		t.Errorf("third session over a cap of 2 answered ones: %v, want ErrLimit", err)
 	}
 	deadline := time.Now().Add(3 * time.Second)
@@ -400,7 +403,7 @@ func TestUDPSessionsIdleOut(t *testing.T) {
 		t.Fatalf("%d sessions still open after the idle timeout", n)
 	}
 	// A session that idled out is opened again by the next datagram.
-	if err := u.Handle(src, dst, []byte("again")); err != nil {
+	if _, err := u.Handle(src, dst, []byte("again")); err != nil {
 		t.Fatalf("after idle timeout: %v", err)
 	}
 }
@@ -431,7 +434,7 @@ func TestUDPUnansweredSessionsGiveWay(t *testing.T) {
 	u.Handle(netip.MustParseAddrPort("100.96.0.2:5000"), echoAddr, []byte("hi"))
 	<-r.got
 	for p := 6000; p < 6010; p++ { // a flood: each new session evicts the oldest unanswered one
-		if err := u.Handle(netip.AddrPortFrom(netip.MustParseAddr("100.96.0.2"), uint16(p)), holeAddr, []byte("x")); err != nil {
+		if _, err := u.Handle(netip.AddrPortFrom(netip.MustParseAddr("100.96.0.2"), uint16(p)), holeAddr, []byte("x")); err != nil {
 			t.Fatalf("flood session %d: %v", p, err)
 		}
 	}
@@ -459,13 +462,13 @@ func TestUDPSprayChurnsItsOwnSessions(t *testing.T) {
 	guest := netip.MustParseAddr("100.96.0.2")
 	holeAddr := netip.MustParseAddrPort(hole.LocalAddr().String())
 	waiting := udpKey{netip.AddrPortFrom(guest, 5000), holeAddr}
-	if err := u.Handle(waiting.src, waiting.dst, []byte("question")); err != nil {
+	if _, err := u.Handle(waiting.src, waiting.dst, []byte("question")); err != nil {
 		t.Fatal(err)
 	}
 	for round := 0; round < 50; round++ {
 		for sprayer := uint16(6000); sprayer < 6004; sprayer++ {
 			dst := netip.AddrPortFrom(holeAddr.Addr(), 10000+uint16(round))
-			if err := u.Handle(netip.AddrPortFrom(guest, sprayer), dst, []byte("x")); err != nil {
+			if _, err := u.Handle(netip.AddrPortFrom(guest, sprayer), dst, []byte("x")); err != nil {
 				t.Fatalf("spray from %d: %v", sprayer, err)
 			}
 		}
@@ -487,10 +490,10 @@ func TestUDPSprayChurnsItsOwnSessions(t *testing.T) {
 	}
 	// A newcomer at the full table gets in, at the expense of a sprayer.
 	newcomer := netip.AddrPortFrom(guest, 7000)
-	if err := u.Handle(newcomer, holeAddr, []byte("hello")); err != nil {
+	if _, err := u.Handle(newcomer, holeAddr, []byte("hello")); err != nil {
 		t.Fatalf("a new socket at the full table: %v", err)
 	}
-	if err := u.Handle(netip.AddrPortFrom(guest, 6000), netip.AddrPortFrom(holeAddr.Addr(), 20000), []byte("x")); err != nil {
+	if _, err := u.Handle(netip.AddrPortFrom(guest, 6000), netip.AddrPortFrom(holeAddr.Addr(), 20000), []byte("x")); err != nil {
 		t.Fatal(err)
 	}
 	u.mu.Lock()
@@ -526,7 +529,7 @@ func TestUDPSprayerThrottled(t *testing.T) {
 	defer hole.Close()
 	var asked atomic.Int64
 	u := NewUDP(UDPOptions{Replier: &captureReplier{}, MaxSessions: 16, // 4 per socket
-		Allow: func(netip.AddrPort, netip.AddrPort) (uint64, bool) { asked.Add(1); return 0, true }})
+		Allow: func(src, dst netip.AddrPort) *flow.Flow { asked.Add(1); return allowedUDP(src, dst) }})
 	defer u.Close()
 	guest := netip.MustParseAddr("100.96.0.2")
 	sprayer := netip.AddrPortFrom(guest, 6000)
@@ -535,7 +538,7 @@ func TestUDPSprayerThrottled(t *testing.T) {
 	}
 	var limited int
 	for p := 10000; p < 10100; p++ {
-		switch err := u.Handle(sprayer, to(p), []byte("x")); err {
+		switch _, err := u.Handle(sprayer, to(p), []byte("x")); err {
 		case nil:
 		case ErrLimit:
 			limited++
@@ -546,11 +549,11 @@ func TestUDPSprayerThrottled(t *testing.T) {
 	if limited != 96 || asked.Load() != 4 {
 		t.Errorf("100 ports from one socket: %d dropped at the cap, the policy asked %d times; want 96 and 4", limited, asked.Load())
 	}
-	if err := u.Handle(netip.AddrPortFrom(guest, 7000), to(10000), []byte("x")); err != nil {
+	if _, err := u.Handle(netip.AddrPortFrom(guest, 7000), to(10000), []byte("x")); err != nil {
 		t.Errorf("another socket while the sprayer is throttled: %v", err)
 	}
 	time.Sleep(sprayTurnover + 100*time.Millisecond)
-	if err := u.Handle(sprayer, to(20000), []byte("x")); err != nil {
+	if _, err := u.Handle(sprayer, to(20000), []byte("x")); err != nil {
 		t.Errorf("the sprayer after its oldest session waited %s: %v", sprayTurnover, err)
 	}
 	if st := u.Stats(); st.Active != 5 || st.Evicted != 1 {
@@ -580,7 +583,7 @@ func TestUDPReplySizedPerFamily(t *testing.T) {
 	r := &captureReplier{got: make(chan struct{}, 1)}
 	u := NewUDP(UDPOptions{Replier: r, MaxPayload4: 1472, MaxPayload6: 1452})
 	defer u.Close()
-	if err := u.Handle(netip.MustParseAddrPort("[fd42:6d73:62::2]:4000"), netip.MustParseAddrPort(big.LocalAddr().String()), []byte("hi")); err != nil {
+	if _, err := u.Handle(netip.MustParseAddrPort("[fd42:6d73:62::2]:4000"), netip.MustParseAddrPort(big.LocalAddr().String()), []byte("hi")); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(2 * time.Second)
@@ -595,9 +598,11 @@ func TestUDPReplySizedPerFamily(t *testing.T) {
 }
 
 func TestUDPDenied(t *testing.T) {
-	u := NewUDP(UDPOptions{Replier: &captureReplier{}, Allow: func(netip.AddrPort, netip.AddrPort) (uint64, bool) { return 0, false }})
+	u := NewUDP(UDPOptions{Replier: &captureReplier{}, Allow: func(src, dst netip.AddrPort) *flow.Flow {
+		return flow.Of(policy.Flow{Proto: policy.UDP, Src: src, Dst: dst}, policy.Decision{Action: policy.Deny})
+	}})
 	defer u.Close()
-	if err := u.Handle(netip.MustParseAddrPort("100.96.0.2:1"), netip.MustParseAddrPort("127.0.0.1:9"), nil); err != ErrDenied {
+	if _, err := u.Handle(netip.MustParseAddrPort("100.96.0.2:1"), netip.MustParseAddrPort("127.0.0.1:9"), nil); err != ErrDenied {
 		t.Fatalf("got %v, want ErrDenied", err)
 	}
 	if u.Stats().Active != 0 {
@@ -1029,4 +1034,9 @@ func TestDNSCacheSweepsExpired(t *testing.T) {
 	if c.sweep == nil {
 		t.Error("no sweep pending while an entry is cached")
 	}
+}
+
+// allowedUDP is a UDP flow allowed, in no table.
+func allowedUDP(src, dst netip.AddrPort) *flow.Flow {
+	return flow.Of(policy.Flow{Proto: policy.UDP, Src: src, Dst: dst}, policy.Decision{Action: policy.Allow})
 }

@@ -12,7 +12,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/policy"
 )
 
 // PortSpec is one published port: host address and port → guest port.
@@ -42,13 +44,10 @@ type PublishOptions struct {
 	// SendToGuest delivers a datagram to the guest's port (at its IPv6 or
 	// IPv4 address), from the gateway's port gwPort.
 	SendToGuest func(gwPort, guestPort uint16, v6 bool, payload []byte) bool
-	// Allow decides a new host client (the ingress policy) and returns the
-	// flow's id.
-	Allow func(proto string, client, listen netip.AddrPort) (id uint64, ok bool)
-	// Track, when set, is told of each new client (end ends it) and
-	// returns the meters of its bytes each way (up: from the host client
-	// into the sandbox) and what to call when it is over.
-	Track func(proto string, id uint64, client, listen netip.AddrPort, end func()) (up, down *Meter, done func())
+	// Allow decides a new host client (the ingress policy) and returns its
+	// flow: a TCP client's is open in its table while it is relayed, its
+	// meters counting (up: from the host client into the sandbox).
+	Allow func(proto policy.Proto, client, listen netip.AddrPort) *flow.Flow
 	// UDPIdleTimeout ends idle UDP client sessions (default 60 s).
 	UDPIdleTimeout time.Duration
 	// DialTimeout bounds the connection to the guest (default 10 s).
@@ -161,7 +160,9 @@ func (p *Publisher) Start(o PublishOptions) {
 		o.DialTimeout = 10 * time.Second
 	}
 	if o.Allow == nil {
-		o.Allow = func(string, netip.AddrPort, netip.AddrPort) (uint64, bool) { return 0, true }
+		o.Allow = func(proto policy.Proto, client, listen netip.AddrPort) *flow.Flow {
+			return flow.Of(policy.Flow{Direction: policy.Ingress, Proto: proto, Src: client, Dst: listen}, policy.Decision{Action: policy.Allow})
+		}
 	}
 	p.o = o
 	p.ctx, p.cancel = context.WithCancel(context.Background())

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"net"
+
+	"github.com/msbtap/msbtap/policy"
 )
 
 func (p *Publisher) routineAcceptTCP(ln net.Listener, s PortSpec) {
@@ -24,8 +26,8 @@ func (p *Publisher) routineAcceptTCP(ln net.Listener, s PortSpec) {
 func (p *Publisher) serveTCP(c *net.TCPConn, s PortSpec) {
 	defer p.wg.Done()
 	client := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-	id, ok := p.o.Allow("tcp", client, s.Host)
-	if !ok {
+	fl := p.o.Allow(policy.TCP, client, s.Host)
+	if !fl.Allowed() {
 		p.denied.Add(1)
 		reset(c)
 		return
@@ -52,13 +54,9 @@ func (p *Publisher) serveTCP(c *net.TCPConn, s PortSpec) {
 		reset(g)
 		return
 	}
-	var up, down *Meter
-	if p.o.Track != nil {
-		var done func()
-		up, down, done = p.o.Track("tcp", id, client, s.Host, func() { reset(c); reset(g) })
-		defer done()
-	}
-	Relay(c, g, up, down)
+	fl.Open(func() { reset(c); reset(g) })
+	defer fl.Close()
+	Relay(c, g, &fl.Up, &fl.Down)
 	p.untrack(c, g)
 }
 

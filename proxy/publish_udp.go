@@ -5,6 +5,8 @@ import (
 	"net"
 	"net/netip"
 	"time"
+
+	"github.com/msbtap/msbtap/policy"
 )
 
 func (p *Publisher) routineReadUDP(idx int, sock *net.UDPConn, s PortSpec) {
@@ -36,7 +38,7 @@ func (p *Publisher) udpSession(k udpClientKey, sock *net.UDPConn, s PortSpec) *i
 	if sess != nil {
 		return sess
 	}
-	if _, ok := p.o.Allow("udp", k.client, s.Host); !ok {
+	if !p.o.Allow(policy.UDP, k.client, s.Host).Allowed() {
 		p.denied.Add(1)
 		return nil
 	}

@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"github.com/msbtap/msbtap/flow"
+
 	"context"
 	"errors"
 	"io"
@@ -31,7 +33,7 @@ type halfCloser interface {
 // count (and pace) the bytes a→b and b→a as they go. Relay returns the
 // bytes copied a→b and b→a, and the first error either direction met (nil
 // when both ended cleanly).
-func Relay(a, b net.Conn, abm, bam *Meter) (ab, ba int64, err error) {
+func Relay(a, b net.Conn, abm, bam *flow.Meter) (ab, ba int64, err error) {
 	type result struct {
 		aToB bool
 		n    int64
@@ -68,7 +70,7 @@ func Relay(a, b net.Conn, abm, bam *Meter) (ab, ba int64, err error) {
 
 // pipe copies src→dst, through m if given. At src's EOF it shuts dst's
 // write side; on any error it calls fail, which resets both ends.
-func pipe(ctx context.Context, dst, src net.Conn, m *Meter, fail func()) (int64, error) {
+func pipe(ctx context.Context, dst, src net.Conn, m *flow.Meter, fail func()) (int64, error) {
 	bp := relayBufs.Get().(*[]byte)
 	defer relayBufs.Put(bp)
 	buf := *bp

@@ -13,6 +13,9 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/msbtap/msbtap/flow"
+	"github.com/msbtap/msbtap/policy"
 )
 
 // ErrDenied means the policy refused a new flow.
@@ -24,17 +27,16 @@ var ErrLimit = errors.New("too many concurrent flows")
 // UDPOptions configure a UDP relay.
 type UDPOptions struct {
 	Replier Replier
-	// Allow is asked once per new session, before any socket exists; it
-	// returns the flow's id.
-	Allow func(src, dst netip.AddrPort) (id uint64, ok bool)
-	// Hold, if set, is offered the datagram of a new session Allow did
-	// not allow: it may keep it (the flow is held for an answer, and
-	// Resume opens the session later) and say so; Handle then returns nil.
-	Hold func(src, dst netip.AddrPort, payload []byte) bool
-	// Track, when set, is told of each new session (end ends it) and
-	// returns the meters of its bytes each way (up: from the guest) and
-	// what to call when it is over.
-	Track func(id uint64, src, dst netip.AddrPort, end func()) (up, down *Meter, done func())
+	// Allow decides a new session, once, before any socket exists: the
+	// flow it returns is the session's (opened in its table while the
+	// session lives, its meters counting and pacing the datagrams), or, if
+	// not allowed, the refusal Handle returns. Default: everything, in no
+	// table.
+	Allow func(src, dst netip.AddrPort) *flow.Flow
+	// Hold, if set, is offered the datagram of a new flow Allow did not
+	// allow: it may keep it (the flow is held for an answer, and Resume
+	// opens the session later) and say so; Handle then returns no error.
+	Hold func(fl *flow.Flow, payload []byte) bool
 	// MapDst picks the host address to send to (default Identity).
 	MapDst MapDst
 	// IdleTimeout ends a session that has carried nothing for this long
@@ -74,12 +76,11 @@ type udpSession struct {
 	// waiting and srcWaiting are s in UDP.unanswered and in its source's
 	// list until answered; under UDP.mu.
 	waiting, srcWaiting *list.Element
-	up, down            *Meter // from Track, or nil
-	done                func()
+	fl                  *flow.Flow
 }
 
 // UDP relays the guest's UDP datagrams through connected host sockets, one
-// session per (guest source, destination), as the seed engine does.
+// session per (guest source, destination), as microsandbox's network engine does.
 type UDP struct {
 	o UDPOptions
 
@@ -122,17 +123,20 @@ func NewUDP(o UDPOptions) *UDP {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	if o.Allow == nil {
-		o.Allow = func(netip.AddrPort, netip.AddrPort) (uint64, bool) { return 0, true }
+		o.Allow = func(src, dst netip.AddrPort) *flow.Flow {
+			return flow.Of(policy.Flow{Proto: policy.UDP, Src: src, Dst: dst}, policy.Decision{Action: policy.Allow})
+		}
 	}
 	return &UDP{o: o, sessions: make(map[udpKey]*udpSession), unanswered: list.New(),
 		sources: make(map[netip.AddrPort]*udpSource), byCount: make([]list.List, o.MaxPerSource+1)}
 }
 
-// Handle relays one datagram from the guest. It returns ErrDenied when the
-// policy refused a new session and ErrLimit when a session cap is reached
-// (the datagram is dropped and counted).
+// Handle relays one datagram from the guest. It returns ErrDenied, with
+// the refused flow, when the policy refused a new session, and ErrLimit
+// when a session cap is reached (the datagram is dropped and counted); a
+// new session's flow comes back too.
 // It never blocks: a host socket that cannot take the datagram drops it.
-func (u *UDP) Handle(src, dst netip.AddrPort, payload []byte) error {
+func (u *UDP) Handle(src, dst netip.AddrPort, payload []byte) (*flow.Flow, error) {
 	k := udpKey{src, dst}
 	now := time.Now().UnixNano()
 	u.mu.Lock()
@@ -141,31 +145,36 @@ func (u *UDP) Handle(src, dst netip.AddrPort, payload []byte) error {
 	u.mu.Unlock()
 	if spraying {
 		u.dropped.Add(1)
-		return ErrLimit
+		return nil, ErrLimit
 	}
-	if s == nil {
-		var err error
-		if s, err = u.open(k, now); err != nil {
-			if errors.Is(err, ErrDenied) && u.o.Hold != nil && u.o.Hold(src, dst, payload) {
-				return nil
-			}
-			return err
+	if s != nil {
+		return nil, u.send(s, now, payload)
+	}
+	fl := u.o.Allow(src, dst)
+	if !fl.Allowed() {
+		if u.o.Hold != nil && u.o.Hold(fl, payload) {
+			return fl, nil
 		}
+		return fl, ErrDenied
 	}
-	return u.send(s, now, payload)
+	s, err := u.openAs(k, now, fl)
+	if err != nil {
+		return fl, err
+	}
+	return fl, u.send(s, now, payload)
 }
 
-// Resume opens the session of a flow that was held and is now allowed
-// (as flow id, without asking Allow again), and relays its datagram.
-func (u *UDP) Resume(id uint64, src, dst netip.AddrPort, payload []byte) error {
-	k := udpKey{src, dst}
+// Resume opens the session of flow fl, which was held and is now allowed
+// (without asking Allow again), and relays its datagram.
+func (u *UDP) Resume(fl *flow.Flow, payload []byte) error {
+	k := udpKey{fl.Src, fl.Dst}
 	now := time.Now().UnixNano()
 	u.mu.Lock()
 	s := u.sessions[k]
 	u.mu.Unlock()
 	if s == nil {
 		var err error
-		if s, err = u.openAs(k, now, id); err != nil {
+		if s, err = u.openAs(k, now, fl); err != nil {
 			return err
 		}
 	}
@@ -175,13 +184,11 @@ func (u *UDP) Resume(id uint64, src, dst netip.AddrPort, payload []byte) error {
 // send relays one datagram on session s.
 func (u *UDP) send(s *udpSession, now int64, payload []byte) error {
 	s.lastSeen.Store(now)
-	if s.up != nil {
-		if !s.up.Shaper.Allow(len(payload)) {
-			u.dropped.Add(1) // over the sandbox's rate: a datagram cannot wait
-			return nil
-		}
-		s.up.Bytes.Add(uint64(len(payload)))
+	if !s.fl.Up.Shaper.Allow(len(payload)) {
+		u.dropped.Add(1) // over the sandbox's rate: a datagram cannot wait
+		return nil
 	}
+	s.fl.Up.Bytes.Add(uint64(len(payload)))
 	var serr error
 	_ = s.raw.Write(func(fd uintptr) bool {
 		_, serr = unix.Write(int(fd), payload)
@@ -193,16 +200,8 @@ func (u *UDP) send(s *udpSession, now int64, payload []byte) error {
 	return nil
 }
 
-func (u *UDP) open(k udpKey, now int64) (*udpSession, error) {
-	id, ok := u.o.Allow(k.src, k.dst)
-	if !ok {
-		return nil, ErrDenied
-	}
-	return u.openAs(k, now, id)
-}
-
-// openAs opens the session of allowed flow id.
-func (u *UDP) openAs(k udpKey, now int64, id uint64) (*udpSession, error) {
+// openAs opens the session of allowed flow fl.
+func (u *UDP) openAs(k udpKey, now int64, fl *flow.Flow) (*udpSession, error) {
 	u.mu.Lock()
 	if u.closed {
 		u.mu.Unlock()
@@ -239,10 +238,8 @@ func (u *UDP) openAs(k udpKey, now int64, id uint64) (*udpSession, error) {
 		u.mu.Unlock()
 		return nil, err
 	}
-	s := &udpSession{key: k, conn: conn, raw: raw, opened: now}
-	if u.o.Track != nil {
-		s.up, s.down, s.done = u.o.Track(id, k.src, k.dst, func() { conn.Close() })
-	}
+	s := &udpSession{key: k, conn: conn, raw: raw, opened: now, fl: fl}
+	fl.Open(func() { conn.Close() })
 	s.lastSeen.Store(time.Now().UnixNano())
 	s.waiting, s.srcWaiting = u.unanswered.PushBack(s), src.unanswered.PushBack(s)
 	u.countLocked(src, +1)
@@ -346,9 +343,7 @@ func (u *UDP) routineReply(s *udpSession) {
 		u.forgetLocked(s)
 		u.mu.Unlock()
 		s.conn.Close()
-		if s.done != nil {
-			s.done()
-		}
+		s.fl.Close()
 	}()
 	limit := u.o.MaxPayload4
 	if s.key.src.Addr().Is6() {
@@ -385,13 +380,11 @@ func (u *UDP) routineReply(s *udpSession) {
 			}
 			u.mu.Unlock()
 		}
-		if s.down != nil {
-			if !s.down.Shaper.Allow(n) {
-				u.dropped.Add(1)
-				continue
-			}
-			s.down.Bytes.Add(uint64(n))
+		if !s.fl.Down.Shaper.Allow(n) {
+			u.dropped.Add(1)
+			continue
 		}
+		s.fl.Down.Bytes.Add(uint64(n))
 		// Replies come from the address the guest sent to, not the mapped one.
 		u.o.Replier.SendUDP(s.key.dst, s.key.src, buf[:n])
 	}

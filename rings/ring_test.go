@@ -141,18 +141,6 @@ func TestSharedDropsWhenFull(t *testing.T) {
 	}
 }
 
-func TestTerminationHook(t *testing.T) {
-	s := NewShared(0, 64)
-	if s.TriggerTermination() {
-		t.Fatal("TriggerTermination reported a hook before one was set")
-	}
-	n := 0
-	s.SetTerminationHook(func() { n++ })
-	if !s.TriggerTermination() || n != 1 {
-		t.Fatalf("hook ran %d times, want 1", n)
-	}
-}
-
 func BenchmarkRingPushPop(b *testing.B) {
 	r := NewRing[*Frame](DefaultCapacity)
 	f := &Frame{}

@@ -1,7 +1,6 @@
 package rings
 
 import (
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -32,9 +31,6 @@ type Shared struct {
 	// number of frames; txQueued and rxQueued are what they hold now.
 	maxQueued          int64
 	txQueued, rxQueued atomic.Int64
-
-	hookMu sync.Mutex
-	hook   func()
 
 	// txOwner is held by whoever handles the guest's frames at a time:
 	// the stack's poll loop, or the TAP reader handling its own batch
@@ -117,27 +113,6 @@ func (s *Shared) PopRx() (*Frame, bool) { return pop(s.Rx, &s.rxQueued) }
 
 // Queued returns the buffer bytes the tx and rx rings hold now.
 func (s *Shared) Queued() (tx, rx int64) { return s.txQueued.Load(), s.rxQueued.Load() }
-
-// SetTerminationHook installs the function run when a fatal policy violation
-// asks for the sandbox to be stopped. It replaces any earlier hook.
-func (s *Shared) SetTerminationHook(hook func()) {
-	s.hookMu.Lock()
-	s.hook = hook
-	s.hookMu.Unlock()
-}
-
-// TriggerTermination runs the termination hook, if one is installed, and
-// reports whether there was one.
-func (s *Shared) TriggerTermination() bool {
-	s.hookMu.Lock()
-	hook := s.hook
-	s.hookMu.Unlock()
-	if hook == nil {
-		return false
-	}
-	hook()
-	return true
-}
 
 // SetTxHandler sets what handles a guest frame (nil: none; the frames
 // then wait in Tx). It is called by the stack, once its poll loop runs.

@@ -17,6 +17,7 @@ import (
 
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/tcpfast"
@@ -88,7 +89,7 @@ func TestFastPathRelay(t *testing.T) {
 	st, sh, p := newTestStackWith(t, Options{
 		FastPath:   true,
 		MapDst:     func(netip.AddrPort) netip.AddrPort { return up },
-		OnDecision: func(f policy.Flow, _ policy.Decision) { mu.Lock(); decisions = append(decisions, f); mu.Unlock() },
+		OnDecision: func(fl *flow.Flow) { mu.Lock(); decisions = append(decisions, fl.Flow); mu.Unlock() },
 	})
 	if st.fast == nil {
 		t.Fatal("fast path asked for and not started")
@@ -101,7 +102,7 @@ func TestFastPathRelay(t *testing.T) {
 		}
 		payload := bytes.Repeat([]byte("fastpath"), n/8)
 		c.Write(payload)
-		var listed []FlowInfo
+		var listed []flow.Info
 		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 			if listed = st.Flows(nil); len(listed) == 1 && listed[0].BytesUp == n {
 				break
@@ -209,10 +210,10 @@ func TestFastPathLeavesReadFlows(t *testing.T) {
 	st, sh, p := newTestStackWith(t, Options{
 		FastPath: true,
 		MapDst:   func(netip.AddrPort) netip.AddrPort { return up },
-		WantsTCP: func(_ policy.Flow, d policy.Decision) bool { return reads.Load() },
-		HandleTCP: func(_ context.Context, f TCPFlow) error {
+		WantsTCP: func(*flow.Flow) bool { return reads.Load() },
+		HandleTCP: func(_ context.Context, fl *flow.Flow, guest, host net.Conn) error {
 			handled <- struct{}{}
-			_, _, err := proxy.Relay(f.Guest, f.Up, f.UpMeter, f.DownMeter)
+			_, _, err := proxy.Relay(guest, host, &fl.Up, &fl.Down)
 			return err
 		},
 	})
@@ -256,7 +257,7 @@ func TestFastPathOnlyForAllowed(t *testing.T) {
 		a    policy.Action
 		want bool
 	}{{policy.Allow, true}, {policy.Ask, false}, {policy.Deny, false}, {policy.Terminate, false}} {
-		if got := st.fastEligible(f, policy.Decision{Action: tc.a}); got != tc.want {
+		if got := st.fastEligible(flow.Of(f, policy.Decision{Action: tc.a})); got != tc.want {
 			t.Errorf("%v: fast path %v, want %v", tc.a, got, tc.want)
 		}
 	}

@@ -216,19 +216,19 @@ func (st *Stack) handleTCP(b []byte, p *wire.Packet) {
 			st.r.sendTCPReset(p, seg)
 			return
 		}
-		d := st.decideFlow(&f)
-		if d.Action != policy.Allow && (d.Action != policy.Ask || st.o.Ask == nil) { // an ask is held in the forwarder (tcp.go)
+		fl := st.decide(f)
+		if d := fl.Decision.Action; d != policy.Allow && (d != policy.Ask || st.o.Ask == nil) { // an ask is held in the forwarder (tcp.go)
 			c.Drop(rings.DropPolicy)
 			if st.o.DenyMode == DenyReject {
 				st.r.sendTCPReset(p, seg)
 			}
 			return
 		}
-		if st.fastEligible(f, d) {
-			st.openFast(p, seg, f, d)
+		if st.fastEligible(fl) {
+			st.openFast(p, seg, fl)
 			return
 		}
-		st.syns.put(synKey{f.Src, f.Dst}, synDecision{f.ID, d})
+		st.syns.put(synKey{f.Src, f.Dst}, fl)
 	}
 	st.ep.deliver(b)
 }
@@ -262,14 +262,13 @@ func (st *Stack) handleUDP(p *wire.Packet) {
 		c.Drop(rings.DropOther)
 		return
 	}
-	st.lastUDPRule = policy.RuleDefault
-	if err := st.udp.Handle(src, dst, d.Payload); err != nil {
+	if fl, err := st.udp.Handle(src, dst, d.Payload); err != nil {
 		if errors.Is(err, proxy.ErrLimit) {
 			return // over a session cap: counted as udp_dropped, no ICMP
 		}
 		c.Drop(rings.DropPolicy)
 		switch {
-		case st.lastUDPRule == policy.RuleQUIC:
+		case fl != nil && fl.Decision.Rule == policy.RuleQUIC:
 			// Port unreachable, whatever --deny-mode says: the client
 			// falls back to TCP at once.
 			st.r.sendUnreachable(p, p.Dst, wire.PortUnreachable)
@@ -338,18 +337,18 @@ func (st *Stack) handleEcho(b []byte, p *wire.Packet, proto policy.Proto) {
 		// of the host, and a user's first connectivity check works under
 		// every policy that allows anything at all.
 		if st.allowsAnything() {
-			st.report(f, policy.Decision{Action: policy.Allow, Rule: policy.RuleGatewayEcho})
+			st.report(st.flows.New(f, policy.Decision{Action: policy.Allow, Rule: policy.RuleGatewayEcho}))
 			st.ep.deliver(b)
 			return
 		}
-		st.report(f, policy.Decision{Action: policy.Deny, Rule: policy.RuleDefault})
+		st.report(st.flows.New(f, policy.Decision{Action: policy.Deny, Rule: policy.RuleDefault}))
 		c.Drop(rings.DropPolicy)
 		if st.o.DenyMode == DenyReject {
 			st.r.sendUnreachable(p, p.Dst, wire.AdminProhibited)
 		}
 		return
 	}
-	if !st.decide(&f) || !st.dialAllowed(f) {
+	if fl := st.decide(f); !fl.Allowed() || !st.dialAllowed(fl) {
 		c.Drop(rings.DropPolicy)
 		if st.o.DenyMode == DenyReject {
 			st.r.sendUnreachable(p, p.Dst, wire.AdminProhibited)

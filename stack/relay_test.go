@@ -25,6 +25,7 @@ import (
 	gstack "gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/rings"
@@ -155,7 +156,7 @@ func TestTCPRelayThroughNetstack(t *testing.T) {
 	_, sh, p := newTestStackWith(t, Options{
 		Policy:     policy.AllowAll{},
 		MapDst:     func(netip.AddrPort) netip.AddrPort { return up },
-		OnDecision: func(f policy.Flow, _ policy.Decision) { mu.Lock(); decisions = append(decisions, f); mu.Unlock() },
+		OnDecision: func(fl *flow.Flow) { mu.Lock(); decisions = append(decisions, fl.Flow); mu.Unlock() },
 	})
 	g := newGuestStack(t, sh, p)
 	for _, dst := range []netip.AddrPort{netip.MustParseAddrPort("198.51.100.9:80"), netip.MustParseAddrPort("[2001:db8::9]:80")} {

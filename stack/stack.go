@@ -25,6 +25,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
@@ -62,14 +63,18 @@ type Options struct {
 	// never decided on the packet path.
 	DNSHolds func(src netip.AddrPort, q *dns.Msg) bool
 	// HandleTCP, if set, serves the allowed TCP flows WantsTCP says yes
-	// to (their first bytes looked at, say) instead of a plain relay.
-	HandleTCP func(context.Context, TCPFlow) error
-	WantsTCP  func(policy.Flow, policy.Decision) bool
+	// to (their first bytes looked at, say) instead of a plain relay:
+	// guest is the sandbox's side, accepted, and host the upstream,
+	// dialled; fl's meters count what each side sends.
+	HandleTCP func(ctx context.Context, fl *flow.Flow, guest, host net.Conn) error
+	WantsTCP  func(*flow.Flow) bool
 	// OnDecision, when set, is told of every flow decision (for the audit
-	// log and metrics); it runs on the packet path. A terminate decision
-	// then fires the shared state's termination hook.
-	OnDecision func(policy.Flow, policy.Decision)
-	DenyMode   DenyMode
+	// log and metrics); it runs on the packet path.
+	OnDecision func(*flow.Flow)
+	// Terminate is called on a terminate decision, after OnDecision; it
+	// must cut the network (Cut) before it returns. Default: Cut.
+	Terminate func(*flow.Flow)
+	DenyMode  DenyMode
 	// DNSUpstreams are the resolvers the agent forwards the guest's queries
 	// to.
 	DNSUpstreams []string
@@ -91,12 +96,11 @@ type Options struct {
 	MaxPendingDials int
 	// DialTimeout bounds the upstream dial of a TCP flow (default 10 s).
 	DialTimeout time.Duration
-	// Dial, when set, opens the host side of every allowed TCP flow: f as
-	// the guest named it (its id set), d its decision, to the address
-	// MapDst gave. Default: a direct connection to to. The upstream proxy
-	// hooks in here; any other path that opens host sockets for TCP flows
-	// must go through it too.
-	Dial func(ctx context.Context, f policy.Flow, d policy.Decision, to netip.AddrPort) (net.Conn, error)
+	// Dial, when set, opens the host side of every allowed TCP flow fl, to
+	// the address MapDst gave. Default: a direct connection to to. The
+	// upstream proxy hooks in here; any other path that opens host sockets
+	// for TCP flows must go through it too.
+	Dial func(ctx context.Context, fl *flow.Flow, to netip.AddrPort) (net.Conn, error)
 	// UDPIdleTimeout ends idle UDP sessions (default 60 s).
 	UDPIdleTimeout time.Duration
 	// MaxUDPSessions caps concurrent UDP sessions (default 1024).
@@ -117,16 +121,6 @@ type Options struct {
 	// connections it opens a second (0: no limit). All can change later.
 	RateUp, RateDown, NewConnsPerSecond float64
 	Log                                 *slog.Logger
-}
-
-// TCPFlow is one allowed TCP flow for Options.HandleTCP: the sandbox's
-// side accepted, the upstream dialled, the meters that count (and pace)
-// what the sandbox sends (Up) and receives (Down).
-type TCPFlow struct {
-	Guest, Up          net.Conn
-	Flow               policy.Flow
-	Decision           policy.Decision
-	UpMeter, DownMeter *proxy.Meter
 }
 
 // Stack is the gateway of one sandbox.
@@ -151,14 +145,10 @@ type Stack struct {
 	// cut is set by Cut: every decision from then on is a deny.
 	cut atomic.Bool
 
-	ids      flowIDs
-	flows    *flowTable
-	up, down proxy.Shaper
+	flows    *flow.Table
+	up, down flow.Shaper
 	newConns atomic.Pointer[rate.Limiter] // nil: no limit
-	// lastUDPRule is the rule of the last UDP session decision, for the
-	// refusal the poll loop sends (both run on the poll loop).
-	lastUDPRule int
-	syns        synTable
+	syns     synTable
 	// heldUDP are the UDP flows an ask holds (see udpask.go).
 	heldUDP heldUDP
 
@@ -187,7 +177,7 @@ func New(o Options) (*Stack, error) {
 	}
 	p := o.Plan
 	st := &Stack{o: o, done: make(chan struct{}), sizes: wire.SizesFor(p.MTU, o.Offload), frags: wire.NewReassembler()}
-	st.flows = newFlowTable(&st.up, &st.down)
+	st.flows = flow.NewTable(&st.up, &st.down)
 	st.SetRates(o.RateUp, o.RateDown, o.NewConnsPerSecond)
 	copy(st.gwMAC[:], p.GatewayMAC)
 	st.gwLinkLocal = wire.GatewayLinkLocal(st.gwMAC)
@@ -213,7 +203,6 @@ func New(o Options) (*Stack, error) {
 		Replier:     st.r,
 		Allow:       st.allowUDP,
 		Hold:        st.holdUDP,
-		Track:       st.trackUDP,
 		MapDst:      o.MapDst,
 		IdleTimeout: o.UDPIdleTimeout,
 		MaxSessions: o.MaxUDPSessions,
@@ -228,7 +217,7 @@ func New(o Options) (*Stack, error) {
 		MaxUDPPayload: st.sizes.MaxUDPPayload(true),
 		Filter:        cutAware{st, o.DNSFilter},
 		Holds:         o.DNSHolds,
-		Report:        st.report,
+		Report:        func(f policy.Flow, d policy.Decision) { st.report(flow.Of(f, d)) },
 		Log:           o.Log.With("component", "dns"),
 	})
 	if err != nil {
@@ -307,38 +296,36 @@ func anySubnet(n int) tcpip.Subnet {
 	return s
 }
 
-// report tells OnDecision of a decision and, for a terminate, cuts the
-// network and fires the shared state's termination hook.
-func (st *Stack) report(f policy.Flow, d policy.Decision) {
+// report tells OnDecision of a flow's decision and, for a terminate,
+// has the network cut and the sandbox stopped (Options.Terminate).
+func (st *Stack) report(fl *flow.Flow) {
 	if st.o.OnDecision != nil {
-		st.o.OnDecision(f, d)
+		st.o.OnDecision(fl)
 	}
-	if d.Action == policy.Terminate {
-		st.Cut()
-		st.o.Shared.TriggerTermination()
+	if fl.Decision.Action == policy.Terminate {
+		if st.o.Terminate != nil {
+			st.o.Terminate(fl)
+		} else {
+			st.Cut()
+		}
 	}
 }
 
-// decide runs the policy on a new flow (giving it its id), reports the
-// decision, and says whether the flow may proceed.
-func (st *Stack) decide(f *policy.Flow) bool { return st.decideFlow(f).Action == policy.Allow }
-
-// decideFlow is decide, returning the decision. An unspecified
-// destination, in any form, is never allowed; once the network is cut,
-// nothing is.
-func (st *Stack) decideFlow(f *policy.Flow) policy.Decision {
+// decide makes the flow f at its first packet (giving it its id), runs the
+// policy on it and reports the decision. An unspecified destination, in
+// any form, is never allowed; once the network is cut, nothing is.
+func (st *Stack) decide(f policy.Flow) *flow.Flow {
 	if st.cut.Load() {
-		return policy.Decision{Action: policy.Deny, Rule: policy.RuleDefault} // no decision to report
+		return st.flows.New(f, policy.Decision{Action: policy.Deny, Rule: policy.RuleDefault}) // no decision to report
 	}
-	f.ID = st.ids.next()
-	var d policy.Decision
+	fl := st.flows.New(f, policy.Decision{})
 	if f.Direction == policy.Egress && policy.Unspecified(f.Dst.Addr()) {
-		d = policy.Decision{Action: policy.Deny, Rule: policy.RuleUnspecified}
+		fl.Decision = policy.Decision{Action: policy.Deny, Rule: policy.RuleUnspecified}
 	} else {
-		d = st.o.Policy.Check(*f)
+		fl.Decision = st.o.Policy.Check(fl.Flow)
 	}
-	st.report(*f, d)
-	return d
+	st.report(fl)
+	return fl
 }
 
 // hostChecker decides a flow as if its destination were the host.
@@ -349,55 +336,43 @@ type hostChecker interface {
 // dialAllowed is the check at dial time: a destination that the host's
 // routing table resolves as local (an address the host gained after the
 // policy's host group was read, or a local route) is dialed only if the
-// policy allows it as the host. A refusal is reported like any decision.
+// policy allows it as the host. A refusal becomes the flow's decision and
+// is reported like any.
 //
 // A destination the routing table resolves as a broadcast (a subnet's
 // broadcast address the host gained a moment ago) or multicast is never
 // dialed.
-func (st *Stack) dialAllowed(f policy.Flow) bool {
-	dst := f.Dst.Addr()
-	if st.o.IsBroadcast != nil && st.o.MapDst(f.Dst) == f.Dst && st.o.IsBroadcast(dst) {
-		st.o.Log.Debug("refused at dial: the destination is a broadcast", "proto", f.Proto, "dst", f.Dst)
-		st.report(f, policy.Decision{Action: policy.Deny, Rule: policy.RuleBroadcast})
+func (st *Stack) dialAllowed(fl *flow.Flow) bool {
+	dst := fl.Dst.Addr()
+	if st.o.IsBroadcast != nil && st.o.MapDst(fl.Dst) == fl.Dst && st.o.IsBroadcast(dst) {
+		st.o.Log.Debug("refused at dial: the destination is a broadcast", "proto", fl.Proto, "dst", fl.Dst)
+		fl.Decision = policy.Decision{Action: policy.Deny, Rule: policy.RuleBroadcast}
+		st.report(fl)
 		return false
 	}
-	if st.o.IsLocal == nil || st.o.MapDst(f.Dst) != f.Dst || !st.o.IsLocal(dst) {
+	if st.o.IsLocal == nil || st.o.MapDst(fl.Dst) != fl.Dst || !st.o.IsLocal(dst) {
 		return true // the gateway's own addresses were decided as the host already
 	}
 	d := policy.Decision{Action: policy.Deny, Rule: policy.RuleLocal}
 	if hc, ok := st.o.Policy.(hostChecker); ok {
-		d = hc.CheckAsHost(f)
+		d = hc.CheckAsHost(fl.Flow)
 	}
 	if d.Action == policy.Allow {
 		return true
 	}
-	st.o.Log.Debug("refused at dial: the destination is local to the host", "proto", f.Proto, "dst", f.Dst)
-	st.report(f, d)
+	st.o.Log.Debug("refused at dial: the destination is local to the host", "proto", fl.Proto, "dst", fl.Dst)
+	fl.Decision = d
+	st.report(fl)
 	return false
 }
 
-func (st *Stack) allowUDP(src, dst netip.AddrPort) (uint64, bool) {
-	f := policy.Flow{Proto: policy.UDP, Src: src, Dst: dst}
-	d := st.decideFlow(&f)
-	st.lastUDPRule = d.Rule
-	st.heldUDP.candidate = synDecision{}
-	if d.Action == policy.Ask {
-		st.heldUDP.candidate = synDecision{f.ID, d} // for holdUDP, next
+// allowUDP decides a new UDP session (proxy.UDPOptions.Allow).
+func (st *Stack) allowUDP(src, dst netip.AddrPort) *flow.Flow {
+	fl := st.decide(policy.Flow{Proto: policy.UDP, Src: src, Dst: dst})
+	if fl.Allowed() {
+		st.dialAllowed(fl)
 	}
-	if d.Action != policy.Allow || !st.dialAllowed(f) {
-		return f.ID, false
-	}
-	st.syns.put(synKey{src, dst}, synDecision{f.ID, d}) // for trackUDP, next
-	return f.ID, true
-}
-
-func (st *Stack) trackUDP(id uint64, src, dst netip.AddrPort, end func()) (up, down *proxy.Meter, done func()) {
-	rule := -1
-	if sd, ok := st.syns.take(synKey{src, dst}); ok && sd.id == id {
-		rule = sd.d.Rule
-	}
-	fl := st.flows.add(policy.Flow{ID: id, Proto: policy.UDP, Src: src, Dst: dst}, rule, end)
-	return &fl.Up, &fl.Down, fl.Done
+	return fl
 }
 
 // allowsAnything says whether the policy allows any egress at all; the
@@ -452,24 +427,11 @@ func (st *Stack) Cut() {
 	st.echo.Forget()
 }
 
-// CheckIngress decides a host client's new flow to a published port, as the
-// packet path decides the guest's: reported, and fatal if the policy says
-// terminate. It returns the flow's id.
-func (st *Stack) CheckIngress(f policy.Flow) (uint64, bool) {
-	f.Direction = policy.Ingress
-	ok := st.decide(&f)
-	return f.ID, ok
-}
-
-// TrackIngress puts a published-port client in the flow table (end ends
-// it); it returns the meters of its bytes and what to call when it is over.
-func (st *Stack) TrackIngress(proto string, id uint64, client, listen netip.AddrPort, end func()) (up, down *proxy.Meter, done func()) {
-	pr := policy.TCP
-	if proto == "udp" {
-		pr = policy.UDP
-	}
-	fl := st.flows.add(policy.Flow{ID: id, Direction: policy.Ingress, Proto: pr, Src: client, Dst: listen}, -1, end)
-	return &fl.Up, &fl.Down, fl.Done
+// AllowIngress decides a host client's new flow to a published port, as
+// the packet path decides the guest's: reported, and fatal if the policy
+// says terminate (proxy.PublishOptions.Allow).
+func (st *Stack) AllowIngress(proto policy.Proto, client, listen netip.AddrPort) *flow.Flow {
+	return st.decide(policy.Flow{Direction: policy.Ingress, Proto: proto, Src: client, Dst: listen})
 }
 
 // DNSUpstreams returns the resolvers in use.

@@ -14,6 +14,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/tcpfast"
@@ -96,26 +97,16 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 		st.dns.ServeTCP(c, src)
 		return
 	}
-	// The SYN's decision, taken at once: the dial below may take seconds,
-	// longer than the table keeps a record.
-	sd, decided := st.syns.take(synKey{src, dst})
-	if decided && sd.d.Action == policy.Ask {
-		// Held: no SYN-ACK and no dial until the question is answered;
-		// the forwarder drops the guest's retransmitted SYNs meanwhile.
-		f := policy.Flow{ID: sd.id, Proto: policy.TCP, Src: src, Dst: dst}
-		sd.d = st.o.Ask(t.ctx, f, sd.d)
-		st.report(f, sd.d)
-		if sd.d.Action != policy.Allow {
-			r.Complete(st.o.DenyMode == DenyReject) // completed either way: the forwarder's slot is freed
-			return
-		}
+	fl, ok := t.decided(r, src, dst)
+	if !ok {
+		return
 	}
 	if t.active.Load() >= int64(st.o.MaxConnections) {
 		st.stats.overCap.Add(1)
 		r.Complete(true)
 		return
 	}
-	if !st.dialAllowed(policy.Flow{Proto: policy.TCP, Src: src, Dst: dst}) {
+	if !st.dialAllowed(fl) {
 		r.Complete(true)
 		return
 	}
@@ -126,18 +117,7 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 		r.Complete(true)
 		return
 	}
-	f := policy.Flow{Proto: policy.TCP, Src: src, Dst: dst}
-	if !decided { // a SYN whose decision record is gone: a new id, decided again
-		sd = synDecision{st.ids.next(), st.o.Policy.Check(f)}
-		if sd.d.Action == policy.Ask {
-			// No record of its SYN to hold it by: refused.
-			t.dials.release(pd, nil)
-			r.Complete(true)
-			return
-		}
-	}
-	f.ID = sd.id
-	up, err := st.dialUp(ctx, f, sd.d)
+	up, err := st.dialUp(ctx, fl)
 	t.dials.release(pd, err)
 	if err != nil {
 		st.stats.dialFailed.Add(1)
@@ -162,10 +142,10 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	st.stats.total.Add(1)
 	t.track(c, true)
 	defer t.track(c, false)
-	fl := st.flows.add(f, sd.d.Rule, func() { c.Reset(); proxy.ResetConn(up) })
-	defer fl.Done()
-	if st.o.HandleTCP != nil && st.o.WantsTCP(f, sd.d) {
-		err = st.o.HandleTCP(t.ctx, TCPFlow{Guest: c, Up: up, Flow: f, Decision: sd.d, UpMeter: &fl.Up, DownMeter: &fl.Down})
+	fl.Open(func() { c.Reset(); proxy.ResetConn(up) })
+	defer fl.Close()
+	if st.o.HandleTCP != nil && st.o.WantsTCP(fl) {
+		err = st.o.HandleTCP(t.ctx, fl, c, up)
 	} else {
 		_, _, err = proxy.Relay(c, up, &fl.Up, &fl.Down)
 	}
@@ -175,6 +155,37 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	}
 }
 
+// decided returns the flow of the connection the forwarder hands over,
+// decided at its SYN, with an ask answered; it completes the request
+// itself when the flow may not go on. A SYN whose record is gone (it
+// waited in the forwarder longer than the table keeps one) is decided
+// again, as a new flow.
+func (t *tcpRelay) decided(r *tcp.ForwarderRequest, src, dst netip.AddrPort) (*flow.Flow, bool) {
+	st := t.st
+	// Taken at once: the dial that follows may take seconds, longer than
+	// the table keeps a record.
+	fl, ok := st.syns.take(synKey{src, dst})
+	if !ok {
+		if fl = st.decide(policy.Flow{Proto: policy.TCP, Src: src, Dst: dst}); !fl.Allowed() {
+			// Refused, or an ask with no record of its SYN to hold it by.
+			r.Complete(true)
+			return nil, false
+		}
+		return fl, true
+	}
+	if fl.Decision.Action == policy.Ask {
+		// Held: no SYN-ACK and no dial until the question is answered;
+		// the forwarder drops the guest's retransmitted SYNs meanwhile.
+		fl.Decision = st.o.Ask(t.ctx, fl.Flow, fl.Decision)
+		st.report(fl)
+		if !fl.Allowed() {
+			r.Complete(st.o.DenyMode == DenyReject) // completed either way: the forwarder's slot is freed
+			return nil, false
+		}
+	}
+	return fl, true
+}
+
 // MapDst returns the host address a TCP flow to a is dialed at (the
 // gateway's addresses map to the host's loopback).
 func (st *Stack) MapDst(a netip.AddrPort) netip.AddrPort { return st.o.MapDst(a) }
@@ -182,12 +193,12 @@ func (st *Stack) MapDst(a netip.AddrPort) netip.AddrPort { return st.o.MapDst(a)
 // dialUp opens the upstream connection of the allowed TCP flow f: through
 // Options.Dial when set (the upstream proxy), else directly. Every relayed
 // TCP flow's host side is opened here, so that nothing bypasses the hook.
-func (st *Stack) dialUp(ctx context.Context, f policy.Flow, d policy.Decision) (net.Conn, error) {
-	to := st.o.MapDst(f.Dst)
+func (st *Stack) dialUp(ctx context.Context, fl *flow.Flow) (net.Conn, error) {
+	to := st.o.MapDst(fl.Dst)
 	ctx, cancel := context.WithTimeout(ctx, st.o.DialTimeout)
 	defer cancel()
 	if st.o.Dial != nil {
-		return st.o.Dial(ctx, f, d, to)
+		return st.o.Dial(ctx, fl, to)
 	}
 	nd := net.Dialer{KeepAlive: 30 * time.Second}
 	return nd.DialContext(ctx, "tcp", to.String())
@@ -249,11 +260,11 @@ func (t *tcpRelay) wait() { t.wg.Wait() }
 // answer), which the agent has no need to read (no name check, domain deny
 // rule to enforce, HTTP rule, secret or interception), while no rate paces
 // the sandbox (pacing is the relay's).
-func (st *Stack) fastEligible(f policy.Flow, d policy.Decision) bool {
-	if st.fast == nil || d.Action != policy.Allow {
+func (st *Stack) fastEligible(fl *flow.Flow) bool {
+	if st.fast == nil || !fl.Allowed() {
 		return false
 	}
-	if st.o.HandleTCP != nil && st.o.WantsTCP != nil && st.o.WantsTCP(f, d) {
+	if st.o.HandleTCP != nil && st.o.WantsTCP != nil && st.o.WantsTCP(fl) {
 		return false
 	}
 	return st.up.Rate() <= 0 && st.down.Rate() <= 0
@@ -262,8 +273,8 @@ func (st *Stack) fastEligible(f policy.Flow, d policy.Decision) bool {
 // openFast opens an allowed flow on the fast path at its SYN: the same
 // checks as the relay's (dial time, --max-connections), the flow in the
 // table with its meters, reset both ways by flows close and revocation.
-func (st *Stack) openFast(p *wire.Packet, seg wire.TCPSegment, f policy.Flow, d policy.Decision) {
-	if !st.dialAllowed(f) {
+func (st *Stack) openFast(p *wire.Packet, seg wire.TCPSegment, fl *flow.Flow) {
+	if !st.dialAllowed(fl) {
 		st.r.sendTCPReset(p, seg)
 		return
 	}
@@ -275,19 +286,19 @@ func (st *Stack) openFast(p *wire.Packet, seg wire.TCPSegment, f policy.Flow, d 
 		return
 	}
 	var h atomic.Pointer[tcpfast.Conn]
-	fl := st.flows.add(f, d.Rule, func() {
+	fl.Open(func() {
 		if c := h.Load(); c != nil {
 			c.Reset()
 		}
 	})
 	done := func() {
-		fl.Done()
+		fl.Close()
 		t.active.Add(-1)
 	}
-	c, err := st.fast.Open(p, seg, tcpfast.Flow{Dial: st.o.MapDst(f.Dst), Up: &fl.Up.Bytes, Down: &fl.Down.Bytes, Done: done})
+	c, err := st.fast.Open(p, seg, tcpfast.Flow{Dial: st.o.MapDst(fl.Dst), Up: &fl.Up.Bytes, Down: &fl.Down.Bytes, Done: done})
 	if err != nil {
 		done()
-		st.o.Log.Debug("fast path: tcp open failed", "src", f.Src, "dst", f.Dst, "err", err)
+		st.o.Log.Debug("fast path: tcp open failed", "src", fl.Src, "dst", fl.Dst, "err", err)
 		if !errors.Is(err, tcpfast.ErrRefused) { // a refusal is in the translator's counts, and was answered
 			st.stats.dialFailed.Add(1)
 			st.r.sendTCPReset(p, seg)
@@ -296,5 +307,5 @@ func (st *Stack) openFast(p *wire.Packet, seg wire.TCPSegment, f policy.Flow, d 
 	}
 	h.Store(c)
 	st.stats.total.Add(1)
-	st.o.Log.Debug("tcp flow on the fast path", "id", f.ID, "src", f.Src, "dst", f.Dst)
+	st.o.Log.Debug("tcp flow on the fast path", "id", fl.ID, "src", fl.Src, "dst", fl.Dst)
 }

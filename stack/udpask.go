@@ -2,10 +2,10 @@ package stack
 
 import (
 	"context"
-	"net/netip"
 	"sync"
 	"sync/atomic"
 
+	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -17,10 +17,6 @@ const maxHeldUDP = 64
 // until the answer; the guest's further datagrams of the flow meanwhile
 // are dropped (a client retries).
 type heldUDP struct {
-	// candidate is the ask allowUDP just decided, for holdUDP, which the
-	// UDP relay calls next on the same goroutine (the poll loop).
-	candidate synDecision
-
 	mu sync.Mutex // mu protects m
 	m  map[synKey]struct{}
 	// dropped counts the datagrams of held flows dropped while they wait.
@@ -31,13 +27,11 @@ type heldUDP struct {
 // the policy asks about is kept while the question is open; once allowed
 // (and still allowed by the policy in force: the answer stands for it),
 // its session opens and the datagram goes.
-func (st *Stack) holdUDP(src, dst netip.AddrPort, payload []byte) bool {
-	c := st.heldUDP.candidate
-	st.heldUDP.candidate = synDecision{}
-	if st.o.Ask == nil || c.d.Action != policy.Ask || c.id == 0 {
+func (st *Stack) holdUDP(fl *flow.Flow, payload []byte) bool {
+	if st.o.Ask == nil || fl.Decision.Action != policy.Ask {
 		return false
 	}
-	k := synKey{src, dst}
+	k := synKey{fl.Src, fl.Dst}
 	h := &st.heldUDP
 	h.mu.Lock()
 	if _, ok := h.m[k]; ok {
@@ -55,23 +49,20 @@ func (st *Stack) holdUDP(src, dst netip.AddrPort, payload []byte) bool {
 	h.m[k] = struct{}{}
 	h.mu.Unlock()
 	first := append([]byte(nil), payload...)
-	f := policy.Flow{ID: c.id, Proto: policy.UDP, Src: src, Dst: dst}
 	go func() {
 		defer func() { h.mu.Lock(); delete(h.m, k); h.mu.Unlock() }()
-		d := st.o.Ask(context.Background(), f, c.d)
-		st.report(f, d)
-		if d.Action != policy.Allow || st.cut.Load() {
+		fl.Decision = st.o.Ask(context.Background(), fl.Flow, fl.Decision)
+		st.report(fl)
+		if !fl.Allowed() || st.cut.Load() {
 			return
 		}
 		// The answer stands for the flow: the policy in force decides it
 		// now as it would its next datagram (QUIC, say, stays refused).
-		nd := st.o.Policy.Check(f)
-		if nd.Action != policy.Allow || !st.dialAllowed(f) {
+		if fl.Decision = st.o.Policy.Check(fl.Flow); !fl.Allowed() || !st.dialAllowed(fl) {
 			return
 		}
-		st.syns.put(k, synDecision{f.ID, nd}) // for trackUDP
-		if err := st.udp.Resume(f.ID, src, dst, first); err != nil {
-			st.o.Log.Debug("a held UDP flow could not start", "src", src, "dst", dst, "err", err)
+		if err := st.udp.Resume(fl, first); err != nil {
+			st.o.Log.Debug("a held UDP flow could not start", "src", fl.Src, "dst", fl.Dst, "err", err)
 		}
 	}()
 	return true

@@ -4,6 +4,9 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/msbtap/msbtap/flow"
+	"github.com/msbtap/msbtap/policy"
 )
 
 // TestSynTableAges: the records of SYNs that no relay took leave on their
@@ -19,13 +22,13 @@ func TestSynTableAges(t *testing.T) {
 		return synKey{netip.MustParseAddrPort("100.96.0.2:40000"), netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 51, 100, byte(i)}), uint16(1000+i))}
 	}
 	for i := 0; i < 3*maxSyns; i++ {
-		tb.put(key(i%250), synDecision{id: uint64(i)})
+		tb.put(key(i%250), flow.Of(policy.Flow{ID: uint64(i)}, policy.Decision{}))
 	}
 	if n := tb.len(); n > maxSyns {
 		t.Fatalf("%d records kept, want at most %d", n, maxSyns)
 	}
 	tb.age() // by hand: the records are old now, and still there
-	if d, ok := tb.take(key(7)); !ok || d.id == 0 {
+	if d, ok := tb.take(key(7)); !ok || d.ID == 0 {
 		t.Fatalf("a record was gone after one ageing: %v %v", d, ok)
 	}
 	deadline := time.Now().Add(3 * time.Second)

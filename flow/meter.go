@@ -1,4 +1,4 @@
-package proxy
+package flow
 
 import (
 	"context"
@@ -17,8 +17,9 @@ type Shaper struct {
 	l atomic.Pointer[rate.Limiter]
 }
 
-// shapeBurst is the most a relay draws at once (its copy buffer).
-const shapeBurst = relayBufSize
+// shapeBurst is the most a relay draws at once: the size of proxy's copy
+// buffer, so that one read's bytes wait for one draw.
+const shapeBurst = 64 << 10
 
 // Set sets the rate in bytes per second (0: no limit).
 func (s *Shaper) Set(bytesPerSecond float64) {
