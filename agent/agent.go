@@ -5,31 +5,29 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
-	"strconv"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"golang.org/x/sys/unix"
 
 	"github.com/msbtap/msbtap/ask"
 	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
-	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/rings"
-	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
 	"github.com/msbtap/msbtap/tap"
@@ -37,55 +35,28 @@ import (
 	"github.com/msbtap/msbtap/wire"
 )
 
-// Config is everything an agent is told, in plain Go types. Field errors
-// name the configuration key (see fielderr).
+// Config is everything the network is told, in plain Go types. Field
+// errors name the configuration key (see fielderr).
 type Config struct {
-	// Netns is the path of the network namespace to attach to. Empty
-	// means a fresh namespace for Command, or none in VM mode.
-	Netns string
-	// VM creates TapName on the host for a VMM instead of a TAP inside a
-	// namespace; TapOwner (≥ 0) is the user allowed to open it.
-	VM       bool
-	TapName  string
-	TapOwner int
+	// Link is the sandbox's end of the network, made by the caller (a TAP
+	// in the sandbox's namespace or for a VMM; tap/taptest's in tests):
+	// the agent reads and writes it from New to Close, and closes it.
+	Link tap.Device
 	// Plan is the sandbox's addresses and MTU.
 	Plan plan.Plan
-	// Offload puts virtio net headers with TSO and checksum offload on the
-	// TAP.
+	// Offload says Link carries virtio net headers with TSO and checksum
+	// offload.
 	Offload bool
 	// FastPath carries the TCP flows the agent need not read on the TCP
 	// translator (stack.Options.FastPath).
 	FastPath bool
-	// Command runs in the sandbox (in VM mode: in msbtap's own namespace)
-	// as CommandUID:CommandGID with CommandGroups, with no capabilities,
-	// in a PID and mount namespace of its own; the agent ends with it.
-	Command       []string
-	CommandUID    int
-	CommandGID    int
-	CommandGroups []int
-	// CommandEnv adds to the command's environment, which is built from an
-	// allow-list (sandbox.Environ): NAME (its value in msbtap's
-	// environment) or NAME=VALUE. A secret's source variable is refused.
+	// ForCommand says a command runs in the sandbox behind this network:
+	// its CA bundle is written (see BundleDir), and the environment it got
+	// at the start bounds what a secrets reload may take as a source.
+	ForCommand bool
+	// CommandEnv is the command's --env (NAME or NAME=VALUE), checked so
+	// that no secret's source variable reaches it.
 	CommandEnv []string
-	// CommandBinds are host paths the command sees at their own path over
-	// its private /run, /tmp, /var/tmp and /dev/shm (not in VM mode,
-	// where the command shares msbtap's namespaces but for PIDs and mounts).
-	CommandBinds []sandbox.Bind
-	// NoSeccomp leaves out the agent's seccomp allow-list (it still drops
-	// its capabilities and sets no_new_privs once set up).
-	NoSeccomp bool
-	// MemoryLimit is Go's soft memory limit for the agent (0: none).
-	MemoryLimit int64
-	// ReadyFD (≥ 3) is written "ready" and closed once the network works;
-	// -1 for none.
-	ReadyFD int
-	// TerminatedFD (≥ 3; lower: none) is written "terminated" the moment a fatal
-	// violation fires, before the network is cut, so that a supervisor
-	// (msbtap-cni's) never restarts a sandbox that must stay stopped
-	// however the agent then ends.
-	TerminatedFD int
-	// PIDFile receives the agent's pid while it runs.
-	PIDFile string
 
 	// DNSUpstreams are the resolvers the sandbox's queries go to (default:
 	// the host's /etc/resolv.conf).
@@ -97,8 +68,8 @@ type Config struct {
 	MetricsAddr string
 	Pprof       bool
 
-	// Policy is in force from the start; PolicyPath (if any) is re-read on
-	// SIGHUP.
+	// Policy is in force from the start (default: the default preset);
+	// PolicyPath (if any) is where it came from, re-read on SIGHUP.
 	Policy     *policy.File
 	PolicyPath string
 	// Allow are rules put before the policy's own, at start and at every
@@ -112,22 +83,20 @@ type Config struct {
 	Learn            string
 	LearnSuffixDepth int
 	// AskTimeout denies a flow an ask rule holds when no answer came
-	// (default ask.DefaultTimeout); AskExec is a shell command that gets
-	// each question as JSON on stdin and prints its answer, run as
-	// AskExecUID:AskExecGID; AskSave writes "always" rules to PolicyPath.
-	AskTimeout             time.Duration
-	AskExec                string
-	AskExecUID, AskExecGID int
-	AskSave                bool
-	DenyMode               stack.DenyMode
+	// (default ask.DefaultTimeout); AskHook, if set, is asked each new
+	// question too (--ask-exec's runner); AskSave writes "always" rules to
+	// PolicyPath.
+	AskTimeout time.Duration
+	AskHook    func(context.Context, ask.Question) (ask.Answer, error)
+	AskSave    bool
+	DenyMode   stack.DenyMode
 	// DenyIsFatal makes every deny a terminate.
 	DenyIsFatal              bool
 	DNSBlock, DNSBlockSuffix []string
 	RebindProtection         bool
-	// OnTerminate is a shell command run after a fatal violation stopped
-	// the sandbox; GuestPID a process to kill then.
-	OnTerminate string
-	GuestPID    int
+	// Halt is the process side of a termination: told before the network
+	// is cut, then asked to stop the sandbox's processes.
+	Halt Halt
 	// AuditLog is a file (or "-" for stdout) for one JSON line per
 	// decision (repeats folded); it rotates past AuditLogMaxBytes (default
 	// audit.DefaultMaxBytes).
@@ -144,9 +113,11 @@ type Config struct {
 	Upstream upstream.Config
 
 	// Control is the path of the control socket (none if empty), owned by
-	// ControlUID:ControlGID (-1: root).
+	// ControlUID:ControlGID (-1: root); a peer InSandbox says runs in the
+	// sandbox is refused (nil: none is).
 	Control                string
 	ControlUID, ControlGID int
+	InSandbox              func(pid int) bool
 	// Pcap captures every frame into a file from the start, rotated past
 	// PcapMaxBytes (default capture.DefaultMaxBytes); a capture the control
 	// socket starts stops there.
@@ -161,43 +132,34 @@ type Config struct {
 
 // Agent is one running sandbox network.
 type Agent struct {
-	cfg Config
-	log *slog.Logger
-	// terminatedOut is Config.TerminatedFD, told of a fatal violation.
-	terminatedOut *os.File
-	popts         policy.Options
-	holder        *policy.Holder
+	cfg    Config
+	log    *slog.Logger
+	popts  policy.Options
+	holder *policy.Holder
 	// policyFile is the policy in force, as written.
 	policyFile atomic.Pointer[policy.File]
 	ctl        *controller
-	sandboxPID atomic.Int32 // the -- COMMAND's init
-	// keeper does the agent's file work once it is no longer root (nil
-	// when there is none to do); armed once it has its paths.
-	keeper *keeper
-	armed  atomic.Bool
+	// files does the agent's file work once its process is no longer root
+	// (see SetFiles); nil until then.
+	files atomic.Pointer[Files]
 	// fileValues are the values of secrets from files, as the keeper
 	// last read them (see getenv).
 	fileValues atomic.Pointer[map[string]string]
-	// links are the network devices the keeper removes at the end.
-	links    []string
-	ca       *intercept.CA
-	l7       *intercept.Handler
-	bundle   string // the CA bundle the command trusts
-	secrets  *secrets.Store
-	upstream *upstreamRoute  // nil without --upstream-proxy
-	learner  *policy.Learner // learn mode's record, or nil
-	asker    *ask.Asker
-	// askRunner runs --ask-exec; started in Run, before privileges drop.
-	askRunner atomic.Pointer[askRunner]
-	audit     *audit.Log
-	counts    *decisionCounts
-	term      *terminator
-	pub       *proxy.Publisher
-	ns        netns.Handle
-	shared    *rings.Shared
-	pump      *tap.Pump
-	gw        *stack.Stack
-	gwRef     atomic.Pointer[stack.Stack] // gw, for the termination hook
+	ca         *intercept.CA
+	l7         *intercept.Handler
+	bundle     string // the CA bundle the command trusts
+	secrets    *secrets.Store
+	upstream   *upstreamRoute  // nil without --upstream-proxy
+	learner    *policy.Learner // learn mode's record, or nil
+	asker      *ask.Asker
+	audit      *audit.Log
+	counts     *decisionCounts
+	term       *terminator
+	pub        *proxy.Publisher
+	shared     *rings.Shared
+	pump       *tap.Pump
+	gw         *stack.Stack
+	gwRef      atomic.Pointer[stack.Stack] // gw, for the termination hook
 	// sharedRef is shared, for the memory trimmer.
 	sharedRef atomic.Pointer[rings.Shared]
 
@@ -210,14 +172,22 @@ type Agent struct {
 	secretSrc []string
 }
 
-// New builds the sandbox's network in order — policy, decision log,
-// published ports, link, rings and pump, gateway, metrics, pid file — and
-// unwinds whatever it built if a step fails.
+// New builds the sandbox's network on cfg.Link in order — policy,
+// decision log, published ports, rings and pump, gateway, control socket,
+// metrics — and unwinds whatever it built if a step fails. It touches no
+// process-wide state (signals, privileges, memory limits): two agents can
+// live in one process, and a test can build one on taptest without root.
 func New(cfg Config) (a *Agent, err error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	a = &Agent{cfg: cfg, log: cfg.Log, ns: netns.None(), counts: &decisionCounts{}, closed: make(chan struct{})}
+	if cfg.Link == nil {
+		return nil, errors.New("agent: no link")
+	}
+	if cfg.Policy == nil {
+		cfg.Policy, _ = policy.Preset(policy.DefaultPreset)
+	}
+	a = &Agent{cfg: cfg, log: cfg.Log, counts: &decisionCounts{}, closed: make(chan struct{})}
 	a.ctl = &controller{a: a, reg: prometheus.NewRegistry()}
 	defer func() {
 		if err != nil {
@@ -225,30 +195,7 @@ func New(cfg Config) (a *Agent, err error) {
 			a = nil
 		}
 	}()
-	if err := checkPrivileges(); err != nil {
-		return a, err
-	}
-	if cfg.ReadyFD >= 0 {
-		if _, err := unix.FcntlInt(uintptr(cfg.ReadyFD), unix.F_GETFD, 0); err != nil {
-			return a, fielderr.Bad("ready_fd", cfg.ReadyFD, "not an open file descriptor")
-		}
-	}
-	if cfg.TerminatedFD > 2 {
-		if _, err := unix.FcntlInt(uintptr(cfg.TerminatedFD), unix.F_GETFD, 0); err != nil {
-			return a, fielderr.Bad("terminated_fd", cfg.TerminatedFD, "not an open file descriptor")
-		}
-		unix.CloseOnExec(cfg.TerminatedFD)
-		a.terminatedOut = os.NewFile(uintptr(cfg.TerminatedFD), "terminated-fd")
-	}
-	if cfg.needsKeeper() {
-		// Started first, so that it starts while the rest is built, and
-		// ends last: it removes the pid file and the control socket.
-		if a.keeper, err = startKeeper(cfg.VM); err != nil {
-			return a, err
-		}
-		a.onClose(a.keeper.finish)
-	}
-	a.onClose(startTrimmer(cfg.MemoryLimit, a.activity))
+	a.onClose(func() { cfg.Link.Close() })
 	if err := a.buildPolicy(); err != nil {
 		return a, err
 	}
@@ -263,11 +210,7 @@ func New(cfg Config) (a *Agent, err error) {
 		}
 		a.onClose(a.pub.Close)
 	}
-	dev, err := a.buildLink()
-	if err != nil {
-		return a, err
-	}
-	if err := a.buildGateway(dev); err != nil {
+	if err := a.buildGateway(cfg.Link); err != nil {
 		return a, err
 	}
 	a.ctl.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
@@ -282,74 +225,68 @@ func New(cfg Config) (a *Agent, err error) {
 		}
 		a.onClose(func() { m.Close() })
 	}
-	if cfg.PIDFile != "" {
-		if err := writePIDFile(cfg.PIDFile); err != nil {
-			return a, fielderr.Wrap("pid_file", err)
-		}
-		a.onClose(func() { os.Remove(cfg.PIDFile) })
-	}
 	return a, nil
 }
 
 func (a *Agent) onClose(f func()) { a.undo = append(a.undo, f) }
 
-// needsKeeper says whether the agent has file work left once it is no
-// longer root: files to rotate, to read again, or to remove at the end.
-func (cfg *Config) needsKeeper() bool {
-	return cfg.VM || cfg.PIDFile != "" || cfg.Control != "" || cfg.PolicyPath != "" || cfg.Learn != "" || cfg.Secrets.File != "" || (cfg.AuditLog != "" && cfg.AuditLog != "-") || cfg.Pcap != "" ||
-		(cfg.TLS.Mode != intercept.Off && len(cfg.Command) > 0) // the CA bundle's directory
+// Files does the network's file work once its process is no longer root
+// (the keeper): the audit log's and the capture's next files, the policy
+// file and the secrets file (with its values) read again, a policy file
+// written.
+type Files interface {
+	Rotate(what string) (*os.File, error)
+	ReadPolicy() ([]byte, error)
+	ReadSecrets() (*SecretsRead, error)
+	WritePolicy(which string, b []byte) error
 }
 
-// rotator rotates path (what: "audit" or "pcap"): here while the agent is
-// root, by the keeper once armed (nil without a keeper: the owner rotates
-// it itself).
+// SecretsRead is the secrets file and the files its secrets' values come
+// from, as read for a reload.
+type SecretsRead struct {
+	File   []byte            `json:"file"`
+	Values map[string][]byte `json:"values"`
+}
+
+// SetFiles hands the network's file work to f from now on: the process
+// is about to stop being root. Until then the agent does it itself.
+func (a *Agent) SetFiles(f Files) { a.files.Store(&f) }
+
+// filesOr is the Files set, or nil.
+func (a *Agent) filesOr() Files {
+	if f := a.files.Load(); f != nil {
+		return *f
+	}
+	return nil
+}
+
+// rotator rotates path (what: "audit" or "pcap"): here until SetFiles,
+// then by Files.
 func (a *Agent) rotator(what, path string, flag int) func() (*os.File, error) {
-	if a.keeper == nil {
-		return nil
-	}
 	return func() (*os.File, error) {
-		if a.armed.Load() {
-			return a.keeper.rotate(what)
+		if f := a.filesOr(); f != nil {
+			return f.Rotate(what)
 		}
-		return keeperRotate(path, flag)
+		return RotateFile(path, flag)
 	}
 }
 
-// activity counts the frames the agent moved so far (0 before the rings
-// exist).
-func (a *Agent) activity() uint64 {
+// RotateFile moves path to path.1 and opens path anew (mode 0600, not
+// through a symbolic link).
+func RotateFile(path string, flag int) (*os.File, error) {
+	if err := os.Rename(path, path+".1"); err != nil && !os.IsNotExist(err) {
+		return nil, err
+	}
+	return audit.OpenPrivate(path, flag, 0o600)
+}
+
+// Activity counts the frames the network moved so far (for a memory
+// trimmer: it releases pages once this stops moving).
+func (a *Agent) Activity() uint64 {
 	if sh := a.sharedRef.Load(); sh != nil {
 		return sh.Counters.TxFrames() + sh.Counters.RxFrames()
 	}
 	return 0
-}
-
-// writePIDFile writes the agent's pid without following a symbolic link.
-func writePIDFile(path string) error {
-	f, err := audit.OpenPrivate(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	_, err = f.WriteString(strconv.Itoa(os.Getpid()) + "\n")
-	return errors.Join(err, f.Close())
-}
-
-// checkPrivileges fails early, with a clear message, when the agent lacks
-// what creating and attaching a TAP needs.
-func checkPrivileges() error {
-	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
-	var data [2]unix.CapUserData
-	if err := unix.Capget(&hdr, &data[0]); err != nil {
-		return fmt.Errorf("read capabilities: %w", err)
-	}
-	has := func(c uint) bool { return data[c/32].Effective&(1<<(c%32)) != 0 }
-	if !has(unix.CAP_NET_ADMIN) {
-		return errors.New("missing CAP_NET_ADMIN: msbtap creates a TAP device and must run as root (or with sudo)")
-	}
-	if !has(unix.CAP_SYS_ADMIN) {
-		return errors.New("missing CAP_SYS_ADMIN: msbtap enters the sandbox's network namespace and must run as root (or with sudo)")
-	}
-	return nil
 }
 
 // buildPolicy compiles the policy and opens the decision log: a bad
@@ -394,53 +331,8 @@ func (a *Agent) buildPolicy() error {
 		}
 		a.onClose(func() { a.audit.Close() })
 	}
-	a.term = newTerminator(a.cutNetwork, a.cfg.OnTerminate, a.log)
-	h := a.halt()
-	a.term.halt.Store(&h)
+	a.term = newTerminator(a.cutNetwork, a.cfg.Halt)
 	return nil
-}
-
-// buildLink creates the sandbox's link: a TAP inside its namespace (the
-// user's, or a fresh one for the command), or a TAP on the host for a VMM.
-func (a *Agent) buildLink() (*tap.File, error) {
-	cfg := a.cfg
-	if cfg.VM {
-		vt, err := tap.CreateVMTap(cfg.TapName, cfg.TapOwner, cfg.Plan.MTU, cfg.Offload)
-		if err != nil {
-			return nil, err
-		}
-		a.onClose(func() { vt.Close() })
-		a.links = vt.Created() // the keeper removes them in the end: the running agent cannot
-		return vt.Agent, nil
-	}
-	var err error
-	if cfg.Netns != "" {
-		a.ns, err = netns.Open(cfg.Netns)
-	} else {
-		a.ns, err = netns.New()
-	}
-	if err != nil {
-		return nil, err
-	}
-	a.onClose(func() { a.ns.Close() })
-	if cfg.Netns == "" {
-		// The command runs unprivileged: let it ping (ICMP datagram
-		// sockets) and bind any port, in its own namespace only.
-		for _, kv := range [][2]string{{"net.ipv4.ping_group_range", "0 2147483647"}, {"net.ipv4.ip_unprivileged_port_start", "0"}} {
-			if err := netns.SetSysctl(a.ns, kv[0], kv[1]); err != nil {
-				return nil, err
-			}
-		}
-	}
-	dev, err := tap.CreateInNetns(a.ns, cfg.TapName, cfg.Offload)
-	if err != nil {
-		return nil, err
-	}
-	a.onClose(func() { dev.Close() })
-	if err := tap.ConfigureGuest(a.ns, dev.Name(), cfg.Plan); err != nil {
-		return nil, fmt.Errorf("configure %s in the sandbox: %w", dev.Name(), err)
-	}
-	return dev, nil
 }
 
 // buildGateway starts the rings and pump on dev, then the gateway, and
@@ -557,3 +449,87 @@ func (a *Agent) Close() error {
 
 // Wait blocks until Close has finished.
 func (a *Agent) Wait() { <-a.closed }
+
+// DNSUpstreams returns the resolvers in use.
+func (a *Agent) DNSUpstreams() []string { return a.gw.DNSUpstreams() }
+
+// Terminated delivers the violation that stopped the sandbox, once the
+// network is cut and the processes were told to stop (see Halt).
+func (a *Agent) Terminated() <-chan Terminated { return a.term.fired }
+
+// Terminating reports whether a termination has begun.
+func (a *Agent) Terminating() bool { return a.term.firing.Load() }
+
+// SetPolicy compiles f and puts it in force for new flows (from says where
+// it came from, for the log).
+func (a *Agent) SetPolicy(f *policy.File, from string) error {
+	a.ctl.mu.Lock()
+	defer a.ctl.mu.Unlock()
+	return a.setPolicy(f, from)
+}
+
+// setPolicy is SetPolicy, ctl.mu held.
+func (a *Agent) setPolicy(f *policy.File, from string) error {
+	e, err := policy.Compile(f, a.popts)
+	if err != nil {
+		return err
+	}
+	a.holder.Store(e)
+	a.policyFile.Store(f)
+	a.log.Info("policy reloaded", "from", from, "rules", len(f.Rules), "default_action", f.DefaultAction)
+	return nil
+}
+
+// Private are the host files that hold what the command must never
+// reach, to mask in its mount namespace: the control socket, the secrets
+// file and the files secrets are read from, the CA's key, the upstream
+// proxy's credentials file. (Run as --user root, the command could read
+// root's 0600 files otherwise.)
+func (a *Agent) Private() []string {
+	var hide []string
+	add := func(p string) {
+		if p == "" {
+			return
+		}
+		if abs, err := filepath.Abs(p); err == nil {
+			hide = append(hide, abs)
+		}
+	}
+	add(a.cfg.Control)
+	add(a.cfg.Secrets.File)
+	add(a.cfg.TLS.CAKey)
+	if a.cfg.Upstream.Enabled() {
+		add(a.cfg.Upstream.CredentialsFile)
+	}
+	if specs, err := a.cfg.Secrets.specs(); err == nil {
+		for _, sp := range specs {
+			add(sp.FromFile)
+		}
+	}
+	return hide
+}
+
+// LoadPolicy reads the policy file at path: through Files once the process
+// is no longer root (the file may be root's only).
+func (a *Agent) LoadPolicy(path string) (*policy.File, error) {
+	files := a.filesOr()
+	if files == nil {
+		return policy.LoadFile(path)
+	}
+	b, err := files.ReadPolicy()
+	if err != nil {
+		return nil, fmt.Errorf("policy file: %w", err)
+	}
+	f, err := policy.ParseFile(b)
+	if err != nil {
+		var errs policy.Errors
+		if errors.As(err, &errs) {
+			for i := range errs {
+				errs[i] = fmt.Errorf("%s: %w", path, errs[i])
+			}
+			return nil, errs
+		}
+		return nil, err
+	}
+	return f, nil
+}

@@ -14,9 +14,7 @@ import (
 // policy may have them, a policy set later too).
 func (a *Agent) buildAsk() {
 	o := ask.Options{Timeout: a.cfg.AskTimeout, Always: a.askAlways, Report: a.askReport, Log: a.log.With("component", "ask")}
-	if a.cfg.AskExec != "" {
-		o.Exec = a.askExec
-	}
+	o.Exec = a.cfg.AskHook
 	a.asker = ask.New(o)
 	a.popts.Answers = a.asker
 }
@@ -76,7 +74,7 @@ func (a *Agent) askAlways(q ask.Question, allow bool) error {
 		a.log.Warn("--ask-save: the policy is a preset or inline; the rule is in force but saved nowhere")
 		return nil
 	}
-	f, err := a.loadPolicy(a.cfg.PolicyPath)
+	f, err := a.LoadPolicy(a.cfg.PolicyPath)
 	if err != nil {
 		return err
 	}

@@ -1,28 +1,10 @@
 package agent
 
 import (
-	"strings"
 	"testing"
 
-	"github.com/msbtap/msbtap/ask"
 	"github.com/msbtap/msbtap/policy"
 )
-
-func TestParseAskAnswer(t *testing.T) {
-	for in, want := range map[string]ask.Answer{
-		"allow\n": {Allow: true}, " Allow  Always \nignored": {Allow: true, Always: true},
-		"deny": {}, "DENY always": {Always: true},
-	} {
-		if got, err := parseAskAnswer(in); err != nil || got != want {
-			t.Errorf("%q: got %+v %v, want %+v", in, got, err, want)
-		}
-	}
-	for _, in := range []string{"", "yes", "allow please", "maybe\nallow"} {
-		if _, err := parseAskAnswer(in); err == nil {
-			t.Errorf("%q: no error", in)
-		}
-	}
-}
 
 // TestWithAlwaysRule: an always rule goes just before the first ask rule
 // (the rules before it did not match the flow), at the end under a default
@@ -41,16 +23,5 @@ func TestWithAlwaysRule(t *testing.T) {
 	d := &policy.File{DefaultAction: "ask", Rules: f.Rules[:1]}
 	if g := withAlwaysRule(d, r); len(g.Rules) != 2 || g.Rules[1].Destination.Domain != "x.example" {
 		t.Errorf("default ask: got %+v", g.Rules)
-	}
-}
-
-// TestAskExecEnv: --ask-exec never sees msbtap's environment, where
-// secrets' values may be.
-func TestAskExecEnv(t *testing.T) {
-	t.Setenv("MSBTAP_TEST_SECRET", "s3cr3t")
-	for _, kv := range askExecEnv() {
-		if !strings.HasPrefix(kv, "PATH=") {
-			t.Errorf("--ask-exec gets %q", kv)
-		}
 	}
 }

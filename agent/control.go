@@ -1,14 +1,11 @@
 package agent
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
 	"sort"
-	"strconv"
-	"strings"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -195,31 +192,8 @@ func (c *controller) SetRates(r control.Rates) error {
 	return nil
 }
 
-// inSandbox reports whether process pid runs in the sandbox that -- COMMAND
-// started: a descendant of its init (orphans there are re-parented to the
-// init, so none leaves). A process that cannot be traced is refused.
+// inSandbox reports whether control-socket peer pid runs in the sandbox
+// (Config.InSandbox; without it, none does).
 func (a *Agent) inSandbox(pid int) bool {
-	init := int(a.sandboxPID.Load())
-	if init <= 0 {
-		return len(a.cfg.Command) > 0 // starting: cannot tell yet
-	}
-	for i := 0; i < 256 && pid > 1; i++ {
-		if pid == init {
-			return true
-		}
-		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-		if err != nil {
-			return true
-		}
-		// pid (comm) state ppid …: comm may hold spaces and parentheses.
-		rest := b[bytes.LastIndexByte(b, ')')+1:]
-		f := strings.Fields(string(rest))
-		if len(f) < 2 {
-			return true
-		}
-		if pid, err = strconv.Atoi(f[1]); err != nil {
-			return true
-		}
-	}
-	return pid == init
+	return a.cfg.InSandbox != nil && a.cfg.InSandbox(pid)
 }

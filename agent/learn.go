@@ -11,6 +11,16 @@ import (
 	"github.com/msbtap/msbtap/policy"
 )
 
+// WriteLearned writes the policy learn mode recorded (if it is on) to the
+// --learn file now.
+func (a *Agent) WriteLearned() {
+	if a.learner == nil {
+		a.log.Warn("not in learn mode (--learn), nothing to write")
+		return
+	}
+	a.writeLearned()
+}
+
 // writeLearned writes the policy learn mode recorded to the --learn file,
 // atomically: a reader sees the old file or the new one, never half.
 func (a *Agent) writeLearned() {
@@ -26,16 +36,17 @@ func (a *Agent) writeLearned() {
 }
 
 // writePolicyFile writes f to path (the --learn file, or the policy
-// file), through the keeper once the agent is no longer root.
+// file), through Files once the process is no longer root.
 func (a *Agent) writePolicyFile(which, path string, f *policy.File) error {
-	if !a.armed.Load() {
+	files := a.filesOr()
+	if files == nil {
 		return WritePolicyFile(path, f)
 	}
 	b, err := json.Marshal(f)
 	if err != nil {
 		return err
 	}
-	return a.keeper.writePolicy(which, b)
+	return files.WritePolicy(which, b)
 }
 
 // WritePolicyFile writes f as an indented policy file at path through a

@@ -98,9 +98,9 @@ func (a *Agent) checkCommandEnv(specs []secrets.Spec) error {
 	return nil
 }
 
-// secretSources are the variables the secrets are read from, and the
+// SecretSources are the variables the secrets are read from, and the
 // one the upstream proxy's credentials are: none reaches the command.
-func (a *Agent) secretSources() []string {
+func (a *Agent) SecretSources() []string {
 	if v := a.cfg.Upstream.CredentialsEnv; v != "" && a.cfg.Upstream.Enabled() {
 		return append(slices.Clip(a.secretSrc), v)
 	}
@@ -116,8 +116,8 @@ func (a *Agent) rewriter() intercept.Rewriter {
 	return a.secrets
 }
 
-// secretsEnv is NAME=placeholder for the command.
-func (a *Agent) secretsEnv() []string {
+// SecretVars are NAME=placeholder for the command.
+func (a *Agent) SecretVars() []string {
 	if a.secrets == nil {
 		return nil
 	}
@@ -144,24 +144,24 @@ func (sc SecretsConfig) specs() ([]secrets.Spec, error) {
 	return specs, nil
 }
 
-// reloadSecrets re-reads the secrets file on SIGHUP: new values and hosts
+// ReloadSecrets re-reads the secrets file (on SIGHUP): new values and hosts
 // apply to new requests; an invalid file leaves the old secrets in force.
-func (a *Agent) reloadSecrets() {
+func (a *Agent) ReloadSecrets() {
 	sc := a.cfg.Secrets
 	if sc.File == "" || a.secrets == nil {
 		return
 	}
 	var specs []secrets.Spec
 	var err error
-	if a.armed.Load() {
-		specs, err = a.keeperSpecs()
+	if files := a.filesOr(); files != nil {
+		specs, err = a.keeperSpecs(files)
 	} else {
 		specs, err = sc.specs()
 	}
 	if err == nil {
 		err = a.checkCommandEnv(specs)
 	}
-	if err == nil && len(a.cfg.Command) > 0 {
+	if err == nil && a.cfg.ForCommand {
 		// The command's environment was made at the start: a variable it
 		// inherited cannot become a secret's source now.
 		for _, sp := range specs {
@@ -183,8 +183,8 @@ func (a *Agent) reloadSecrets() {
 // keeperSpecs are the flags' secrets and the file's as the keeper read
 // it: a secret from a file takes its value from what the keeper read,
 // under a name no environment variable has (see getenv).
-func (a *Agent) keeperSpecs() ([]secrets.Spec, error) {
-	ks, err := a.keeper.readSecrets()
+func (a *Agent) keeperSpecs(files Files) ([]secrets.Spec, error) {
+	ks, err := files.ReadSecrets()
 	if err != nil {
 		return nil, err
 	}

@@ -54,17 +54,17 @@ func TestReloadKeepsCommandEnvSafe(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := &Agent{cfg: Config{Command: []string{"sh"}, CommandEnv: []string{"PASSED"}, Secrets: SecretsConfig{File: file}},
+	a := &Agent{cfg: Config{ForCommand: true, CommandEnv: []string{"PASSED"}, Secrets: SecretsConfig{File: file}},
 		log: slog.New(slog.NewTextHandler(io.Discard, nil)), secrets: st, secretSrc: []string{"TOKEN_SRC"}}
 	for _, src := range []string{"LANG", "PASSED"} {
 		write(src)
-		a.reloadSecrets()
+		a.ReloadSecrets()
 		if h := st.Hosts(); len(h) != 1 || h[0] != "old.test" {
 			t.Errorf("from_env %s: reloaded, hosts %v", src, h)
 		}
 	}
 	write("TOKEN_SRC")
-	a.reloadSecrets()
+	a.ReloadSecrets()
 	if h := st.Hosts(); len(h) != 1 || h[0] != "new.test" {
 		t.Errorf("a fine reload was refused: hosts %v", h)
 	}

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"fmt"
-	"log/slog"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -46,40 +45,34 @@ type Halt struct {
 }
 
 // terminator carries out a termination: once, on the first fatal
-// violation, it stops the sandbox and hands the violation to Run, which
-// runs --on-terminate and returns a *Terminated.
+// violation, it cuts the network and stops the sandbox, and hands the
+// violation to whoever waits on Agent.Terminated.
 type terminator struct {
-	cut         func()
-	halt        atomic.Pointer[Halt]
-	onTerminate string
-	runner      *hookRunner // runs --on-terminate; started before privileges drop
-	log         *slog.Logger
+	cut  func()
+	halt Halt
 
 	once   sync.Once
 	firing atomic.Bool // set before the sandbox is killed
 	fired  chan Terminated
 }
 
-func newTerminator(cut func(), onTerminate string, log *slog.Logger) *terminator {
-	t := &terminator{cut: cut, onTerminate: onTerminate, log: log, fired: make(chan Terminated, 1)}
-	t.halt.Store(&Halt{})
-	return t
+func newTerminator(cut func(), halt Halt) *terminator {
+	return &terminator{cut: cut, halt: halt, fired: make(chan Terminated, 1)}
 }
 
 // terminate stops the sandbox for violation v, the first time it is called
 // (later calls do nothing). It may run on the packet path: it tells the
 // supervisor, cuts the network (nothing more gets out, every open flow is
-// reset), stops the sandbox's processes, then wakes Run.
+// reset), stops the sandbox's processes, then hands v on.
 func (t *terminator) terminate(v Terminated) {
 	t.once.Do(func() {
 		t.firing.Store(true)
-		h := t.halt.Load()
-		if h.Notify != nil {
-			h.Notify()
+		if t.halt.Notify != nil {
+			t.halt.Notify()
 		}
 		t.cut()
-		if h.Kill != nil {
-			h.Kill()
+		if t.halt.Kill != nil {
+			t.halt.Kill()
 		}
 		t.fired <- v
 	})
@@ -92,43 +85,6 @@ func (a *Agent) terminate(v Terminated) { a.term.terminate(v) }
 // (stack.Options.Terminate).
 func (a *Agent) terminateFlow(fl *flow.Flow) {
 	a.terminate(violation(fl, fl.Decision, flow.L7{}, a.holder.Load()))
-}
-
-// finish logs the violation, runs --on-terminate, and returns it.
-func (t *terminator) finish(v Terminated) error {
-	t.log.Error("policy violation: sandbox terminated", "proto", v.Proto, "src", v.Src,
-		"dst", v.Dst, "domain", v.Domain, "rule", v.Rule, "secret", v.Secret)
-	if t.runner != nil {
-		env := []string{
-			"MSBTAP_VIOLATION_PROTO=" + v.Proto,
-			"MSBTAP_VIOLATION_SRC=" + v.Src,
-			"MSBTAP_VIOLATION_DST=" + v.Dst,
-			"MSBTAP_VIOLATION_DOMAIN=" + safeName(v.Domain),
-			"MSBTAP_VIOLATION_RULE=" + v.Rule,
-		}
-		if v.Secret != "" {
-			env = append(env, "MSBTAP_VIOLATION_SECRET="+v.Secret) // a declared name: letters, digits, _
-		}
-		if err := t.runner.run(t.onTerminate, env); err != nil {
-			t.log.Error("--on-terminate failed", "err", err)
-		}
-		t.runner = nil
-	}
-	return &v
-}
-
-// safeName keeps only letters, digits, '-' and '.' of a name that came from
-// the guest's bytes, so that a shell running --on-terminate cannot be made
-// to run any of it.
-func safeName(s string) string {
-	b := make([]byte, 0, len(s))
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' {
-			b = append(b, c)
-		}
-	}
-	return string(b)
 }
 
 func protoLabel(f policy.Flow) string {

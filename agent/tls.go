@@ -57,7 +57,7 @@ func (a *Agent) buildIntercept() error {
 			return fielderr.Wrap("tls_ca_out", err)
 		}
 	}
-	if tc.Mode != intercept.Off && len(a.cfg.Command) > 0 {
+	if tc.Mode != intercept.Off && a.cfg.ForCommand {
 		if err := a.writeBundle(); err != nil {
 			return err
 		}
@@ -87,8 +87,9 @@ func (a *Agent) writeBundle() error {
 	return writeFile(a.bundle, a.ca.Bundle(), 0o644)
 }
 
-// bundleDir is the directory of the command's CA bundle, if any.
-func (a *Agent) bundleDir() string {
+// BundleDir is the directory of the command's CA bundle, if any: the
+// command's mount namespace shares it.
+func (a *Agent) BundleDir() string {
 	if a.bundle == "" {
 		return ""
 	}
@@ -106,8 +107,8 @@ var BundleVariables = []string{
 	"npm_config_cafile", "PIP_CERT", "GIT_SSL_CAINFO", "CARGO_HTTP_CAINFO", "AWS_CA_BUNDLE", "DENO_CERT",
 }
 
-// caEnv points the usual tools of the command at the bundle.
-func (a *Agent) caEnv() []string {
+// CAVars point the usual tools of the command at the bundle.
+func (a *Agent) CAVars() []string {
 	if a.bundle == "" {
 		return nil
 	}

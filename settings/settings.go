@@ -16,7 +16,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/msbtap/msbtap/agent"
 	"github.com/msbtap/msbtap/control"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
@@ -25,6 +24,7 @@ import (
 	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/process"
 	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/secrets"
@@ -79,7 +79,7 @@ func oneOf[T any](flag, v string, choices map[string]T) (T, error) {
 
 // Build turns the settings into the agent's Config, validated; the agent
 // logs to logTo.
-func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
+func Build(s Source, logTo io.Writer) (cfg process.Config, err error) {
 	cfg.TapName, cfg.ReadyFD, cfg.PIDFile, cfg.Command = s.String("tap"), s.Int("ready-fd"), s.String("pid-file"), s.Args()
 	cfg.TerminatedFD = s.Int("terminated-fd")
 	cfg.VM, cfg.TapOwner = s.Bool("vm"), s.Int("tap-owner")
@@ -276,7 +276,7 @@ func Build(s Source, logTo io.Writer) (cfg agent.Config, err error) {
 
 // learnConfig checks the learn mode settings: the file's directory must
 // exist (the file is written through a temporary file beside it).
-func learnConfig(cfg *agent.Config) error {
+func learnConfig(cfg *process.Config) error {
 	if cfg.Learn == "" {
 		if cfg.LearnSuffixDepth != 0 {
 			return fielderr.Bad("learn_suffix_depth", cfg.LearnSuffixDepth, "only with a learn file")
@@ -302,7 +302,7 @@ func learnConfig(cfg *agent.Config) error {
 
 // loadPolicy reads the policy setting: a preset, a file name, or (from a
 // config file) an inline policy object; and the presets --allow adds.
-func loadPolicy(s Source, cfg *agent.Config) error {
+func loadPolicy(s Source, cfg *process.Config) error {
 	rules, err := policy.AllowRules(s.Strings("allow"))
 	if err != nil {
 		return fielderr.Wrap("allow", err)
@@ -329,7 +329,7 @@ func loadPolicy(s Source, cfg *agent.Config) error {
 }
 
 // commandConfig checks --env, --bind and --bind-ro.
-func commandConfig(cfg *agent.Config, binds, bindsRO []string) error {
+func commandConfig(cfg *process.Config, binds, bindsRO []string) error {
 	for i, list := range [][]string{cfg.CommandEnv, binds, bindsRO} {
 		name := []string{"env", "bind", "bind-ro"}[i]
 		if len(list) > 0 && len(cfg.Command) == 0 {
@@ -360,7 +360,7 @@ func commandConfig(cfg *agent.Config, binds, bindsRO []string) error {
 }
 
 // controlConfig checks the control socket, capture and rate settings.
-func controlConfig(cfg *agent.Config, owner, pcapMax, up, down string) (err error) {
+func controlConfig(cfg *process.Config, owner, pcapMax, up, down string) (err error) {
 	cfg.ControlUID, cfg.ControlGID = -1, -1
 	if owner != "" && cfg.Control == "" {
 		return fielderr.Bad("control_owner", owner, "only with a control socket")

@@ -11,8 +11,8 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/msbtap/msbtap/agent"
 	"github.com/msbtap/msbtap/control"
+	"github.com/msbtap/msbtap/process"
 	"github.com/msbtap/msbtap/sandbox"
 )
 
@@ -81,14 +81,14 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == sandbox.InitArg {
 		sandbox.Init() // msbtap re-executed as the sandbox's init
 	}
-	if len(os.Args) > 1 && os.Args[1] == agent.HookRunnerArg {
-		agent.HookRunner() // msbtap re-executed to run --on-terminate
+	if len(os.Args) > 1 && os.Args[1] == process.HookRunnerArg {
+		process.HookRunner() // msbtap re-executed to run --on-terminate
 	}
-	if len(os.Args) > 1 && os.Args[1] == agent.AskRunnerArg {
-		agent.AskRunner() // msbtap re-executed to run --ask-exec
+	if len(os.Args) > 1 && os.Args[1] == process.AskRunnerArg {
+		process.AskRunner() // msbtap re-executed to run --ask-exec
 	}
-	if len(os.Args) > 1 && os.Args[1] == agent.KeeperArg {
-		agent.Keeper() // msbtap re-executed to keep the agent's files
+	if len(os.Args) > 1 && os.Args[1] == process.KeeperArg {
+		process.Keeper() // msbtap re-executed to keep the agent's files
 	}
 	err := newApp(os.Stdout, os.Stderr).Run(os.Args)
 	if err == nil {

@@ -11,7 +11,7 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/msbtap/msbtap/agent"
+	"github.com/msbtap/msbtap/process"
 	"github.com/msbtap/msbtap/stack"
 )
 
@@ -92,8 +92,8 @@ func TestConfigCommand(t *testing.T) {
 }
 
 func TestConfigFileAndFlagsWin(t *testing.T) {
-	var got agent.Config
-	startAgent = func(c agent.Config) error { got = c; return nil }
+	var got process.Config
+	startAgent = func(c process.Config) error { got = c; return nil }
 	defer func() { startAgent = runAgent }()
 	cfg := filepath.Join(t.TempDir(), "msbtap.json")
 	os.WriteFile(cfg, []byte(`{
@@ -252,8 +252,8 @@ func TestPolicySuggest(t *testing.T) {
 // of a value, as in --secret NAME@HOST,HOST), from the command line and
 // from --config; --env is refused without a command.
 func TestCommandFlags(t *testing.T) {
-	var got agent.Config
-	startAgent = func(c agent.Config) error { got = c; return nil }
+	var got process.Config
+	startAgent = func(c process.Config) error { got = c; return nil }
 	defer func() { startAgent = runAgent }()
 	if _, err := runApp("run", "--env", "NO_PROXY=a.test,b.test", "--env", "TERM", "--bind-ro", "/etc",
 		"--secret", "TOKEN@a.test,b.test", "--", "true"); err != nil {

@@ -8,6 +8,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/msbtap/msbtap/agent"
+	"github.com/msbtap/msbtap/process"
 	"github.com/msbtap/msbtap/settings"
 )
 
@@ -40,14 +41,14 @@ var startAgent = runAgent
 // runAgent builds the agent, runs it until the sandbox goes away, and maps
 // how it ended to msbtap's exit status: the command's own, 3 after a fatal
 // violation, 1 for any other error.
-func runAgent(cfg agent.Config) error {
-	a, err := agent.New(cfg)
+func runAgent(cfg process.Config) error {
+	a, err := process.New(cfg)
 	if err != nil {
 		return err
 	}
 	err = a.Run(context.Background())
 	a.Close()
-	var st *agent.ExitStatus
+	var st *process.ExitStatus
 	var term *agent.Terminated
 	switch {
 	case errors.As(err, &st):

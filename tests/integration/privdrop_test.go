@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/agent"
 	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/process"
 )
 
 // TestAgentNotRoot: once ready, the agent is a user of its own with no
@@ -43,7 +43,7 @@ func TestAgentNotRoot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	id := strconv.Itoa(agent.AgentIDBase + pid)
+	id := strconv.Itoa(process.AgentIDBase + pid)
 	ids := strings.Join([]string{id, id, id, id}, " ")
 	netRaw := fmt.Sprintf("%016x", uint64(1)<<13)
 	for k, want := range map[string]string{"Uid": ids, "Gid": ids, "Groups": "", "CapEff": netRaw, "CapPrm": netRaw,
@@ -123,7 +123,7 @@ func TestCgoBuildStarts(t *testing.T) {
 	w.Msbtap = bin
 	w.StartAgent(t, "--pid-file", filepath.Join(openDir(t, 0o755), "pid"))
 	pid := w.AgentPID()
-	id := strconv.Itoa(agent.AgentIDBase + pid)
+	id := strconv.Itoa(process.AgentIDBase + pid)
 	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
 	if err != nil {
 		t.Fatal(err)
@@ -161,7 +161,7 @@ func TestKilledAgentLeavesNothing(t *testing.T) {
 		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
 		for _, f := range strings.Fields(string(b)) {
 			if c, err := strconv.Atoi(f); err == nil {
-				if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", c)); strings.Contains(string(cmdline), agent.KeeperArg) {
+				if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", c)); strings.Contains(string(cmdline), process.KeeperArg) {
 					keepers = append(keepers, c)
 				}
 			}

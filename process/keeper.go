@@ -1,4 +1,4 @@
-package agent
+package process
 
 import (
 	"encoding/json"
@@ -15,7 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/msbtap/msbtap/audit"
+	"github.com/msbtap/msbtap/agent"
 	"github.com/msbtap/msbtap/harden"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/secrets"
@@ -65,15 +65,8 @@ type keeperReply struct {
 	Err string `json:"err,omitempty"`
 }
 
-// keeperSecrets is what read-secrets sends, on a descriptor (a pipe): the
-// secrets file as read and checked by the keeper, and the values of its
-// from_file secrets by path.
-type keeperSecrets struct {
-	File   []byte            `json:"file"`
-	Values map[string][]byte `json:"values"`
-}
-
-// keeper is the agent's side.
+// keeper is the agent's side; it does the network's file work
+// (agent.Files) once armed.
 type keeper struct {
 	mu   sync.Mutex
 	fd   int // the agent's end of the socket pair
@@ -161,8 +154,8 @@ func (k *keeper) callWith(req keeperRequest, in *os.File) (*os.File, error) {
 	return f, nil
 }
 
-// readPolicy has the keeper open the policy file.
-func (k *keeper) readPolicy() ([]byte, error) {
+// ReadPolicy has the keeper open the policy file.
+func (k *keeper) ReadPolicy() ([]byte, error) {
 	f, err := k.call(keeperRequest{Op: "read-policy"})
 	if err != nil {
 		return nil, err
@@ -171,24 +164,25 @@ func (k *keeper) readPolicy() ([]byte, error) {
 	return io.ReadAll(io.LimitReader(f, 64<<20))
 }
 
-// readSecrets has the keeper read the secrets file and its values.
-func (k *keeper) readSecrets() (*keeperSecrets, error) {
+// ReadSecrets has the keeper read the secrets file and its values (a
+// read-secrets reply: an agent.SecretsRead on a pipe).
+func (k *keeper) ReadSecrets() (*agent.SecretsRead, error) {
 	f, err := k.call(keeperRequest{Op: "read-secrets"})
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	var s keeperSecrets
+	var s agent.SecretsRead
 	if err := json.NewDecoder(io.LimitReader(f, 64<<20)).Decode(&s); err != nil {
 		return nil, fmt.Errorf("keeper: %w", err)
 	}
 	return &s, nil
 }
 
-// writePolicy has the keeper write a policy file ("learn": the --learn
+// WritePolicy has the keeper write a policy file ("learn": the --learn
 // file, "policy": the policy file, for --ask-save), atomically; the
 // policy goes through a pipe (it may pass the socket's message size).
-func (k *keeper) writePolicy(which string, b []byte) error {
+func (k *keeper) WritePolicy(which string, b []byte) error {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return err
@@ -209,9 +203,9 @@ func (k *keeper) arm(p keeperPaths) error {
 	return err
 }
 
-// rotate has the keeper rotate the decision log ("audit") or the capture
+// Rotate has the keeper rotate the decision log ("audit") or the capture
 // ("pcap") and returns the new file.
-func (k *keeper) rotate(what string) (*os.File, error) {
+func (k *keeper) Rotate(what string) (*os.File, error) {
 	f, err := k.call(keeperRequest{Op: "rotate-" + what})
 	if err == nil && f == nil {
 		err = errors.New("the keeper sent no file")
@@ -293,9 +287,9 @@ func keeperServe(fd int) {
 		case paths == nil:
 			rep.Err = "not armed"
 		case req.Op == "rotate-audit" && paths.Audit != "" && paths.Audit != "-":
-			file, err = keeperRotate(paths.Audit, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND)
+			file, err = agent.RotateFile(paths.Audit, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND)
 		case req.Op == "rotate-pcap" && paths.Pcap != "":
-			file, err = keeperRotate(paths.Pcap, os.O_WRONLY|os.O_CREATE|os.O_TRUNC)
+			file, err = agent.RotateFile(paths.Pcap, os.O_WRONLY|os.O_CREATE|os.O_TRUNC)
 		case req.Op == "read-policy" && paths.Policy != "":
 			file, err = os.Open(paths.Policy)
 		case req.Op == "read-secrets" && paths.Secrets != "":
@@ -392,7 +386,7 @@ func keeperWritePolicy(path string, in *os.File) error {
 	if err != nil {
 		return fmt.Errorf("not a valid policy: %w", err)
 	}
-	return WritePolicyFile(path, f)
+	return agent.WritePolicyFile(path, f)
 }
 
 // keeperReadTimeout bounds how long the keeper reads a policy the agent
@@ -415,7 +409,7 @@ func keeperReadSecrets(path string) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	out := keeperSecrets{File: b, Values: map[string][]byte{}}
+	out := agent.SecretsRead{File: b, Values: map[string][]byte{}}
 	for _, sp := range f.Secrets {
 		if sp.FromFile != "" {
 			if out.Values[sp.FromFile], err = secrets.ReadPrivate(sp.FromFile); err != nil {
@@ -430,14 +424,6 @@ func keeperReadSecrets(path string) (*os.File, error) {
 	}
 	go func() { w.Write(b); w.Close() }()
 	return r, nil
-}
-
-// keeperRotate moves path to path.1 and opens path anew.
-func keeperRotate(path string, flag int) (*os.File, error) {
-	if err := os.Rename(path, path+".1"); err != nil && !os.IsNotExist(err) {
-		return nil, err
-	}
-	return audit.OpenPrivate(path, flag, 0o600)
 }
 
 // keeperCleanup removes each file and device that is still the one armed.

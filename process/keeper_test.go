@@ -1,4 +1,4 @@
-package agent
+package process
 
 import (
 	"net"
@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/msbtap/msbtap/agent"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -61,7 +62,7 @@ func TestKeeperProtocol(t *testing.T) {
 		t.Fatal(err)
 	}
 	k, served := startTestKeeper(t)
-	if _, err := k.rotate("audit"); err == nil || !strings.Contains(err.Error(), "not armed") {
+	if _, err := k.Rotate("audit"); err == nil || !strings.Contains(err.Error(), "not armed") {
 		t.Errorf("rotate before arm: %v", err)
 	}
 	if err := k.arm(keeperPaths{Audit: logf, PIDFile: pidf, Control: sock, Bundle: bundle}); err != nil {
@@ -75,7 +76,7 @@ func TestKeeperProtocol(t *testing.T) {
 			t.Errorf("%s: taken, with no such path armed", op)
 		}
 	}
-	f, err := k.rotate("audit")
+	f, err := k.Rotate("audit")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +138,7 @@ func TestKeeperRotateRefusesALink(t *testing.T) {
 	if err := os.Symlink(target, logf); err != nil {
 		t.Fatal(err)
 	}
-	f, err := keeperRotate(logf, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND)
+	f, err := agent.RotateFile(logf, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,19 +164,19 @@ func TestKeeperWritesPolicies(t *testing.T) {
 		t.Fatal(err)
 	}
 	good := []byte(`{"default_action":"deny","rules":[{"destination":{"domain":"pypi.org"},"protocols":["tcp"],"ports":[{"start":443,"end":443}],"action":"allow"}]}`)
-	if err := k.writePolicy("learn", good); err != nil {
+	if err := k.WritePolicy("learn", good); err != nil {
 		t.Fatal(err)
 	}
 	if f, err := policy.LoadFile(learn); err != nil || len(f.Rules) != 1 || f.Rules[0].Destination.Domain != "pypi.org" {
 		t.Errorf("learned file: %+v %v", f, err)
 	}
-	if err := k.writePolicy("learn", []byte(`{"default_action": "maybe"}`)); err == nil || !strings.Contains(err.Error(), "not a valid policy") {
+	if err := k.WritePolicy("learn", []byte(`{"default_action": "maybe"}`)); err == nil || !strings.Contains(err.Error(), "not a valid policy") {
 		t.Errorf("an invalid policy: %v", err)
 	}
 	if f, err := policy.LoadFile(learn); err != nil || len(f.Rules) != 1 {
 		t.Errorf("the learned file after a refused write: %+v %v", f, err)
 	}
-	if err := k.writePolicy("policy", good); err == nil {
+	if err := k.WritePolicy("policy", good); err == nil {
 		t.Error("save-policy taken without SavePolicy armed")
 	}
 	if b, _ := os.ReadFile(pol); string(b) != `{"default_action": "deny"}` {
@@ -195,7 +196,7 @@ func TestKeeperReportsErrors(t *testing.T) {
 	if err := k.arm(keeperPaths{Policy: filepath.Join(t.TempDir(), "gone.json")}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := k.readPolicy(); err == nil || !strings.Contains(err.Error(), "no such file") {
+	if _, err := k.ReadPolicy(); err == nil || !strings.Contains(err.Error(), "no such file") {
 		t.Errorf("read-policy of a missing file: %v", err)
 	}
 }
@@ -245,14 +246,14 @@ func TestWritePolicyFileKeepsMode(t *testing.T) {
 	p := filepath.Join(dir, "policy.json")
 	os.WriteFile(p, []byte(`{"default_action": "deny"}`), 0o600)
 	f, _ := policy.ParseFile([]byte(`{"default_action": "deny"}`))
-	if err := WritePolicyFile(p, f); err != nil {
+	if err := agent.WritePolicyFile(p, f); err != nil {
 		t.Fatal(err)
 	}
 	if st, _ := os.Stat(p); st.Mode().Perm() != 0o600 {
 		t.Errorf("rewritten as %v, want 0600", st.Mode().Perm())
 	}
 	n := filepath.Join(dir, "new.json")
-	if err := WritePolicyFile(n, f); err != nil {
+	if err := agent.WritePolicyFile(n, f); err != nil {
 		t.Fatal(err)
 	}
 	if st, _ := os.Stat(n); st.Mode().Perm() != 0o644 {

@@ -1,4 +1,4 @@
-package agent
+package process
 
 import (
 	"bufio"
@@ -159,15 +159,6 @@ func parseAskAnswer(s string) (ask.Answer, error) {
 		return ask.Answer{Always: true}, nil
 	}
 	return ask.Answer{}, fmt.Errorf("--ask-exec printed %q: want allow, allow always, deny or deny always", line)
-}
-
-// askExec is the asker's Exec: the runner started in Run.
-func (a *Agent) askExec(ctx context.Context, q ask.Question) (ask.Answer, error) {
-	r := a.askRunner.Load()
-	if r == nil {
-		return ask.Answer{}, errors.New("the --ask-exec runner is not running yet")
-	}
-	return r.ask(ctx, q)
 }
 
 // AskRunner is the runner's main: one question per line on stdin, each
