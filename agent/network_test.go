@@ -232,3 +232,56 @@ func waitAudit(t *testing.T, path string, match func(map[string]any) bool) {
 	b, _ := os.ReadFile(path)
 	t.Fatalf("no such line in the decision log:\n%s", b)
 }
+
+// TestTwoNetworksInOneProcess: two agents, each on its own link with its
+// own plan, serve their guests at once and close without leaving a
+// goroutine behind (goleak in TestMain): nothing in New is process-wide.
+func TestTwoNetworksInOneProcess(t *testing.T) {
+	echo := listenEcho(t)
+	pol, err := policy.ParseFile([]byte(fmt.Sprintf(`{"default_action": "deny", "rules": [
+		{"destination": {"group": "host"}, "protocols": ["tcp"], "ports": [{"start": %d, "end": %d}], "action": "allow"}]}`, echo.Port(), echo.Port())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 2)
+	for _, slot := range []int{11, 12} {
+		pl, err := plan.ForSlot(slot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dev := taptest.New(256)
+		a, err := New(Config{Link: dev, Plan: pl, Policy: pol, DNSUpstreams: []string{"127.0.0.1:1"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		g, err := taptest.NewGuest(dev, pl)
+		if err != nil {
+			a.Close()
+			t.Fatal(err)
+		}
+		go func() {
+			defer a.Close()
+			defer g.Close()
+			c, err := dialGuest(g, netip.AddrPortFrom(pl.GatewayV4, echo.Port()))
+			if err != nil {
+				done <- fmt.Errorf("slot %d: %v", slot, err)
+				return
+			}
+			defer c.Close()
+			msg := fmt.Sprintf("slot %d", slot)
+			c.Write([]byte(msg))
+			b := make([]byte, len(msg))
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(c, b); err != nil || string(b) != msg {
+				done <- fmt.Errorf("slot %d: echo %q, %v", slot, b, err)
+				return
+			}
+			done <- nil
+		}()
+	}
+	for range 2 {
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}
+}

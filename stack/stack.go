@@ -227,20 +227,28 @@ func New(o Options) (*Stack, error) {
 	st.dns = dns
 	st.tcp = newTCPRelay(st)
 	if o.FastPath {
-		st.fast, err = tcpfast.New(tcpfast.Options{
-			Shared: o.Shared, GatewayMAC: st.gwMAC, GuestMAC: func() [6]byte { return *st.r.guestMAC.Load() },
-			MTU: p.MTU, Offload: o.Offload, ConnectTimeout: o.DialTimeout, Direct: o.WriteNow, Log: o.Log.With("component", "tcpfast"),
-		})
-		if err != nil {
-			o.Log.Warn("TCP fast path off: "+err.Error(), "fast_path", "off")
-			st.fast = nil
-		}
+		st.startFast()
 	}
 
 	st.o.Shared.SetTxHandler(st.handleTx)
 	st.wg.Add(1)
 	go st.routinePoll()
 	return st, nil
+}
+
+// startFast starts the TCP translator; the gateway runs without it if it
+// cannot start.
+func (st *Stack) startFast() {
+	o := st.o
+	var err error
+	st.fast, err = tcpfast.New(tcpfast.Options{
+		Shared: o.Shared, GatewayMAC: st.gwMAC, GuestMAC: func() [6]byte { return *st.r.guestMAC.Load() },
+		MTU: o.Plan.MTU, Offload: o.Offload, ConnectTimeout: o.DialTimeout, Direct: o.WriteNow, Log: o.Log.With("component", "tcpfast"),
+	})
+	if err != nil {
+		o.Log.Warn("TCP fast path off: "+err.Error(), "fast_path", "off")
+		st.fast = nil
+	}
 }
 
 func (st *Stack) configureNetstack() error {

@@ -80,21 +80,7 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	src := netip.AddrPortFrom(wire.NetipAddr(id.RemoteAddress), id.RemotePort)
 
 	if dst.Port() == wire.PortDNS {
-		// DNS over TCP is answered by the agent: a small cap of its own,
-		// not the relayed connections'.
-		release, ok := st.dns.TryTCP()
-		if !ok {
-			r.Complete(true)
-			return
-		}
-		defer release()
-		c, ok := t.accept(r)
-		if !ok {
-			return
-		}
-		t.track(c, true)
-		defer t.track(c, false)
-		st.dns.ServeTCP(c, src)
+		t.serveDNS(r, src)
 		return
 	}
 	fl, ok := t.decided(r, src, dst)
@@ -153,6 +139,24 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 		st.stats.relayFailed.Add(1)
 		st.o.Log.Debug("tcp relay ended with an error", "src", src, "dst", dst, "err", err)
 	}
+}
+
+// serveDNS answers DNS over TCP itself: a small cap of its own, not the
+// relayed connections'.
+func (t *tcpRelay) serveDNS(r *tcp.ForwarderRequest, src netip.AddrPort) {
+	release, ok := t.st.dns.TryTCP()
+	if !ok {
+		r.Complete(true)
+		return
+	}
+	defer release()
+	c, ok := t.accept(r)
+	if !ok {
+		return
+	}
+	t.track(c, true)
+	defer t.track(c, false)
+	t.st.dns.ServeTCP(c, src)
 }
 
 // decided returns the flow of the connection the forwarder hands over,
