@@ -1,0 +1,55 @@
+package settings
+
+import (
+	"errors"
+
+	"github.com/msbtap/msbtap/sandbox"
+)
+
+// The rules some settings share.
+
+// onOff is the choice of a switch setting.
+var onOff = map[string]bool{"on": true, "off": false}
+
+const wantRate = "want a rate like 100mbit, 20MB (bytes a second) or off"
+
+// needCommand refuses a setting of the command msbtap starts without one.
+func needCommand(b *build, v []string) error {
+	if len(v) > 0 && len(b.Command) == 0 {
+		return bad(v[0], "only with a command to run")
+	}
+	return nil
+}
+
+// addBinds checks --bind's or --bind-ro's paths and shares them.
+func addBinds(b *build, v []string, readOnly bool) error {
+	if err := needCommand(b, v); err != nil {
+		return err
+	}
+	for _, path := range v {
+		p, err := sandbox.CheckBind(path)
+		if err != nil {
+			return bad(path, "%w", err)
+		}
+		b.CommandBinds = append(b.CommandBinds, sandbox.Bind{Path: p, ReadOnly: readOnly})
+	}
+	return nil
+}
+
+// notInVM refuses binds in VM mode.
+func notInVM(b *build, readOnly bool) error {
+	for _, bd := range b.CommandBinds {
+		if b.VM && bd.ReadOnly == readOnly {
+			return bad(bd.Path, "not in VM mode: the VMM shares the host's file system")
+		}
+	}
+	return nil
+}
+
+// needUpstream refuses an upstream proxy's setting without the proxy.
+func needUpstream(b *build, given bool) error {
+	if given && !b.Upstream.Enabled() {
+		return errors.New("only with an upstream proxy")
+	}
+	return nil
+}
