@@ -1,8 +1,6 @@
 package settings
 
 import (
-	"errors"
-
 	"github.com/msbtap/msbtap/sandbox"
 )
 
@@ -46,10 +44,11 @@ func notInVM(b *build, readOnly bool) error {
 	return nil
 }
 
-// needUpstream refuses an upstream proxy's setting without the proxy.
+// needUpstream refuses an upstream proxy's setting without the proxy
+// (its value, a path or the name of a variable, is not shown).
 func needUpstream(b *build, given bool) error {
 	if given && !b.Upstream.Enabled() {
-		return errors.New("only with an upstream proxy")
+		return bad("…", "only with an upstream proxy")
 	}
 	return nil
 }
