@@ -44,7 +44,7 @@ func peerUID(r *http.Request) (int, bool) {
 	return int(cred.Uid), true
 }
 
-func askRoutes(mux *http.ServeMux, api API, reply func(http.ResponseWriter, any, error)) {
+func askRoutes(mux *http.ServeMux, api API) {
 	aa, ok := api.(AskAPI)
 	if !ok {
 		return
