@@ -9,6 +9,10 @@ import (
 // onOff is the choice of a switch setting.
 var onOff = map[string]bool{"on": true, "off": false}
 
+// inheritedFD reports whether fd can be a descriptor msbtap inherits for
+// it to write to (not stdin, stdout or stderr), or -1 for none.
+func inheritedFD(fd int) bool { return fd == -1 || fd > 2 }
+
 const wantRate = "want a rate like 100mbit, 20MB (bytes a second) or off"
 
 // needCommand refuses a setting of the command msbtap starts without one.

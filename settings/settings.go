@@ -72,10 +72,6 @@ func (s *Setting) Kind() Kind { return s.value.kind() }
 // name in snake_case.
 func (s *Setting) Key() string { return strings.ReplaceAll(s.Name, "-", "_") }
 
-// AcceptsObject reports whether a config file may give a JSON object for
-// the setting instead of a string (Source.Object).
-func (s *Setting) AcceptsObject() bool { return s.object != nil }
-
 // All is the table of settings, in the order the help lists them.
 func All() []Setting { return slices.Clone(table) }
 

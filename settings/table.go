@@ -183,7 +183,7 @@ var table = []Setting{
 	{Name: "ready-fd", Default: -1,
 		Usage: "write a line to file descriptor `N` and close it once ready",
 		value: integer(func(b *build, v int) error {
-			if v == 0 || v == 1 || v == 2 || v < -1 {
+			if !inheritedFD(v) {
 				return errors.New("must be an inherited descriptor above 2")
 			}
 			b.ReadyFD = v
@@ -193,7 +193,7 @@ var table = []Setting{
 	{Name: "terminated-fd", Default: -1,
 		Usage: "write \"terminated\" to file descriptor `N` the moment a fatal violation fires, before the network is cut (for a supervisor that must not restart a stopped sandbox)",
 		value: integer(func(b *build, v int) error {
-			if v == 0 || v == 1 || v == 2 || v < -1 {
+			if !inheritedFD(v) {
 				return errors.New("must be an inherited descriptor above 2, not the ready one")
 			}
 			b.TerminatedFD = v
