@@ -242,32 +242,50 @@ func ParseRate(s string) (float64, error) {
 
 func (s *Server) routes(api API) http.Handler {
 	mux := http.NewServeMux()
-	reply := func(w http.ResponseWriter, v any, err error) {
-		if err != nil {
-			code := http.StatusInternalServerError
-			switch {
-			case errors.Is(err, ErrNotFound):
-				code = http.StatusNotFound
-			case errors.Is(err, ErrBadRequest):
-				code = http.StatusBadRequest
-			case errors.Is(err, ErrConflict):
-				code = http.StatusConflict
-			}
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(code)
-			json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
-			return
+	flowRoutes(mux, api)
+	policyRoutes(mux, api)
+	mux.HandleFunc("GET /v1/events", func(w http.ResponseWriter, r *http.Request) { streamEvents(w, r, api) })
+	mux.HandleFunc("GET /v1/stats", func(w http.ResponseWriter, r *http.Request) {
+		st, err := api.Stats()
+		reply(w, st, err)
+	})
+	captureRoutes(mux, api)
+	rateRoutes(mux, api)
+	secretRoutes(mux, api)
+	askRoutes(mux, api)
+	return mux
+}
+
+// reply writes v as JSON, or err with the status its kind calls for.
+func reply(w http.ResponseWriter, v any, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		code := http.StatusInternalServerError
+		switch {
+		case errors.Is(err, ErrNotFound):
+			code = http.StatusNotFound
+		case errors.Is(err, ErrBadRequest):
+			code = http.StatusBadRequest
+		case errors.Is(err, ErrConflict):
+			code = http.StatusConflict
 		}
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(v)
+		w.WriteHeader(code)
+		json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
+		return
 	}
-	body := func(r *http.Request) ([]byte, error) {
-		b, err := io.ReadAll(io.LimitReader(r.Body, 4<<20))
-		if err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrBadRequest, err)
-		}
-		return b, nil
+	json.NewEncoder(w).Encode(v)
+}
+
+// body reads a request's body, up to 4 MiB.
+func body(r *http.Request) ([]byte, error) {
+	b, err := io.ReadAll(io.LimitReader(r.Body, 4<<20))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrBadRequest, err)
 	}
+	return b, nil
+}
+
+func flowRoutes(mux *http.ServeMux, api API) {
 	mux.HandleFunc("GET /v1/flows", func(w http.ResponseWriter, r *http.Request) { reply(w, api.Flows(), nil) })
 	mux.HandleFunc("DELETE /v1/flows/{id}", func(w http.ResponseWriter, r *http.Request) {
 		id, err := strconv.ParseUint(r.PathValue("id"), 10, 64)
@@ -281,6 +299,9 @@ func (s *Server) routes(api API) http.Handler {
 		}
 		reply(w, map[string]uint64{"closed": id}, nil)
 	})
+}
+
+func policyRoutes(mux *http.ServeMux, api API) {
 	mux.HandleFunc("GET /v1/policy", func(w http.ResponseWriter, r *http.Request) {
 		p, err := api.Policy()
 		reply(w, p, err)
@@ -294,35 +315,37 @@ func (s *Server) routes(api API) http.Handler {
 		n, err := api.SetPolicy(b, r.URL.Query().Get("revoke") == "true")
 		reply(w, map[string]int{"revoked": n}, err)
 	})
-	mux.HandleFunc("GET /v1/events", func(w http.ResponseWriter, r *http.Request) {
-		ch, cancel := api.Events()
-		defer cancel()
-		w.Header().Set("Content-Type", "application/x-ndjson")
-		fl, _ := w.(http.Flusher)
-		bw := bufio.NewWriter(w)
-		enc := json.NewEncoder(bw)
-		if fl != nil {
-			bw.Flush()
-			fl.Flush()
-		}
-		for {
-			select {
-			case <-r.Context().Done():
+}
+
+// streamEvents writes the decisions as JSON lines, each flushed, until
+// the client goes.
+func streamEvents(w http.ResponseWriter, r *http.Request, api API) {
+	ch, cancel := api.Events()
+	defer cancel()
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	fl, _ := w.(http.Flusher)
+	bw := bufio.NewWriter(w)
+	enc := json.NewEncoder(bw)
+	if fl != nil {
+		bw.Flush()
+		fl.Flush()
+	}
+	for {
+		select {
+		case <-r.Context().Done():
+			return
+		case rec := <-ch:
+			if enc.Encode(rec) != nil || bw.Flush() != nil {
 				return
-			case rec := <-ch:
-				if enc.Encode(rec) != nil || bw.Flush() != nil {
-					return
-				}
-				if fl != nil {
-					fl.Flush()
-				}
+			}
+			if fl != nil {
+				fl.Flush()
 			}
 		}
-	})
-	mux.HandleFunc("GET /v1/stats", func(w http.ResponseWriter, r *http.Request) {
-		st, err := api.Stats()
-		reply(w, st, err)
-	})
+	}
+}
+
+func captureRoutes(mux *http.ServeMux, api API) {
 	mux.HandleFunc("PUT /v1/pcap", func(w http.ResponseWriter, r *http.Request) {
 		// The client opens the file itself and passes its descriptor: the
 		// agent never creates a file on a client's say-so.
@@ -342,6 +365,9 @@ func (s *Server) routes(api API) http.Handler {
 		c, err := api.StopCapture()
 		reply(w, c, err)
 	})
+}
+
+func rateRoutes(mux *http.ServeMux, api API) {
 	mux.HandleFunc("GET /v1/rates", func(w http.ResponseWriter, r *http.Request) { reply(w, api.Rates().wire(), nil) })
 	mux.HandleFunc("PUT /v1/rates", func(w http.ResponseWriter, r *http.Request) {
 		cur := api.Rates().wire()
@@ -361,6 +387,9 @@ func (s *Server) routes(api API) http.Handler {
 		err := api.SetRates(nr)
 		reply(w, api.Rates().wire(), err)
 	})
+}
+
+func secretRoutes(mux *http.ServeMux, api API) {
 	mux.HandleFunc("PUT /v1/secrets/{name}", func(w http.ResponseWriter, r *http.Request) {
 		b, err := body(r)
 		if err == nil {
@@ -372,6 +401,4 @@ func (s *Server) routes(api API) http.Handler {
 	mux.HandleFunc("DELETE /v1/secrets/{name}", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, map[string]string{"removed": r.PathValue("name")}, api.RemoveSecret(r.PathValue("name")))
 	})
-	askRoutes(mux, api, reply)
-	return mux
 }

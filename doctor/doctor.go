@@ -64,7 +64,8 @@ type Env struct {
 
 // Options say what the agents on this host will be asked to do.
 type Options struct {
-	// MaxConnections is msbtap run's --max-connections (default 256).
+	// MaxConnections is msbtap run's --max-connections (default
+	// stack.DefaultMaxConnections).
 	MaxConnections int
 	// VM says the host runs VM-mode agents: tc u32 and mirred are needed.
 	VM bool

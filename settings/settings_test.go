@@ -3,6 +3,7 @@ package settings
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -18,29 +19,31 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-// mapSource is a Source from a map, with run's defaults.
+// mapSource is a Source from a map by setting name; "args" is the
+// command.
 type mapSource map[string]any
 
-var defaults = mapSource{"tap": "eth0", "ready-fd": -1, "terminated-fd": -1, "tap-owner": -1, "offload": "on", "fast-path": "off", "seccomp": "on", "memory-limit": "48MiB",
-	"log-format": "text", "log-level": "info", "max-connections": 256, "policy": "public-only", "deny-mode": "reject",
-	"on-violation": "deny", "audit-log-max-size": "64MiB", "pcap-max-size": "100MiB", "rate-up": "off", "rate-down": "off",
-	"tls-intercept": "auto"}
-
-func (m mapSource) get(n string) any {
-	if v, ok := m[n]; ok {
-		return v
+func (m mapSource) Lookup(s *Setting, v any) (bool, error) {
+	x, ok := m[s.Name]
+	if !ok {
+		return false, nil
 	}
-	return defaults[n]
+	switch v := v.(type) {
+	case *string:
+		*v = x.(string)
+	case *int:
+		*v = x.(int)
+	case *bool:
+		*v = x.(bool)
+	case *float64:
+		*v = x.(float64)
+	case *[]string:
+		*v = x.([]string)
+	}
+	return true, nil
 }
-func (m mapSource) String(n string) string                { s, _ := m.get(n).(string); return s }
-func (m mapSource) Int(n string) int                      { i, _ := m.get(n).(int); return i }
-func (m mapSource) Bool(n string) bool                    { b, _ := m.get(n).(bool); return b }
-func (m mapSource) Float(n string) float64                { f, _ := m.get(n).(float64); return f }
-func (m mapSource) Strings(n string) []string             { s, _ := m.get(n).([]string); return s }
-func (m mapSource) IsGiven(n string) bool                 { _, ok := m[n]; return ok }
-func (m mapSource) InlinePolicy() (json.RawMessage, bool) { return nil, false }
-func (m mapSource) Args() []string                        { s, _ := m["args"].([]string); return s }
-func (m mapSource) Err() error                            { return nil }
+func (m mapSource) Object(*Setting) (json.RawMessage, bool) { return nil, false }
+func (m mapSource) Args() []string                          { s, _ := m["args"].([]string); return s }
 
 func TestBuild(t *testing.T) {
 	cfg, err := Build(mapSource{"netns": "sb1", "rate-down": "50mbit", "tls-intercept": "all"}, io.Discard)
@@ -117,5 +120,41 @@ func TestCommandSettings(t *testing.T) {
 	}
 	if cfg, err = Build(mapSource{"args": []string{"true"}, "user": "root"}, io.Discard); err != nil || cfg.CommandUID != 0 {
 		t.Errorf("--user root: %d %v", cfg.CommandUID, err)
+	}
+}
+
+// TestTable: each setting's default is of its kind's type, names are
+// unique, and every one has help.
+func TestTable(t *testing.T) {
+	seen := map[string]bool{}
+	for _, s := range All() {
+		if seen[s.Name] || s.Usage == "" || s.value == nil {
+			t.Errorf("%s: a second time, or without usage or value", s.Name)
+		}
+		seen[s.Name] = true
+		if s.Default == nil {
+			continue
+		}
+		if got := fmt.Sprintf("%T", s.Default); got != s.Kind().String() {
+			t.Errorf("%s: default %v is a %s, want %s", s.Name, s.Default, got, s.Kind())
+		}
+	}
+}
+
+// TestChoicesSorted: a wrong choice lists the choices in one order, every
+// time.
+func TestChoicesSorted(t *testing.T) {
+	for _, tc := range []struct{ name, want string }{
+		{"offload", `offload "x": want one of off, on`},
+		{"deny-mode", `deny_mode "x": want one of drop, reject`},
+		{"on-violation", `on_violation "x": want one of deny, terminate`},
+		{"log-format", `log_format "x": want one of json, text`},
+	} {
+		for range 5 {
+			_, err := Build(mapSource{"netns": "x", tc.name: "x"}, io.Discard)
+			if err == nil || err.Error() != tc.want {
+				t.Fatalf("got %v, want %s", err, tc.want)
+			}
+		}
 	}
 }

@@ -89,7 +89,8 @@ type Options struct {
 	// (tap.Pump.WriteNow).
 	FastPath bool
 	WriteNow func([]*rings.Frame) bool
-	// MaxConnections caps concurrent established TCP relays (default 256).
+	// MaxConnections caps concurrent established TCP relays (default
+	// DefaultMaxConnections).
 	MaxConnections int
 	// MaxPendingDials caps upstream TCP dials under way (default 192): a
 	// new one past it cancels the oldest.
@@ -158,13 +159,18 @@ type Stack struct {
 	stats     tcpStats
 }
 
+// DefaultMaxConnections is the cap on concurrent established TCP relays
+// when Options.MaxConnections is not set; msbtap run's --max-connections
+// defaults to it too.
+const DefaultMaxConnections = 256
+
 // New builds the gateway and starts its poll loop.
 func New(o Options) (*Stack, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	if o.MaxConnections <= 0 {
-		o.MaxConnections = 256
+		o.MaxConnections = DefaultMaxConnections
 	}
 	if o.DialTimeout <= 0 {
 		o.DialTimeout = 10 * time.Second

@@ -4,6 +4,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/msbtap/msbtap/doctor"
+	"github.com/msbtap/msbtap/stack"
 )
 
 func doctorCommand() *cli.Command {
@@ -14,7 +15,7 @@ func doctorCommand() *cli.Command {
 			"Run it as root, in the network namespace the agents run in (sysctls are per namespace).",
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error { return withStatus(2, err) },
 		Flags: []cli.Flag{
-			&cli.IntFlag{Name: "max-connections", Value: 256, Usage: "the --max-connections the agents run with (`N`), for the descriptor check"},
+			&cli.IntFlag{Name: "max-connections", Value: stack.DefaultMaxConnections, Usage: "the --max-connections the agents run with (`N`), for the descriptor check"},
 			&cli.BoolFlag{Name: "vm", Usage: "the agents run in VM mode: a missing tc u32 or mirred is a failure"},
 		},
 		Action: func(c *cli.Context) error {

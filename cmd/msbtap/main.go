@@ -11,7 +11,6 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/msbtap/msbtap/control"
 	"github.com/msbtap/msbtap/process"
 	"github.com/msbtap/msbtap/sandbox"
 )
@@ -60,7 +59,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			runCommand(),
 			policyCommand(),
 			doctorCommand(),
-			control.Command(func(err error) error { return withStatus(2, err) }),
+			ctlCommand(),
 			secretsCommand(),
 			configCommand(),
 			completionCommand(),

@@ -119,6 +119,15 @@ func TestConfigFileAndFlagsWin(t *testing.T) {
 	if _, err := runApp("run", "--config", cfg); err == nil || !strings.Contains(err.Error(), "rules[0].action") {
 		t.Errorf("bad inline policy: %v", err)
 	}
+	os.WriteFile(cfg, []byte(`{"netns": "sbx", "slot": "two"}`), 0o644)
+	if _, err := runApp("run", "--config", cfg); err == nil || err.Error() != "--config "+cfg+": slot: want int" {
+		t.Errorf("a value of the wrong type: %v", err)
+	}
+	// -p adds to the config file's publish.
+	os.WriteFile(cfg, []byte(`{"netns": "sbx", "publish": ["8080:80"]}`), 0o644)
+	if _, err := runApp("run", "--config", cfg, "-p", "8081:81"); err != nil || len(got.Publish) != 2 {
+		t.Errorf("-p with the config's publish: %v, %+v", err, got.Publish)
+	}
 	// A bad value from the config file is named by its key, not a flag.
 	os.WriteFile(cfg, []byte(`{"netns": "sbx", "guest_ipv4": "300.1.1.1"}`), 0o644)
 	if _, err := runApp("run", "--config", cfg); err == nil || !strings.Contains(err.Error(), `guest_ipv4 (in --config `+cfg+`) "300.1.1.1": not an IPv4 address`) {

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/proxy"
 )
 
@@ -17,7 +18,7 @@ import (
 // udp6 relay to the guest's IPv6 address.
 func Parse(s string) ([]proxy.PortSpec, error) {
 	bad := func(why string) ([]proxy.PortSpec, error) {
-		return nil, fmt.Errorf("--publish %q: %s (want [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp|/tcp6|/udp6])", s, why)
+		return nil, fielderr.Bad("publish", s, "%s (want [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp|/tcp6|/udp6])", why)
 	}
 	rest, proto, v6 := s, "tcp", false
 	if i := strings.LastIndexByte(rest, '/'); i >= 0 {
@@ -111,7 +112,7 @@ func ParseAll(specs []string) ([]proxy.PortSpec, error) {
 		for _, p := range ps {
 			k := p.Proto + " " + p.Host.String()
 			if prev, dup := seen[k]; dup {
-				return nil, fmt.Errorf("--publish %q: host port %s/%s is already published by %q", spec, p.Host, p.Proto, prev)
+				return nil, fielderr.Bad("publish", spec, "host port %s/%s is already published by %q", p.Host, p.Proto, prev)
 			}
 			seen[k] = spec
 		}

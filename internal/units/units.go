@@ -30,6 +30,20 @@ func ParseSize(s string) (int64, error) {
 	return int64(n * float64(mult)), nil
 }
 
+// FormatSize writes a byte count as ParseSize reads it back: in the
+// largest power of 1024 that divides it (64MiB), else in bytes.
+func FormatSize(n int64) string {
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if n != 0 && n%u.mult == 0 {
+			return strconv.FormatInt(n/u.mult, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(n, 10)
+}
+
 // ParseRate parses a rate: bits a second with a unit (500kbit, 100mbit,
 // 1gbit; powers of 1000), or bytes a second with one (20MB, 1.5MiB, or a
 // bare number of bytes). It returns bytes a second.

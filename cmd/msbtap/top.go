@@ -1,4 +1,4 @@
-package control
+package main
 
 import (
 	"context"
@@ -289,12 +289,28 @@ func cell(v string, w int) string {
 	return v + strings.Repeat(" ", w-len(v))
 }
 
-// draw renders the view.
+// draw renders the view: a title, the flows in the upper part, the
+// denials in what is left (at least a few lines), a status line.
 func (t *top) draw(s tcell.Screen) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	s.Clear()
 	w, h := s.Size()
+	t.drawTitleLocked(s, w)
+	denialLines := min(len(t.denials), max(3, (h-6)/3))
+	flowLines := max(0, h-5-denialLines-1)
+	t.drawFlowsLocked(s, w, flowLines)
+	t.drawDenialsLocked(s, w, 3+flowLines, h-1)
+	status := t.status
+	if t.err != "" {
+		status = "error: " + t.err
+	}
+	put(s, 0, h-1, w, styleDim, status)
+	s.Show()
+}
+
+// drawTitleLocked draws the title, the keys and the flows' column heads.
+func (t *top) drawTitleLocked(s tcell.Screen, w int) {
 	var up, down float64
 	for _, r := range t.rows {
 		up += r.upRate
@@ -308,27 +324,19 @@ func (t *top) draw(s tcell.Screen) {
 	for _, c := range topColumns {
 		x = put(s, x, 2, w, styleHeader, cell(c.name, c.width))
 	}
-	// Flows take the upper part; denials what is left, at least a few lines.
-	denialLines := min(len(t.denials), max(3, (h-6)/3))
-	flowLines := max(0, h-5-denialLines-1)
+}
+
+// drawFlowsLocked draws as many flows as fit in lines from line 3,
+// scrolled to keep the selected one in view.
+func (t *top) drawFlowsLocked(s tcell.Screen, w, lines int) {
 	sel := t.selectedLocked()
 	start := 0
-	if sel >= flowLines && flowLines > 0 {
-		start = sel - flowLines + 1
+	if sel >= lines && lines > 0 {
+		start = sel - lines + 1
 	}
 	y := 3
-	for i := start; i < len(t.rows) && y < 3+flowLines; i++ {
-		r := t.rows[i]
-		rule := r.ruleText
-		if rule == "" && t.policy != nil {
-			rule = t.policy.Describe(r.Rule)
-		}
-		if rule == "" {
-			rule = ruleLabel(r.Rule)
-		}
-		vals := []string{fmt.Sprint(r.ID), r.Direction, r.Proto, r.Src, r.Dst, r.Domain, "allow",
-			humanBytes(float64(r.BytesUp)), humanBytes(float64(r.BytesDown)), humanBytes(r.upRate), humanBytes(r.downRate),
-			(time.Duration(r.AgeSecs * float64(time.Second))).Round(time.Second).String(), rule}
+	for i := start; i < len(t.rows) && y < 3+lines; i++ {
+		vals := t.flowCellsLocked(t.rows[i])
 		x := 0
 		for j, c := range topColumns {
 			st := tcell.StyleDefault
@@ -345,10 +353,28 @@ func (t *top) draw(s tcell.Screen) {
 		}
 		y++
 	}
-	y = 3 + flowLines
+}
+
+// flowCellsLocked is a flow's row, a value for each of topColumns.
+func (t *top) flowCellsLocked(r topRow) []string {
+	rule := r.ruleText
+	if rule == "" && t.policy != nil {
+		rule = t.policy.Describe(r.Rule)
+	}
+	if rule == "" {
+		rule = ruleLabel(r.Rule)
+	}
+	return []string{fmt.Sprint(r.ID), r.Direction, r.Proto, r.Src, r.Dst, r.Domain, "allow",
+		humanBytes(float64(r.BytesUp)), humanBytes(float64(r.BytesDown)), humanBytes(r.upRate), humanBytes(r.downRate),
+		(time.Duration(r.AgeSecs * float64(time.Second))).Round(time.Second).String(), rule}
+}
+
+// drawDenialsLocked draws the denials, newest first, from line y to
+// before line end.
+func (t *top) drawDenialsLocked(s tcell.Screen, w, y, end int) {
 	put(s, 0, y, w, styleHeader, "recent denials, newest first")
 	y++
-	for i := len(t.denials) - 1; i >= 0 && y < h-1; i-- {
+	for i := len(t.denials) - 1; i >= 0 && y < end; i-- {
 		d := t.denials[i]
 		when := d.Time
 		if tm, err := time.Parse(time.RFC3339Nano, d.Time); err == nil {
@@ -368,12 +394,6 @@ func (t *top) draw(s tcell.Screen) {
 		put(s, 0, y, w, styleDeny, line)
 		y++
 	}
-	status := t.status
-	if t.err != "" {
-		status = "error: " + t.err
-	}
-	put(s, 0, h-1, w, styleDim, status)
-	s.Show()
 }
 
 func ruleLabel(i int) string {
