@@ -75,7 +75,7 @@ stress-short:
 # deadline to race; 20000 runs take 1.5-6 s per target here.
 FUZZTIME ?= 20000x
 FUZZ_TARGETS := ./stack:FuzzHandleFrame ./stack:FuzzDHCP ./wire:FuzzParse ./wire:FuzzReassemble ./tcpfast:FuzzGuestSegments \
-	./tap:FuzzVNetHdr ./proxy:FuzzDNSQuery ./policy:FuzzParseFile ./internal/portspec:FuzzParse ./inspect:FuzzClassify ./policy:FuzzNormalizeName
+	./tap:FuzzVNetHdr ./dnsproxy:FuzzDNSQuery ./policy:FuzzParseFile ./internal/portspec:FuzzParse ./inspect:FuzzClassify ./policy:FuzzNormalizeName
 fuzz:
 	@log=$$(mktemp); trap 'rm -f $$log' EXIT; \
 	for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; name=$${t##*:}; \

@@ -21,6 +21,7 @@ import (
 
 	"github.com/msbtap/msbtap/ask"
 	"github.com/msbtap/msbtap/audit"
+	"github.com/msbtap/msbtap/dnsproxy"
 	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
@@ -380,9 +381,9 @@ func (a *Agent) stackOptions() (stack.Options, error) {
 	}
 	ups := cfg.DNSUpstreams
 	if len(ups) == 0 {
-		ups = proxy.HostUpstreams(proxy.DefaultResolvConf)
+		ups = dnsproxy.HostUpstreams(dnsproxy.DefaultResolvConf)
 		if len(ups) == 0 {
-			a.log.Warn("no DNS upstream: none given and none in " + proxy.DefaultResolvConf + "; the sandbox's queries will get SERVFAIL")
+			a.log.Warn("no DNS upstream: none given and none in " + dnsproxy.DefaultResolvConf + "; the sandbox's queries will get SERVFAIL")
 		}
 	}
 	routes := newLocalRoutes()

@@ -14,6 +14,7 @@ import (
 
 	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/internal/sockopt"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -117,7 +118,7 @@ func ListenPublished(specs []PortSpec) (*Publisher, error) {
 			}
 			p.tcp = append(p.tcp, ln)
 		case "udp":
-			c, err := listenPacket("udp", s.Host.String())
+			c, err := sockopt.ListenPacket("udp", s.Host.String())
 			if err != nil {
 				return fail(publishErr(s, err))
 			}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/msbtap/msbtap/control"
+	"github.com/msbtap/msbtap/dnsproxy"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/internal/portspec"
@@ -25,7 +26,7 @@ import (
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/process"
-	"github.com/msbtap/msbtap/proxy"
+
 	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
@@ -189,7 +190,7 @@ func Build(s Source, logTo io.Writer) (cfg process.Config, err error) {
 	}
 	cfg.Log = NewLogger(logTo, logFormat, lvl)
 	for _, u := range ups {
-		p, err := proxy.ParseUpstream(u)
+		p, err := dnsproxy.ParseUpstream(u)
 		if err != nil {
 			return cfg, fielderr.Wrap("dns_upstream", err)
 		}

@@ -25,6 +25,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
+	"github.com/msbtap/msbtap/dnsproxy"
 	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
@@ -79,7 +80,7 @@ type Options struct {
 	// to.
 	DNSUpstreams []string
 	// DNSFilter lets the policy act on name resolution (optional).
-	DNSFilter proxy.DNSFilter
+	DNSFilter dnsproxy.Filter
 	// Offload says the TAP carries virtio net headers: take and hand over
 	// 64 KiB TCP segments with partial checksums.
 	Offload bool
@@ -138,7 +139,7 @@ type Stack struct {
 	frags *wire.Reassembler
 	udp   *proxy.UDP
 	echo  *proxy.Echo
-	dns   *proxy.DNS
+	dns   *dnsproxy.Server
 	tcp   *tcpRelay
 	fast  *tcpfast.Translator // nil: no fast path
 
@@ -211,7 +212,7 @@ func New(o Options) (*Stack, error) {
 		Log:         o.Log.With("component", "udp"),
 	})
 	st.echo = proxy.NewEcho(proxy.EchoOptions{Replier: st.r, Log: o.Log.With("component", "icmp")})
-	dns, err := proxy.NewDNS(proxy.DNSOptions{
+	dns, err := dnsproxy.New(dnsproxy.Options{
 		Upstreams:     o.DNSUpstreams,
 		Replier:       st.r,
 		MaxUDPPayload: st.sizes.MaxUDPPayload(true),
@@ -399,7 +400,7 @@ func (st *Stack) allowsAnything() bool {
 // defers to the policy's DNS filter (if any).
 type cutAware struct {
 	st    *Stack
-	inner proxy.DNSFilter
+	inner dnsproxy.Filter
 }
 
 func (c cutAware) Query(src netip.AddrPort, q *dns.Msg) (*dns.Msg, *policy.Verdict) {
