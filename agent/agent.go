@@ -25,9 +25,10 @@ import (
 	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/internal/portspec"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
-	"github.com/msbtap/msbtap/proxy"
+	"github.com/msbtap/msbtap/publish"
 	"github.com/msbtap/msbtap/rings"
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
@@ -104,7 +105,7 @@ type Config struct {
 	AuditLog         string
 	AuditLogMaxBytes int64
 	// Publish are host ports relayed into the sandbox.
-	Publish []proxy.PortSpec
+	Publish []portspec.Spec
 	// TLS: name checks and interception.
 	TLS TLSConfig
 	// Secrets are swapped in for their placeholders on the wire.
@@ -156,7 +157,7 @@ type Agent struct {
 	audit      *audit.Log
 	counts     *decisionCounts
 	term       *terminator
-	pub        *proxy.Publisher
+	pub        *publish.Ports
 	shared     *rings.Shared
 	pump       *tap.Pump
 	gw         *stack.Stack
@@ -206,7 +207,7 @@ func New(cfg Config) (a *Agent, err error) {
 	// Published ports are bound before anything else exists, so a port in
 	// use fails start-up with nothing half-made.
 	if len(cfg.Publish) > 0 {
-		if a.pub, err = proxy.ListenPublished(cfg.Publish); err != nil {
+		if a.pub, err = publish.Listen(cfg.Publish); err != nil {
 			return a, err
 		}
 		a.onClose(a.pub.Close)
@@ -408,7 +409,7 @@ func (a *Agent) startPublished() {
 		return
 	}
 	a.gw.SetIngressUDP(a.pub)
-	a.pub.Start(proxy.PublishOptions{
+	a.pub.Start(publish.Options{
 		DialGuest:   a.gw.DialGuest,
 		SendToGuest: a.gw.SendUDPToGuest,
 		Allow:       a.gw.AllowIngress,
