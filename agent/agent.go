@@ -26,6 +26,7 @@ import (
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/internal/portspec"
+	"github.com/msbtap/msbtap/internal/safefile"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/publish"
@@ -269,17 +270,8 @@ func (a *Agent) rotator(what, path string, flag int) func() (*os.File, error) {
 		if f := a.filesOr(); f != nil {
 			return f.Rotate(what)
 		}
-		return RotateFile(path, flag)
+		return safefile.Rotate(path, flag, 0o600)
 	}
-}
-
-// RotateFile moves path to path.1 and opens path anew (mode 0600, not
-// through a symbolic link).
-func RotateFile(path string, flag int) (*os.File, error) {
-	if err := os.Rename(path, path+".1"); err != nil && !os.IsNotExist(err) {
-		return nil, err
-	}
-	return audit.OpenPrivate(path, flag, 0o600)
 }
 
 // Activity counts the frames the network moved so far (for a memory
