@@ -99,7 +99,7 @@ lint:
 	$(GO) vet ./...
 
 demo: deps build
-	CGO_ENABLED=0 $(GO) build -o bin/testhost ./internal/testhost
+	CGO_ENABLED=0 $(GO) build -o bin/testhost ./internal/testkit/testhost
 	./scripts/demo.sh
 
 # man regenerates docs/msbtap.1 from the flag definitions (a unit test fails
