@@ -75,7 +75,7 @@ stress-short:
 # deadline to race; 20000 runs take 1.5-6 s per target here.
 FUZZTIME ?= 20000x
 FUZZ_TARGETS := ./stack:FuzzHandleFrame ./stack:FuzzDHCP ./wire:FuzzParse ./wire:FuzzReassemble ./tcpfast:FuzzGuestSegments \
-	./tap:FuzzVNetHdr ./proxy:FuzzDNSQuery ./policy:FuzzParseFile ./internal/portspec:FuzzParse ./inspect:FuzzClassify ./policy:FuzzNormalizeName
+	./tap:FuzzVNetHdr ./dnsproxy:FuzzDNSQuery ./policy:FuzzParseFile ./internal/portspec:FuzzParse ./inspect:FuzzClassify ./policy:FuzzNormalizeName
 fuzz:
 	@log=$$(mktemp); trap 'rm -f $$log' EXIT; \
 	for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; name=$${t##*:}; \
@@ -99,7 +99,7 @@ lint:
 	$(GO) vet ./...
 
 demo: deps build
-	CGO_ENABLED=0 $(GO) build -o bin/testhost ./internal/testhost
+	CGO_ENABLED=0 $(GO) build -o bin/testhost ./internal/testkit/testhost
 	./scripts/demo.sh
 
 # man regenerates docs/msbtap.1 from the flag definitions (a unit test fails

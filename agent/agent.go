@@ -21,12 +21,15 @@ import (
 
 	"github.com/msbtap/msbtap/ask"
 	"github.com/msbtap/msbtap/audit"
+	"github.com/msbtap/msbtap/dnsproxy"
 	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/internal/portspec"
+	"github.com/msbtap/msbtap/internal/safefile"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
-	"github.com/msbtap/msbtap/proxy"
+	"github.com/msbtap/msbtap/publish"
 	"github.com/msbtap/msbtap/rings"
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
@@ -103,7 +106,7 @@ type Config struct {
 	AuditLog         string
 	AuditLogMaxBytes int64
 	// Publish are host ports relayed into the sandbox.
-	Publish []proxy.PortSpec
+	Publish []portspec.Spec
 	// TLS: name checks and interception.
 	TLS TLSConfig
 	// Secrets are swapped in for their placeholders on the wire.
@@ -155,7 +158,7 @@ type Agent struct {
 	audit      *audit.Log
 	counts     *decisionCounts
 	term       *terminator
-	pub        *proxy.Publisher
+	pub        *publish.Ports
 	shared     *rings.Shared
 	pump       *tap.Pump
 	gw         *stack.Stack
@@ -205,7 +208,7 @@ func New(cfg Config) (a *Agent, err error) {
 	// Published ports are bound before anything else exists, so a port in
 	// use fails start-up with nothing half-made.
 	if len(cfg.Publish) > 0 {
-		if a.pub, err = proxy.ListenPublished(cfg.Publish); err != nil {
+		if a.pub, err = publish.Listen(cfg.Publish); err != nil {
 			return a, err
 		}
 		a.onClose(a.pub.Close)
@@ -267,17 +270,8 @@ func (a *Agent) rotator(what, path string, flag int) func() (*os.File, error) {
 		if f := a.filesOr(); f != nil {
 			return f.Rotate(what)
 		}
-		return RotateFile(path, flag)
+		return safefile.Rotate(path, flag, 0o600)
 	}
-}
-
-// RotateFile moves path to path.1 and opens path anew (mode 0600, not
-// through a symbolic link).
-func RotateFile(path string, flag int) (*os.File, error) {
-	if err := os.Rename(path, path+".1"); err != nil && !os.IsNotExist(err) {
-		return nil, err
-	}
-	return audit.OpenPrivate(path, flag, 0o600)
 }
 
 // Activity counts the frames the network moved so far (for a memory
@@ -380,9 +374,9 @@ func (a *Agent) stackOptions() (stack.Options, error) {
 	}
 	ups := cfg.DNSUpstreams
 	if len(ups) == 0 {
-		ups = proxy.HostUpstreams(proxy.DefaultResolvConf)
+		ups = dnsproxy.HostUpstreams(dnsproxy.DefaultResolvConf)
 		if len(ups) == 0 {
-			a.log.Warn("no DNS upstream: none given and none in " + proxy.DefaultResolvConf + "; the sandbox's queries will get SERVFAIL")
+			a.log.Warn("no DNS upstream: none given and none in " + dnsproxy.DefaultResolvConf + "; the sandbox's queries will get SERVFAIL")
 		}
 	}
 	routes := newLocalRoutes()
@@ -407,7 +401,7 @@ func (a *Agent) startPublished() {
 		return
 	}
 	a.gw.SetIngressUDP(a.pub)
-	a.pub.Start(proxy.PublishOptions{
+	a.pub.Start(publish.Options{
 		DialGuest:   a.gw.DialGuest,
 		SendToGuest: a.gw.SendUDPToGuest,
 		Allow:       a.gw.AllowIngress,

@@ -61,7 +61,7 @@ func (a *Agent) startControl(pump *tap.Pump) error {
 // set makes cp the running capture.
 func (c *controller) set(cp *capture.Capture) {
 	c.cap = cp
-	c.pump.SetTap(cp.Frame)
+	c.pump.SetCapture(cp.Frame)
 }
 
 func (c *controller) Flows() []flow.Info {
@@ -172,7 +172,7 @@ func (c *controller) StopCapture() (control.CaptureInfo, error) {
 	if c.cap == nil {
 		return control.CaptureInfo{}, fmt.Errorf("%w: no capture running", control.ErrNotFound)
 	}
-	c.pump.SetTap(nil)
+	c.pump.SetCapture(nil)
 	c.cap.Close()
 	w, d := c.cap.Stats()
 	ci := control.CaptureInfo{File: c.cap.Path(), Written: w, Dropped: d}

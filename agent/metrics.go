@@ -17,7 +17,7 @@ import (
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
-	"github.com/msbtap/msbtap/proxy"
+	"github.com/msbtap/msbtap/publish"
 	"github.com/msbtap/msbtap/rings"
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
@@ -28,7 +28,7 @@ import (
 type collector struct {
 	sh     *rings.Shared
 	st     *stack.Stack
-	pub    *proxy.Publisher // nil without published ports
+	pub    *publish.Ports // nil without published ports
 	audit  *audit.Log
 	counts *decisionCounts
 	l7     *intercept.Handler
@@ -38,7 +38,7 @@ type collector struct {
 	bytes, frames, drops, flowsActive, flowsTotal, decisions, auditDrops, failures, wakes *prometheus.Desc
 }
 
-func newCollector(sh *rings.Shared, st *stack.Stack, pub *proxy.Publisher, alog *audit.Log, counts *decisionCounts, l7 *intercept.Handler, sec *secrets.Store) *collector {
+func newCollector(sh *rings.Shared, st *stack.Stack, pub *publish.Ports, alog *audit.Log, counts *decisionCounts, l7 *intercept.Handler, sec *secrets.Store) *collector {
 	return &collector{
 		l7:          l7,
 		sec:         sec,

@@ -12,10 +12,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/msbtap/msbtap/control"
+	"github.com/msbtap/msbtap/dnsproxy"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
 	"github.com/msbtap/msbtap/policy"
-	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/secrets"
 )
@@ -239,7 +239,7 @@ func (a *Agent) getenv(name string) string {
 }
 
 // dnsFilter is the guard, behind the secrets' check of query names.
-func (a *Agent) dnsFilter(guard proxy.DNSFilter) proxy.DNSFilter {
+func (a *Agent) dnsFilter(guard dnsproxy.Filter) dnsproxy.Filter {
 	if a.secrets == nil {
 		return guard
 	}
@@ -249,7 +249,7 @@ func (a *Agent) dnsFilter(guard proxy.DNSFilter) proxy.DNSFilter {
 // secretDNS checks query names for placeholders before the policy's guard
 // sees them: a name cannot carry a secret's placeholder out.
 type secretDNS struct {
-	proxy.DNSFilter
+	dnsproxy.Filter
 	st *secrets.Store
 }
 
@@ -265,7 +265,7 @@ func (s secretDNS) Query(src netip.AddrPort, q *dns.Msg) (*dns.Msg, *policy.Verd
 			return m, &policy.Verdict{Flow: policy.Flow{Proto: policy.UDP, Src: src, Domain: strings.TrimSuffix(q.Question[0].Name, "."), DNS: true}, Decision: d}
 		}
 	}
-	return s.DNSFilter.Query(src, q)
+	return s.Filter.Query(src, q)
 }
 
 // SetSecret and RemoveSecret serve the control socket.

@@ -5,9 +5,9 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/internal/safefile"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -120,7 +120,7 @@ func (a *Agent) CAVars() []string {
 }
 
 func writeFile(path string, b []byte, perm os.FileMode) error {
-	f, err := audit.OpenPrivate(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
+	f, err := safefile.OpenRegularNoFollow(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
 	if err != nil {
 		return err
 	}

@@ -3,31 +3,9 @@ package audit
 import (
 	"fmt"
 	"os"
-	"syscall"
-)
 
-// OpenPrivate opens path for appending (creating it with mode perm) without
-// following a symbolic link in its last component, and refuses anything but
-// a regular file: a hostile link cannot make msbtap write elsewhere.
-func OpenPrivate(path string, flag int, perm os.FileMode) (*os.File, error) {
-	f, err := os.OpenFile(path, flag|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, perm)
-	if err != nil {
-		if pe, ok := err.(*os.PathError); ok && pe.Err == syscall.ELOOP {
-			return nil, fmt.Errorf("%s: is a symbolic link; refusing to follow it", path)
-		}
-		return nil, err
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		f.Close()
-		return nil, fmt.Errorf("%s: not a regular file", path)
-	}
-	return f, nil
-}
+	"github.com/msbtap/msbtap/internal/safefile"
+)
 
 // rotating is a file that starts over once it would pass max bytes: the
 // full file becomes PATH.1 (replacing the last one).
@@ -40,7 +18,7 @@ type rotating struct {
 }
 
 func openRotating(path string, max int64, reopen func() (*os.File, error)) (*rotating, error) {
-	f, err := OpenPrivate(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	f, err := safefile.OpenRegularNoFollow(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
 	}
@@ -70,10 +48,7 @@ func (r *rotating) rotate() error {
 		return nil
 	}
 	r.f.Close()
-	if err := os.Rename(r.path, r.path+".1"); err != nil && !os.IsNotExist(err) {
-		return fmt.Errorf("rotate %s: %w", r.path, err)
-	}
-	f, err := OpenPrivate(r.path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	f, err := safefile.Rotate(r.path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return fmt.Errorf("rotate %s: %w", r.path, err)
 	}

@@ -9,13 +9,14 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 	"github.com/gopacket/gopacket/pcapgo"
 	"golang.org/x/sys/unix"
+
+	"github.com/msbtap/msbtap/internal/safefile"
 )
 
 // Defaults.
@@ -127,11 +128,8 @@ func (c *Capture) next() error {
 }
 
 func (c *Capture) open() error {
-	f, err := os.OpenFile(c.path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
+	f, err := safefile.OpenNoFollow(c.path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
-		if pe, ok := err.(*os.PathError); ok && pe.Err == syscall.ELOOP {
-			return fmt.Errorf("%s: is a symbolic link; refusing to follow it", c.path)
-		}
 		return err
 	}
 	return c.start(f)

@@ -174,7 +174,7 @@ func lastCap() int {
 	return unix.CAP_LAST_CAP
 }
 
-// Allowed is the seccomp allow-list of calls taken whatever their
+// allowed is the seccomp allow-list of calls taken whatever their
 // arguments: what the Go runtime, the relays, the netstack, netlink (route
 // and address queries) and the agent's open files need once set-up is
 // done. Mounting, namespaces (setns, unshare, clone with CLONE_NEW*; clone3
@@ -184,8 +184,8 @@ func lastCap() int {
 // and capset families, chmod, chown, mknod and links are not on it;
 // socket, openat, prctl, kill and tgkill are allowed by argument (see
 // rules), and file creation, renames and removals only with
-// Options.Files (FileCalls).
-var Allowed = []string{
+// Options.Files (fileCalls).
+var allowed = []string{
 	// files and descriptors
 	"read", "write", "readv", "writev", "pread64", "pwrite64", "close", "newfstatat", "fstat",
 	"statx", "lseek", "fcntl", "ioctl", "dup", "dup3", "pipe2", "getdents64",
@@ -210,16 +210,16 @@ var Allowed = []string{
 	"sendmmsg", "recvmmsg", "shutdown",
 }
 
-// FileCalls are the calls Options.Files adds: open with O_CREAT (openat is
+// fileCalls are the calls Options.Files adds: open with O_CREAT (openat is
 // then unfiltered), renames, removals and fchmod.
-var FileCalls = []string{"unlinkat", "renameat", "renameat2", "fchmod"}
+var fileCalls = []string{"unlinkat", "renameat", "renameat2", "fchmod"}
 
-// Prctls are the prctl options allowed: reading the process's own state
+// prctls are the prctl options allowed: reading the process's own state
 // and naming a thread. PR_SET_DUMPABLE (which would make the process's
 // memory readable and ptrace-able by its uid again), PR_SET_PTRACER,
 // PR_SET_MM, PR_SET_SECUREBITS, PR_SET_KEEPCAPS, PR_CAP_AMBIENT and every
 // other setter fail.
-var Prctls = []uint64{unix.PR_GET_DUMPABLE, unix.PR_GET_KEEPCAPS, unix.PR_GET_NO_NEW_PRIVS,
+var prctls = []uint64{unix.PR_GET_DUMPABLE, unix.PR_GET_KEEPCAPS, unix.PR_GET_NO_NEW_PRIVS,
 	unix.PR_GET_SECCOMP, unix.PR_GET_SECUREBITS, unix.PR_CAPBSET_READ, unix.PR_GET_NAME, unix.PR_SET_NAME,
 	unix.PR_GET_TIMERSLACK, unix.PR_GET_PDEATHSIG}
 
@@ -243,7 +243,7 @@ func rules(o Options) []rule {
 	var rs []rule
 	add := func(name string, cs ...cond) { rs = append(rs, rule{name, cs}) }
 	eq := func(arg int, v uint64) cond { return cond{arg: arg, val: uint32(v)} }
-	for _, op := range Prctls {
+	for _, op := range prctls {
 		add("prctl", eq(0, op))
 	}
 	// Sockets: TCP and UDP over IPv4 and IPv6, ICMP echo (datagram or
@@ -283,13 +283,13 @@ func rules(o Options) []rule {
 		add("kill", eq(0, uint64(int64(p))))
 	}
 	if o.Files {
-		for _, n := range append([]string{"openat"}, FileCalls...) {
+		for _, n := range append([]string{"openat"}, fileCalls...) {
 			add(n)
 		}
 	} else {
 		add("openat", cond{arg: 2, val: unix.O_CREAT | unix.O_TMPFILE&^unix.O_DIRECTORY, mask: true})
 	}
-	for _, n := range Allowed {
+	for _, n := range allowed {
 		add(n)
 	}
 	return rs

@@ -19,7 +19,7 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-// runHardened builds internal/hardentest without cgo, as make build builds
+// runHardened builds internal/testkit/hardentest without cgo, as make build builds
 // msbtap, and runs it as root: it hardens itself and tries what a hijacked
 // agent would.
 func runHardened(t *testing.T, env ...string) map[string]string {
@@ -36,7 +36,7 @@ func runHardenedBuild(t *testing.T, cgo string, env ...string) map[string]string
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Join(filepath.Dir(file), "..")
 	bin := filepath.Join(t.TempDir(), "hardentest")
-	build := exec.Command("go", "build", "-o", bin, "./internal/hardentest")
+	build := exec.Command("go", "build", "-o", bin, "./internal/testkit/hardentest")
 	build.Dir = root
 	build.Env = append(os.Environ(), "CGO_ENABLED="+cgo)
 	if out, err := build.CombinedOutput(); err != nil {

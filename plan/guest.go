@@ -10,7 +10,7 @@ import (
 )
 
 // GuestConfig is what a guest needs to configure its network by hand,
-// named like the seed engine's MSB_NET_* variables.
+// named like the MSB_NET_* variables of microsandbox's network engine.
 func (p Plan) GuestConfig(iface string) map[string]string {
 	return map[string]string{
 		"MSB_NET_IFACE":        iface,

@@ -1,5 +1,5 @@
-// Package plan derives a sandbox's addresses from its slot number, as the seed
-// engine does, and applies the user's overrides.
+// Package plan derives a sandbox's addresses from its slot number, as
+// microsandbox's network engine does, and applies the user's overrides.
 package plan
 
 import (

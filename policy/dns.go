@@ -31,7 +31,7 @@ type DNSGuardOptions struct {
 // DNSGuard applies the policy to name resolution: block lists, domain rules
 // (a denied name gets NXDOMAIN, which resolvers fail fast on), rebinding
 // protection, and recording answers as pins for domain rules. It implements
-// proxy.DNSFilter: every decision is returned for the forwarder to report.
+// dnsproxy.Filter: every decision is returned for the forwarder to report.
 type DNSGuard struct {
 	o      DNSGuardOptions
 	block  map[string]bool
@@ -84,7 +84,7 @@ func verdict(src netip.AddrPort, name string, d Decision) *Verdict {
 	return &Verdict{Flow: Flow{Proto: UDP, Src: src, Dst: netip.AddrPortFrom(netip.Addr{}, 53), Domain: name, DNS: true}, Decision: d}
 }
 
-// Query implements proxy.DNSFilter.
+// Query implements dnsproxy.Filter.
 func (g *DNSGuard) Query(src netip.AddrPort, q *dns.Msg) (*dns.Msg, *Verdict) {
 	name, err := NormalizeQuery(q.Question[0].Name)
 	if err != nil {
@@ -146,7 +146,7 @@ const (
 
 func canonical(name string) string { return strings.ToLower(strings.TrimSuffix(name, ".")) }
 
-// Answer implements proxy.DNSFilter. Only records on the CNAME chain that
+// Answer implements dnsproxy.Filter. Only records on the CNAME chain that
 // starts at the question count: they are checked (block lists on every
 // name of the chain, rebinding protection on every address) and their
 // addresses pinned to the chain's names; records about other names are

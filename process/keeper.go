@@ -17,6 +17,7 @@ import (
 
 	"github.com/msbtap/msbtap/agent"
 	"github.com/msbtap/msbtap/harden"
+	"github.com/msbtap/msbtap/internal/safefile"
 	"github.com/msbtap/msbtap/policy"
 	"github.com/msbtap/msbtap/secrets"
 )
@@ -247,8 +248,8 @@ func Keeper() {
 // removes what it must.
 func keeperServe(fd int) {
 	var paths *keeperPaths
-	var armed map[string]unix.Stat_t // what the files to remove were at arm
-	var links map[string]int         // the devices to remove, by index at arm
+	var armed map[string]safefile.Stamp // what the files to remove were at arm
+	var links map[string]int            // the devices to remove, by index at arm
 	buf := make([]byte, 4096)
 	ctl := make([]byte, unix.CmsgSpace(4))
 	for {
@@ -271,10 +272,9 @@ func keeperServe(fd int) {
 			rep.Err = "bad request"
 		case req.Op == "arm" && paths == nil && req.Paths != nil:
 			paths = req.Paths
-			armed = map[string]unix.Stat_t{}
+			armed = map[string]safefile.Stamp{}
 			for _, p := range []string{paths.PIDFile, paths.Control, paths.Bundle} {
-				var st unix.Stat_t
-				if p != "" && unix.Lstat(p, &st) == nil {
+				if st, ok := safefile.StampOf(p); ok {
 					armed[p] = st
 				}
 			}
@@ -287,9 +287,9 @@ func keeperServe(fd int) {
 		case paths == nil:
 			rep.Err = "not armed"
 		case req.Op == "rotate-audit" && paths.Audit != "" && paths.Audit != "-":
-			file, err = agent.RotateFile(paths.Audit, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND)
+			file, err = safefile.Rotate(paths.Audit, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND, 0o600)
 		case req.Op == "rotate-pcap" && paths.Pcap != "":
-			file, err = agent.RotateFile(paths.Pcap, os.O_WRONLY|os.O_CREATE|os.O_TRUNC)
+			file, err = safefile.Rotate(paths.Pcap, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 		case req.Op == "read-policy" && paths.Policy != "":
 			file, err = os.Open(paths.Policy)
 		case req.Op == "read-secrets" && paths.Secrets != "":
@@ -401,7 +401,7 @@ func keeperReadSecrets(path string) (*os.File, error) {
 	// One read, checked (owner, mode, a regular file, its size): the
 	// bytes parsed are the bytes handed over, and every value file gets
 	// the same checks as at start.
-	b, err := secrets.ReadPrivate(path)
+	b, err := safefile.ReadPrivate(path, secrets.MaxFileSize)
 	if err != nil {
 		return nil, err
 	}
@@ -412,7 +412,7 @@ func keeperReadSecrets(path string) (*os.File, error) {
 	out := agent.SecretsRead{File: b, Values: map[string][]byte{}}
 	for _, sp := range f.Secrets {
 		if sp.FromFile != "" {
-			if out.Values[sp.FromFile], err = secrets.ReadPrivate(sp.FromFile); err != nil {
+			if out.Values[sp.FromFile], err = safefile.ReadPrivate(sp.FromFile, secrets.MaxFileSize); err != nil {
 				return nil, fmt.Errorf("secret %s: %w", sp.Name, err)
 			}
 		}
@@ -427,22 +427,13 @@ func keeperReadSecrets(path string) (*os.File, error) {
 }
 
 // keeperCleanup removes each file and device that is still the one armed.
-func keeperCleanup(armed map[string]unix.Stat_t, links map[string]int) {
+func keeperCleanup(armed map[string]safefile.Stamp, links map[string]int) {
 	for n, index := range links {
 		if l, err := netlink.LinkByName(n); err == nil && l.Attrs().Index == index {
 			netlink.LinkDel(l)
 		}
 	}
 	for p, was := range armed {
-		var st unix.Stat_t
-		if unix.Lstat(p, &st) != nil || st.Dev != was.Dev || st.Ino != was.Ino || st.Mode&unix.S_IFMT != was.Mode&unix.S_IFMT ||
-			st.Ctim != was.Ctim {
-			continue // another file now (an inode number can be reused at once; its type and change time tell)
-		}
-		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
-			os.RemoveAll(p)
-		} else {
-			os.Remove(p)
-		}
+		safefile.RemoveIfUnchanged(p, was) // another file now is left alone
 	}
 }

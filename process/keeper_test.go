@@ -128,30 +128,6 @@ func TestKeeperCleansUpWhenTheAgentDies(t *testing.T) {
 	}
 }
 
-// TestKeeperRotateRefusesALink: a symbolic link put at FILE is moved
-// aside, never followed; the new FILE is a regular file of its own.
-func TestKeeperRotateRefusesALink(t *testing.T) {
-	dir := t.TempDir()
-	target := filepath.Join(dir, "target")
-	os.WriteFile(target, []byte("keep"), 0o644)
-	logf := filepath.Join(dir, "audit.log")
-	if err := os.Symlink(target, logf); err != nil {
-		t.Fatal(err)
-	}
-	f, err := agent.RotateFile(logf, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.WriteString("x")
-	f.Close()
-	if b, _ := os.ReadFile(target); string(b) != "keep" {
-		t.Errorf("the link's target was written: %q", b)
-	}
-	if st, err := os.Lstat(logf); err != nil || !st.Mode().IsRegular() {
-		t.Errorf("new FILE: %v %v", st, err)
-	}
-}
-
 // TestKeeperWritesPolicies: write-learn and save-policy write only the
 // paths armed (save-policy only with SavePolicy), only valid policies,
 // whole.

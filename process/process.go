@@ -21,9 +21,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/msbtap/msbtap/agent"
-	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/internal/safefile"
 	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/tap"
@@ -290,7 +290,7 @@ func (p *Process) Wait() { <-p.closed }
 
 // writePIDFile writes the agent's pid without following a symbolic link.
 func writePIDFile(path string) error {
-	f, err := audit.OpenPrivate(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	f, err := safefile.OpenRegularNoFollow(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return err
 	}

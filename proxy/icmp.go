@@ -13,6 +13,8 @@ import (
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
+
+	"github.com/msbtap/msbtap/internal/sockopt"
 )
 
 // EchoOptions configure the ICMP echo relay.
@@ -266,7 +268,7 @@ func listenICMP(v6 bool) (c net.PacketConn, raw bool, err error) {
 	if c, err = icmp.ListenPacket(dgram, addr); err == nil {
 		return c, false, nil
 	}
-	c, err2 := listenPacket(rawNet, addr)
+	c, err2 := sockopt.ListenPacket(rawNet, addr)
 	if err2 != nil {
 		return nil, false, err
 	}

@@ -1,5 +1,5 @@
 // Package proxy relays the sandbox's allowed flows through ordinary host
-// sockets: TCP streams, UDP sessions, ICMP echo and DNS queries.
+// sockets: TCP streams, UDP sessions and ICMP echo.
 package proxy
 
 import "net/netip"

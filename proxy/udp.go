@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/msbtap/msbtap/flow"
+	"github.com/msbtap/msbtap/internal/sockopt"
 	"github.com/msbtap/msbtap/policy"
 )
 
@@ -226,7 +227,7 @@ func (u *UDP) openAs(k udpKey, now int64, fl *flow.Flow) (*udpSession, error) {
 		u.evicted.Add(1)
 	}
 	to := u.o.MapDst(k.dst)
-	conn, err := dialUDP(to)
+	conn, err := sockopt.DialUDP(to)
 	if err != nil {
 		u.mu.Unlock()
 		u.dropped.Add(1)

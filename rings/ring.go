@@ -9,7 +9,7 @@ import (
 )
 
 // DefaultCapacity is the ring capacity used when none is given; it matches the
-// virtio queue size the seed engine follows.
+// virtio queue size microsandbox's network engine follows.
 const DefaultCapacity = 1024
 
 // cacheLinePad keeps the producer and consumer cursors on separate cache

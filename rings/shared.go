@@ -8,7 +8,8 @@ import (
 )
 
 // Shared is the state shared by the TAP reader and writer, the stack's poll
-// loop and the proxy goroutines, shaped like the seed engine's SharedState.
+// loop and the proxy goroutines, shaped like the SharedState of
+// microsandbox's network engine.
 // Ring names follow the guest's point of view: Tx carries frames the guest
 // transmitted (TAP → stack), Rx frames the guest will receive (stack → TAP).
 type Shared struct {

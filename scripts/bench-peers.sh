@@ -14,10 +14,10 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 CGO_ENABLED=0 go build -o bin/msbtap ./cmd/msbtap
-CGO_ENABLED=0 go build -o bin/testhost ./internal/testhost
+CGO_ENABLED=0 go build -o bin/testhost ./internal/testkit/testhost
 GVTAP=github.com/containers/gvisor-tap-vsock
 GVTAP_VERSION=${GVTAP_VERSION:-v0.8.9}
 mkdir -p bin/peers
 [ -x bin/peers/gvproxy ] && [ -x bin/peers/vm ] || \
   CGO_ENABLED=0 GOBIN="$PWD/bin/peers" go install "$GVTAP/cmd/gvproxy@$GVTAP_VERSION" "$GVTAP/cmd/vm@$GVTAP_VERSION"
-go run ./internal/benchpeers "$@"
+go run ./internal/testkit/benchpeers "$@"

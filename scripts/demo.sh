@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 MSBTAP=${MSBTAP:-bin/msbtap}
 TESTHOST=${TESTHOST:-bin/testhost}
 for b in "$MSBTAP" "$TESTHOST"; do
-  [ -x "$b" ] || { echo "demo: $b not built (run: make build; go build -o bin/testhost ./internal/testhost)" >&2; exit 1; }
+  [ -x "$b" ] || { echo "demo: $b not built (run: make build; go build -o bin/testhost ./internal/testkit/testhost)" >&2; exit 1; }
 done
 MSBTAP=$(realpath "$MSBTAP")
 TESTHOST=$(realpath "$TESTHOST")

@@ -11,13 +11,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"os"
 	"regexp"
 	"slices"
-	"strconv"
 	"strings"
-	"syscall"
+
+	"github.com/msbtap/msbtap/internal/safefile"
 )
 
 // File is a secrets file (JSON):
@@ -116,9 +114,9 @@ func ParseFile(b []byte) (*File, error) {
 }
 
 // LoadFile reads a secrets file, which must be private (see
-// readPrivate).
+// safefile.ReadPrivate).
 func LoadFile(path string) (*File, error) {
-	b, err := readPrivate(path)
+	b, err := safefile.ReadPrivate(path, MaxFileSize)
 	if err != nil {
 		return nil, err
 	}
@@ -183,7 +181,7 @@ func (s Spec) value(getenv func(string) string) ([]byte, error) {
 		}
 		return []byte(v), nil
 	}
-	b, err := readPrivate(s.FromFile)
+	b, err := safefile.ReadPrivate(s.FromFile, MaxFileSize)
 	if err != nil {
 		return nil, fmt.Errorf("secret %s: from_file %w", s.Name, err)
 	}
@@ -194,69 +192,9 @@ func (s Spec) value(getenv func(string) string) ([]byte, error) {
 	return b, nil
 }
 
-// maxFile bounds what is read of a secrets file or a value's file.
-const maxFile = 1 << 20
-
-// ReadPrivate is readPrivate, for the keeper's re-reads (as root, on
-// SIGHUP), which must make the same checks as the start.
-func ReadPrivate(path string) ([]byte, error) { return readPrivate(path) }
-
-// readPrivate reads a secrets file or a secret's value file. msbtap reads
-// them as root, before it drops its privileges, so a file must be one the
-// user who started it could have written: a regular file owned by root,
-// by msbtap's own user or by the user who ran sudo (SUDO_UID), that no
-// group and no other user may read or write. A symbolic link is followed;
-// the file it names is checked, through the descriptor read from (opened
-// without blocking, so a FIFO put in its place is refused, not waited on).
-func readPrivate(path string) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file (%v)", path, st.Mode().Type())
-	}
-	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-		owners, who := allowedOwners()
-		if !slices.Contains(owners, int(sys.Uid)) {
-			return nil, fmt.Errorf("%s: owned by uid %d, not by %s; chown it", path, sys.Uid, who)
-		}
-	}
-	if perm := st.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("%s: readable or writable by group or others (mode %v); chmod 600 it", path, perm)
-	}
-	b, err := io.ReadAll(io.LimitReader(f, maxFile+1))
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	if len(b) > maxFile {
-		return nil, fmt.Errorf("%s: larger than %d bytes", path, maxFile)
-	}
-	return b, nil
-}
-
-// allowedOwners are the uids a private file may belong to: root,
-// msbtap's own, and the user who ran sudo; who says so in words.
-func allowedOwners() ([]int, string) {
-	owners := []int{0}
-	who := "root"
-	if u := os.Geteuid(); u != 0 {
-		owners = append(owners, u)
-		who += fmt.Sprintf(" or msbtap's user (uid %d)", u)
-	}
-	if su := os.Getenv("SUDO_UID"); su != "" {
-		if u, err := strconv.Atoi(su); err == nil && u > 0 && !slices.Contains(owners, u) {
-			owners = append(owners, u)
-			who += fmt.Sprintf(" or the user who ran sudo (uid %d)", u)
-		}
-	}
-	return owners, who
-}
+// MaxFileSize bounds what is read of a secrets file or a value's file, at
+// start and in the keeper's re-reads alike.
+const MaxFileSize = 1 << 20
 
 // CheckFiles reads every from_file value, as msbtap run would (checked
 // like the secrets file), and returns what fails.

@@ -14,13 +14,13 @@ import (
 	"github.com/msbtap/msbtap/audit"
 	"github.com/msbtap/msbtap/capture"
 	"github.com/msbtap/msbtap/control"
+	"github.com/msbtap/msbtap/dnsproxy"
 	"github.com/msbtap/msbtap/intercept"
 	"github.com/msbtap/msbtap/internal/portspec"
 	"github.com/msbtap/msbtap/internal/units"
 	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
-	"github.com/msbtap/msbtap/proxy"
 	"github.com/msbtap/msbtap/sandbox"
 	"github.com/msbtap/msbtap/secrets"
 	"github.com/msbtap/msbtap/stack"
@@ -233,7 +233,7 @@ var table = []Setting{
 		Usage: "forward the sandbox's DNS queries to `ADDR[:PORT]` (repeatable; default: the host's /etc/resolv.conf)",
 		value: list(func(b *build, v []string) error {
 			for _, u := range v {
-				p, err := proxy.ParseUpstream(u)
+				p, err := dnsproxy.ParseUpstream(u)
 				if err != nil {
 					return err
 				}

@@ -14,7 +14,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
-	"github.com/msbtap/msbtap/proxy"
+	"github.com/msbtap/msbtap/publish"
 	"github.com/msbtap/msbtap/wire"
 )
 
@@ -29,7 +29,7 @@ func (st *Stack) SetIngressUDP(h IngressUDP) { st.ingress.Store(&h) }
 
 // DialGuest opens a TCP connection from the gateway to the guest's IPv4
 // (or IPv6) address on port, through the netstack. A closed guest port
-// fails at once (the guest answers RST) with proxy.ErrGuestRefused.
+// fails at once (the guest answers RST) with publish.ErrGuestRefused.
 func (st *Stack) DialGuest(ctx context.Context, port uint16, v6 bool) (net.Conn, error) {
 	var wq waiter.Queue
 	netProto, guest := ipv4.ProtocolNumber, st.o.Plan.GuestIPv4.Addr()
@@ -60,7 +60,7 @@ func (st *Stack) DialGuest(ctx context.Context, port uint16, v6 bool) (net.Conn,
 	if terr != nil {
 		ep.Close()
 		if _, refused := terr.(*tcpip.ErrConnectionRefused); refused {
-			return nil, fmt.Errorf("connect to guest %s port %d: %w", guest, port, proxy.ErrGuestRefused)
+			return nil, fmt.Errorf("connect to guest %s port %d: %w", guest, port, publish.ErrGuestRefused)
 		}
 		return nil, fmt.Errorf("connect to guest %s port %d: %s", guest, port, terr)
 	}

@@ -25,6 +25,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
+	"github.com/msbtap/msbtap/dnsproxy"
 	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/policy"
@@ -79,7 +80,7 @@ type Options struct {
 	// to.
 	DNSUpstreams []string
 	// DNSFilter lets the policy act on name resolution (optional).
-	DNSFilter proxy.DNSFilter
+	DNSFilter dnsproxy.Filter
 	// Offload says the TAP carries virtio net headers: take and hand over
 	// 64 KiB TCP segments with partial checksums.
 	Offload bool
@@ -139,7 +140,7 @@ type Stack struct {
 	frags *wire.Reassembler
 	udp   *proxy.UDP
 	echo  *proxy.Echo
-	dns   *proxy.DNS
+	dns   *dnsproxy.Server
 	tcp   *tcpRelay
 	fast  *tcpfast.Translator // nil: no fast path
 
@@ -217,7 +218,7 @@ func New(o Options) (*Stack, error) {
 		Log:         o.Log.With("component", "udp"),
 	})
 	st.echo = proxy.NewEcho(proxy.EchoOptions{Replier: st.r, Log: o.Log.With("component", "icmp")})
-	dns, err := proxy.NewDNS(proxy.DNSOptions{
+	dns, err := dnsproxy.New(dnsproxy.Options{
 		Upstreams:     o.DNSUpstreams,
 		Replier:       st.r,
 		MaxUDPPayload: st.sizes.MaxUDPPayload(true),
@@ -405,7 +406,7 @@ func (st *Stack) allowsAnything() bool {
 // defers to the policy's DNS filter (if any).
 type cutAware struct {
 	st    *Stack
-	inner proxy.DNSFilter
+	inner dnsproxy.Filter
 }
 
 func (c cutAware) Query(src netip.AddrPort, q *dns.Msg) (*dns.Msg, *policy.Verdict) {
@@ -443,7 +444,7 @@ func (st *Stack) Cut() {
 
 // AllowIngress decides a host client's new flow to a published port, as
 // the packet path decides the guest's: reported, and fatal if the policy
-// says terminate (proxy.PublishOptions.Allow).
+// says terminate (publish.Options.Allow).
 func (st *Stack) AllowIngress(proto policy.Proto, client, listen netip.AddrPort) *flow.Flow {
 	return st.decide(policy.Flow{Direction: policy.Ingress, Proto: proto, Src: client, Dst: listen})
 }

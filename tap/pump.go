@@ -19,8 +19,8 @@ type Pump struct {
 	maxFrame int
 	log      *slog.Logger
 
-	// tap, when set, sees every frame both ways (a packet capture).
-	tap atomic.Pointer[func([]byte)]
+	// capture, when set, sees every frame both ways (a packet capture).
+	capture atomic.Pointer[func([]byte)]
 
 	// wmu is held while frames are written to the device, by the writer
 	// goroutine or by WriteNow; nowBufs is WriteNow's scratch.
@@ -32,14 +32,15 @@ type Pump struct {
 	wg        sync.WaitGroup
 }
 
-// SetTap makes f see every frame the pump moves, both ways, from now on
-// (nil stops it). f must copy what it keeps and never block.
-func (p *Pump) SetTap(f func([]byte)) {
+// SetCapture makes f (the packet capture's hook) see every frame the pump
+// moves, both ways, from now on (nil stops it). f must copy what it keeps
+// and never block.
+func (p *Pump) SetCapture(f func([]byte)) {
 	if f == nil {
-		p.tap.Store(nil)
+		p.capture.Store(nil)
 		return
 	}
-	p.tap.Store(&f)
+	p.capture.Store(&f)
 }
 
 // StartPump starts moving frames. maxFrame is the largest frame accepted from
@@ -131,7 +132,7 @@ func (p *Pump) RoutineReadFromTAP() {
 			if hl > 0 {
 				decodeVNetHdr(f.Head(hl), &f.GSO)
 			}
-			if t := p.tap.Load(); t != nil {
+			if t := p.capture.Load(); t != nil {
 				(*t)(f.B)
 			}
 			p.sh.Counters.AddTx(size)
@@ -198,7 +199,7 @@ func (p *Pump) RoutineWriteToTAP() {
 				if hl > 0 {
 					encodeVNetHdr(f.Head(hl), &f.GSO)
 				}
-				if t := p.tap.Load(); t != nil {
+				if t := p.capture.Load(); t != nil {
 					(*t)(f.B)
 				}
 				bufs = append(bufs, f.Full(hl))
@@ -251,7 +252,7 @@ func (p *Pump) WriteNow(frames []*rings.Frame) bool {
 		if hl > 0 {
 			encodeVNetHdr(f.Head(hl), &f.GSO)
 		}
-		if t := p.tap.Load(); t != nil {
+		if t := p.capture.Load(); t != nil {
 			(*t)(f.B)
 		}
 		bufs = append(bufs, f.Full(hl))

@@ -225,7 +225,7 @@ func FuzzVNetHdr(f *testing.F) {
 }
 
 // TestPumpWriteNow: frames written on the caller's thread reach the device
-// (and the capture tap) when the rx ring is empty; with frames queued in
+// (and the capture hook) when the rx ring is empty; with frames queued in
 // the ring, WriteNow declines, so that nothing overtakes them.
 func TestPumpWriteNow(t *testing.T) {
 	dev := taptest.New(64)
@@ -233,7 +233,7 @@ func TestPumpWriteNow(t *testing.T) {
 	p := StartPump(dev, sh, 1518, nil)
 	defer func() { p.Close(); p.Wait() }()
 	var seen int
-	p.SetTap(func([]byte) { seen++ })
+	p.SetCapture(func([]byte) { seen++ })
 	frame := func(b byte) *rings.Frame {
 		f := sh.Frames.Get()
 		f.B = append(f.B, bytes.Repeat([]byte{b}, 64)...)

@@ -11,7 +11,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 	"github.com/msbtap/msbtap/netns"
 	"github.com/msbtap/msbtap/plan"
 	"github.com/msbtap/msbtap/rings"

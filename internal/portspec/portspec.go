@@ -1,5 +1,5 @@
-// Package portspec parses published-port specs, as -p/--publish takes
-// them: [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp|/tcp6|/udp6].
+// Package portspec holds the published-port spec (Spec) and parses it as
+// -p/--publish takes it: [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp|/tcp6|/udp6].
 package portspec
 
 import (
@@ -9,15 +9,35 @@ import (
 	"strings"
 
 	"github.com/msbtap/msbtap/internal/fielderr"
-	"github.com/msbtap/msbtap/proxy"
 )
+
+// Spec is one published port: host address and port → guest port.
+type Spec struct {
+	Proto     string // "tcp" or "udp"
+	Host      netip.AddrPort
+	GuestPort uint16
+	// GuestV6 sends every client to the guest's IPv6 address. Otherwise TCP
+	// goes to the IPv4 address, and to the IPv6 one when that refuses
+	// (a server that listens on [::] only, say); UDP goes to IPv4.
+	GuestV6 bool
+}
+
+// String gives the spec as logs and errors show it: 127.0.0.1:8080→80/tcp,
+// with a 6 after the protocol for GuestV6.
+func (p Spec) String() string {
+	v6 := ""
+	if p.GuestV6 {
+		v6 = "6"
+	}
+	return fmt.Sprintf("%s→%d/%s%s", p.Host, p.GuestPort, p.Proto, v6)
+}
 
 // Parse parses
 // [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp|/tcp6|/udp6]. The host
 // address defaults to 127.0.0.1; IPv6 addresses go in brackets; tcp6 and
 // udp6 relay to the guest's IPv6 address.
-func Parse(s string) ([]proxy.PortSpec, error) {
-	bad := func(why string) ([]proxy.PortSpec, error) {
+func Parse(s string) ([]Spec, error) {
+	bad := func(why string) ([]Spec, error) {
 		return nil, fielderr.Bad("publish", s, "%s (want [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp|/tcp6|/udp6])", why)
 	}
 	rest, proto, v6 := s, "tcp", false
@@ -69,9 +89,9 @@ func Parse(s string) ([]proxy.PortSpec, error) {
 	if h1-h0 != g1-g0 {
 		return bad(fmt.Sprintf("host range has %d ports, guest range %d", h1-h0+1, g1-g0+1))
 	}
-	var out []proxy.PortSpec
+	var out []Spec
 	for i := 0; i <= int(h1-h0); i++ {
-		out = append(out, proxy.PortSpec{Proto: proto, Host: netip.AddrPortFrom(host, h0+uint16(i)), GuestPort: g0 + uint16(i), GuestV6: v6})
+		out = append(out, Spec{Proto: proto, Host: netip.AddrPortFrom(host, h0+uint16(i)), GuestPort: g0 + uint16(i), GuestV6: v6})
 	}
 	return out, nil
 }
@@ -101,8 +121,8 @@ func parsePortRange(s string) (lo, hi uint16, err error) {
 }
 
 // ParseAll parses every spec and refuses a host port published twice.
-func ParseAll(specs []string) ([]proxy.PortSpec, error) {
-	var out []proxy.PortSpec
+func ParseAll(specs []string) ([]Spec, error) {
+	var out []Spec
 	seen := map[string]string{}
 	for _, spec := range specs {
 		ps, err := Parse(spec)

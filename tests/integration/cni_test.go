@@ -19,7 +19,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 	"github.com/msbtap/msbtap/netns"
 )
 

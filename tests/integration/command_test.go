@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 // python3 is Debian's (make deps): the PATH of a root shell may lead to a

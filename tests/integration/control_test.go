@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 // ctl runs `msbtap ctl --control sock ARGS…` on the host and returns its

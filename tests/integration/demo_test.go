@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 // TestDemo runs `make demo`'s script: it must pass, tell its six steps in

@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 // TestDoctor runs msbtap doctor for real, in a namespace of the test's own

@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 // The engine tests run the plugin as users run it: containerd's CRI plugin

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/internal/pattern"
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/pattern"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 // TestFastPath: with --fast-path on, curl (both families, by address and

@@ -8,7 +8,7 @@ import (
 	"os"
 	"testing"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 func TestMain(m *testing.M) {

@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 // TestDomainDenyHolds: under "default allow, deny a domain", the denied

@@ -13,7 +13,7 @@ import (
 
 	"golang.org/x/net/ipv4"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 	"github.com/msbtap/msbtap/netns"
 )
 

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 	"github.com/msbtap/msbtap/process"
 )
 

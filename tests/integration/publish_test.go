@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/internal/pattern"
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/pattern"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 // guestServers starts HTTP on 80 and 81, a half-close server on 7001 and

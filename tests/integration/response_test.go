@@ -10,7 +10,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 // TestSecretsNeverComeBack: a secret's host that sends the value back (in

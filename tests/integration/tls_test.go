@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/internal/pattern"
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/pattern"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 // curlIn runs curl in the sandbox, resolving names through the gateway;

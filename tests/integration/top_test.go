@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 // TestCtlTop drives `msbtap ctl top` in a real terminal (tmux, on a

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 // proxyAddr4 is where the test proxies listen, in the test internet.

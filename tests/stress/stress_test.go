@@ -21,7 +21,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 )
 
 func TestMain(m *testing.M) {

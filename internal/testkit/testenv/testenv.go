@@ -56,7 +56,7 @@ func Binaries(t testing.TB) (msbtap, testhost string) {
 			return
 		}
 		root := moduleRoot()
-		for _, b := range [][2]string{{"msbtap", "./cmd/msbtap"}, {"testhost", "./internal/testhost"}, {"msbtap-cni", "./cmd/msbtap-cni"}} {
+		for _, b := range [][2]string{{"msbtap", "./cmd/msbtap"}, {"testhost", "./internal/testkit/testhost"}, {"msbtap-cni", "./cmd/msbtap-cni"}} {
 			cmd := exec.Command("go", "build", "-o", filepath.Join(buildDir, b[0]), b[1])
 			cmd.Dir = root
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0") // as make build: msbtap drops capabilities on every thread
@@ -81,7 +81,7 @@ func Cleanup() {
 
 func moduleRoot() string {
 	_, file, _, _ := runtime.Caller(0)
-	return filepath.Join(filepath.Dir(file), "..", "..")
+	return filepath.Join(filepath.Dir(file), "..", "..", "..")
 }
 
 var nsSeq atomic.Int64

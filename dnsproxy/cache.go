@@ -1,4 +1,4 @@
-package proxy
+package dnsproxy
 
 import (
 	"container/list"

@@ -1,4 +1,7 @@
-package proxy
+// Package dnsproxy is the sandbox's DNS server: it answers every query the
+// guest sends to port 53 (over UDP and TCP), through the policy's filter,
+// from its answer cache or from the upstream resolvers it forwards to.
+package dnsproxy
 
 import (
 	"context"
@@ -15,11 +18,19 @@ import (
 	"github.com/miekg/dns"
 	"golang.org/x/time/rate"
 
+	"github.com/msbtap/msbtap/internal/sockopt"
 	"github.com/msbtap/msbtap/policy"
 )
 
-// DNSOptions configure the DNS forwarder.
-type DNSOptions struct {
+// Replier delivers the answers to the guest, outside the netstack.
+// Implementations copy payload before returning.
+type Replier interface {
+	// SendUDP delivers a datagram from src to the guest address dst.
+	SendUDP(src, dst netip.AddrPort, payload []byte) bool
+}
+
+// Options configure the DNS forwarder.
+type Options struct {
 	// Upstreams are resolver addresses, "IP" or "IP:PORT" ("[IPv6]:PORT").
 	Upstreams []string
 	Replier   Replier
@@ -45,8 +56,8 @@ type DNSOptions struct {
 	// dropped cheaply past it, and cached names are answered regardless.
 	UpstreamRate float64
 	// Filter, when set, sees every query before it is forwarded and every
-	// answer before it is returned; see DNSFilter.
-	Filter DNSFilter
+	// answer before it is returned; see Filter.
+	Filter Filter
 	// Holds, if set, says which queries the filter may hold (an ask
 	// waiting for its answer): those are never answered from the cache
 	// on the caller's path, always in a goroutine of their own.
@@ -56,9 +67,9 @@ type DNSOptions struct {
 	Log    *slog.Logger
 }
 
-// DNSFilter lets the policy act on name resolution. Each method returns
+// Filter lets the policy act on name resolution. Each method returns
 // the decision it made, if any, for the forwarder to report.
-type DNSFilter interface {
+type Filter interface {
 	// Query decides a query from the guest at src. A non-nil message is
 	// returned to the guest as it is (NXDOMAIN for a denied name, say)
 	// instead of forwarding.
@@ -67,14 +78,14 @@ type DNSFilter interface {
 	Answer(src netip.AddrPort, q, a *dns.Msg) (*dns.Msg, *policy.Verdict)
 }
 
-// DNS answers every query the guest sends to port 53, whatever address it
+// Server answers every query the guest sends to port 53, whatever address it
 // was sent to. The guest's message never leaves as it is: each query goes
 // upstream as a fresh message of the agent's own making (random ID, opcode
 // QUERY, class IN, a type from a known list, a minimal OPT), the answer
 // must match its question, and the guest gets it back under its own ID and
 // question.
-type DNS struct {
-	o         DNSOptions
+type Server struct {
+	o         Options
 	upstreams []string
 	preferred atomic.Int32 // index of the upstream that answered last
 	sem       chan struct{}
@@ -133,8 +144,8 @@ func HostUpstreams(path string) []string {
 	return out
 }
 
-// NewDNS returns a DNS forwarder.
-func NewDNS(o DNSOptions) (*DNS, error) {
+// New returns a DNS server and forwarder.
+func New(o Options) (*Server, error) {
 	if o.Timeout <= 0 {
 		o.Timeout = 5 * time.Second
 	}
@@ -159,7 +170,7 @@ func NewDNS(o DNSOptions) (*DNS, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	d := &DNS{o: o, sem: make(chan struct{}, o.MaxInFlight), cache: newDNSCache(o.CacheSize),
+	d := &Server{o: o, sem: make(chan struct{}, o.MaxInFlight), cache: newDNSCache(o.CacheSize),
 		upRate: rate.NewLimiter(rate.Limit(o.UpstreamRate), max(1, int(o.UpstreamRate/5)))}
 	for _, u := range o.Upstreams {
 		p, err := ParseUpstream(u)
@@ -173,18 +184,18 @@ func NewDNS(o DNSOptions) (*DNS, error) {
 }
 
 // Upstreams returns the resolvers in use.
-func (d *DNS) Upstreams() []string { return d.upstreams }
+func (d *Server) Upstreams() []string { return d.upstreams }
 
 // Resolve answers q: through the filter, then the upstreams (starting with
 // the one that answered last and failing over in order), and SERVFAIL when
 // none answers in time. It never returns nil.
-func (d *DNS) Resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg) *dns.Msg {
+func (d *Server) Resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg) *dns.Msg {
 	return d.resolve(ctx, src, q, policy.UDP)
 }
 
 // resolve is Resolve for a query that came over transport (UDP or TCP), as
 // the decisions report it.
-func (d *DNS) resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg, transport policy.Proto) *dns.Msg {
+func (d *Server) resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg, transport policy.Proto) *dns.Msg {
 	up, done := d.prepare(src, q, transport)
 	if done != nil {
 		return done
@@ -197,7 +208,7 @@ func (d *DNS) resolve(ctx context.Context, src netip.AddrPort, q *dns.Msg, trans
 
 // prepare checks a query: refused, or decided by the filter (done), or the
 // message to send upstream.
-func (d *DNS) prepare(src netip.AddrPort, q *dns.Msg, transport policy.Proto) (up, done *dns.Msg) {
+func (d *Server) prepare(src netip.AddrPort, q *dns.Msg, transport policy.Proto) (up, done *dns.Msg) {
 	d.queries.Add(1)
 	if len(q.Question) != 1 {
 		d.refused.Add(1)
@@ -226,7 +237,7 @@ func (d *DNS) prepare(src netip.AddrPort, q *dns.Msg, transport policy.Proto) (u
 }
 
 // fromCache answers a prepared query from the cache, or returns nil.
-func (d *DNS) fromCache(src netip.AddrPort, q, up *dns.Msg, transport policy.Proto) *dns.Msg {
+func (d *Server) fromCache(src netip.AddrPort, q, up *dns.Msg, transport policy.Proto) *dns.Msg {
 	a := d.cache.get(up)
 	if a == nil {
 		return nil
@@ -236,7 +247,7 @@ func (d *DNS) fromCache(src netip.AddrPort, q, up *dns.Msg, transport policy.Pro
 }
 
 // fromUpstream answers a prepared query from the upstreams.
-func (d *DNS) fromUpstream(ctx context.Context, src netip.AddrPort, q, up *dns.Msg, transport policy.Proto) *dns.Msg {
+func (d *Server) fromUpstream(ctx context.Context, src netip.AddrPort, q, up *dns.Msg, transport policy.Proto) *dns.Msg {
 	a := d.forward(ctx, up)
 	if a == nil {
 		d.failures.Add(1)
@@ -247,7 +258,7 @@ func (d *DNS) fromUpstream(ctx context.Context, src netip.AddrPort, q, up *dns.M
 }
 
 // toGuest passes an answer through the filter and readies it for the guest.
-func (d *DNS) toGuest(src netip.AddrPort, q, a *dns.Msg, transport policy.Proto) *dns.Msg {
+func (d *Server) toGuest(src netip.AddrPort, q, a *dns.Msg, transport policy.Proto) *dns.Msg {
 	if d.o.Filter != nil {
 		m, v := d.o.Filter.Answer(src, q, a)
 		d.report(v, transport)
@@ -258,7 +269,7 @@ func (d *DNS) toGuest(src netip.AddrPort, q, a *dns.Msg, transport policy.Proto)
 	return toGuest(q, a)
 }
 
-func (d *DNS) report(v *policy.Verdict, transport policy.Proto) {
+func (d *Server) report(v *policy.Verdict, transport policy.Proto) {
 	if v != nil && d.o.Report != nil {
 		v.Flow.Proto = transport
 		d.o.Report(v.Flow, v.Decision)
@@ -337,7 +348,7 @@ func toGuest(q, a *dns.Msg) *dns.Msg {
 	return a
 }
 
-func (d *DNS) forward(ctx context.Context, q *dns.Msg) *dns.Msg {
+func (d *Server) forward(ctx context.Context, q *dns.Msg) *dns.Msg {
 	n := len(d.upstreams)
 	if n == 0 {
 		return nil
@@ -375,10 +386,10 @@ func (d *DNS) forward(ctx context.Context, q *dns.Msg) *dns.Msg {
 	return nil
 }
 
-func (d *DNS) exchange(ctx context.Context, q *dns.Msg, upstream string, timeout time.Duration) (*dns.Msg, error) {
+func (d *Server) exchange(ctx context.Context, q *dns.Msg, upstream string, timeout time.Duration) (*dns.Msg, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	c := &dns.Client{Net: "udp", UDPSize: upstreamEDNSSize, Dialer: upstreamDialer}
+	c := &dns.Client{Net: "udp", UDPSize: upstreamEDNSSize, Dialer: sockopt.Dialer}
 	a, _, err := c.ExchangeContext(ctx, q, upstream)
 	if err == nil && a.Truncated {
 		c = &dns.Client{Net: "tcp"}
@@ -399,7 +410,7 @@ func (d *DNS) exchange(ctx context.Context, q *dns.Msg, upstream string, timeout
 
 // start runs f in a goroutine the forwarder waits for on Close; it reports
 // false (and runs nothing) once the forwarder is closed.
-func (d *DNS) start(f func()) bool {
+func (d *Server) start(f func()) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
@@ -419,7 +430,7 @@ func (d *DNS) start(f func()) bool {
 // goes upstream in a goroutine of its own, and HandleUDP returns at once.
 // Malformed queries and queries over the in-flight cap are dropped; a
 // query with more questions than one (or none) gets FORMERR.
-func (d *DNS) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
+func (d *Server) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
 	q := new(dns.Msg)
 	if err := q.Unpack(payload); err != nil || q.Response {
 		d.dropped.Add(1)
@@ -489,7 +500,7 @@ func (d *DNS) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
 // TryTCP takes one of the DNS-over-TCP connection slots; ok false means
 // the cap is reached and the connection is to be refused. release gives the
 // slot back.
-func (d *DNS) TryTCP() (release func(), ok bool) {
+func (d *Server) TryTCP() (release func(), ok bool) {
 	if d.tcpConns.Add(1) > int32(d.o.MaxTCPConns) {
 		d.tcpConns.Add(-1)
 		d.tcpOverCap.Add(1)
@@ -501,7 +512,7 @@ func (d *DNS) TryTCP() (release func(), ok bool) {
 // ServeTCP answers length-prefixed queries on a TCP connection from the
 // guest at src, one at a time, until it closes, idles for TCPIdleTimeout,
 // or has asked MaxTCPQueries. The caller holds a slot from TryTCP.
-func (d *DNS) ServeTCP(conn net.Conn, src netip.AddrPort) {
+func (d *Server) ServeTCP(conn net.Conn, src netip.AddrPort) {
 	defer conn.Close()
 	dc := &dns.Conn{Conn: conn}
 	for n := 0; n < d.o.MaxTCPQueries; n++ {
@@ -534,8 +545,8 @@ func (d *DNS) ServeTCP(conn net.Conn, src netip.AddrPort) {
 	}
 }
 
-// DNSStats are the forwarder's counters.
-type DNSStats struct {
+// Stats are the forwarder's counters.
+type Stats struct {
 	// InFlight queries are being answered now; TCPConns connections open.
 	InFlight, TCPConns int
 	// Queries answered, Failures no upstream answered, queries Dropped
@@ -548,15 +559,15 @@ type DNSStats struct {
 }
 
 // Stats returns the forwarder's counters.
-func (d *DNS) Stats() DNSStats {
-	return DNSStats{InFlight: len(d.sem), TCPConns: int(d.tcpConns.Load()), Queries: d.queries.Load(),
+func (d *Server) Stats() Stats {
+	return Stats{InFlight: len(d.sem), TCPConns: int(d.tcpConns.Load()), Queries: d.queries.Load(),
 		Failures: d.failures.Load(), Dropped: d.dropped.Load(), Refused: d.refused.Load(), TCPOverCap: d.tcpOverCap.Load(),
 		CacheHits: d.cacheHits.Load(), Cached: d.cache.len(), RateLimited: d.rateLimited.Load()}
 }
 
 // Close cancels queries in flight and waits for them; queries that arrive
 // afterwards are dropped.
-func (d *DNS) Close() {
+func (d *Server) Close() {
 	d.mu.Lock()
 	d.closed = true
 	d.mu.Unlock()

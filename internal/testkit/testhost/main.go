@@ -28,7 +28,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/h2c"
 
-	"github.com/msbtap/msbtap/internal/pattern"
+	"github.com/msbtap/msbtap/internal/testkit/pattern"
 )
 
 type list []string

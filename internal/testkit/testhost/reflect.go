@@ -10,7 +10,7 @@ import (
 	"net/http"
 	"strconv"
 
-	"github.com/msbtap/msbtap/internal/pattern"
+	"github.com/msbtap/msbtap/internal/testkit/pattern"
 )
 
 // responseRoutes are the handlers for tests of what msbtap does to

@@ -1,9 +1,11 @@
-package proxy
+// Package publish serves the sandbox's published ports: host listeners
+// and sockets whose clients are relayed to a port of the guest, through the
+// ingress policy.
+package publish
 
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -14,30 +16,14 @@ import (
 
 	"github.com/msbtap/msbtap/flow"
 	"github.com/msbtap/msbtap/internal/fielderr"
+	"github.com/msbtap/msbtap/internal/portspec"
+	"github.com/msbtap/msbtap/internal/sockopt"
 	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/proxy"
 )
 
-// PortSpec is one published port: host address and port → guest port.
-type PortSpec struct {
-	Proto     string // "tcp" or "udp"
-	Host      netip.AddrPort
-	GuestPort uint16
-	// GuestV6 sends every client to the guest's IPv6 address. Otherwise TCP
-	// goes to the IPv4 address, and to the IPv6 one when that refuses
-	// (a server that listens on [::] only, say); UDP goes to IPv4.
-	GuestV6 bool
-}
-
-func (p PortSpec) String() string {
-	v6 := ""
-	if p.GuestV6 {
-		v6 = "6"
-	}
-	return fmt.Sprintf("%s→%d/%s%s", p.Host, p.GuestPort, p.Proto, v6)
-}
-
-// PublishOptions connect published ports to the sandbox.
-type PublishOptions struct {
+// Options connect published ports to the sandbox.
+type Options struct {
 	// DialGuest connects to the guest's port through the netstack, at its
 	// IPv6 address or its IPv4 one.
 	DialGuest func(ctx context.Context, port uint16, v6 bool) (net.Conn, error)
@@ -55,13 +41,13 @@ type PublishOptions struct {
 	Log         *slog.Logger
 }
 
-// Publisher serves published ports: a host listener per TCP port, a host
+// Ports serves published ports: a host listener per TCP port, a host
 // socket per UDP port, relaying each client to the guest.
-type Publisher struct {
-	specs []PortSpec
+type Ports struct {
+	specs []portspec.Spec
 	tcp   []net.Listener
 	udp   []*net.UDPConn
-	o     PublishOptions
+	o     Options
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -100,11 +86,11 @@ const (
 	ingressPortLast  = 65535
 )
 
-// ListenPublished opens every host socket first, so that a port in use or a
+// Listen opens every host socket first, so that a port in use or a
 // bad address fails start-up with nothing half-started.
-func ListenPublished(specs []PortSpec) (*Publisher, error) {
-	p := &Publisher{specs: specs}
-	fail := func(err error) (*Publisher, error) {
+func Listen(specs []portspec.Spec) (*Ports, error) {
+	p := &Ports{specs: specs}
+	fail := func(err error) (*Ports, error) {
 		p.closeSockets()
 		return nil, err
 	}
@@ -117,7 +103,7 @@ func ListenPublished(specs []PortSpec) (*Publisher, error) {
 			}
 			p.tcp = append(p.tcp, ln)
 		case "udp":
-			c, err := listenPacket("udp", s.Host.String())
+			c, err := sockopt.ListenPacket("udp", s.Host.String())
 			if err != nil {
 				return fail(publishErr(s, err))
 			}
@@ -127,7 +113,7 @@ func ListenPublished(specs []PortSpec) (*Publisher, error) {
 	return p, nil
 }
 
-func publishErr(s PortSpec, err error) error {
+func publishErr(s portspec.Spec, err error) error {
 	switch {
 	case errors.Is(err, syscall.EADDRINUSE):
 		return fielderr.New("publish", "%s/%s: address already in use", s.Host, s.Proto)
@@ -139,7 +125,7 @@ func publishErr(s PortSpec, err error) error {
 	return fielderr.New("publish", "%s/%s: %w", s.Host, s.Proto, err)
 }
 
-func (p *Publisher) closeSockets() {
+func (p *Ports) closeSockets() {
 	for _, l := range p.tcp {
 		l.Close()
 	}
@@ -149,7 +135,7 @@ func (p *Publisher) closeSockets() {
 }
 
 // Start begins serving the published ports.
-func (p *Publisher) Start(o PublishOptions) {
+func (p *Ports) Start(o Options) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
@@ -191,28 +177,28 @@ func (p *Publisher) Start(o PublishOptions) {
 
 // Stats returns clients accepted, denied by the ingress policy, and failed
 // (guest refused, no free port).
-func (p *Publisher) Stats() (accepted, denied, failed uint64) {
+func (p *Ports) Stats() (accepted, denied, failed uint64) {
 	return p.accepted.Load(), p.denied.Load(), p.failed.Load()
 }
 
 // ResetAll resets every relayed connection and forgets every UDP client
 // session; the listeners stay.
-func (p *Publisher) ResetAll() {
+func (p *Ports) ResetAll() {
 	if p == nil || p.conns == nil {
 		return
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for c := range p.conns {
-		reset(c)
+		proxy.ResetConn(c)
 	}
 	clear(p.sessions)
 	clear(p.byGwPort)
 }
 
 // Close stops listening, resets relayed connections and waits. Safe to call
-// on a Publisher that was never started, and more than once.
-func (p *Publisher) Close() {
+// on a Ports that was never started, and more than once.
+func (p *Ports) Close() {
 	if p == nil {
 		return
 	}
@@ -222,7 +208,7 @@ func (p *Publisher) Close() {
 	p.closeSockets()
 	p.mu.Lock()
 	for c := range p.conns {
-		reset(c)
+		proxy.ResetConn(c)
 	}
 	p.mu.Unlock()
 	p.wg.Wait()

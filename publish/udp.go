@@ -1,4 +1,4 @@
-package proxy
+package publish
 
 import (
 	"errors"
@@ -6,10 +6,11 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/msbtap/msbtap/internal/portspec"
 	"github.com/msbtap/msbtap/policy"
 )
 
-func (p *Publisher) routineReadUDP(idx int, sock *net.UDPConn, s PortSpec) {
+func (p *Ports) routineReadUDP(idx int, sock *net.UDPConn, s portspec.Spec) {
 	defer p.wg.Done()
 	buf := make([]byte, 65536)
 	for {
@@ -31,7 +32,7 @@ func (p *Publisher) routineReadUDP(idx int, sock *net.UDPConn, s PortSpec) {
 }
 
 // udpSession finds or opens the session of one host client.
-func (p *Publisher) udpSession(k udpClientKey, sock *net.UDPConn, s PortSpec) *ingressSession {
+func (p *Ports) udpSession(k udpClientKey, sock *net.UDPConn, s portspec.Spec) *ingressSession {
 	p.mu.Lock()
 	sess := p.sessions[k]
 	p.mu.Unlock()
@@ -60,7 +61,7 @@ func (p *Publisher) udpSession(k udpClientKey, sock *net.UDPConn, s PortSpec) *i
 	return sess
 }
 
-func (p *Publisher) allocPortLocked() (uint16, bool) {
+func (p *Ports) allocPortLocked() (uint16, bool) {
 	for i := 0; i <= ingressPortLast-ingressPortFirst; i++ {
 		port := p.nextPort
 		p.nextPort++
@@ -77,7 +78,7 @@ func (p *Publisher) allocPortLocked() (uint16, bool) {
 // HandleGuestReply takes a datagram the guest sent to the gateway's port
 // gwPort; it reports whether that port belongs to a published-port session
 // (and the datagram was relayed to its host client).
-func (p *Publisher) HandleGuestReply(gwPort uint16, guestSrc netip.AddrPort, payload []byte) bool {
+func (p *Ports) HandleGuestReply(gwPort uint16, guestSrc netip.AddrPort, payload []byte) bool {
 	if p == nil || gwPort < ingressPortFirst {
 		return false
 	}
@@ -92,7 +93,7 @@ func (p *Publisher) HandleGuestReply(gwPort uint16, guestSrc netip.AddrPort, pay
 	return true
 }
 
-func (p *Publisher) routineSweepUDP() {
+func (p *Ports) routineSweepUDP() {
 	defer p.wg.Done()
 	t := time.NewTicker(p.o.UDPIdleTimeout / 4)
 	defer t.Stop()

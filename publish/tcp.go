@@ -1,14 +1,16 @@
-package proxy
+package publish
 
 import (
 	"context"
 	"errors"
 	"net"
 
+	"github.com/msbtap/msbtap/internal/portspec"
 	"github.com/msbtap/msbtap/policy"
+	"github.com/msbtap/msbtap/proxy"
 )
 
-func (p *Publisher) routineAcceptTCP(ln net.Listener, s PortSpec) {
+func (p *Ports) routineAcceptTCP(ln net.Listener, s portspec.Spec) {
 	defer p.wg.Done()
 	for {
 		c, err := ln.Accept()
@@ -23,13 +25,13 @@ func (p *Publisher) routineAcceptTCP(ln net.Listener, s PortSpec) {
 	}
 }
 
-func (p *Publisher) serveTCP(c *net.TCPConn, s PortSpec) {
+func (p *Ports) serveTCP(c *net.TCPConn, s portspec.Spec) {
 	defer p.wg.Done()
 	client := c.RemoteAddr().(*net.TCPAddr).AddrPort()
 	fl := p.o.Allow(policy.TCP, client, s.Host)
 	if !fl.Allowed() {
 		p.denied.Add(1)
-		reset(c)
+		proxy.ResetConn(c)
 		return
 	}
 	ctx, cancel := context.WithTimeout(p.ctx, p.o.DialTimeout)
@@ -45,22 +47,22 @@ func (p *Publisher) serveTCP(c *net.TCPConn, s PortSpec) {
 		// host client sees a reset at once, not a hang.
 		p.failed.Add(1)
 		p.o.Log.Debug("published port: guest refused", "port", s.String(), "client", client, "err", err)
-		reset(c)
+		proxy.ResetConn(c)
 		return
 	}
 	p.accepted.Add(1)
 	if !p.track(c, g) {
-		reset(c)
-		reset(g)
+		proxy.ResetConn(c)
+		proxy.ResetConn(g)
 		return
 	}
-	fl.Open(func() { reset(c); reset(g) })
+	fl.Open(func() { proxy.ResetConn(c); proxy.ResetConn(g) })
 	defer fl.Close()
-	Relay(c, g, &fl.Up, &fl.Down)
+	proxy.Relay(c, g, &fl.Up, &fl.Down)
 	p.untrack(c, g)
 }
 
-func (p *Publisher) track(cs ...net.Conn) bool {
+func (p *Ports) track(cs ...net.Conn) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.ctx.Err() != nil {
@@ -72,7 +74,7 @@ func (p *Publisher) track(cs ...net.Conn) bool {
 	return true
 }
 
-func (p *Publisher) untrack(cs ...net.Conn) {
+func (p *Ports) untrack(cs ...net.Conn) {
 	p.mu.Lock()
 	for _, c := range cs {
 		delete(p.conns, c)

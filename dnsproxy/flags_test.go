@@ -1,4 +1,4 @@
-package proxy
+package dnsproxy
 
 import (
 	"context"
@@ -26,7 +26,7 @@ func guestQuery(name string, cd, do, ad bool) *dns.Msg {
 // back as it asked it, case and all, as 0x20 resolvers require.
 func TestDNSUpstreamGetsNoGuestCaseOrFlags(t *testing.T) {
 	up := newRecordingUpstream(t)
-	d, _ := NewDNS(DNSOptions{Upstreams: []string{up.addr}, Timeout: 2 * time.Second})
+	d, _ := New(Options{Upstreams: []string{up.addr}, Timeout: 2 * time.Second})
 	defer d.Close()
 	variants := []struct {
 		name        string
@@ -118,7 +118,7 @@ func TestDNSSECRecordsOnlyForDO(t *testing.T) {
 			NextDomain: "zzz.example.test.", TypeBitMap: []uint16{dns.TypeA}})
 	}
 	up.mu.Unlock()
-	d, _ := NewDNS(DNSOptions{Upstreams: []string{up.addr}, Timeout: 2 * time.Second})
+	d, _ := New(Options{Upstreams: []string{up.addr}, Timeout: 2 * time.Second})
 	defer d.Close()
 	count := func(a *dns.Msg) (n int) {
 		for _, sec := range [][]dns.RR{a.Answer, a.Ns, a.Extra} {

@@ -1,0 +1,40 @@
+package publish
+
+import (
+	"net/netip"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/msbtap/msbtap/internal/portspec"
+)
+
+// TestPublishedUDPNeverBroadcasts: Go sets SO_BROADCAST on every datagram
+// socket; a published UDP port's socket does without, so the kernel
+// refuses a broadcast destination for it.
+func TestPublishedUDPNeverBroadcasts(t *testing.T) {
+	p, err := Listen([]portspec.Spec{{Proto: "udp", Host: netip.MustParseAddrPort("127.0.0.1:0")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.closeSockets()
+	for _, c := range p.udp {
+		if v := broadcastOpt(t, c); v != 0 {
+			t.Errorf("a published UDP port's socket has SO_BROADCAST %d", v)
+		}
+	}
+}
+
+func broadcastOpt(t *testing.T, c syscall.Conn) int {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, serr := -1, error(nil)
+	if err := rc.Control(func(fd uintptr) { v, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_BROADCAST) }); err != nil || serr != nil {
+		t.Fatal(err, serr)
+	}
+	return v
+}
