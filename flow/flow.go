@@ -50,8 +50,10 @@ func (fl *Flow) Open(reset func()) {
 	fl.mu.Lock()
 	fl.reset, fl.listed = reset, true
 	fl.mu.Unlock()
-	if fl.table != nil {
-		fl.table.put(fl)
+	if fl.table != nil && !fl.table.put(fl) {
+		// The network was cut while the flow was on its way (its dial
+		// under way, its ask answered): it ends as it opens.
+		reset()
 	}
 }
 
@@ -146,8 +148,9 @@ type Table struct {
 	up, down *Shaper // the sandbox-wide rates the flows draw from
 	ids      atomic.Uint64
 
-	mu sync.Mutex // mu protects m
-	m  map[uint64]*Flow
+	mu  sync.Mutex // mu protects m and cut
+	m   map[uint64]*Flow
+	cut bool
 }
 
 // NewTable returns a table whose flows draw from up (what the sandbox
@@ -177,10 +180,15 @@ func Of(f policy.Flow, d policy.Decision) *Flow {
 // NextID hands out a flow id.
 func (t *Table) NextID() uint64 { return t.ids.Add(1) }
 
-func (t *Table) put(fl *Flow) {
+// put lists fl; once the table is cut it refuses.
+func (t *Table) put(fl *Flow) bool {
 	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.cut {
+		return false
+	}
 	t.m[fl.ID] = fl
-	t.mu.Unlock()
+	return true
 }
 
 func (t *Table) remove(fl *Flow) {
@@ -232,6 +240,16 @@ func (t *Table) Close(id uint64) bool {
 	fl := t.m[id]
 	t.mu.Unlock()
 	return fl != nil && fl.Reset()
+}
+
+// Cut resets every open flow, and every flow opened from now on as it
+// opens (a termination): a flow decided before the cut whose dial or ask
+// ends after it must not get through either. It returns how many it reset.
+func (t *Table) Cut() int {
+	t.mu.Lock()
+	t.cut = true
+	t.mu.Unlock()
+	return t.Revoke(func(*Flow) bool { return false })
 }
 
 // Revoke resets every open flow allowed no longer says yes to, and returns

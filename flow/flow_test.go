@@ -120,3 +120,26 @@ func TestAddrText(t *testing.T) {
 		t.Fatal("L7.Name")
 	}
 }
+
+// TestTableCut: a cut resets every open flow, and a flow opened after it
+// (its dial or ask ended after the cut) is reset as it opens and never
+// listed.
+func TestTableCut(t *testing.T) {
+	tb := NewTable(nil, nil)
+	before := tb.New(policy.Flow{Proto: policy.TCP, Src: guest, Dst: dst}, policy.Decision{Action: policy.Allow})
+	late := tb.New(policy.Flow{Proto: policy.UDP, Src: guest, Dst: dst}, policy.Decision{Action: policy.Allow})
+	var resetBefore, resetLate int
+	before.Open(func() { resetBefore++ })
+	if n := tb.Cut(); n != 1 || resetBefore != 1 {
+		t.Fatalf("cut reset %d flows (the open one %d times), want 1", n, resetBefore)
+	}
+	late.Open(func() { resetLate++ })
+	if resetLate != 1 || tb.Len() != 1 {
+		t.Fatalf("a flow opened after the cut: reset %d times, %d flows listed (want 1, the one open before)", resetLate, tb.Len())
+	}
+	late.Close()
+	before.Close()
+	if tb.Len() != 0 {
+		t.Fatalf("%d flows listed after every Close", tb.Len())
+	}
+}

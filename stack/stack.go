@@ -433,6 +433,7 @@ func (c cutAware) Answer(src netip.AddrPort, q, a *dns.Msg) (*dns.Msg, *policy.V
 // gateway refused from now on. It may run on the packet path.
 func (st *Stack) Cut() {
 	st.cut.Store(true)
+	st.flows.Cut()
 	st.tcp.resetAll()
 	if st.fast != nil {
 		st.fast.ResetAll()
