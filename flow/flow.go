@@ -34,7 +34,10 @@ type Flow struct {
 	Up, Down Meter
 
 	table *Table
-	mu    sync.Mutex // mu protects reset and listed
+	// revokes is how many revocations its table had made when the flow
+	// was decided (see Table.put).
+	revokes uint64
+	mu      sync.Mutex // mu protects reset and listed
 	// reset ends the open flow: a reset both ways for TCP, the session's
 	// end for UDP.
 	reset  func()
@@ -148,9 +151,13 @@ type Table struct {
 	up, down *Shaper // the sandbox-wide rates the flows draw from
 	ids      atomic.Uint64
 
-	mu  sync.Mutex // mu protects m and cut
+	mu  sync.Mutex // mu protects m, cut, revokes and allowed
 	m   map[uint64]*Flow
 	cut bool
+	// revokes counts the revocations (changed under mu, read without it
+	// by New), allowed is the last one's test.
+	revokes atomic.Uint64
+	allowed func(*Flow) bool
 }
 
 // NewTable returns a table whose flows draw from up (what the sandbox
@@ -163,7 +170,7 @@ func NewTable(up, down *Shaper) *Table {
 // in the table until Open.
 func (t *Table) New(f policy.Flow, d policy.Decision) *Flow {
 	f.ID = t.NextID()
-	fl := &Flow{Flow: f, Decision: d, Started: time.Now(), table: t}
+	fl := &Flow{Flow: f, Decision: d, Started: time.Now(), table: t, revokes: t.revokes.Load()}
 	fl.Up.Shaper, fl.Down.Shaper = t.up, t.down
 	if f.Direction == policy.Ingress { // from the host client into the sandbox
 		fl.Up.Shaper, fl.Down.Shaper = t.down, t.up
@@ -180,15 +187,28 @@ func Of(f policy.Flow, d policy.Decision) *Flow {
 // NextID hands out a flow id.
 func (t *Table) NextID() uint64 { return t.ids.Add(1) }
 
-// put lists fl; once the table is cut it refuses.
+// put lists fl; once the table is cut it refuses. A flow decided before a
+// revocation that was not open for it (its dial or ask under way) is
+// tested as the revocation tested the open ones, and refused if it fails.
 func (t *Table) put(fl *Flow) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.cut {
-		return false
+	for {
+		t.mu.Lock()
+		if t.cut {
+			t.mu.Unlock()
+			return false
+		}
+		if fl.revokes == t.revokes.Load() {
+			t.m[fl.ID] = fl
+			t.mu.Unlock()
+			return true
+		}
+		n, allowed := t.revokes.Load(), t.allowed
+		t.mu.Unlock()
+		if !allowed(fl) {
+			return false
+		}
+		fl.revokes = n
 	}
-	t.m[fl.ID] = fl
-	return true
 }
 
 func (t *Table) remove(fl *Flow) {
@@ -253,8 +273,13 @@ func (t *Table) Cut() int {
 }
 
 // Revoke resets every open flow allowed no longer says yes to, and returns
-// how many it reset.
+// how many it reset. A flow decided before it that opens after it (its
+// dial or ask was under way) is tested as it opens (see put).
 func (t *Table) Revoke(allowed func(*Flow) bool) int {
+	t.mu.Lock()
+	t.revokes.Add(1)
+	t.allowed = allowed
+	t.mu.Unlock()
 	n := 0
 	for _, fl := range t.open() {
 		if !allowed(fl) && fl.Reset() {

@@ -143,3 +143,28 @@ func TestTableCut(t *testing.T) {
 		t.Fatalf("%d flows listed after every Close", tb.Len())
 	}
 }
+
+// TestTableRevokeReachesFlowsOnTheirWay: a flow decided before a
+// revocation but opened after it (its dial was under way) is tested as
+// the open ones were: reset as it opens if the new policy denies it,
+// listed if it allows it; a flow decided after the revocation is not
+// tested again.
+func TestTableRevokeReachesFlowsOnTheirWay(t *testing.T) {
+	tb := NewTable(nil, nil)
+	denied := netip.MustParseAddrPort("198.51.100.66:443")
+	dialling := tb.New(policy.Flow{Proto: policy.TCP, Src: guest, Dst: denied}, policy.Decision{Action: policy.Allow})
+	still := tb.New(policy.Flow{Proto: policy.TCP, Src: guest, Dst: dst}, policy.Decision{Action: policy.Allow})
+	tested := 0
+	tb.Revoke(func(fl *Flow) bool { tested++; return fl.Dst != denied })
+	later := tb.New(policy.Flow{Proto: policy.TCP, Src: guest, Dst: denied}, policy.Decision{Action: policy.Allow})
+	var resets [3]int
+	dialling.Open(func() { resets[0]++ })
+	still.Open(func() { resets[1]++ })
+	later.Open(func() { resets[2]++ })
+	if resets != [3]int{1, 0, 0} || tested != 2 || tb.Len() != 2 {
+		t.Fatalf("resets %v (want [1 0 0]), %d tests (want 2), %d listed (want 2)", resets, tested, tb.Len())
+	}
+	for _, fl := range []*Flow{dialling, still, later} {
+		fl.Close()
+	}
+}

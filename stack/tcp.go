@@ -294,8 +294,13 @@ func (st *Stack) openFast(p *wire.Packet, seg wire.TCPSegment, fl *flow.Flow) {
 		st.r.sendTCPReset(p, seg)
 		return
 	}
+	// A reset (flows close, revocation, a cut) may come before the
+	// translator has the connection: it is remembered, and the opener
+	// resets the connection once it has it.
 	var h atomic.Pointer[tcpfast.Conn]
+	var ended atomic.Bool
 	fl.Open(func() {
+		ended.Store(true)
 		if c := h.Load(); c != nil {
 			c.Reset()
 		}
@@ -315,9 +320,7 @@ func (st *Stack) openFast(p *wire.Packet, seg wire.TCPSegment, fl *flow.Flow) {
 		return
 	}
 	h.Store(c)
-	if st.cut.Load() {
-		// Cut while it opened: the translator's ResetAll may have run
-		// before it had c, and the table's reset before h held it.
+	if ended.Load() || st.cut.Load() { // the translator's ResetAll may have run before it had c
 		c.Reset()
 		return
 	}
