@@ -34,7 +34,10 @@ type Flow struct {
 	Up, Down Meter
 
 	table *Table
-	mu    sync.Mutex // mu protects reset and listed
+	// revokes is how many revocations its table had made when the flow
+	// was decided (see Table.put).
+	revokes uint64
+	mu      sync.Mutex // mu protects reset and listed
 	// reset ends the open flow: a reset both ways for TCP, the session's
 	// end for UDP.
 	reset  func()
@@ -50,8 +53,10 @@ func (fl *Flow) Open(reset func()) {
 	fl.mu.Lock()
 	fl.reset, fl.listed = reset, true
 	fl.mu.Unlock()
-	if fl.table != nil {
-		fl.table.put(fl)
+	if fl.table != nil && !fl.table.put(fl) {
+		// The network was cut while the flow was on its way (its dial
+		// under way, its ask answered): it ends as it opens.
+		reset()
 	}
 }
 
@@ -146,8 +151,13 @@ type Table struct {
 	up, down *Shaper // the sandbox-wide rates the flows draw from
 	ids      atomic.Uint64
 
-	mu sync.Mutex // mu protects m
-	m  map[uint64]*Flow
+	mu  sync.Mutex // mu protects m, cut, revokes and allowed
+	m   map[uint64]*Flow
+	cut bool
+	// revokes counts the revocations (changed under mu, read without it
+	// by New), allowed is the last one's test.
+	revokes atomic.Uint64
+	allowed func(*Flow) bool
 }
 
 // NewTable returns a table whose flows draw from up (what the sandbox
@@ -160,7 +170,7 @@ func NewTable(up, down *Shaper) *Table {
 // in the table until Open.
 func (t *Table) New(f policy.Flow, d policy.Decision) *Flow {
 	f.ID = t.NextID()
-	fl := &Flow{Flow: f, Decision: d, Started: time.Now(), table: t}
+	fl := &Flow{Flow: f, Decision: d, Started: time.Now(), table: t, revokes: t.revokes.Load()}
 	fl.Up.Shaper, fl.Down.Shaper = t.up, t.down
 	if f.Direction == policy.Ingress { // from the host client into the sandbox
 		fl.Up.Shaper, fl.Down.Shaper = t.down, t.up
@@ -177,10 +187,28 @@ func Of(f policy.Flow, d policy.Decision) *Flow {
 // NextID hands out a flow id.
 func (t *Table) NextID() uint64 { return t.ids.Add(1) }
 
-func (t *Table) put(fl *Flow) {
-	t.mu.Lock()
-	t.m[fl.ID] = fl
-	t.mu.Unlock()
+// put lists fl; once the table is cut it refuses. A flow decided before a
+// revocation that was not open for it (its dial or ask under way) is
+// tested as the revocation tested the open ones, and refused if it fails.
+func (t *Table) put(fl *Flow) bool {
+	for {
+		t.mu.Lock()
+		if t.cut {
+			t.mu.Unlock()
+			return false
+		}
+		if fl.revokes == t.revokes.Load() {
+			t.m[fl.ID] = fl
+			t.mu.Unlock()
+			return true
+		}
+		n, allowed := t.revokes.Load(), t.allowed
+		t.mu.Unlock()
+		if !allowed(fl) {
+			return false
+		}
+		fl.revokes = n
+	}
 }
 
 func (t *Table) remove(fl *Flow) {
@@ -234,9 +262,24 @@ func (t *Table) Close(id uint64) bool {
 	return fl != nil && fl.Reset()
 }
 
+// Cut resets every open flow, and every flow opened from now on as it
+// opens (a termination): a flow decided before the cut whose dial or ask
+// ends after it must not get through either. It returns how many it reset.
+func (t *Table) Cut() int {
+	t.mu.Lock()
+	t.cut = true
+	t.mu.Unlock()
+	return t.Revoke(func(*Flow) bool { return false })
+}
+
 // Revoke resets every open flow allowed no longer says yes to, and returns
-// how many it reset.
+// how many it reset. A flow decided before it that opens after it (its
+// dial or ask was under way) is tested as it opens (see put).
 func (t *Table) Revoke(allowed func(*Flow) bool) int {
+	t.mu.Lock()
+	t.revokes.Add(1)
+	t.allowed = allowed
+	t.mu.Unlock()
 	n := 0
 	for _, fl := range t.open() {
 		if !allowed(fl) && fl.Reset() {

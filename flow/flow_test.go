@@ -120,3 +120,51 @@ func TestAddrText(t *testing.T) {
 		t.Fatal("L7.Name")
 	}
 }
+
+// TestTableCut: a cut resets every open flow, and a flow opened after it
+// (its dial or ask ended after the cut) is reset as it opens and never
+// listed.
+func TestTableCut(t *testing.T) {
+	tb := NewTable(nil, nil)
+	before := tb.New(policy.Flow{Proto: policy.TCP, Src: guest, Dst: dst}, policy.Decision{Action: policy.Allow})
+	late := tb.New(policy.Flow{Proto: policy.UDP, Src: guest, Dst: dst}, policy.Decision{Action: policy.Allow})
+	var resetBefore, resetLate int
+	before.Open(func() { resetBefore++ })
+	if n := tb.Cut(); n != 1 || resetBefore != 1 {
+		t.Fatalf("cut reset %d flows (the open one %d times), want 1", n, resetBefore)
+	}
+	late.Open(func() { resetLate++ })
+	if resetLate != 1 || tb.Len() != 1 {
+		t.Fatalf("a flow opened after the cut: reset %d times, %d flows listed (want 1, the one open before)", resetLate, tb.Len())
+	}
+	late.Close()
+	before.Close()
+	if tb.Len() != 0 {
+		t.Fatalf("%d flows listed after every Close", tb.Len())
+	}
+}
+
+// TestTableRevokeReachesFlowsOnTheirWay: a flow decided before a
+// revocation but opened after it (its dial was under way) is tested as
+// the open ones were: reset as it opens if the new policy denies it,
+// listed if it allows it; a flow decided after the revocation is not
+// tested again.
+func TestTableRevokeReachesFlowsOnTheirWay(t *testing.T) {
+	tb := NewTable(nil, nil)
+	denied := netip.MustParseAddrPort("198.51.100.66:443")
+	dialling := tb.New(policy.Flow{Proto: policy.TCP, Src: guest, Dst: denied}, policy.Decision{Action: policy.Allow})
+	still := tb.New(policy.Flow{Proto: policy.TCP, Src: guest, Dst: dst}, policy.Decision{Action: policy.Allow})
+	tested := 0
+	tb.Revoke(func(fl *Flow) bool { tested++; return fl.Dst != denied })
+	later := tb.New(policy.Flow{Proto: policy.TCP, Src: guest, Dst: denied}, policy.Decision{Action: policy.Allow})
+	var resets [3]int
+	dialling.Open(func() { resets[0]++ })
+	still.Open(func() { resets[1]++ })
+	later.Open(func() { resets[2]++ })
+	if resets != [3]int{1, 0, 0} || tested != 2 || tb.Len() != 2 {
+		t.Fatalf("resets %v (want [1 0 0]), %d tests (want 2), %d listed (want 2)", resets, tested, tb.Len())
+	}
+	for _, fl := range []*Flow{dialling, still, later} {
+		fl.Close()
+	}
+}

@@ -84,7 +84,10 @@ type Config struct {
 type Process struct {
 	cfg Config
 	net *agent.Agent
-	ns  netns.Handle
+	// netRef is net, for the memory trimmer, whose goroutine starts
+	// before the network exists.
+	netRef atomic.Pointer[agent.Agent]
+	ns     netns.Handle
 	// terminatedOut is Config.TerminatedFD, told of a fatal violation.
 	terminatedOut *os.File
 	sandboxPID    atomic.Int32 // the -- COMMAND's init
@@ -141,9 +144,11 @@ func New(cfg Config) (p *Process, err error) {
 	if p.cfg.Link, err = p.buildLink(); err != nil {
 		return p, err
 	}
-	if p.net, err = agent.New(p.networkConfig()); err != nil {
+	net, err := agent.New(p.networkConfig())
+	if err != nil {
 		return p, err
 	}
+	p.setNetwork(net)
 	p.onClose(func() { p.net.Close() })
 	if cfg.PIDFile != "" {
 		if err := writePIDFile(cfg.PIDFile); err != nil {
@@ -199,13 +204,19 @@ func (cfg *Config) needsKeeper() bool {
 // hasSecrets says whether secrets are declared.
 func (cfg *Config) hasSecrets() bool { return len(cfg.Secrets.Flags) > 0 || cfg.Secrets.File != "" }
 
+// setNetwork keeps the network New built.
+func (p *Process) setNetwork(a *agent.Agent) {
+	p.net = a
+	p.netRef.Store(a)
+}
+
 // activity counts the frames the network moved so far (0 before it
 // exists), for the memory trimmer.
 func (p *Process) activity() uint64 {
-	if p.net == nil {
-		return 0
+	if a := p.netRef.Load(); a != nil {
+		return a.Activity()
 	}
-	return p.net.Activity()
+	return 0
 }
 
 // buildLink creates the sandbox's link: a TAP inside its namespace (the

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/msbtap/msbtap/agent"
 	"github.com/msbtap/msbtap/internal/fielderr"
@@ -57,4 +58,25 @@ func TestUpstreamCredentialsNeverReachTheCommand(t *testing.T) {
 			t.Errorf("--env %s: %v, want an env error without the value", e, err)
 		}
 	}
+}
+
+// TestTrimmerReadsTheNetworkSafely: the memory trimmer starts before the
+// network exists and reads its activity from its own goroutine; the
+// network New keeps later reaches it without a data race (go test -race).
+func TestTrimmerReadsTheNetworkSafely(t *testing.T) {
+	pl, err := plan.ForSlot(8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := agent.New(agent.Config{Link: taptest.New(16), Plan: pl, DNSUpstreams: []string{"127.0.0.1:1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	p := &Process{}
+	stop := startTrimmer(0, p.activity)
+	defer stop()
+	time.Sleep(50 * time.Millisecond) // the trimmer has read once
+	p.setNetwork(a)
+	p.activity()
 }

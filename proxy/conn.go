@@ -1,10 +1,10 @@
 package proxy
 
 import (
-	"github.com/msbtap/msbtap/flow"
-
 	"context"
 	"net"
+
+	"github.com/msbtap/msbtap/flow"
 )
 
 // WrapConn returns c with prefix replayed before its own bytes, what is

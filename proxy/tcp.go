@@ -1,13 +1,13 @@
 package proxy
 
 import (
-	"github.com/msbtap/msbtap/flow"
-
 	"context"
 	"errors"
 	"io"
 	"net"
 	"sync"
+
+	"github.com/msbtap/msbtap/flow"
 )
 
 // relayBufSize is the size of each direction's copy buffer.

@@ -73,7 +73,8 @@ type Options struct {
 	// log and metrics); it runs on the packet path.
 	OnDecision func(*flow.Flow)
 	// Terminate is called on a terminate decision, after OnDecision; it
-	// must cut the network (Cut) before it returns. Default: Cut.
+	// should cut the network (Cut) before it returns, and the gateway
+	// cuts it after if it did not.
 	Terminate func(*flow.Flow)
 	DenyMode  DenyMode
 	// DNSUpstreams are the resolvers the agent forwards the guest's queries
@@ -320,7 +321,11 @@ func (st *Stack) report(fl *flow.Flow) {
 	if fl.Decision.Action == policy.Terminate {
 		if st.o.Terminate != nil {
 			st.o.Terminate(fl)
-		} else {
+		}
+		if !st.cut.Load() {
+			// Terminate did not cut: it had no gateway to cut yet (a
+			// frame decided before the agent kept New's result), or it
+			// fired once already. The network is cut regardless.
 			st.Cut()
 		}
 	}
@@ -434,6 +439,7 @@ func (c cutAware) Answer(src netip.AddrPort, q, a *dns.Msg) (*dns.Msg, *policy.V
 // gateway refused from now on. It may run on the packet path.
 func (st *Stack) Cut() {
 	st.cut.Store(true)
+	st.flows.Cut()
 	st.tcp.resetAll()
 	if st.fast != nil {
 		st.fast.ResetAll()

@@ -92,7 +92,7 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 		r.Complete(true)
 		return
 	}
-	if !st.dialAllowed(fl) {
+	if st.cut.Load() || !st.dialAllowed(fl) { // an ask answered after a cut dials nothing
 		r.Complete(true)
 		return
 	}
@@ -108,6 +108,11 @@ func (t *tcpRelay) handle(r *tcp.ForwarderRequest) {
 	if err != nil {
 		st.stats.dialFailed.Add(1)
 		st.o.Log.Debug("tcp dial failed", "src", src, "dst", dst, "err", err)
+		r.Complete(true)
+		return
+	}
+	if st.cut.Load() { // cut while it dialled (the table resets one that slips past this)
+		up.Close()
 		r.Complete(true)
 		return
 	}
@@ -289,8 +294,13 @@ func (st *Stack) openFast(p *wire.Packet, seg wire.TCPSegment, fl *flow.Flow) {
 		st.r.sendTCPReset(p, seg)
 		return
 	}
+	// A reset (flows close, revocation, a cut) may come before the
+	// translator has the connection: it is remembered, and the opener
+	// resets the connection once it has it.
 	var h atomic.Pointer[tcpfast.Conn]
+	var ended atomic.Bool
 	fl.Open(func() {
+		ended.Store(true)
 		if c := h.Load(); c != nil {
 			c.Reset()
 		}
@@ -310,6 +320,10 @@ func (st *Stack) openFast(p *wire.Packet, seg wire.TCPSegment, fl *flow.Flow) {
 		return
 	}
 	h.Store(c)
+	if ended.Load() || st.cut.Load() { // the translator's ResetAll may have run before it had c
+		c.Reset()
+		return
+	}
 	st.stats.total.Add(1)
 	st.o.Log.Debug("tcp flow on the fast path", "id", fl.ID, "src", fl.Src, "dst", fl.Dst)
 }
