@@ -9,7 +9,6 @@ import (
 	"strings"
 
 	"github.com/miekg/dns"
-	"golang.org/x/sys/unix"
 
 	"github.com/msbtap/msbtap/control"
 	"github.com/msbtap/msbtap/dnsproxy"
@@ -66,12 +65,10 @@ func (a *Agent) buildSecrets() error {
 	if err != nil {
 		return fielderr.Wrap("secret", err)
 	}
+	// The values are in this process's memory from now on: whoever runs
+	// the agent keeps it out of core dumps and ptrace (package process
+	// sets PR_SET_DUMPABLE to 0 before the network is built).
 	a.secrets = st
-	// A core of the agent would hold the values: none is written, and no
-	// process of the same user may trace it.
-	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
-		return fmt.Errorf("keep secrets out of core dumps: %w", err)
-	}
 	if sc.EnvOut != "" {
 		if err := writeFile(sc.EnvOut, []byte(strings.Join(st.Env(), "\n")+"\n"), 0o600); err != nil {
 			return fielderr.Wrap("secrets_env_out", err)

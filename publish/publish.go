@@ -74,6 +74,9 @@ type ingressSession struct {
 	guestPort uint16
 	v6        bool
 	lastSeen  atomic.Int64
+	// fl is the client's flow: listed, closed and revoked like any, its
+	// meters counting and pacing the datagrams (Up: into the sandbox).
+	fl *flow.Flow
 }
 
 // ErrGuestRefused means nothing listens on the guest's port at that address
@@ -191,6 +194,9 @@ func (p *Ports) ResetAll() {
 	defer p.mu.Unlock()
 	for c := range p.conns {
 		proxy.ResetConn(c)
+	}
+	for _, s := range p.sessions {
+		s.fl.Close()
 	}
 	clear(p.sessions)
 	clear(p.byGwPort)

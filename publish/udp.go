@@ -27,6 +27,10 @@ func (p *Ports) routineReadUDP(idx int, sock *net.UDPConn, s portspec.Spec) {
 			continue
 		}
 		sess.lastSeen.Store(time.Now().UnixNano())
+		if !sess.fl.Up.Shaper.Allow(n) {
+			continue // over the sandbox's rate: a datagram cannot wait
+		}
+		sess.fl.Up.Bytes.Add(uint64(n))
 		p.o.SendToGuest(sess.gwPort, sess.guestPort, sess.v6, buf[:n])
 	}
 }
@@ -39,26 +43,54 @@ func (p *Ports) udpSession(k udpClientKey, sock *net.UDPConn, s portspec.Spec) *
 	if sess != nil {
 		return sess
 	}
-	if !p.o.Allow(policy.UDP, k.client, s.Host).Allowed() {
+	fl := p.o.Allow(policy.UDP, k.client, s.Host)
+	if !fl.Allowed() {
 		p.denied.Add(1)
 		return nil
 	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if sess = p.sessions[k]; sess != nil {
+		p.mu.Unlock()
 		return sess
 	}
 	port, ok := p.allocPortLocked()
 	if !ok {
+		p.mu.Unlock()
 		p.failed.Add(1)
 		return nil
 	}
-	sess = &ingressSession{key: k, sock: sock, gwPort: port, guestPort: s.GuestPort, v6: s.GuestV6}
+	sess = &ingressSession{key: k, sock: sock, gwPort: port, guestPort: s.GuestPort, v6: s.GuestV6, fl: fl}
 	sess.lastSeen.Store(time.Now().UnixNano())
 	p.sessions[k] = sess
 	p.byGwPort[port] = sess
 	p.accepted.Add(1)
+	p.mu.Unlock()
+	// Outside the lock: a flow opened after a cut is reset at once, which
+	// forgets the session.
+	fl.Open(func() { p.forget(sess) })
+	if _, still := p.session(k); !still {
+		return nil
+	}
 	return sess
+}
+
+// session returns client k's session, if it has one.
+func (p *Ports) session(k udpClientKey) (*ingressSession, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s, ok := p.sessions[k]
+	return s, ok
+}
+
+// forget ends a UDP client's session (flows close, revocation, a cut).
+func (p *Ports) forget(s *ingressSession) {
+	p.mu.Lock()
+	if p.sessions[s.key] == s {
+		delete(p.sessions, s.key)
+		delete(p.byGwPort, s.gwPort)
+	}
+	p.mu.Unlock()
+	s.fl.Close()
 }
 
 func (p *Ports) allocPortLocked() (uint16, bool) {
@@ -89,7 +121,10 @@ func (p *Ports) HandleGuestReply(gwPort uint16, guestSrc netip.AddrPort, payload
 		return false
 	}
 	sess.lastSeen.Store(time.Now().UnixNano())
-	_, _ = sess.sock.WriteToUDPAddrPort(payload, sess.key.client)
+	if sess.fl.Down.Shaper.Allow(len(payload)) {
+		sess.fl.Down.Bytes.Add(uint64(len(payload)))
+		_, _ = sess.sock.WriteToUDPAddrPort(payload, sess.key.client)
+	}
 	return true
 }
 
@@ -107,6 +142,7 @@ func (p *Ports) routineSweepUDP() {
 				if now.Sub(time.Unix(0, s.lastSeen.Load())) >= p.o.UDPIdleTimeout {
 					delete(p.sessions, k)
 					delete(p.byGwPort, s.gwPort)
+					s.fl.Close()
 				}
 			}
 			p.mu.Unlock()
