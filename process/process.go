@@ -88,8 +88,9 @@ type Process struct {
 	// before the network exists.
 	netRef atomic.Pointer[agent.Agent]
 	ns     netns.Handle
-	// terminatedOut is Config.TerminatedFD, told of a fatal violation.
-	terminatedOut *os.File
+	// terminatedOut is Config.TerminatedFD (0: none), told of a fatal
+	// violation; written with write(2), never waited on.
+	terminatedOut int
 	sandboxPID    atomic.Int32 // the -- COMMAND's init
 	// keeper does the file work once the process is no longer root (nil
 	// when there is none to do).
@@ -189,7 +190,12 @@ func (p *Process) openFDs() error {
 			return fielderr.Bad("terminated_fd", cfg.TerminatedFD, "not an open file descriptor")
 		}
 		unix.CloseOnExec(cfg.TerminatedFD)
-		p.terminatedOut = os.NewFile(uintptr(cfg.TerminatedFD), "terminated-fd")
+		// The notice is written on the packet path, before the network is
+		// cut: a reader that does not read must not hold the cut back.
+		if err := unix.SetNonblock(cfg.TerminatedFD, true); err != nil {
+			return fielderr.Bad("terminated_fd", cfg.TerminatedFD, "%v", err)
+		}
+		p.terminatedOut = cfg.TerminatedFD
 	}
 	return nil
 }
@@ -268,8 +274,8 @@ func (p *Process) buildLink() (tap.Device, error) {
 func (p *Process) halt() agent.Halt {
 	return agent.Halt{
 		Notify: func() {
-			if p.terminatedOut != nil {
-				p.terminatedOut.WriteString("terminated\n")
+			if p.terminatedOut > 0 {
+				_, _ = unix.Write(p.terminatedOut, []byte("terminated\n"))
 			}
 		},
 		Kill: func() {
