@@ -14,12 +14,14 @@ import (
 )
 
 var barColors = map[string]color.RGBA{
-	"kernel":      {120, 120, 120, 255},
-	"slirp4netns": {230, 160, 40, 255},
-	"pasta":       {70, 130, 200, 255},
-	"gvproxy":     {170, 90, 190, 255},
-	"msbtap":      {40, 170, 90, 255},
-	"msbtap-fast": {20, 110, 60, 255},
+	"kernel":        {120, 120, 120, 255},
+	"slirp4netns":   {230, 160, 40, 255},
+	"pasta":         {70, 130, 200, 255},
+	"gvproxy":       {170, 90, 190, 255},
+	"msbtap":        {40, 170, 90, 255},
+	"msbtap-fast":   {20, 110, 60, 255},
+	"msbtap-b":      {150, 200, 90, 255},
+	"msbtap-fast-b": {90, 140, 40, 255},
 }
 
 // writeChart draws one panel per figure: a bar per backend, scaled to the

@@ -65,6 +65,7 @@ type Report struct {
 var (
 	msbtapBin, testhostBin     string
 	gvproxyBin, gvforwarderBin string
+	compareBin                 string
 	seconds, rounds            int
 	backends                   = []string{"kernel", "slirp4netns", "pasta", "gvproxy", "msbtap", "msbtap-fast"}
 	// peers are the backends msbtap is judged against.
@@ -80,6 +81,7 @@ func main() {
 	flag.StringVar(&gvforwarderBin, "gvforwarder", "bin/peers/vm", "gvisor-tap-vsock's guest-side forwarder (cmd/vm)")
 	flag.IntVar(&seconds, "seconds", 4, "seconds per throughput, rr and crr run")
 	flag.IntVar(&rounds, "rounds", 3, "rounds: every backend is measured once per round, in a rotating order")
+	flag.StringVar(&compareBin, "compare", "", "a second msbtap binary, measured as the backends msbtap-b and msbtap-fast-b (name them in -only): a before and after in the same rounds")
 	out := flag.String("out", "results", "folder for the JSON and PNG results")
 	only := flag.String("only", "", "comma-separated backends to run (default all)")
 	flag.StringVar(&profileDir, "profile", "", "folder for CPU profiles of msbtap during rr and crr (default none)")
@@ -90,7 +92,10 @@ func main() {
 	if *only != "" {
 		backends = strings.Split(*only, ",")
 	}
-	for _, b := range []*string{&msbtapBin, &testhostBin, &gvproxyBin, &gvforwarderBin} {
+	for _, b := range []*string{&msbtapBin, &testhostBin, &gvproxyBin, &gvforwarderBin, &compareBin} {
+		if *b == "" {
+			continue
+		}
 		p, err := filepath.Abs(*b)
 		if err != nil {
 			log.Fatal(err)

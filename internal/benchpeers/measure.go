@@ -167,15 +167,22 @@ func (w *world) attach(b string, mtu int) (*exec.Cmd, error) {
 			time.Sleep(100 * time.Millisecond)
 		}
 		return p, fmt.Errorf("gvproxy's gateway never answered")
-	case "msbtap", "msbtap-fast":
+	case "msbtap", "msbtap-fast", "msbtap-b", "msbtap-fast-b":
 		args := []string{"run", "--netns", w.sandbox, "--policy", "allow-all", "--mtu", strconv.Itoa(mtu), "--log-level", "warn"}
-		if b == "msbtap-fast" { // the TCP fast path (issue 27)
+		if strings.HasPrefix(b, "msbtap-fast") { // the TCP fast path (issue 27)
 			args = append(args, "--fast-path", "on")
 		}
 		if profileDir != "" {
 			args = append(args, "--metrics-addr", profileAddr, "--pprof")
 		}
-		p := w.start(w.host, append([]string{msbtapBin}, args...)...)
+		bin := msbtapBin
+		if strings.HasSuffix(b, "-b") {
+			if compareBin == "" {
+				return nil, fmt.Errorf("%s needs -compare BINARY", b)
+			}
+			bin = compareBin
+		}
+		p := w.start(w.host, append([]string{bin}, args...)...)
 		return p, waitLink(w.sandbox, "eth0")
 	}
 	return nil, fmt.Errorf("unknown backend %q", b)
@@ -241,18 +248,24 @@ func measure(b string, mtu int, pt ports, resources bool) (r result, err error) 
 	}
 	cpu0 := cpuSeconds(pid)
 	var bytes float64
-	if r.upload, bytes, err = iperf(w.sandbox, pt.iperf, false); err != nil {
+	stopProfile := w.profile(b, "upload", mtu)
+	r.upload, bytes, err = iperf(w.sandbox, pt.iperf, false)
+	stopProfile()
+	if err != nil {
 		return r, err
 	}
 	var bytes2 float64
-	if r.download, bytes2, err = iperf(w.sandbox, pt.iperf, true); err != nil {
+	stopProfile = w.profile(b, "download", mtu)
+	r.download, bytes2, err = iperf(w.sandbox, pt.iperf, true)
+	stopProfile()
+	if err != nil {
 		return r, err
 	}
 	if pid > 0 && bytes+bytes2 > 0 {
 		r.cpuPerGB = (cpuSeconds(pid) - cpu0) / ((bytes + bytes2) / 1e9)
 	}
 	r.cpuPerRR, r.cpuPerCRR = -1, -1
-	stopProfile := w.profile(b, "rr", mtu)
+	stopProfile = w.profile(b, "rr", mtu)
 	c0, t0 := treeCPUSeconds(backendPIDs), time.Now()
 	out, err := ns(w.sandbox, testhostBin, "rr", w.addr(pt.echo), strconv.Itoa(seconds), "latency").CombinedOutput()
 	c1, t1 := treeCPUSeconds(backendPIDs), time.Now()
@@ -333,8 +346,8 @@ func ppid(pid int) int {
 	return n
 }
 
-// profileDir (-profile DIR) keeps CPU profiles of msbtap during its rr and
-// crr runs, for the latency work: DIR/msbtap-rr-1500.pprof and so on, read
+// profileDir (-profile DIR) keeps CPU profiles of msbtap and msbtap-fast
+// during each run: DIR/msbtap-fast-crr-1500-PORT.pprof and so on, read
 // with go tool pprof bin/msbtap FILE.
 var profileDir string
 
