@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "bench-peers: run as root (or with sudo): make bench-peers" >&2; exit 1; }
 missing=""
-for p in slirp4netns passt iperf3 iproute2; do
+for p in slirp4netns passt iperf3 iproute2 iputils-ping; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
 if [ -n "$missing" ]; then

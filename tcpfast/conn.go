@@ -76,7 +76,7 @@ type conn struct {
 	done     bool
 
 	// per-connection counts, logged at its end
-	nPartial, nOOO, nRewind uint32
+	nPartial, nOOO, nRewind, nDropped uint32
 }
 
 // finish tells the owner, once.
@@ -88,7 +88,7 @@ func (c *conn) finish() {
 	c.t.held -= c.oooBytes + len(c.over)
 	c.ooo, c.oooBytes, c.over = nil, 0, nil
 	c.t.o.Log.Debug("fast path connection ended", "guest", c.guest, "dst", c.dst,
-		"partial_sends", c.nPartial, "out_of_order", c.nOOO, "rewinds", c.nRewind)
+		"partial_sends", c.nPartial, "out_of_order", c.nOOO, "rewinds", c.nRewind, "dropped", c.nDropped)
 	if c.fl.Done != nil {
 		c.fl.Done()
 	}
@@ -410,8 +410,18 @@ func (c *conn) hold(seq uint32, data []byte, fin bool) {
 func (c *conn) deliver(data []byte, fin, more bool) bool {
 	if len(data) > 0 {
 		if len(c.over) > 0 {
+			// The socket may have room again: its EPOLLOUT comes only
+			// after it was found full, and the tick is 10 ms away, in
+			// which a guest sends megabytes.
+			c.flushOver()
+			if c.state != stateEstablished || c.fd < 0 {
+				return false
+			}
+		}
+		if len(c.over) > 0 {
 			// Behind bytes the socket has not taken yet: queue, in order.
 			if len(c.over)+len(data) > maxOver || c.t.held+len(data) > maxHeld {
+				c.nDropped++
 				return true // past what we let the guest send: it sends again
 			}
 			c.over = append(c.over, data...)
@@ -434,6 +444,7 @@ func (c *conn) deliver(data []byte, fin, more bool) bool {
 					c.over = append(c.over[:0], data[took:]...)
 					c.t.held += rest
 				} else {
+					c.nDropped++
 					c.rcvNxt += uint32(took)
 					fin = false
 					goto done
@@ -675,9 +686,7 @@ func (c *conn) socketEvent(ev uint32) {
 			c.gone()
 			return
 		}
-		c.state = stateSynAckSent
-		c.deadline = c.t.now.Add(minRTO)
-		c.sendSynAck()
+		c.established()
 		return
 	case stateSynAckSent:
 		return // data waits for the guest's ACK
@@ -705,6 +714,13 @@ func (c *conn) socketEvent(ev uint32) {
 		}
 	}
 	c.maybeClose()
+}
+
+// established answers the guest's SYN: the host socket is connected.
+func (c *conn) established() {
+	c.state = stateSynAckSent
+	c.deadline = c.t.now.Add(minRTO)
+	c.sendSynAck()
 }
 
 // timers runs c's timers at the tick.

@@ -301,8 +301,26 @@ func (t *Translator) Open(p *wire.Packet, seg wire.TCPSegment, fl Flow) (*Conn, 
 	t.byFD[int32(fd)] = c
 	t.count.Store(int32(len(t.conns)))
 	t.stats.Opened++
-	t.wake() // the loop ticks from now on
+	if len(t.conns) == 1 {
+		t.wake() // the loop sleeps without a timeout while there are none: it ticks from now on
+	}
+	if connected(fd) {
+		// A server on this host (or a veth away) has often answered
+		// before connect returned: the guest gets its SYN-ACK now, not
+		// after a wake-up of the loop. The loop's event for it finds
+		// the SYN-ACK sent.
+		c.established()
+		t.flushLocked()
+	}
 	return &Conn{c: c}, nil
+}
+
+// connected reports whether a non-blocking connect has completed
+// successfully already (a failure is left to the loop's event).
+func connected(fd int) bool {
+	fds := [1]unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+	n, err := unix.Poll(fds[:], 0)
+	return err == nil && n == 1 && fds[0].Revents&(unix.POLLERR|unix.POLLHUP) == 0 && fds[0].Revents&unix.POLLOUT != 0
 }
 
 // Conn is a fast-path connection, for the flow table.

@@ -14,11 +14,14 @@ import (
 )
 
 var barColors = map[string]color.RGBA{
-	"kernel":      {120, 120, 120, 255},
-	"slirp4netns": {230, 160, 40, 255},
-	"pasta":       {70, 130, 200, 255},
-	"gvproxy":     {170, 90, 190, 255},
-	"msbtap":      {40, 170, 90, 255},
+	"kernel":        {120, 120, 120, 255},
+	"slirp4netns":   {230, 160, 40, 255},
+	"pasta":         {70, 130, 200, 255},
+	"gvproxy":       {170, 90, 190, 255},
+	"msbtap":        {40, 170, 90, 255},
+	"msbtap-fast":   {20, 110, 60, 255},
+	"msbtap-b":      {150, 200, 90, 255},
+	"msbtap-fast-b": {90, 140, 40, 255},
 }
 
 // writeChart draws one panel per figure: a bar per backend, scaled to the
@@ -51,14 +54,14 @@ func writeChart(rep *Report, path string) error {
 		if max == 0 {
 			continue
 		}
-		bw, base, height := 50, y0+ph-20, ph-60
+		bw, base, height := 40, y0+ph-20, ph-60
 		for j, b := range backends {
 			v, ok := c.Values[b]
 			if !ok {
 				continue
 			}
 			h := int(v / max * float64(height))
-			x := x0 + 15 + j*(bw+15)
+			x := x0 + 15 + j*(bw+12)
 			fill(img, image.Rect(x, base-h, x+bw, base), barColors[b])
 			label := fmt.Sprintf("%.0f", v)
 			if c.Unit == "Gbit/s" || c.Unit == "µs" {

@@ -2,9 +2,15 @@
 // (veth plus routing), slirp4netns, pasta and gvproxy (gvisor-tap-vsock),
 // in one run on this machine: TCP throughput both ways (iperf3), 1-byte
 // request/response rate with its median and 99th percentile latency,
-// connection rate, at MTU 1500 and 65520, plus msbtap's memory and CPU
-// cost. It prints a table of each figure and msbtap's ratios, and writes
-// the same as JSON and a PNG chart. Run by `make bench-peers` as root.
+// connection rate, the backend's CPU per transaction, at MTU 1500 and
+// 65520, plus msbtap's memory and CPU cost. msbtap is measured twice: as
+// it runs by default, and with the TCP fast path (msbtap-fast).
+//
+// Each figure is measured over several rounds (-rounds, 3) in which the
+// backends take turns in a rotating order, each in namespaces and on server
+// ports of its own, so that none is always measured first or last; the
+// table gives the median and the spread (min–max). It writes the same as
+// JSON and a PNG chart. Run by `make bench-peers` as root.
 package main
 
 import (
@@ -15,6 +21,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -24,21 +31,26 @@ const (
 	hostAddr  = "198.51.100.1"
 	inetAddr  = "198.51.100.2"
 	serverIP  = "198.51.100.10"
-	echoPort  = "7003"
-	holdPort  = "7001"
 	kernelNet = "10.99.0"
+	// Server ports start here; each measurement takes the next ones.
+	firstPort = 7100
 )
 
 // Cell is one measured figure.
 type Cell struct {
-	Metric  string             `json:"metric"` // upload, download, rr, crr
-	MTU     int                `json:"mtu"`
-	Unit    string             `json:"unit"`
-	Values  map[string]float64 `json:"values"` // backend → value
-	Ratios  map[string]float64 `json:"msbtap_ratio"`
-	Target  string             `json:"target"`
-	Meets   *bool              `json:"meets_target,omitempty"`
-	comment string
+	Metric  string               `json:"metric"` // upload, download, rr, rr p50, rr p99, crr, cpu/rr, cpu/crr
+	MTU     int                  `json:"mtu"`
+	Unit    string               `json:"unit"`
+	Values  map[string]float64   `json:"values"`  // backend → median of the rounds
+	Samples map[string][]float64 `json:"samples"` // backend → every round's value
+	// Ratios are msbtap's and msbtap-fast's medians over each backend's,
+	// keyed "msbtap/pasta" and so on.
+	Ratios map[string]float64 `json:"ratios"`
+	Target string             `json:"target"`
+	// Meets says whether msbtap-fast (or msbtap, where it alone ran)
+	// meets the target.
+	Meets *bool `json:"meets_target,omitempty"`
+	lower bool  // lower is better
 }
 
 // Report is everything one run measured.
@@ -53,8 +65,9 @@ type Report struct {
 var (
 	msbtapBin, testhostBin     string
 	gvproxyBin, gvforwarderBin string
-	seconds                    int
-	backends                   = []string{"kernel", "slirp4netns", "pasta", "gvproxy", "msbtap"}
+	compareBin                 string
+	seconds, rounds            int
+	backends                   = []string{"kernel", "slirp4netns", "pasta", "gvproxy", "msbtap", "msbtap-fast"}
 	// peers are the backends msbtap is judged against.
 	peers = []string{"slirp4netns", "pasta", "gvproxy"}
 )
@@ -67,6 +80,8 @@ func main() {
 	flag.StringVar(&gvproxyBin, "gvproxy", "bin/peers/gvproxy", "gvproxy binary (gvisor-tap-vsock)")
 	flag.StringVar(&gvforwarderBin, "gvforwarder", "bin/peers/vm", "gvisor-tap-vsock's guest-side forwarder (cmd/vm)")
 	flag.IntVar(&seconds, "seconds", 4, "seconds per throughput, rr and crr run")
+	flag.IntVar(&rounds, "rounds", 3, "rounds: every backend is measured once per round, in a rotating order")
+	flag.StringVar(&compareBin, "compare", "", "a second msbtap binary, measured as the backends msbtap-b and msbtap-fast-b (name them in -only): a before and after in the same rounds")
 	out := flag.String("out", "results", "folder for the JSON and PNG results")
 	only := flag.String("only", "", "comma-separated backends to run (default all)")
 	flag.StringVar(&profileDir, "profile", "", "folder for CPU profiles of msbtap during rr and crr (default none)")
@@ -77,7 +92,10 @@ func main() {
 	if *only != "" {
 		backends = strings.Split(*only, ",")
 	}
-	for _, b := range []*string{&msbtapBin, &testhostBin, &gvproxyBin, &gvforwarderBin} {
+	for _, b := range []*string{&msbtapBin, &testhostBin, &gvproxyBin, &gvforwarderBin, &compareBin} {
+		if *b == "" {
+			continue
+		}
 		p, err := filepath.Abs(*b)
 		if err != nil {
 			log.Fatal(err)
@@ -93,31 +111,62 @@ func main() {
 		if c, ok := cells[k]; ok {
 			return c
 		}
-		c := &Cell{Metric: metric, MTU: mtu, Unit: unit, Values: map[string]float64{}, Ratios: map[string]float64{}}
+		c := &Cell{Metric: metric, MTU: mtu, Unit: unit, Values: map[string]float64{}, Samples: map[string][]float64{},
+			Ratios: map[string]float64{}, lower: unit == "µs"}
 		cells[k] = c
 		rep.Cells = append(rep.Cells, c)
 		return c
 	}
-	for _, mtu := range []int{1500, 65520} {
-		for _, b := range backends {
-			log.Printf("%s at MTU %d", b, mtu)
-			r, err := measure(b, mtu, mtu == 1500 && b == "msbtap")
-			if err != nil {
-				log.Printf("  %s at MTU %d failed: %v", b, mtu, err)
-				continue
+	add := func(metric string, mtu int, unit, b string, v float64) {
+		if v < 0 {
+			return // not measured for this backend
+		}
+		c := cell(metric, mtu, unit)
+		c.Samples[b] = append(c.Samples[b], v)
+	}
+	port := firstPort
+	for round := 0; round < rounds; round++ {
+		for _, mtu := range []int{1500, 65520} {
+			// Each round starts one backend further on: over the rounds
+			// each backend runs early, late and in between.
+			for i := range backends {
+				b := backends[(i+round)%len(backends)]
+				pt := ports{echo: port, hold: port + 1, iperf: port + 2}
+				port += 3
+				log.Printf("round %d: %s at MTU %d (ports %d-%d)", round+1, b, mtu, pt.echo, pt.iperf)
+				withResources := round == 0 && mtu == 1500 && strings.HasPrefix(b, "msbtap")
+				r, err := measure(b, mtu, pt, withResources)
+				if err != nil {
+					log.Printf("  %s at MTU %d failed: %v", b, mtu, err)
+					continue
+				}
+				add("upload", mtu, "Gbit/s", b, r.upload)
+				add("download", mtu, "Gbit/s", b, r.download)
+				add("rr", mtu, "transactions/s", b, r.rr)
+				add("rr p50", mtu, "µs", b, r.p50)
+				add("rr p99", mtu, "µs", b, r.p99)
+				add("crr", mtu, "connections/s", b, r.crr)
+				add("cpu/rr", mtu, "µs", b, r.cpuPerRR)
+				add("cpu/crr", mtu, "µs", b, r.cpuPerCRR)
+				for k, v := range r.resources {
+					if b == "msbtap-fast" {
+						k = "fast_" + k
+					}
+					rep.Msbtap[k] = v
+				}
+				if strings.HasPrefix(b, "msbtap") {
+					k := fmt.Sprintf("cpu_seconds_per_gb_mtu%d", mtu)
+					if b == "msbtap-fast" {
+						k = "fast_" + k
+					}
+					rep.Msbtap[k] += r.cpuPerGB / float64(rounds)
+				}
 			}
-			cell("upload", mtu, "Gbit/s").Values[b] = r.upload
-			cell("download", mtu, "Gbit/s").Values[b] = r.download
-			cell("rr", mtu, "transactions/s").Values[b] = r.rr
-			cell("rr p50", mtu, "µs").Values[b] = r.p50
-			cell("rr p99", mtu, "µs").Values[b] = r.p99
-			cell("crr", mtu, "connections/s").Values[b] = r.crr
-			for k, v := range r.resources {
-				rep.Msbtap[k] = v
-			}
-			if b == "msbtap" {
-				rep.Msbtap[fmt.Sprintf("cpu_seconds_per_gb_mtu%d", mtu)] = r.cpuPerGB
-			}
+		}
+	}
+	for _, c := range rep.Cells {
+		for b, vs := range c.Samples {
+			c.Values[b] = median(vs)
 		}
 	}
 	for _, c := range rep.Cells {
@@ -159,20 +208,43 @@ func run(name string, args ...string) string {
 	return string(out)
 }
 
-// judge computes msbtap's ratios and checks the issue's targets.
-func judge(c *Cell) {
-	m, ok := c.Values["msbtap"]
-	if !ok {
-		return
+// median is the middle of vs (the mean of the middle two when even).
+func median(vs []float64) float64 {
+	s := slices.Clone(vs)
+	slices.Sort(s)
+	n := len(s)
+	if n == 0 {
+		return 0
 	}
-	for b, v := range c.Values {
-		if b != "msbtap" && v > 0 {
-			c.Ratios[b] = m / v
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// judge computes msbtap's and msbtap-fast's ratios and checks the issue's
+// targets on msbtap-fast (on msbtap where it alone ran).
+func judge(c *Cell) {
+	for _, mine := range []string{"msbtap", "msbtap-fast"} {
+		m, ok := c.Values[mine]
+		if !ok {
+			continue
+		}
+		for b, v := range c.Values {
+			if b != mine && v > 0 {
+				c.Ratios[mine+"/"+b] = m / v
+			}
+		}
+	}
+	m, ok := c.Values["msbtap-fast"]
+	if !ok {
+		if m, ok = c.Values["msbtap"]; !ok {
+			return
 		}
 	}
 	bestPeer := 0.0
 	for _, p := range peers {
-		if v, ok := c.Values[p]; ok && (bestPeer == 0 || (c.Unit == "µs") == (v < bestPeer)) {
+		if v, ok := c.Values[p]; ok && (bestPeer == 0 || c.lower == (v < bestPeer)) {
 			bestPeer = v
 		}
 	}
@@ -185,42 +257,54 @@ func judge(c *Cell) {
 			c.Target += ", ≥0.5× kernel"
 			ok2 = ok2 && c.Values["kernel"] > 0 && m >= 0.5*c.Values["kernel"]
 		}
-	case "rr":
+	case "rr", "crr":
 		c.Target = "≥ best peer"
 		ok2 = bestPeer > 0 && m >= bestPeer
-	case "rr p50", "rr p99":
+	case "rr p50", "rr p99", "cpu/rr", "cpu/crr":
 		c.Target = "≤ best peer"
 		ok2 = bestPeer > 0 && m <= bestPeer
-	case "crr":
-		c.Target = "≥ best peer"
-		ok2 = bestPeer > 0 && m >= bestPeer
+	default:
+		return
 	}
 	c.Meets = &ok2
 }
 
 func printTable(rep *Report) {
-	fmt.Printf("\nmsbtap bench-peers, %s, %s\n", rep.Time, rep.Machine)
+	fmt.Printf("\nmsbtap bench-peers, %s, %s, %d rounds of %d s runs: median (min–max)\n", rep.Time, rep.Machine, rounds, seconds)
 	for _, k := range []string{"msbtap", "slirp4netns", "pasta", "gvproxy", "iperf3"} {
 		fmt.Printf("  %s: %s\n", k, rep.Versions[k])
 	}
-	fmt.Printf("\n| figure | MTU | kernel | slirp4netns | pasta | gvproxy | msbtap | ×kernel | ×slirp4netns | ×pasta | ×gvproxy | target | met |\n")
-	fmt.Printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Println("  cpu/rr, cpu/crr: the backend's CPU time (user+system, all its processes) per transaction or connection")
+	fmt.Printf("\n| figure | MTU |")
+	for _, b := range backends {
+		fmt.Printf(" %s |", b)
+	}
+	fmt.Printf(" fast ×msbtap | fast ×pasta | target (fast) | met |\n|---|---|")
+	for range backends {
+		fmt.Printf("---|")
+	}
+	fmt.Printf("---|---|---|---|\n")
 	for _, c := range rep.Cells {
-		f := func(b string) string {
-			v, ok := c.Values[b]
-			if !ok {
-				return "—"
-			}
-			switch c.Unit {
-			case "Gbit/s":
+		num := func(v float64) string {
+			switch {
+			case c.Unit == "Gbit/s":
 				return strconv.FormatFloat(v, 'f', 2, 64)
-			case "µs":
+			case c.Unit == "µs":
 				return strconv.FormatFloat(v, 'f', 1, 64)
 			}
 			return strconv.FormatFloat(v, 'f', 0, 64)
 		}
-		r := func(b string) string {
-			if v, ok := c.Ratios[b]; ok {
+		fmt.Printf("| %s (%s) | %d |", c.Metric, c.Unit, c.MTU)
+		for _, b := range backends {
+			vs, ok := c.Samples[b]
+			if !ok {
+				fmt.Printf(" — |")
+				continue
+			}
+			fmt.Printf(" %s (%s–%s) |", num(c.Values[b]), num(slices.Min(vs)), num(slices.Max(vs)))
+		}
+		r := func(k string) string {
+			if v, ok := c.Ratios[k]; ok {
 				return strconv.FormatFloat(v, 'f', 2, 64)
 			}
 			return "—"
@@ -229,13 +313,15 @@ func printTable(rep *Report) {
 		if c.Meets != nil {
 			met = map[bool]string{true: "yes", false: "NO"}[*c.Meets]
 		}
-		fmt.Printf("| %s (%s) | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", c.Metric, c.Unit, c.MTU,
-			f("kernel"), f("slirp4netns"), f("pasta"), f("gvproxy"), f("msbtap"), r("kernel"), r("slirp4netns"), r("pasta"), r("gvproxy"), c.Target, met)
+		fmt.Printf(" %s | %s | %s | %s |\n", r("msbtap-fast/msbtap"), r("msbtap-fast/pasta"), c.Target, met)
 	}
 	fmt.Println()
-	for _, k := range []string{"rss_idle_kib", "rss_1000_idle_conns_kib", "rss_per_idle_conn_kib", "cpu_seconds_per_gb_mtu1500", "cpu_seconds_per_gb_mtu65520"} {
-		if v, ok := rep.Msbtap[k]; ok {
-			fmt.Printf("msbtap %s: %.2f\n", k, v)
-		}
+	keys := make([]string, 0, len(rep.Msbtap))
+	for k := range rep.Msbtap {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		fmt.Printf("msbtap %s: %.2f\n", k, rep.Msbtap[k])
 	}
 }

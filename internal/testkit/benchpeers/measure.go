@@ -17,8 +17,19 @@ type result struct {
 	upload, download, rr, crr float64 // Gbit/s, Gbit/s, per second, per second
 	p50, p99                  float64 // one 1-byte exchange, µs
 	cpuPerGB                  float64
-	resources                 map[string]float64
+	// cpuPerRR and cpuPerCRR are the backend's CPU time (user and system,
+	// every process of it) per rr transaction and per crr connection, µs;
+	// -1 where there is no backend process (the kernel path).
+	cpuPerRR, cpuPerCRR float64
+	resources           map[string]float64
 }
+
+// ports are the servers' ports of one measurement. Every backend and round
+// gets its own: a crr run leaves thousands of TIME_WAIT sockets toward its
+// server, and once the ephemeral ports toward one address and port are used
+// up connect() scans the range, which would make the backend measured next
+// pay for the one before.
+type ports struct{ echo, hold, iperf int }
 
 var seq int
 
@@ -28,6 +39,8 @@ type world struct {
 	sandbox, host, inet string
 	procs               []*exec.Cmd
 	links               []string
+	ports               ports
+	nServers            int // w.procs[nServers:] are the backend's
 }
 
 func ns(name string, args ...string) *exec.Cmd {
@@ -40,10 +53,10 @@ func must(cmd *exec.Cmd) {
 	}
 }
 
-func newWorld() *world {
+func newWorld(pt ports) *world {
 	seq++
 	id := fmt.Sprintf("%d%d", os.Getpid()%10000, seq)
-	w := &world{sandbox: "bps" + id, host: "bph" + id, inet: "bpi" + id}
+	w := &world{sandbox: "bps" + id, host: "bph" + id, inet: "bpi" + id, ports: pt}
 	for _, n := range []string{w.sandbox, w.host, w.inet} {
 		must(exec.Command("ip", "netns", "add", n))
 		must(ns(n, "ip", "link", "set", "lo", "up"))
@@ -61,11 +74,14 @@ func newWorld() *world {
 	// private namespaces it leads only to the test internet.
 	must(ns(w.host, "ip", "route", "add", "default", "via", inetAddr))
 	must(ns(w.inet, "ip", "route", "add", kernelNet+".0/24", "via", hostAddr))
-	w.start(w.inet, "iperf3", "-s")
-	w.start(w.inet, testhostBin, "serve", "--echo", serverIP+":"+echoPort, "--halfclose", serverIP+":"+holdPort)
+	w.start(w.inet, "iperf3", "-s", "-p", strconv.Itoa(pt.iperf))
+	w.start(w.inet, testhostBin, "serve", "--echo", w.addr(pt.echo), "--halfclose", w.addr(pt.hold))
+	w.nServers = len(w.procs)
 	time.Sleep(300 * time.Millisecond)
 	return w
 }
+
+func (w *world) addr(port int) string { return serverIP + ":" + strconv.Itoa(port) }
 
 func (w *world) start(n string, args ...string) *exec.Cmd {
 	c := ns(n, args...)
@@ -151,15 +167,22 @@ func (w *world) attach(b string, mtu int) (*exec.Cmd, error) {
 			time.Sleep(100 * time.Millisecond)
 		}
 		return p, fmt.Errorf("gvproxy's gateway never answered")
-	case "msbtap", "msbtap-fast":
+	case "msbtap", "msbtap-fast", "msbtap-b", "msbtap-fast-b":
 		args := []string{"run", "--netns", w.sandbox, "--policy", "allow-all", "--mtu", strconv.Itoa(mtu), "--log-level", "warn"}
-		if b == "msbtap-fast" { // the TCP fast path (issue 27)
+		if strings.HasPrefix(b, "msbtap-fast") { // the TCP fast path (issue 27)
 			args = append(args, "--fast-path", "on")
 		}
 		if profileDir != "" {
 			args = append(args, "--metrics-addr", profileAddr, "--pprof")
 		}
-		p := w.start(w.host, append([]string{msbtapBin}, args...)...)
+		bin := msbtapBin
+		if strings.HasSuffix(b, "-b") {
+			if compareBin == "" {
+				return nil, fmt.Errorf("%s needs -compare BINARY", b)
+			}
+			bin = compareBin
+		}
+		p := w.start(w.host, append([]string{bin}, args...)...)
 		return p, waitLink(w.sandbox, "eth0")
 	}
 	return nil, fmt.Errorf("unknown backend %q", b)
@@ -187,13 +210,13 @@ func waitRoute(n string) error {
 	return fmt.Errorf("no default route in %s", n)
 }
 
-func measure(b string, mtu int, resources bool) (r result, err error) {
+func measure(b string, mtu int, pt ports, resources bool) (r result, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = fmt.Errorf("%v", p)
 		}
 	}()
-	w := newWorld()
+	w := newWorld(pt)
 	defer w.close()
 	proc, err := w.attach(b, mtu)
 	if err != nil {
@@ -203,12 +226,16 @@ func measure(b string, mtu int, resources bool) (r result, err error) {
 	if strings.HasPrefix(b, "msbtap") && proc != nil {
 		pid = proc.Process.Pid
 	}
+	var backendPIDs []int
+	for _, p := range w.procs[w.nServers:] {
+		backendPIDs = append(backendPIDs, p.Process.Pid)
+	}
 	if resources && pid > 0 {
 		// Memory first, before throughput runs leave buffers behind.
 		time.Sleep(time.Second)
 		r.resources = map[string]float64{}
 		idle := rssKiB(pid)
-		hold := ns(w.sandbox, testhostBin, "hold", serverIP+":"+holdPort, "1000", "6")
+		hold := ns(w.sandbox, testhostBin, "hold", w.addr(pt.hold), "1000", "6")
 		if err := hold.Start(); err != nil {
 			return r, err
 		}
@@ -221,33 +248,106 @@ func measure(b string, mtu int, resources bool) (r result, err error) {
 	}
 	cpu0 := cpuSeconds(pid)
 	var bytes float64
-	if r.upload, bytes, err = iperf(w.sandbox, false); err != nil {
+	stopProfile := w.profile(b, "upload", mtu)
+	r.upload, bytes, err = iperf(w.sandbox, pt.iperf, false)
+	stopProfile()
+	if err != nil {
 		return r, err
 	}
 	var bytes2 float64
-	if r.download, bytes2, err = iperf(w.sandbox, true); err != nil {
+	stopProfile = w.profile(b, "download", mtu)
+	r.download, bytes2, err = iperf(w.sandbox, pt.iperf, true)
+	stopProfile()
+	if err != nil {
 		return r, err
 	}
 	if pid > 0 && bytes+bytes2 > 0 {
 		r.cpuPerGB = (cpuSeconds(pid) - cpu0) / ((bytes + bytes2) / 1e9)
 	}
-	stopProfile := w.profile(b, "rr", mtu)
-	out, err := ns(w.sandbox, testhostBin, "rr", serverIP+":"+echoPort, strconv.Itoa(seconds), "latency").CombinedOutput()
+	r.cpuPerRR, r.cpuPerCRR = -1, -1
+	stopProfile = w.profile(b, "rr", mtu)
+	c0, t0 := treeCPUSeconds(backendPIDs), time.Now()
+	out, err := ns(w.sandbox, testhostBin, "rr", w.addr(pt.echo), strconv.Itoa(seconds), "latency").CombinedOutput()
+	c1, t1 := treeCPUSeconds(backendPIDs), time.Now()
 	stopProfile()
 	if _, serr := fmt.Sscan(string(out), &r.rr, &r.p50, &r.p99); err != nil || serr != nil {
 		return r, fmt.Errorf("rr: %v %v %s", err, serr, out)
 	}
+	if len(backendPIDs) > 0 && r.rr > 0 {
+		// The transactions of the run: its rate over the wall time it
+		// took (the client's own figure covers a little less: its start).
+		r.cpuPerRR = (c1 - c0) / (r.rr * t1.Sub(t0).Seconds()) * 1e6
+	}
 	stopProfile = w.profile(b, "crr", mtu)
-	r.crr, err = number(ns(w.sandbox, testhostBin, "crr", serverIP+":"+echoPort, strconv.Itoa(seconds)))
+	c0, t0 = treeCPUSeconds(backendPIDs), time.Now()
+	r.crr, err = number(ns(w.sandbox, testhostBin, "crr", w.addr(pt.echo), strconv.Itoa(seconds)))
+	c1, t1 = treeCPUSeconds(backendPIDs), time.Now()
 	stopProfile()
 	if err != nil {
 		return r, fmt.Errorf("crr: %w", err)
 	}
+	if len(backendPIDs) > 0 && r.crr > 0 {
+		r.cpuPerCRR = (c1 - c0) / (r.crr * t1.Sub(t0).Seconds()) * 1e6
+	}
 	return r, nil
 }
 
-// profileDir (-profile DIR) keeps CPU profiles of msbtap during its rr and
-// crr runs, for the latency work: DIR/msbtap-rr-1500.pprof and so on, read
+// treeCPUSeconds is the CPU time of the processes pids and all their
+// descendants (msbtap's sandbox helpers, say).
+func treeCPUSeconds(pids []int) float64 {
+	if len(pids) == 0 {
+		return 0
+	}
+	children := map[int][]int{}
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if pp := ppid(pid); pp > 0 {
+			children[pp] = append(children[pp], pid)
+		}
+	}
+	total := 0.0
+	seen := map[int]bool{}
+	for todo := append([]int(nil), pids...); len(todo) > 0; {
+		p := todo[len(todo)-1]
+		todo = todo[:len(todo)-1]
+		if seen[p] {
+			continue
+		}
+		seen[p] = true
+		total += cpuSeconds(p)
+		todo = append(todo, children[p]...)
+	}
+	return total
+}
+
+func statFields(pid int) []string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return nil
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 || i+2 > len(s) {
+		return nil
+	}
+	return strings.Fields(s[i+2:])
+}
+
+func ppid(pid int) int {
+	f := statFields(pid)
+	if len(f) < 2 {
+		return 0
+	}
+	n, _ := strconv.Atoi(f[1])
+	return n
+}
+
+// profileDir (-profile DIR) keeps CPU profiles of msbtap and msbtap-fast
+// during each run: DIR/msbtap-fast-crr-1500-PORT.pprof and so on, read
 // with go tool pprof bin/msbtap FILE.
 var profileDir string
 
@@ -256,10 +356,10 @@ const profileAddr = "127.0.0.1:9465"
 // profile starts a CPU profile of msbtap for the run that follows, a
 // second shorter than it; the returned func waits for the file.
 func (w *world) profile(b, metric string, mtu int) (wait func()) {
-	if profileDir == "" || b != "msbtap" {
+	if profileDir == "" || !strings.HasPrefix(b, "msbtap") {
 		return func() {}
 	}
-	file := filepath.Join(profileDir, fmt.Sprintf("msbtap-%s-%d.pprof", metric, mtu))
+	file := filepath.Join(profileDir, fmt.Sprintf("%s-%s-%d-%d.pprof", b, metric, mtu, w.ports.echo))
 	url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", profileAddr, max(seconds-1, 1))
 	c := ns(w.host, "curl", "-sS", "-o", file, url)
 	if err := c.Start(); err != nil {
@@ -273,8 +373,8 @@ func (w *world) profile(b, metric string, mtu int) (wait func()) {
 	}
 }
 
-func iperf(sandbox string, reverse bool) (gbps, bytes float64, err error) {
-	args := []string{"iperf3", "-c", serverIP, "-t", strconv.Itoa(seconds), "-J"}
+func iperf(sandbox string, port int, reverse bool) (gbps, bytes float64, err error) {
+	args := []string{"iperf3", "-c", serverIP, "-p", strconv.Itoa(port), "-t", strconv.Itoa(seconds), "-J"}
 	if reverse {
 		args = append(args, "-R")
 	}
@@ -306,12 +406,10 @@ func cpuSeconds(pid int) float64 {
 	if pid == 0 {
 		return 0
 	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
+	f := statFields(pid)
+	if len(f) < 13 {
 		return 0
 	}
-	s := string(b)
-	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
 	ut, _ := strconv.ParseFloat(f[11], 64)
 	st, _ := strconv.ParseFloat(f[12], 64)
 	return (ut + st) / 100 // USER_HZ
