@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/msbtap/msbtap/internal/pattern"
-	"github.com/msbtap/msbtap/internal/testenv"
+	"github.com/msbtap/msbtap/internal/testkit/pattern"
+	"github.com/msbtap/msbtap/internal/testkit/testenv"
 	"github.com/msbtap/msbtap/netns"
 )
 
