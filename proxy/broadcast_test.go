@@ -7,8 +7,6 @@ import (
 	"syscall"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/msbtap/msbtap/internal/sockopt"
 )
 
@@ -19,15 +17,14 @@ var loopBroadcast = netip.MustParseAddrPort("127.255.255.255:9")
 
 func broadcastOpt(t *testing.T, c syscall.Conn) int {
 	t.Helper()
-	rc, err := c.SyscallConn()
+	on, err := sockopt.Broadcasts(c)
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, serr := -1, error(nil)
-	if err := rc.Control(func(fd uintptr) { v, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_BROADCAST) }); err != nil || serr != nil {
-		t.Fatal(err, serr)
+	if on {
+		return 1
 	}
-	return v
+	return 0
 }
 
 // TestAgentSocketsNeverBroadcast: Go sets SO_BROADCAST on every datagram

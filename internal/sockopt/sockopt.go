@@ -46,3 +46,18 @@ func ListenPacket(network, address string) (net.PacketConn, error) {
 	lc := net.ListenConfig{Control: NoBroadcast}
 	return lc.ListenPacket(context.Background(), network, address)
 }
+
+// Broadcasts reports whether c's socket has SO_BROADCAST set (for the
+// tests of every package that opens the agent's sockets).
+func Broadcasts(c syscall.Conn) (bool, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false, err
+	}
+	var v int
+	var serr error
+	if err := rc.Control(func(fd uintptr) { v, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_BROADCAST) }); err != nil {
+		return false, err
+	}
+	return v != 0, serr
+}

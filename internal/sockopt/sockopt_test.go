@@ -6,8 +6,6 @@ import (
 	"net/netip"
 	"syscall"
 	"testing"
-
-	"golang.org/x/sys/unix"
 )
 
 // loopBroadcast is the broadcast address of lo's 127.0.0.0/8: the kernel
@@ -17,15 +15,14 @@ var loopBroadcast = netip.MustParseAddrPort("127.255.255.255:9")
 
 func broadcastOpt(t *testing.T, c syscall.Conn) int {
 	t.Helper()
-	rc, err := c.SyscallConn()
+	on, err := Broadcasts(c)
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, serr := -1, error(nil)
-	if err := rc.Control(func(fd uintptr) { v, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_BROADCAST) }); err != nil || serr != nil {
-		t.Fatal(err, serr)
+	if on {
+		return 1
 	}
-	return v
+	return 0
 }
 
 // TestSocketsNeverBroadcast: Go sets SO_BROADCAST on every datagram
