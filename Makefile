@@ -48,8 +48,11 @@ deps:
 
 test: deps lint unit fuzz integration stress-short
 
+# The allocation tests skip under -race (its instrumentation allocates):
+# they run once more without it.
 unit:
 	$(GO) test -race -count=1 $(UNIT_PKGS)
+	$(GO) test -count=1 -run 'AllocatesNothing' ./stack
 
 integration:
 	$(GO) test -count=1 -timeout 20m ./tests/integration

@@ -158,6 +158,10 @@ type Table struct {
 	// by New), allowed is the last one's test.
 	revokes atomic.Uint64
 	allowed func(*Flow) bool
+
+	// free holds refused flows given back by Release: a flood of denied
+	// SYNs costs no allocation each.
+	free sync.Pool
 }
 
 // NewTable returns a table whose flows draw from up (what the sandbox
@@ -170,12 +174,32 @@ func NewTable(up, down *Shaper) *Table {
 // in the table until Open.
 func (t *Table) New(f policy.Flow, d policy.Decision) *Flow {
 	f.ID = t.NextID()
-	fl := &Flow{Flow: f, Decision: d, Started: time.Now(), table: t, revokes: t.revokes.Load()}
+	fl, _ := t.free.Get().(*Flow)
+	if fl == nil {
+		fl = new(Flow)
+	}
+	fl.Flow, fl.Decision, fl.Started, fl.table, fl.revokes = f, d, time.Now(), t, t.revokes.Load()
 	fl.Up.Shaper, fl.Down.Shaper = t.up, t.down
 	if f.Direction == policy.Ingress { // from the host client into the sandbox
 		fl.Up.Shaper, fl.Down.Shaper = t.down, t.up
 	}
 	return fl
+}
+
+// Release gives back a flow that was refused and never opened, once
+// nothing refers to it (the packet path, after reporting a denial: the
+// decision's listeners copy what they keep). An opened flow is left alone.
+func (t *Table) Release(fl *Flow) {
+	fl.mu.Lock()
+	opened := fl.listed || fl.reset != nil
+	fl.mu.Unlock()
+	if opened || fl.table != t {
+		return
+	}
+	fl.Up.Bytes.Store(0)
+	fl.Down.Bytes.Store(0)
+	fl.Flow, fl.Decision = policy.Flow{}, policy.Decision{}
+	t.free.Put(fl)
 }
 
 // Of makes a flow that is in no table, f as given (its id too): a decision

@@ -222,6 +222,7 @@ func (st *Stack) handleTCP(b []byte, p *wire.Packet) {
 			if st.o.DenyMode == DenyReject {
 				st.r.sendTCPReset(p, seg)
 			}
+			st.flows.Release(fl) // reported and refused: a SYN flood allocates nothing
 			return
 		}
 		if st.fastEligible(fl) {

@@ -70,7 +70,9 @@ type Options struct {
 	HandleTCP func(ctx context.Context, fl *flow.Flow, guest, host net.Conn) error
 	WantsTCP  func(*flow.Flow) bool
 	// OnDecision, when set, is told of every flow decision (for the audit
-	// log and metrics); it runs on the packet path.
+	// log and metrics); it runs on the packet path and must not keep fl
+	// once it returns (a refused flow's memory is reused), nor must
+	// Terminate.
 	OnDecision func(*flow.Flow)
 	// Terminate is called on a terminate decision, after OnDecision; it
 	// should cut the network (Cut) before it returns, and the gateway
