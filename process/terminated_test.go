@@ -1,6 +1,7 @@
 package process
 
 import (
+	"fmt"
 	"os"
 	"testing"
 	"time"
@@ -28,8 +29,16 @@ func TestTerminatedNoticeNeverBlocks(t *testing.T) {
 	if err := p.openFDs(); err != nil {
 		t.Fatal(err)
 	}
-	for { // fill the pipe
-		if _, err := unix.Write(fd, make([]byte, 4096)); err != nil {
+	// Fill the pipe through an open file description of its own (one
+	// that never blocks), so that the filling cannot hang whatever
+	// openFDs did to fd's.
+	filler, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", fd), unix.O_WRONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(filler)
+	for {
+		if _, err := unix.Write(filler, make([]byte, 4096)); err != nil {
 			break
 		}
 	}
