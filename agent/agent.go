@@ -336,7 +336,9 @@ func (a *Agent) buildGateway(dev tap.Device) error {
 	sizes := wire.SizesFor(cfg.Plan.MTU, cfg.Offload)
 	a.shared = rings.NewShared(rings.DefaultCapacity, sizes.Buffer)
 	a.sharedRef.Store(a.shared)
-	pump := tap.StartPump(dev, a.shared, sizes.MaxFrame, a.log.With("component", "tap"))
+	// The pump's reader starts once the gateway is up, unless the fast
+	// path's loop took the reads.
+	pump := tap.NewPump(dev, a.shared, sizes.MaxFrame, a.log.With("component", "tap"))
 	a.pump = pump
 	a.onClose(func() { pump.Close(); pump.Wait() })
 
@@ -355,6 +357,9 @@ func (a *Agent) buildGateway(dev tap.Device) error {
 	}
 	a.gwRef.Store(a.gw)
 	a.onClose(func() { a.gw.Close(); a.gw.Wait() })
+	if !a.gw.ReadsTAP() {
+		pump.StartReader()
+	}
 	a.onClose(a.asker.Close) // first: held flows are refused, then the gateway goes
 	a.startPublished()
 	return nil
@@ -387,7 +392,7 @@ func (a *Agent) stackOptions() (stack.Options, error) {
 		MaxConnections: cfg.MaxConnections, Offload: cfg.Offload,
 		// The translator connects on its own: with an upstream proxy every
 		// flow goes through the relay, whose dial the proxy takes.
-		FastPath: cfg.FastPath && a.upstream == nil, WriteNow: a.pump.WriteNow,
+		FastPath: cfg.FastPath && a.upstream == nil, WriteNow: a.pump.WriteNow, Link: a.pump,
 		IsLocal: routes.IsLocal, IsBroadcast: routes.IsBroadcast,
 		RateUp: cfg.RateUp, RateDown: cfg.RateDown, NewConnsPerSecond: cfg.NewConnsPerSecond,
 		Dial: a.dialTCP, HandleTCP: a.l7.Handle, WantsTCP: a.l7.Wants,

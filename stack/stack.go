@@ -90,9 +90,11 @@ type Options struct {
 	// FastPath carries the allowed TCP flows the agent need not read on
 	// the TCP translator (package tcpfast) instead of the netstack;
 	// WriteNow, if set, lets it write a few frames to the TAP itself
-	// (tap.Pump.WriteNow).
+	// (tap.Pump.WriteNow); Link, if set, lets its loop read the TAP
+	// (tap.Pump: see ReadsTAP).
 	FastPath bool
 	WriteNow func([]*rings.Frame) bool
+	Link     tcpfast.Link
 	// MaxConnections caps concurrent established TCP relays (default
 	// DefaultMaxConnections).
 	MaxConnections int
@@ -253,13 +255,17 @@ func (st *Stack) startFast() {
 	var err error
 	st.fast, err = tcpfast.New(tcpfast.Options{
 		Shared: o.Shared, GatewayMAC: st.gwMAC, GuestMAC: func() [6]byte { return *st.r.guestMAC.Load() },
-		MTU: o.Plan.MTU, Offload: o.Offload, ConnectTimeout: o.DialTimeout, Direct: o.WriteNow, Log: o.Log.With("component", "tcpfast"),
+		MTU: o.Plan.MTU, Offload: o.Offload, ConnectTimeout: o.DialTimeout, Direct: o.WriteNow, Link: o.Link, Log: o.Log.With("component", "tcpfast"),
 	})
 	if err != nil {
 		o.Log.Warn("TCP fast path off: "+err.Error(), "fast_path", "off")
 		st.fast = nil
 	}
 }
+
+// ReadsTAP reports whether the fast path's loop reads the TAP (Options.Link
+// took its reads): if not, the pump's own reader must.
+func (st *Stack) ReadsTAP() bool { return st.fast != nil && st.fast.ReadsLink() }
 
 func (st *Stack) configureNetstack() error {
 	p := st.o.Plan

@@ -12,12 +12,16 @@ import (
 
 // Pump moves frames between a Device and the shared rings with two
 // goroutines: RoutineReadFromTAP (device → tx ring → wake the stack) and
-// RoutineWriteToTAP (rx wake → drain the rx ring → device).
+// RoutineWriteToTAP (rx wake → drain the rx ring → device). The reads may
+// be left to an event loop instead (NewPump, Fd, ReadReady).
 type Pump struct {
 	dev      Device
 	sh       *rings.Shared
 	maxFrame int
 	log      *slog.Logger
+
+	rd      *readState // the reader's buffers (RoutineReadFromTAP or ReadReady)
+	reading bool       // StartReader was called: the reader owns rd
 
 	// capture, when set, sees every frame both ways (a packet capture).
 	capture atomic.Pointer[func([]byte)]
@@ -48,14 +52,183 @@ func (p *Pump) SetCapture(f func([]byte)) {
 // must be larger than maxFrame so that an oversized frame is recognised
 // instead of silently truncated.
 func StartPump(dev Device, sh *rings.Shared, maxFrame int, log *slog.Logger) *Pump {
+	p := NewPump(dev, sh, maxFrame, log)
+	p.StartReader()
+	return p
+}
+
+// NewPump starts the writer only: the device's frames are read either by
+// the pump's own reader (StartReader) or by an event loop that watches Fd
+// and calls ReadReady (the TCP fast path's), never both.
+func NewPump(dev Device, sh *rings.Shared, maxFrame int, log *slog.Logger) *Pump {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	p := &Pump{dev: dev, sh: sh, maxFrame: maxFrame, log: log, done: make(chan struct{})}
-	p.wg.Add(2)
-	go p.RoutineReadFromTAP()
+	p.rd = newReadState(p)
+	p.wg.Add(1)
 	go p.RoutineWriteToTAP()
 	return p
+}
+
+// StartReader starts the pump's own reader goroutine.
+func (p *Pump) StartReader() {
+	p.reading = true
+	p.wg.Add(1)
+	go p.RoutineReadFromTAP()
+}
+
+// HandOverReads gives the device's reads to an event loop: it returns the
+// descriptor to wait on (readable when frames wait), taken out of the Go
+// runtime's poller, and the loop calls ReadReady. It reports false when
+// the device cannot be read that way (a test device) or the reader runs:
+// the caller must then StartReader.
+func (p *Pump) HandOverReads() (int, bool) {
+	d, ok := p.dev.(interface{ Detach() (int, error) })
+	if !ok || p.reading {
+		return -1, false
+	}
+	p.wmu.Lock() // no write under way while the descriptor changes
+	defer p.wmu.Unlock()
+	fd, err := d.Detach()
+	if err != nil {
+		p.log.Warn("tap: reads stay with the pump", "err", err)
+		return -1, false
+	}
+	return fd, true
+}
+
+// ReadReady reads the frames that wait on the device without blocking, up
+// to max (at most a batch; a read of one frame saves the read that finds
+// none left), and handles or queues them as the reader does. It reports
+// how many it read; an error says the device is gone. Only the loop
+// HandOverReads gave the reads to may call it.
+func (p *Pump) ReadReady(max int) (int, error) {
+	d, ok := p.dev.(interface {
+		ReadNow(bufs, spill [][]byte, sizes []int) (int, error)
+	})
+	if !ok {
+		return 0, errors.New("tap: the device cannot be read without blocking")
+	}
+	return p.rd.once(func(bufs, spill [][]byte, sizes []int) (int, error) {
+		if max > 0 && max < len(bufs) {
+			bufs, sizes = bufs[:max], sizes[:max]
+			if spill != nil {
+				spill = spill[:max]
+			}
+		}
+		return d.ReadNow(bufs, spill, sizes)
+	})
+}
+
+// readState is the reader's batch of buffers, kept between reads: small
+// buffers for every slot, and large ones a frame spills into.
+type readState struct {
+	p              *Pump
+	hl, small      int
+	smalls, larges []*rings.Frame
+	bufs, spill    [][]byte
+	sizes          []int
+	ready          []*rings.Frame
+}
+
+func newReadState(p *Pump) *readState {
+	fr := p.sh.Frames
+	batch := p.dev.BatchSize()
+	r := &readState{
+		p: p, hl: p.dev.VNetHdrLen(), small: fr.SmallSize(),
+		smalls: make([]*rings.Frame, batch), larges: make([]*rings.Frame, batch),
+		bufs: make([][]byte, batch), sizes: make([]int, batch), ready: make([]*rings.Frame, 0, batch),
+	}
+	if fr.Size() > r.small {
+		r.spill = make([][]byte, batch)
+	}
+	return r
+}
+
+// release gives the batch's buffers back to the pool.
+func (r *readState) release() {
+	fr := r.p.sh.Frames
+	for i := range r.smalls {
+		if r.smalls[i] != nil {
+			fr.Put(r.smalls[i])
+			r.smalls[i] = nil
+		}
+		if r.larges[i] != nil {
+			fr.Put(r.larges[i])
+			r.larges[i] = nil
+		}
+	}
+}
+
+// once reads one batch with read and hands its frames on.
+func (r *readState) once(read func(bufs, spill [][]byte, sizes []int) (int, error)) (int, error) {
+	p, fr := r.p, r.p.sh.Frames
+	for i := range r.smalls {
+		if r.smalls[i] == nil {
+			r.smalls[i] = fr.Get()
+		}
+		if r.spill != nil && r.larges[i] == nil {
+			r.larges[i] = fr.GetLarge()
+		}
+		// The virtio net header, if any, lands in the headroom and
+		// the frame right after it, where B starts.
+		r.bufs[i] = r.smalls[i].Buffer()[rings.Headroom-r.hl:]
+		if r.spill != nil {
+			r.spill[i] = r.larges[i].Buffer()[rings.Headroom+r.small:]
+		}
+	}
+	n, err := read(r.bufs, r.spill, r.sizes)
+	if err != nil {
+		return 0, err
+	}
+	ready := r.ready[:0]
+	for i := 0; i < n; i++ {
+		if f := r.take(i); f != nil {
+			ready = append(ready, f)
+		}
+	}
+	if len(ready) > 0 {
+		p.deliver(ready)
+		clear(ready) // the stack owns them now: keep none alive here
+	}
+	r.ready = ready[:0]
+	return n, nil
+}
+
+// take checks frame i of a batch just read and returns it in a frame of
+// its own (nil: dropped and counted), putting a fresh buffer in its slot.
+func (r *readState) take(i int) *rings.Frame {
+	p, fr := r.p, r.p.sh.Frames
+	size, room := r.sizes[i]-r.hl, len(r.bufs[i])
+	if r.spill != nil {
+		room += len(r.spill[i])
+	}
+	if size > p.maxFrame || r.sizes[i] >= room { // a full read may be cut short
+		p.sh.Counters.Drop(rings.DropOversized)
+		return nil
+	}
+	if size < 14 {
+		p.sh.Counters.Drop(rings.DropMalformed)
+		return nil
+	}
+	var f *rings.Frame
+	if size <= r.small {
+		f, r.smalls[i] = r.smalls[i], fr.Get()
+	} else {
+		// Join the small part to the rest in the large buffer.
+		f, r.larges[i] = r.larges[i], fr.GetLarge()
+		copy(f.Buffer()[rings.Headroom-r.hl:rings.Headroom+r.small], r.bufs[i])
+	}
+	f.SetLen(size)
+	if r.hl > 0 {
+		decodeVNetHdr(f.Head(r.hl), &f.GSO)
+	}
+	if t := p.capture.Load(); t != nil {
+		(*t)(f.B)
+	}
+	p.sh.Counters.AddTx(size)
+	return f
 }
 
 // RoutineReadFromTAP reads frames in batches and queues them for the stack,
@@ -65,82 +238,13 @@ func StartPump(dev Device, sh *rings.Shared, maxFrame int, log *slog.Logger) *Pu
 // small buffers only, and a large frame costs one copy of the small part.
 func (p *Pump) RoutineReadFromTAP() {
 	defer p.wg.Done()
-	fr := p.sh.Frames
-	batch, hl, small := p.dev.BatchSize(), p.dev.VNetHdrLen(), fr.SmallSize()
-	smalls := make([]*rings.Frame, batch)
-	larges := make([]*rings.Frame, batch)
-	bufs := make([][]byte, batch)
-	var spill [][]byte
-	if fr.Size() > small {
-		spill = make([][]byte, batch)
-	}
-	sizes := make([]int, batch)
-	ready := make([]*rings.Frame, 0, batch)
-	for i := range smalls {
-		smalls[i] = fr.Get()
-		if spill != nil {
-			larges[i] = fr.GetLarge()
-		}
-	}
-	defer func() {
-		for i := range smalls {
-			fr.Put(smalls[i])
-			if larges[i] != nil {
-				fr.Put(larges[i])
-			}
-		}
-	}()
+	defer p.rd.release()
 	for {
-		for i := range smalls {
-			// The virtio net header, if any, lands in the headroom and
-			// the frame right after it, where B starts.
-			bufs[i] = smalls[i].Buffer()[rings.Headroom-hl:]
-			if spill != nil {
-				spill[i] = larges[i].Buffer()[rings.Headroom+small:]
-			}
-		}
-		n, err := p.dev.Read(bufs, spill, sizes)
-		if err != nil {
+		if _, err := p.rd.once(p.dev.Read); err != nil {
 			if !errors.Is(err, os.ErrClosed) && !p.closing() {
 				p.log.Error("tap reader stopped", "err", err)
 			}
 			return
-		}
-		ready = ready[:0]
-		for i := 0; i < n; i++ {
-			size, room := sizes[i]-hl, len(bufs[i])
-			if spill != nil {
-				room += len(spill[i])
-			}
-			if size > p.maxFrame || sizes[i] >= room { // a full read may be cut short
-				p.sh.Counters.Drop(rings.DropOversized)
-				continue
-			}
-			if size < 14 {
-				p.sh.Counters.Drop(rings.DropMalformed)
-				continue
-			}
-			var f *rings.Frame
-			if size <= small {
-				f, smalls[i] = smalls[i], fr.Get()
-			} else {
-				// Join the small part to the rest in the large buffer.
-				f, larges[i] = larges[i], fr.GetLarge()
-				copy(f.Buffer()[rings.Headroom-hl:rings.Headroom+small], bufs[i])
-			}
-			f.SetLen(size)
-			if hl > 0 {
-				decodeVNetHdr(f.Head(hl), &f.GSO)
-			}
-			if t := p.capture.Load(); t != nil {
-				(*t)(f.B)
-			}
-			p.sh.Counters.AddTx(size)
-			ready = append(ready, f)
-		}
-		if len(ready) > 0 {
-			p.deliver(ready)
-			clear(ready) // the stack owns them now: keep none alive here
 		}
 	}
 }
@@ -291,12 +395,16 @@ func (p *Pump) drainRx() {
 }
 
 // Close stops both goroutines and closes the device. It is safe to call more
-// than once; Wait joins the goroutines.
+// than once; Wait joins the goroutines. A loop that reads with ReadReady
+// must have stopped before.
 func (p *Pump) Close() error {
 	var err error
 	p.closeOnce.Do(func() {
 		close(p.done)
 		err = p.dev.Close()
+		if !p.reading {
+			p.rd.release()
+		}
 	})
 	return err
 }

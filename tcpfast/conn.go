@@ -45,6 +45,8 @@ type conn struct {
 	guestWS, ourWS            uint8
 	sackOK                    bool // the guest takes SACK blocks
 	sndbuf                    int
+	outEst                    int // the socket's send queue at most (see recvWindow); -1: unknown
+	acked                     int // bytes the guest ACKed still in the socket's receive queue (see discard)
 	wndSent                   uint32
 	wndField                  uint16 // the window field of the last ACK
 	dupAck                    bool   // the next ACK repeats the last window
@@ -95,21 +97,29 @@ func (c *conn) finish() {
 }
 
 // recvWindow is the host socket's free send buffer: what send() would take.
+// The socket's queue is asked for (SIOCOUTQ) only when the estimate, the
+// queue last seen plus what was sent since, leaves less than half the
+// buffer free: the queue only shrinks by itself, so the estimate never
+// announces more than the socket takes, and a request-response exchange
+// makes no ioctl per answer.
 func (c *conn) recvWindow() uint32 {
 	if c.fd < 0 {
 		return 0
 	}
-	out, err := unix.IoctlGetInt(c.fd, unix.SIOCOUTQ)
-	if err != nil {
-		return 0
-	}
-	if c.sndbuf-out < c.sndbuf/4 {
-		// The kernel grows the buffer as the connection speeds up.
-		if b, err := unix.GetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_SNDBUF); err == nil {
-			c.sndbuf = b
+	if c.outEst < 0 || c.sndbuf-c.outEst < c.sndbuf/2 {
+		out, err := unix.IoctlGetInt(c.fd, unix.SIOCOUTQ)
+		if err != nil {
+			return 0
+		}
+		c.outEst = out
+		if c.sndbuf-out < c.sndbuf/4 {
+			// The kernel grows the buffer as the connection speeds up.
+			if b, err := unix.GetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_SNDBUF); err == nil {
+				c.sndbuf = b
+			}
 		}
 	}
-	free := c.sndbuf - out - len(c.over)
+	free := c.sndbuf - c.outEst - len(c.over)
 	if free <= 0 {
 		return 0
 	}
@@ -257,7 +267,7 @@ func (c *conn) guestAck(ack, wnd uint32, pure bool) {
 			c.finAcked = true
 			data--
 		}
-		if data > 0 && !c.discard(int(data)) {
+		if data > 0 && !c.release(int(data)) {
 			return
 		}
 		c.fl.Down.Add(uint64(data))
@@ -288,18 +298,36 @@ func (c *conn) guestAck(ack, wnd uint32, pure bool) {
 	}
 }
 
-// discard drops n bytes the guest ACKed from the socket's receive queue.
-func (c *conn) discard(n int) bool {
-	for n > 0 {
-		k := min(n, len(c.t.trash))
+// discardBatch is how many ACKed bytes wait in the socket's receive queue
+// before they are dropped from it in one call (the tick drops the rest).
+const discardBatch = 64 << 10
+
+// release takes note of n bytes the guest ACKed: they leave the socket's
+// receive queue in batches (discard), not one call per ACK. The peek
+// offset counts from the head of the queue, so it stays right (the
+// kernel lowers it by what a read takes), and a rewind drops them first.
+func (c *conn) release(n int) bool {
+	c.acked += n
+	if c.acked < discardBatch {
+		return true
+	}
+	return c.discard()
+}
+
+// discard drops the bytes the guest ACKed from the socket's receive
+// queue; it reports false (the connection reset) when it cannot.
+func (c *conn) discard() bool {
+	for c.acked > 0 && c.fd >= 0 {
+		k := min(c.acked, len(c.t.trash))
 		r, _, e := unix.Syscall6(unix.SYS_RECVFROM, uintptr(c.fd), uintptr(unsafe.Pointer(&c.t.trash[0])), uintptr(k),
 			unix.MSG_TRUNC|unix.MSG_DONTWAIT, 0, 0)
 		if e != 0 || int(r) <= 0 {
 			c.t.o.Log.Debug("fast path: discard failed", "err", e, "n", r)
+			c.acked = 0
 			c.abort()
 			return false
 		}
-		n -= int(r)
+		c.acked -= int(r)
 	}
 	return true
 }
@@ -492,6 +520,9 @@ func (c *conn) send(data []byte, more bool) (int, bool) {
 		return 0, false
 	}
 	c.fl.Up.Add(uint64(r))
+	if c.outEst >= 0 {
+		c.outEst += int(r)
+	}
 	return int(r), true
 }
 
@@ -640,6 +671,9 @@ func (c *conn) rto() time.Duration {
 // rewind goes back to the guest's last ACK: what follows is sent again,
 // peeked from the socket anew.
 func (c *conn) rewind() {
+	if !c.discard() {
+		return
+	}
 	if err := unix.SetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, 0); err != nil {
 		c.abort()
 		return
@@ -656,6 +690,11 @@ func (c *conn) rewind() {
 // maybeClose ends a connection whose both directions are done.
 func (c *conn) maybeClose() {
 	if c.state == stateEstablished && c.guestFin && c.finAcked && len(c.over) == 0 {
+		// The receive queue empty first: a close with unread data would
+		// reset the peer.
+		if !c.discard() {
+			return
+		}
 		if c.fd >= 0 {
 			unix.Close(c.fd)
 			delete(c.t.byFD, int32(c.fd))
@@ -778,6 +817,9 @@ func (c *conn) timers() {
 	}
 	if c.ackPending {
 		c.sendAck()
+	}
+	if c.acked > 0 && !c.discard() {
+		return
 	}
 	c.flushOver()
 	if c.wantWnd && len(c.over) == 0 && c.recvWindow() > 0 {

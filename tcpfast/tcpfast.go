@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -39,7 +40,8 @@ const (
 	persistEvery   = 500 * time.Millisecond
 	lingerTime     = 2 * time.Second // a closed connection still answers its peer's last segments
 	defaultConnect = 10 * time.Second
-	batchFrames    = 64 // frames peeked from a socket in one recvmsg
+	batchFrames    = 64                   // frames peeked from a socket in one recvmsg
+	yieldEvery     = 4 * time.Millisecond // see run
 )
 
 // ErrUnsupported says the kernel lacks what the fast path needs (SO_PEEK_OFF
@@ -67,9 +69,25 @@ type Options struct {
 	// takes them (returns true), or declines (the TAP writer is busy or
 	// has frames queued: they go through the ring, in order).
 	Direct func([]*rings.Frame) bool
+	// Link, if set, is the TAP, read by the loop itself (see Link).
+	Link Link
 	// ConnectTimeout bounds a host connect (default 10 s).
 	ConnectTimeout time.Duration
 	Log            *slog.Logger
+}
+
+// Link is the TAP as the event loop reads it (tap.Pump): the loop waits on
+// its descriptor with the host sockets and, when frames wait, reads them in
+// a batch and hands each on as the pump's reader would, this translator's
+// segments coming back into Handle on the loop's thread. A guest's segment
+// then travels from the TAP to its host socket, and the answer back, with
+// no hand-off between goroutines.
+type Link interface {
+	// HandOverReads takes the reads from the pump; false: they stay
+	// with it.
+	HandOverReads() (fd int, ok bool)
+	// ReadReady reads and hands on the frames that wait, up to max.
+	ReadReady(max int) (int, error)
 }
 
 // Flow is what Open needs of a new connection.
@@ -99,6 +117,7 @@ type Translator struct {
 	o      Options
 	epfd   int
 	wakefd int
+	linkfd int // the TAP, when the loop reads it (-1: the pump does)
 	mss4   int // the MSS the guest's segments to us fit (MTU)
 	mss6   int
 
@@ -107,6 +126,7 @@ type Translator struct {
 	byFD   map[int32]*conn
 	closed bool
 	out    []*rings.Frame // frames for the guest since the last flush
+	inRead bool           // the loop is reading the TAP: it flushes at the end of the batch
 	held   int            // bytes all connections hold (see maxHeld)
 	ipID   uint16
 	stats  Stats
@@ -168,11 +188,25 @@ func New(o Options) (*Translator, error) {
 		conns: make(map[key]*conn), byFD: make(map[int32]*conn),
 		done:  make(chan struct{}),
 		iov:   make([]unix.Iovec, batchFrames),
-		trash: make([]byte, 64<<10),
+		trash: make([]byte, 64<<10), linkfd: -1,
+	}
+	if o.Link != nil {
+		if fd, ok := o.Link.HandOverReads(); ok {
+			if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(fd)}); err != nil {
+				unix.Close(epfd)
+				unix.Close(wfd)
+				return nil, fmt.Errorf("fast path: epoll on the TAP: %w", err)
+			}
+			t.linkfd = fd
+		}
 	}
 	go t.run()
 	return t, nil
 }
+
+// ReadsLink reports whether the loop reads the TAP (Options.Link took
+// over its reads).
+func (t *Translator) ReadsLink() bool { return t.linkfd >= 0 }
 
 // Active is the number of open connections.
 func (t *Translator) Active() int { return int(t.count.Load()) }
@@ -209,7 +243,9 @@ func (t *Translator) Handle(p *wire.Packet, seg wire.TCPSegment) bool {
 	t.now = time.Now()
 	t.stats.SegmentsFromGuest++
 	c.guestSegment(p, seg)
-	t.flushLocked()
+	if !t.inRead {
+		t.flushLocked()
+	}
 	t.mu.Unlock()
 	return true
 }
@@ -267,6 +303,7 @@ func (t *Translator) Open(p *wire.Packet, seg wire.TCPSegment, fl Flow) (*Conn, 
 		c.segMax = max(c.mss(), (maxGSOPayload/c.mss())*c.mss())
 	}
 	c.sndbuf, _ = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
+	c.outEst = -1
 	c.iss = randISN()
 	c.sndUna, c.sndNxt, c.sndMax, c.recover = c.iss+1, c.iss+1, c.iss+1, c.iss+1
 	c.edge = c.sndUna + c.guestWnd
@@ -431,13 +468,20 @@ func (t *Translator) flushLocked() {
 	}
 }
 
-// run is the event loop: host socket events and the tick.
+// run is the event loop: host socket events, the TAP when it reads it,
+// and the tick.
 func (t *Translator) run() {
-	runtime.LockOSThread() // never unlocked: the thread ends with the loop
 	defer close(t.done)
 	events := make([]unix.EpollEvent, 128)
-	var nextTick time.Time
+	var nextTick, nextYield time.Time
+	framesBefore := false // the TAP was ready in the last round too
 	for {
+		if t.count.Load() > 0 {
+			if now := time.Now(); now.After(nextYield) {
+				runtime.Gosched()
+				nextYield = now.Add(yieldEvery)
+			}
+		}
 		timeout := -1
 		if t.count.Load() > 0 {
 			timeout = int(tick / time.Millisecond)
@@ -453,15 +497,19 @@ func (t *Translator) run() {
 			return
 		}
 		t.now = time.Now()
+		frames := false
 		for i := 0; i < n; i++ {
 			ev := &events[i]
-			if ev.Fd == int32(t.wakefd) {
+			switch {
+			case ev.Fd == int32(t.wakefd):
 				var b [8]byte
 				_, _ = unix.Read(t.wakefd, b[:])
-				continue
-			}
-			if c := t.byFD[ev.Fd]; c != nil {
-				c.socketEvent(ev.Events)
+			case ev.Fd == int32(t.linkfd):
+				frames = true
+			default:
+				if c := t.byFD[ev.Fd]; c != nil {
+					c.socketEvent(ev.Events)
+				}
 			}
 		}
 		if !t.now.Before(nextTick) {
@@ -472,6 +520,39 @@ func (t *Translator) run() {
 		}
 		t.flushLocked()
 		t.mu.Unlock()
+		if frames {
+			t.readLink(framesBefore)
+		}
+		framesBefore = frames
+	}
+}
+
+// readLink reads guest frames from the TAP and hands them on (without
+// t.mu: the fast path's own come back into Handle), then sends what they
+// called for at once: one flush for the batch. A TAP that was ready in the
+// loop's last round too is read to the end, up to a batch (a burst); one
+// that was not, a frame at a time (a request, whose answer comes from a
+// socket in the next round): that saves the read that would find nothing
+// more, and if more was there, the TAP is ready again at once.
+func (t *Translator) readLink(burst bool) {
+	max := 1
+	if burst {
+		max = batchFrames
+	}
+	t.mu.Lock()
+	t.inRead = true
+	t.mu.Unlock()
+	_, err := t.o.Link.ReadReady(max)
+	t.mu.Lock()
+	t.inRead = false
+	t.flushLocked()
+	t.mu.Unlock()
+	if err != nil {
+		// The TAP is gone (the agent is closing): stop waiting on it.
+		_ = unix.EpollCtl(t.epfd, unix.EPOLL_CTL_DEL, t.linkfd, nil)
+		if !errors.Is(err, os.ErrClosed) {
+			t.o.Log.Error("fast path: TAP read failed", "err", err)
+		}
 	}
 }
 

@@ -67,6 +67,7 @@ var (
 	gvproxyBin, gvforwarderBin string
 	compareBin                 string
 	seconds, rounds            int
+	skipThroughput             bool
 	backends                   = []string{"kernel", "slirp4netns", "pasta", "gvproxy", "msbtap", "msbtap-fast"}
 	// peers are the backends msbtap is judged against.
 	peers = []string{"slirp4netns", "pasta", "gvproxy"}
@@ -82,6 +83,7 @@ func main() {
 	flag.IntVar(&seconds, "seconds", 4, "seconds per throughput, rr and crr run")
 	flag.IntVar(&rounds, "rounds", 3, "rounds: every backend is measured once per round, in a rotating order")
 	flag.StringVar(&compareBin, "compare", "", "a second msbtap binary, measured as the backends msbtap-b and msbtap-fast-b (name them in -only): a before and after in the same rounds")
+	flag.BoolVar(&skipThroughput, "latency-only", false, "measure rr and crr only (no iperf3 runs, no memory figures): a quicker loop while working on latency")
 	out := flag.String("out", "results", "folder for the JSON and PNG results")
 	only := flag.String("only", "", "comma-separated backends to run (default all)")
 	flag.StringVar(&profileDir, "profile", "", "folder for CPU profiles of msbtap during rr and crr (default none)")
@@ -134,7 +136,7 @@ func main() {
 				pt := ports{echo: port, hold: port + 1, iperf: port + 2}
 				port += 3
 				log.Printf("round %d: %s at MTU %d (ports %d-%d)", round+1, b, mtu, pt.echo, pt.iperf)
-				withResources := round == 0 && mtu == 1500 && strings.HasPrefix(b, "msbtap")
+				withResources := round == 0 && mtu == 1500 && strings.HasPrefix(b, "msbtap") && !skipThroughput
 				r, err := measure(b, mtu, pt, withResources)
 				if err != nil {
 					log.Printf("  %s at MTU %d failed: %v", b, mtu, err)
@@ -154,7 +156,7 @@ func main() {
 					}
 					rep.Msbtap[k] = v
 				}
-				if strings.HasPrefix(b, "msbtap") {
+				if strings.HasPrefix(b, "msbtap") && r.cpuPerGB >= 0 {
 					k := fmt.Sprintf("cpu_seconds_per_gb_mtu%d", mtu)
 					if b == "msbtap-fast" {
 						k = "fast_" + k

@@ -246,6 +246,10 @@ func measure(b string, mtu int, pt ports, resources bool) (r result, err error) 
 		r.resources["rss_1000_idle_conns_kib"] = held
 		r.resources["rss_per_idle_conn_kib"] = (held - idle) / 1000
 	}
+	if skipThroughput {
+		r.upload, r.download, r.cpuPerGB = -1, -1, -1
+		return latency(w, b, mtu, pt, backendPIDs, r)
+	}
 	cpu0 := cpuSeconds(pid)
 	var bytes float64
 	stopProfile := w.profile(b, "upload", mtu)
@@ -264,8 +268,14 @@ func measure(b string, mtu int, pt ports, resources bool) (r result, err error) 
 	if pid > 0 && bytes+bytes2 > 0 {
 		r.cpuPerGB = (cpuSeconds(pid) - cpu0) / ((bytes + bytes2) / 1e9)
 	}
+	return latency(w, b, mtu, pt, backendPIDs, r)
+}
+
+// latency measures rr (rate, p50, p99) and crr, with the backend's CPU per
+// transaction and per connection.
+func latency(w *world, b string, mtu int, pt ports, backendPIDs []int, r result) (result, error) {
 	r.cpuPerRR, r.cpuPerCRR = -1, -1
-	stopProfile = w.profile(b, "rr", mtu)
+	stopProfile := w.profile(b, "rr", mtu)
 	c0, t0 := treeCPUSeconds(backendPIDs), time.Now()
 	out, err := ns(w.sandbox, testhostBin, "rr", w.addr(pt.echo), strconv.Itoa(seconds), "latency").CombinedOutput()
 	c1, t1 := treeCPUSeconds(backendPIDs), time.Now()
