@@ -75,7 +75,11 @@ type conn struct {
 	rtoAt    time.Time
 	probeAt  time.Time
 	deadline time.Time // connect, SYN-ACK, linger
+	keepAt   time.Time // when the host socket gets its keepalive (see timers)
 	done     bool
+	// lingering: over, in t.lingerq and out of t.live; forgotten: out
+	// of every table
+	lingering, forgotten bool
 
 	// per-connection counts, logged at its end
 	nPartial, nOOO, nRewind, nDropped uint32
@@ -87,9 +91,12 @@ func (c *conn) finish() {
 		return
 	}
 	c.done = true
-	c.t.held -= c.oooBytes + len(c.over)
+	held, over := c.oooBytes, len(c.over)
+	c.t.held -= held + over
 	c.ooo, c.oooBytes, c.over = nil, 0, nil
-	c.t.o.Log.Debug("fast path connection ended", "guest", c.guest, "dst", c.dst,
+	c.t.o.Log.Debug("fast path connection ended", "guest", c.guest, "dst", c.dst, "state", c.state,
+		"from_guest", c.rcvNxt-c.guestISN-1, "to_guest_acked", c.sndUna-c.iss-1, "to_guest_sent", c.sndMax-c.iss-1,
+		"held", held, "over", over, "guest_fin", c.guestFin, "eof", c.sockEOF,
 		"partial_sends", c.nPartial, "out_of_order", c.nOOO, "rewinds", c.nRewind, "dropped", c.nDropped)
 	if c.fl.Done != nil {
 		c.fl.Done()
@@ -169,7 +176,21 @@ func (c *conn) gone() {
 	c.state = stateGone
 	c.deadline = t.now.Add(lingerTime)
 	c.rtoAt, c.probeAt = time.Time{}, time.Time{}
+	c.linger()
 	c.finish()
+}
+
+// linger moves a connection that is over from the tick's round to the
+// queue of those waiting to be forgotten: a connection rate of thousands a
+// second leaves thousands lingering, which the tick need not visit.
+func (c *conn) linger() {
+	t := c.t
+	if c.lingering {
+		return
+	}
+	c.lingering = true
+	delete(t.live, c)
+	t.lingerq = append(t.lingerq, c)
 }
 
 // guestSegment handles one segment from the guest.
@@ -234,8 +255,7 @@ func (c *conn) guestSegment(p *wire.Packet, seg wire.TCPSegment) {
 			t.sendRefusal(p, seg)
 			return
 		}
-		c.state = stateEstablished
-		c.readable = true // data may have come before: its edge is gone
+		c.state = stateEstablished // data that came before has set readable
 		c.retries = 0
 		c.deadline = time.Time{}
 	}
@@ -383,10 +403,12 @@ func (c *conn) guestData(seq uint32, data []byte, fin, psh bool) {
 	if len(c.ooo) == 0 {
 		c.ooo = nil
 	}
-	// ACK every other full segment, half a window, and at once a FIN, a
-	// short window, or past a gap; the rest (a request, say) goes with the
-	// data we send next (its answer), or at the tick, as a delayed ACK.
-	if unacked := c.rcvNxt - c.ackSent; fin || c.wantWnd || c.ooo != nil || unacked >= 2*uint32(c.mss()) || unacked >= c.wndSent/2 {
+	// ACK every other full segment, half a window, and at once a short
+	// window, or past a gap; the rest (a request, say) goes with the data
+	// we send next (its answer), or at the tick, as a delayed ACK. A FIN
+	// too: its ACK mostly rides on ours (the host peer closing in turn),
+	// which saves the guest a segment for every connection.
+	if unacked := c.rcvNxt - c.ackSent; c.wantWnd || c.ooo != nil || unacked >= 2*uint32(c.mss()) || unacked >= c.wndSent/2 {
 		c.sendAck()
 	} else {
 		c.ackPending = true
@@ -703,6 +725,7 @@ func (c *conn) maybeClose() {
 		c.state = stateClosed
 		c.deadline = c.t.now.Add(lingerTime)
 		c.rtoAt, c.probeAt = time.Time{}, time.Time{}
+		c.linger()
 		c.finish()
 	}
 }
@@ -712,13 +735,17 @@ func (c *conn) socketEvent(ev uint32) {
 	if ev&(unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
 		c.rdhup = true // kept for later: an edge comes once
 	}
+	if ev&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
+		c.readable = true // also before the guest's ACK: kept for when it comes
+	}
 	switch c.state {
 	case stateConnecting:
 		if ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) == 0 {
 			return
 		}
-		soerr, err := unix.GetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_ERROR)
-		if err != nil || soerr != 0 || ev&unix.EPOLLERR != 0 {
+		if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+			// A connect that failed reports an error (and a hang-up);
+			// one that succeeded, only that the socket is writable.
 			c.t.stats.Refused++
 			c.rcvNxt = c.guestISN + 1
 			c.sendCtl(wire.TCPFlagRST|wire.TCPFlagACK, 0)
@@ -741,8 +768,7 @@ func (c *conn) socketEvent(ev uint32) {
 		c.gone()
 		return
 	}
-	if ev&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
-		c.readable = true
+	if c.readable {
 		c.push()
 	}
 	if ev&unix.EPOLLOUT != 0 && c.state == stateEstablished {
@@ -809,6 +835,13 @@ func (c *conn) timers() {
 		// it say what the window is now.
 		c.probeAt = now.Add(persistEvery)
 		c.sendCtl(wire.TCPFlagACK, c.sndUna-1)
+	}
+	if !c.keepAt.IsZero() && now.After(c.keepAt) && c.fd >= 0 {
+		// Keepalive on the host socket, once the connection has lasted
+		// a while: a short one never needs it (and saves the calls).
+		c.keepAt = time.Time{}
+		_ = unix.SetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
+		_ = unix.SetsockoptInt(c.fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepIdle)
 	}
 	if c.corked {
 		// Setting TCP_NODELAY sends what MSG_MORE held.

@@ -40,6 +40,8 @@ const (
 	persistEvery   = 500 * time.Millisecond
 	lingerTime     = 2 * time.Second // a closed connection still answers its peer's last segments
 	defaultConnect = 10 * time.Second
+	keepaliveAfter = time.Second          // a connection this old gets keepalive on its host socket
+	keepIdle       = 30                   // seconds idle before the host socket's first keepalive probe
 	batchFrames    = 64                   // frames peeked from a socket in one recvmsg
 	yieldEvery     = 4 * time.Millisecond // see run
 )
@@ -120,17 +122,22 @@ type Translator struct {
 	linkfd int // the TAP, when the loop reads it (-1: the pump does)
 	mss4   int // the MSS the guest's segments to us fit (MTU)
 	mss6   int
+	sndbuf int // a new TCP socket's send buffer
 
-	mu     sync.Mutex // mu protects everything below and every conn
-	conns  map[key]*conn
-	byFD   map[int32]*conn
-	closed bool
-	out    []*rings.Frame // frames for the guest since the last flush
-	inRead bool           // the loop is reading the TAP: it flushes at the end of the batch
-	held   int            // bytes all connections hold (see maxHeld)
-	ipID   uint16
-	stats  Stats
-	now    time.Time
+	mu    sync.Mutex // mu protects everything below and every conn
+	conns map[key]*conn
+	byFD  map[int32]*conn
+	live  map[*conn]struct{} // the connections not over: the tick visits these
+	// lingerq holds the connections that are over, oldest first, until
+	// their linger time is out
+	lingerq []*conn
+	closed  bool
+	out     []*rings.Frame // frames for the guest since the last flush
+	inRead  bool           // the loop is reading the TAP: it flushes at the end of the batch
+	held    int            // bytes all connections hold (see maxHeld)
+	ipID    uint16
+	stats   Stats
+	now     time.Time
 
 	count atomic.Int32 // len(conns), read without the lock
 	done  chan struct{}
@@ -154,6 +161,22 @@ func Probe() error {
 		return ErrUnsupported
 	}
 	return nil
+}
+
+// newSocketSndbuf is the send buffer a new TCP socket has here (the
+// namespace's net.ipv4.tcp_wmem default), asked for once; the kernel
+// only grows it as a connection speeds up (recvWindow asks again then).
+func newSocketSndbuf() int {
+	const fallback = 16 << 10 // the kernel's default
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fallback
+	}
+	defer unix.Close(fd)
+	if b, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF); err == nil && b > 0 {
+		return b
+	}
+	return fallback
 }
 
 // New starts a translator and its event loop.
@@ -185,10 +208,10 @@ func New(o Options) (*Translator, error) {
 		o: o, epfd: epfd, wakefd: wfd,
 		mss4:  o.MTU - wire.IPHeaderLen(false) - tcpHdrLen,
 		mss6:  o.MTU - wire.IPHeaderLen(true) - tcpHdrLen,
-		conns: make(map[key]*conn), byFD: make(map[int32]*conn),
+		conns: make(map[key]*conn), byFD: make(map[int32]*conn), live: make(map[*conn]struct{}),
 		done:  make(chan struct{}),
 		iov:   make([]unix.Iovec, batchFrames),
-		trash: make([]byte, 64<<10), linkfd: -1,
+		trash: make([]byte, 64<<10), linkfd: -1, sndbuf: newSocketSndbuf(),
 	}
 	if o.Link != nil {
 		if fd, ok := o.Link.HandOverReads(); ok {
@@ -276,8 +299,6 @@ func (t *Translator) Open(p *wire.Packet, seg wire.TCPSegment, fl Flow) (*Conn, 
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, 0); err != nil {
 		return nil, ErrUnsupported
 	}
-	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
-	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 30)
 	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	var sa unix.Sockaddr
 	if fam == unix.AF_INET {
@@ -302,8 +323,9 @@ func (t *Translator) Open(p *wire.Packet, seg wire.TCPSegment, fl Flow) (*Conn, 
 		// GSO frames of whole segments (at a 64 KiB MTU, one segment).
 		c.segMax = max(c.mss(), (maxGSOPayload/c.mss())*c.mss())
 	}
-	c.sndbuf, _ = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
-	c.outEst = -1
+	// Nothing is queued yet, and the buffer is the default every socket
+	// of ours starts with: no call to ask either for the SYN-ACK's window.
+	c.sndbuf, c.outEst = t.sndbuf, 0
 	c.iss = randISN()
 	c.sndUna, c.sndNxt, c.sndMax, c.recover = c.iss+1, c.iss+1, c.iss+1, c.iss+1
 	c.edge = c.sndUna + c.guestWnd
@@ -334,18 +356,23 @@ func (t *Translator) Open(p *wire.Packet, seg wire.TCPSegment, fl Flow) (*Conn, 
 	ok = true
 	t.now = time.Now()
 	c.deadline = t.now.Add(t.o.ConnectTimeout)
+	c.keepAt = t.now.Add(keepaliveAfter)
 	t.conns[k] = c
 	t.byFD[int32(fd)] = c
+	t.live[c] = struct{}{}
 	t.count.Store(int32(len(t.conns)))
 	t.stats.Opened++
 	if len(t.conns) == 1 {
-		t.wake() // the loop sleeps without a timeout while there are none: it ticks from now on
+		if !t.inRead {
+			t.wake() // the loop sleeps without a timeout while there are none: it ticks from now on
+		}
 	}
-	if connected(fd) {
+	if t.linkfd < 0 && connected(fd) {
 		// A server on this host (or a veth away) has often answered
 		// before connect returned: the guest gets its SYN-ACK now, not
 		// after a wake-up of the loop. The loop's event for it finds
-		// the SYN-ACK sent.
+		// the SYN-ACK sent. (When the loop reads the TAP, this is the
+		// loop, and it has the event in its next round.)
 		c.established()
 		t.flushLocked()
 	}
@@ -411,6 +438,26 @@ func (t *Translator) Close() {
 	unix.Close(t.wakefd)
 }
 
+// expire forgets the lingering connections whose time is out. The queue
+// is in the order they ended; one whose linger was extended (a reset after
+// its close) holds those behind it back a little, which is harmless.
+func (t *Translator) expire() {
+	for len(t.lingerq) > 0 {
+		c := t.lingerq[0]
+		if !c.forgotten && !t.now.After(c.deadline) {
+			break
+		}
+		t.lingerq[0] = nil
+		t.lingerq = t.lingerq[1:]
+		if !c.forgotten {
+			t.forget(c)
+		}
+	}
+	if len(t.lingerq) == 0 {
+		t.lingerq = nil // let the array go
+	}
+}
+
 func (t *Translator) wake() {
 	var b [8]byte
 	b[0] = 1
@@ -425,6 +472,8 @@ func (t *Translator) forget(c *conn) {
 		c.fd = -1
 	}
 	delete(t.conns, key{c.guest, c.dst})
+	delete(t.live, c)
+	c.forgotten = true
 	t.count.Store(int32(len(t.conns)))
 	c.finish()
 }
@@ -514,9 +563,10 @@ func (t *Translator) run() {
 		}
 		if !t.now.Before(nextTick) {
 			nextTick = t.now.Add(tick)
-			for _, c := range t.conns {
+			for c := range t.live {
 				c.timers()
 			}
+			t.expire()
 		}
 		t.flushLocked()
 		t.mu.Unlock()

@@ -344,6 +344,7 @@ func runScenarios(t *testing.T, w *testenv.World, ss []scenario) map[string][2]s
 					return
 				}
 				defer c.Close()
+				c.SetDeadline(time.Now().Add(scenarioTimeout)) // a lost byte fails the scenario, not the run
 				srv <- s.server(c)
 			}()
 			var g string
@@ -352,6 +353,7 @@ func runScenarios(t *testing.T, w *testenv.World, ss []scenario) map[string][2]s
 				g = "dial: " + err.Error()
 				ln.Close()
 			} else {
+				c.SetDeadline(time.Now().Add(scenarioTimeout))
 				g = s.guest(c)
 				c.Close()
 			}
@@ -364,6 +366,9 @@ func runScenarios(t *testing.T, w *testenv.World, ss []scenario) map[string][2]s
 	wg.Wait()
 	return res
 }
+
+// scenarioTimeout bounds a scenario's connection (the slowest stalls 10 s).
+const scenarioTimeout = 60 * time.Second
 
 // TestFastPathDifferential: the same scenarios (half-close each way, a
 // server that closes first, a reset from each end, a reader that stops at
