@@ -98,27 +98,18 @@ func (p *Pump) HandOverReads() (int, bool) {
 	return fd, true
 }
 
-// ReadReady reads the frames that wait on the device without blocking, up
-// to max (at most a batch; a read of one frame saves the read that finds
-// none left), and handles or queues them as the reader does. It reports
-// how many it read; an error says the device is gone. Only the loop
-// HandOverReads gave the reads to may call it.
-func (p *Pump) ReadReady(max int) (int, error) {
+// ReadReady reads the frames that wait on the device, up to a batch,
+// without blocking, and handles or queues them as the reader does. It
+// reports how many it read; an error says the device is gone. Only the
+// loop HandOverReads gave the reads to may call it.
+func (p *Pump) ReadReady() (int, error) {
 	d, ok := p.dev.(interface {
 		ReadNow(bufs, spill [][]byte, sizes []int) (int, error)
 	})
 	if !ok {
 		return 0, errors.New("tap: the device cannot be read without blocking")
 	}
-	return p.rd.once(func(bufs, spill [][]byte, sizes []int) (int, error) {
-		if max > 0 && max < len(bufs) {
-			bufs, sizes = bufs[:max], sizes[:max]
-			if spill != nil {
-				spill = spill[:max]
-			}
-		}
-		return d.ReadNow(bufs, spill, sizes)
-	})
+	return p.rd.once(d.ReadNow)
 }
 
 // readState is the reader's batch of buffers, kept between reads: small

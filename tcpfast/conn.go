@@ -113,6 +113,12 @@ func (c *conn) recvWindow() uint32 {
 	if c.fd < 0 {
 		return 0
 	}
+	if c.sndbuf <= 0 {
+		// Not known (it always is from New): ask, or the estimate
+		// would announce a shut window for good.
+		c.sndbuf, _ = unix.GetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
+		c.outEst = -1
+	}
 	if c.outEst < 0 || c.sndbuf-c.outEst < c.sndbuf/2 {
 		out, err := unix.IoctlGetInt(c.fd, unix.SIOCOUTQ)
 		if err != nil {

@@ -390,3 +390,60 @@ func TestKeepaliveAnswered(t *testing.T) {
 		t.Fatalf("after the probes: %q %v", b, err)
 	}
 }
+
+// TestEndedConnectionsLeaveTheTick: connections that are over linger for
+// stray segments outside the tick's round (a connection rate of thousands
+// a second would otherwise have the tick visit thousands), and are
+// forgotten once their time is out.
+func TestEndedConnectionsLeaveTheTick(t *testing.T) {
+	const n = 20
+	ends := make(chan error, n)
+	srv := listen(t, "tcp4", func(c *net.TCPConn) {
+		b := make([]byte, 5)
+		if _, err := io.ReadFull(c, b); err != nil {
+			ends <- err
+			return
+		}
+		c.Write(b)
+		_, err := io.ReadAll(c) // to the guest's FIN
+		ends <- err
+	})
+	w := newWorld(t, srv, worldOpts{})
+	for i := 0; i < n; i++ {
+		c, err := w.dialGuest(remote4)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Write([]byte("hello"))
+		b := make([]byte, 5)
+		if _, err := io.ReadFull(c, b); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	for i := 0; i < n; i++ {
+		select {
+		case err := <-ends:
+			if err != nil {
+				t.Errorf("server: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("a server never saw the guest's FIN")
+		}
+	}
+	w.waitEnded(n)
+	w.tr.mu.Lock()
+	live, lingering, known := len(w.tr.live), len(w.tr.lingerq), len(w.tr.conns)
+	w.tr.mu.Unlock()
+	if live != 0 || lingering != known || known == 0 {
+		t.Errorf("after %d ended: %d in the tick's round, %d lingering, %d known", n, live, lingering, known)
+	}
+	deadline := time.Now().Add(lingerTime + 2*time.Second)
+	for w.tr.Active() > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections still known %s after they ended", w.tr.Active(), lingerTime+2*time.Second)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
