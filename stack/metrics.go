@@ -59,11 +59,12 @@ func (st *Stack) Metrics() Metrics {
 		},
 	}
 	if st.fast != nil {
-		// The fast path's own: refusals and connect timeouts are dial
-		// failures like the relay's; the rest have names of their own.
+		// The fast path's own: refusals, connect timeouts and connects
+		// reset to make room are dial failures like the relay's; the
+		// rest have names of their own.
 		fs := st.fast.Stats()
-		m.Failures["tcp_dial_failed"] += fs.Refused + fs.ConnectTimeouts
-		m.Failures["tcp_fast_aborted"] = fs.Aborted
+		m.Failures["tcp_dial_failed"] += fs.Refused + fs.ConnectTimeouts + fs.Evicted
+		m.Failures["tcp_fast_aborted"] = fs.Aborted - fs.Evicted
 		m.Failures["tcp_fast_bad_segments"] = fs.BadSegments
 	}
 	return m

@@ -255,7 +255,7 @@ func (st *Stack) startFast() {
 	var err error
 	st.fast, err = tcpfast.New(tcpfast.Options{
 		Shared: o.Shared, GatewayMAC: st.gwMAC, GuestMAC: func() [6]byte { return *st.r.guestMAC.Load() },
-		MTU: o.Plan.MTU, Offload: o.Offload, ConnectTimeout: o.DialTimeout, Direct: o.WriteNow, Link: o.Link, Log: o.Log.With("component", "tcpfast"),
+		MTU: o.Plan.MTU, Offload: o.Offload, ConnectTimeout: o.DialTimeout, MaxConnecting: o.MaxPendingDials, Direct: o.WriteNow, Link: o.Link, Log: o.Log.With("component", "tcpfast"),
 	})
 	if err != nil {
 		o.Log.Warn("TCP fast path off: "+err.Error(), "fast_path", "off")

@@ -179,11 +179,19 @@ func (c *conn) gone() {
 		delete(t.byFD, int32(c.fd))
 		c.fd = -1
 	}
+	c.leaveConnecting()
 	c.state = stateGone
 	c.deadline = t.now.Add(lingerTime)
 	c.rtoAt, c.probeAt = time.Time{}, time.Time{}
 	c.linger()
 	c.finish()
+}
+
+// leaveConnecting counts c out of the connects under way, if it was one.
+func (c *conn) leaveConnecting() {
+	if c.state == stateConnecting {
+		c.t.nConnecting--
+	}
 }
 
 // linger moves a connection that is over from the tick's round to the
@@ -789,6 +797,7 @@ func (c *conn) socketEvent(ev uint32) {
 
 // established answers the guest's SYN: the host socket is connected.
 func (c *conn) established() {
+	c.leaveConnecting()
 	c.state = stateSynAckSent
 	c.deadline = c.t.now.Add(minRTO)
 	c.sendSynAck()

@@ -106,6 +106,7 @@ type worldOpts struct {
 	toTr, toGuest *fault
 	guestRcvBuf   int
 	offload       bool // frames to the guest may carry partial checksums (completed here, as a TAP guest would)
+	maxConnecting int
 }
 
 func newWorld(t *testing.T, dial netip.AddrPort, o worldOpts) *world {
@@ -122,7 +123,7 @@ func newWorld(t *testing.T, dial netip.AddrPort, o worldOpts) *world {
 			f.rng = rand.New(rand.NewPCG(seed, uint64(i)))
 		}
 	}
-	tr, err := New(Options{Shared: w.sh, GatewayMAC: gwMAC, GuestMAC: func() [6]byte { return guestMAC }, MTU: o.mtu, Offload: o.offload})
+	tr, err := New(Options{Shared: w.sh, GatewayMAC: gwMAC, GuestMAC: func() [6]byte { return guestMAC }, MTU: o.mtu, Offload: o.offload, MaxConnecting: o.maxConnecting})
 	if err != nil {
 		t.Skipf("fast path unavailable here: %v", err)
 	}

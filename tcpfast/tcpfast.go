@@ -33,17 +33,18 @@ import (
 
 // Timers and bounds.
 const (
-	tick           = 10 * time.Millisecond
-	minRTO         = 200 * time.Millisecond
-	maxRTO         = 10 * time.Second
-	maxRetries     = 10 // retransmissions of one segment before both ends are reset
-	persistEvery   = 500 * time.Millisecond
-	lingerTime     = 2 * time.Second // a closed connection still answers its peer's last segments
-	defaultConnect = 10 * time.Second
-	keepaliveAfter = time.Second          // a connection this old gets keepalive on its host socket
-	keepIdle       = 30                   // seconds idle before the host socket's first keepalive probe
-	batchFrames    = 64                   // frames peeked from a socket in one recvmsg
-	yieldEvery     = 4 * time.Millisecond // see run
+	tick                 = 10 * time.Millisecond
+	minRTO               = 200 * time.Millisecond
+	maxRTO               = 10 * time.Second
+	maxRetries           = 10 // retransmissions of one segment before both ends are reset
+	persistEvery         = 500 * time.Millisecond
+	lingerTime           = 2 * time.Second // a closed connection still answers its peer's last segments
+	defaultConnect       = 10 * time.Second
+	defaultMaxConnecting = 192
+	keepaliveAfter       = time.Second          // a connection this old gets keepalive on its host socket
+	keepIdle             = 30                   // seconds idle before the host socket's first keepalive probe
+	batchFrames          = 64                   // frames peeked from a socket in one recvmsg
+	yieldEvery           = 4 * time.Millisecond // see run
 )
 
 // ErrUnsupported says the kernel lacks what the fast path needs (SO_PEEK_OFF
@@ -71,6 +72,12 @@ type Options struct {
 	// takes them (returns true), or declines (the TAP writer is busy or
 	// has frames queued: they go through the ring, in order).
 	Direct func([]*rings.Frame) bool
+	// MaxConnecting caps the host connects under way (default 192): a
+	// new one past it resets the oldest, the likeliest to be dead, so
+	// that a SYN flood at addresses that never answer cannot hold every
+	// connection the sandbox may have (the gVisor path's dial budget
+	// does the same).
+	MaxConnecting int
 	// Link, if set, is the TAP, read by the loop itself (see Link).
 	Link Link
 	// ConnectTimeout bounds a host connect (default 10 s).
@@ -108,6 +115,7 @@ type Flow struct {
 type Stats struct {
 	Active                                     int
 	Opened, Refused, ConnectTimeouts, Aborted  uint64
+	Evicted                                    uint64 // connects reset to make room (MaxConnecting)
 	Retransmits, FastRetransmits, BadSegments  uint64
 	GuestResets, HostResets, SegmentsFromGuest uint64
 	HeldBytes                                  int // guest bytes held past gaps and for full sockets, all connections
@@ -131,13 +139,18 @@ type Translator struct {
 	// lingerq holds the connections that are over, oldest first, until
 	// their linger time is out
 	lingerq []*conn
-	closed  bool
-	out     []*rings.Frame // frames for the guest since the last flush
-	inRead  bool           // the loop is reading the TAP: it flushes at the end of the batch
-	held    int            // bytes all connections hold (see maxHeld)
-	ipID    uint16
-	stats   Stats
-	now     time.Time
+	// connq holds the connections whose host connect is under way,
+	// oldest first (and some past it, dropped as they come to the
+	// front); nConnecting counts the first kind
+	connq       []*conn
+	nConnecting int
+	closed      bool
+	out         []*rings.Frame // frames for the guest since the last flush
+	inRead      bool           // the loop is reading the TAP: it flushes at the end of the batch
+	held        int            // bytes all connections hold (see maxHeld)
+	ipID        uint16
+	stats       Stats
+	now         time.Time
 
 	count atomic.Int32 // len(conns), read without the lock
 	done  chan struct{}
@@ -189,6 +202,9 @@ func New(o Options) (*Translator, error) {
 	}
 	if o.ConnectTimeout <= 0 {
 		o.ConnectTimeout = defaultConnect
+	}
+	if o.MaxConnecting <= 0 {
+		o.MaxConnecting = defaultMaxConnecting
 	}
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
@@ -357,9 +373,12 @@ func (t *Translator) Open(p *wire.Packet, seg wire.TCPSegment, fl Flow) (*Conn, 
 	t.now = time.Now()
 	c.deadline = t.now.Add(t.o.ConnectTimeout)
 	c.keepAt = t.now.Add(keepaliveAfter)
+	t.makeRoom()
 	t.conns[k] = c
 	t.byFD[int32(fd)] = c
 	t.live[c] = struct{}{}
+	t.nConnecting++
+	t.connq = append(t.connq, c)
 	t.count.Store(int32(len(t.conns)))
 	t.stats.Opened++
 	if len(t.conns) == 1 {
@@ -436,6 +455,37 @@ func (t *Translator) Close() {
 	<-t.done
 	unix.Close(t.epfd)
 	unix.Close(t.wakefd)
+}
+
+// makeRoom resets the oldest connects under way while they are at the
+// cap, and drops from the queue's front those past connecting.
+func (t *Translator) makeRoom() {
+	for len(t.connq) > 0 {
+		c := t.connq[0]
+		if c.state == stateConnecting {
+			if t.nConnecting < t.o.MaxConnecting {
+				break
+			}
+			t.stats.Evicted++
+			c.abort()
+		}
+		t.connq[0] = nil
+		t.connq = t.connq[1:]
+	}
+	if len(t.connq) > 2*t.o.MaxConnecting+64 {
+		// Many quick connects behind a slow one: keep the live ones.
+		q := t.connq[:0]
+		for _, c := range t.connq {
+			if c.state == stateConnecting {
+				q = append(q, c)
+			}
+		}
+		clear(t.connq[len(q):])
+		t.connq = q
+	}
+	if len(t.connq) == 0 {
+		t.connq = nil
+	}
 }
 
 // expire forgets the lingering connections whose time is out. The queue

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 var (
@@ -445,5 +447,70 @@ func TestEndedConnectionsLeaveTheTick(t *testing.T) {
 			t.Fatalf("%d connections still known %s after they ended", w.tr.Active(), lingerTime+2*time.Second)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// fullListener is a loopback listener whose accept queue is full (backlog
+// 0, one connection never accepted): a connect to it stays under way, its
+// SYNs dropped, as to a host that never answers.
+func fullListener(t *testing.T) netip.AddrPort {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(sa.(*unix.SockaddrInet4).Port))
+	c, err := net.DialTimeout("tcp4", addr.String(), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return addr
+}
+
+// TestConnectsUnderWayAreCapped: past MaxConnecting host connects under
+// way, a new one resets the oldest (a SYN flood at addresses that never
+// answer cannot hold every connection the sandbox may have), and the
+// guest of the one reset sees it at once.
+func TestConnectsUnderWayAreCapped(t *testing.T) {
+	w := newWorld(t, fullListener(t), worldOpts{maxConnecting: 2})
+	errs := make(chan error, 3)
+	for i := 0; i < 3; i++ {
+		go func() {
+			c, err := w.dialGuest(remote4)
+			if err == nil {
+				c.Close()
+			}
+			errs <- err
+		}()
+		time.Sleep(200 * time.Millisecond) // in this order: the first is the oldest
+	}
+	select {
+	case err := <-errs:
+		if err == nil {
+			t.Fatal("a connect to a full listener succeeded")
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatalf("no connect reset past the cap (evicted %d)", w.tr.Stats().Evicted)
+	}
+	if s := w.tr.Stats(); s.Evicted != 1 {
+		t.Errorf("%d connects evicted, want 1", s.Evicted)
+	}
+	w.tr.mu.Lock()
+	n := w.tr.nConnecting
+	w.tr.mu.Unlock()
+	if n != 2 {
+		t.Errorf("%d connects under way, want 2", n)
 	}
 }
