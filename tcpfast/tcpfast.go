@@ -300,13 +300,9 @@ func (t *Translator) Open(p *wire.Packet, seg wire.TCPSegment, fl Flow) (*Conn, 
 	}
 	tcp := p.L4
 	opts := parseSynOptions(tcp[tcpHdrLen:seg.HdrLen])
-	fam := unix.AF_INET
-	if fl.Dial.Addr().Is6() && !fl.Dial.Addr().Is4In6() {
-		fam = unix.AF_INET6
-	}
-	fd, err := unix.Socket(fam, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	fd, sa, err := hostSocket(fl.Dial)
 	if err != nil {
-		return nil, fmt.Errorf("fast path socket: %w", err)
+		return nil, err
 	}
 	ok := false
 	defer func() {
@@ -314,16 +310,6 @@ func (t *Translator) Open(p *wire.Packet, seg wire.TCPSegment, fl Flow) (*Conn, 
 			unix.Close(fd)
 		}
 	}()
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, 0); err != nil {
-		return nil, ErrUnsupported
-	}
-	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
-	var sa unix.Sockaddr
-	if fam == unix.AF_INET {
-		sa = &unix.SockaddrInet4{Port: int(fl.Dial.Port()), Addr: fl.Dial.Addr().Unmap().As4()}
-	} else {
-		sa = &unix.SockaddrInet6{Port: int(fl.Dial.Port()), Addr: fl.Dial.Addr().As16()}
-	}
 	c := &conn{
 		t: t, fd: fd, v6: p.V6, fl: fl,
 		guest: netip.AddrPortFrom(p.Src, seg.SrcPort), dst: netip.AddrPortFrom(p.Dst, seg.DstPort),
@@ -398,6 +384,30 @@ func (t *Translator) Open(p *wire.Packet, seg wire.TCPSegment, fl Flow) (*Conn, 
 		t.flushLocked()
 	}
 	return &Conn{c: c}, nil
+}
+
+// hostSocket makes the non-blocking host socket for a connection to dial,
+// with SO_PEEK_OFF on (the socket is the retransmit buffer) and Nagle off
+// (the guest's segments are sent as they come).
+func hostSocket(dial netip.AddrPort) (int, unix.Sockaddr, error) {
+	fam := unix.AF_INET6
+	var sa unix.Sockaddr
+	if a := dial.Addr(); a.Is4() || a.Is4In6() {
+		fam = unix.AF_INET
+		sa = &unix.SockaddrInet4{Port: int(dial.Port()), Addr: a.Unmap().As4()}
+	} else {
+		sa = &unix.SockaddrInet6{Port: int(dial.Port()), Addr: a.As16()}
+	}
+	fd, err := unix.Socket(fam, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, nil, fmt.Errorf("fast path socket: %w", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_PEEK_OFF, 0); err != nil {
+		unix.Close(fd)
+		return -1, nil, ErrUnsupported
+	}
+	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	return fd, sa, nil
 }
 
 // connected reports whether a non-blocking connect has completed
