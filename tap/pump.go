@@ -13,7 +13,7 @@ import (
 // Pump moves frames between a Device and the shared rings with two
 // goroutines: RoutineReadFromTAP (device → tx ring → wake the stack) and
 // RoutineWriteToTAP (rx wake → drain the rx ring → device). The reads may
-// be left to an event loop instead (NewPump, Fd, ReadReady).
+// be left to an event loop instead (NewPump, HandOverReads, ReadReady).
 type Pump struct {
 	dev      Device
 	sh       *rings.Shared
@@ -58,8 +58,8 @@ func StartPump(dev Device, sh *rings.Shared, maxFrame int, log *slog.Logger) *Pu
 }
 
 // NewPump starts the writer only: the device's frames are read either by
-// the pump's own reader (StartReader) or by an event loop that watches Fd
-// and calls ReadReady (the TCP fast path's), never both.
+// the pump's own reader (StartReader) or by an event loop that took them
+// with HandOverReads and calls ReadReady (the TCP fast path's), never both.
 func NewPump(dev Device, sh *rings.Shared, maxFrame int, log *slog.Logger) *Pump {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -74,6 +74,7 @@ func NewPump(dev Device, sh *rings.Shared, maxFrame int, log *slog.Logger) *Pump
 // StartReader starts the pump's own reader goroutine.
 func (p *Pump) StartReader() {
 	p.reading = true
+	p.rd.read = p.dev.Read
 	p.wg.Add(1)
 	go p.RoutineReadFromTAP()
 }
@@ -84,7 +85,10 @@ func (p *Pump) StartReader() {
 // the device cannot be read that way (a test device) or the reader runs:
 // the caller must then StartReader.
 func (p *Pump) HandOverReads() (int, bool) {
-	d, ok := p.dev.(interface{ Detach() (int, error) })
+	d, ok := p.dev.(interface {
+		Detach() (int, error)
+		ReadNow(bufs, spill [][]byte, sizes []int) (int, error)
+	})
 	if !ok || p.reading {
 		return -1, false
 	}
@@ -95,6 +99,7 @@ func (p *Pump) HandOverReads() (int, bool) {
 		p.log.Warn("tap: reads stay with the pump", "err", err)
 		return -1, false
 	}
+	p.rd.read = d.ReadNow
 	return fd, true
 }
 
@@ -103,19 +108,17 @@ func (p *Pump) HandOverReads() (int, bool) {
 // reports how many it read; an error says the device is gone. Only the
 // loop HandOverReads gave the reads to may call it.
 func (p *Pump) ReadReady() (int, error) {
-	d, ok := p.dev.(interface {
-		ReadNow(bufs, spill [][]byte, sizes []int) (int, error)
-	})
-	if !ok {
-		return 0, errors.New("tap: the device cannot be read without blocking")
+	if p.rd.read == nil {
+		return 0, errors.New("tap: ReadReady without HandOverReads")
 	}
-	return p.rd.once(d.ReadNow)
+	return p.rd.once()
 }
 
 // readState is the reader's batch of buffers, kept between reads: small
 // buffers for every slot, and large ones a frame spills into.
 type readState struct {
 	p              *Pump
+	read           func(bufs, spill [][]byte, sizes []int) (int, error) // Device.Read, or ReadNow for a loop
 	hl, small      int
 	smalls, larges []*rings.Frame
 	bufs, spill    [][]byte
@@ -152,8 +155,8 @@ func (r *readState) release() {
 	}
 }
 
-// once reads one batch with read and hands its frames on.
-func (r *readState) once(read func(bufs, spill [][]byte, sizes []int) (int, error)) (int, error) {
+// once reads one batch and hands its frames on.
+func (r *readState) once() (int, error) {
 	p, fr := r.p, r.p.sh.Frames
 	for i := range r.smalls {
 		if r.smalls[i] == nil {
@@ -169,7 +172,7 @@ func (r *readState) once(read func(bufs, spill [][]byte, sizes []int) (int, erro
 			r.spill[i] = r.larges[i].Buffer()[rings.Headroom+r.small:]
 		}
 	}
-	n, err := read(r.bufs, r.spill, r.sizes)
+	n, err := r.read(r.bufs, r.spill, r.sizes)
 	if err != nil {
 		return 0, err
 	}
@@ -231,7 +234,7 @@ func (p *Pump) RoutineReadFromTAP() {
 	defer p.wg.Done()
 	defer p.rd.release()
 	for {
-		if _, err := p.rd.once(p.dev.Read); err != nil {
+		if _, err := p.rd.once(); err != nil {
 			if !errors.Is(err, os.ErrClosed) && !p.closing() {
 				p.log.Error("tap reader stopped", "err", err)
 			}

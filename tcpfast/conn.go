@@ -204,7 +204,7 @@ func (c *conn) linger() {
 	}
 	c.lingering = true
 	delete(t.live, c)
-	t.lingerq = append(t.lingerq, c)
+	t.lingerq.push(c)
 }
 
 // guestSegment handles one segment from the guest.

@@ -140,11 +140,11 @@ type Translator struct {
 	live  map[*conn]struct{} // the connections not over: the tick visits these
 	// lingerq holds the connections that are over, oldest first, until
 	// their linger time is out
-	lingerq []*conn
+	lingerq connQueue
 	// connq holds the connections whose host connect is under way,
 	// oldest first (and some past it, dropped as they come to the
 	// front); nConnecting counts the first kind
-	connq       []*conn
+	connq       connQueue
 	nConnecting int
 	closed      bool
 	out         []*rings.Frame // frames for the guest since the last flush
@@ -366,7 +366,7 @@ func (t *Translator) Open(p *wire.Packet, seg wire.TCPSegment, fl Flow) (*Conn, 
 	t.byFD[int32(fd)] = c
 	t.live[c] = struct{}{}
 	t.nConnecting++
-	t.connq = append(t.connq, c)
+	t.connq.push(c)
 	t.count.Store(int32(len(t.conns)))
 	t.stats.Opened++
 	if len(t.conns) == 1 {
@@ -470,33 +470,22 @@ func (t *Translator) Close() {
 }
 
 // makeRoom resets the oldest connects under way while they are at the
-// cap, and drops from the queue's front those past connecting.
+// cap.
 func (t *Translator) makeRoom() {
-	for len(t.connq) > 0 {
-		c := t.connq[0]
-		if c.state == stateConnecting {
-			if t.nConnecting < t.o.MaxConnecting {
-				break
-			}
-			t.stats.Evicted++
-			c.abort()
+	t.connq.popWhile(func(c *conn) bool {
+		if c.state != stateConnecting {
+			return true // connected, or over: no longer one
 		}
-		t.connq[0] = nil
-		t.connq = t.connq[1:]
-	}
-	if len(t.connq) > 2*t.o.MaxConnecting+64 {
+		if t.nConnecting < t.o.MaxConnecting {
+			return false
+		}
+		t.stats.Evicted++
+		c.abort()
+		return true
+	})
+	if t.connq.len() > 2*t.o.MaxConnecting+64 {
 		// Many quick connects behind a slow one: keep the live ones.
-		q := t.connq[:0]
-		for _, c := range t.connq {
-			if c.state == stateConnecting {
-				q = append(q, c)
-			}
-		}
-		clear(t.connq[len(q):])
-		t.connq = q
-	}
-	if len(t.connq) == 0 {
-		t.connq = nil
+		t.connq.keep(func(c *conn) bool { return c.state == stateConnecting })
 	}
 }
 
@@ -504,20 +493,16 @@ func (t *Translator) makeRoom() {
 // is in the order they ended; one whose linger was extended (a reset after
 // its close) holds those behind it back a little, which is harmless.
 func (t *Translator) expire() {
-	for len(t.lingerq) > 0 {
-		c := t.lingerq[0]
-		if !c.forgotten && !t.now.After(c.deadline) {
-			break
+	t.lingerq.popWhile(func(c *conn) bool {
+		if c.forgotten {
+			return true
 		}
-		t.lingerq[0] = nil
-		t.lingerq = t.lingerq[1:]
-		if !c.forgotten {
-			t.forget(c)
+		if !t.now.After(c.deadline) {
+			return false
 		}
-	}
-	if len(t.lingerq) == 0 {
-		t.lingerq = nil // let the array go
-	}
+		t.forget(c)
+		return true
+	})
 }
 
 func (t *Translator) wake() {
@@ -589,17 +574,15 @@ func (t *Translator) flushLocked() {
 func (t *Translator) run() {
 	defer close(t.done)
 	events := make([]unix.EpollEvent, 128)
-	var nextTick, nextYield time.Time
+	var nextTick, nextYield, last time.Time // last: the last round's time
 	for {
-		if t.count.Load() > 0 {
-			if now := time.Now(); now.After(nextYield) {
-				runtime.Gosched()
-				nextYield = now.Add(yieldEvery)
-			}
-		}
 		timeout := -1
 		if t.count.Load() > 0 {
 			timeout = int(tick / time.Millisecond)
+			if !nextYield.After(last) {
+				runtime.Gosched()
+				nextYield = last.Add(yieldEvery)
+			}
 		}
 		n, err := unix.EpollWait(t.epfd, events, timeout)
 		if err != nil && err != unix.EINTR {
@@ -612,6 +595,7 @@ func (t *Translator) run() {
 			return
 		}
 		t.now = time.Now()
+		last = t.now
 		frames := false
 		for i := 0; i < n; i++ {
 			ev := &events[i]

@@ -436,7 +436,7 @@ func TestEndedConnectionsLeaveTheTick(t *testing.T) {
 	}
 	w.waitEnded(n)
 	w.tr.mu.Lock()
-	live, lingering, known := len(w.tr.live), len(w.tr.lingerq), len(w.tr.conns)
+	live, lingering, known := len(w.tr.live), w.tr.lingerq.len(), len(w.tr.conns)
 	w.tr.mu.Unlock()
 	if live != 0 || lingering != known || known == 0 {
 		t.Errorf("after %d ended: %d in the tick's round, %d lingering, %d known", n, live, lingering, known)

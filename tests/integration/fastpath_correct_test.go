@@ -137,6 +137,19 @@ func writeN(c *net.TCPConn, n int64, cnt *atomic.Int64) error {
 	}
 }
 
+// sendThenRead is the end that writes n bytes, half-closes and reads the
+// answer to its peer's FIN.
+func sendThenRead(n int64) func(c *net.TCPConn) string {
+	return func(c *net.TCPConn) string {
+		if err := writeN(c, n, nil); err != nil {
+			return err.Error()
+		}
+		c.CloseWrite()
+		b, err := io.ReadAll(c)
+		return fmt.Sprintf("%q %v", b, err)
+	}
+}
+
 // scenario is one connection's script: the guest dials the server, each
 // end does its part, and each reports what it read and how it ended.
 type scenario struct {
@@ -168,16 +181,9 @@ func scenarios() []scenario {
 		{
 			// The guest half-closes first and reads the answer; the
 			// server reads to the guest's FIN, answers, closes.
-			name:   "guest-halfclose",
-			server: sumReply,
-			guest: func(c *net.TCPConn) string {
-				if err := writeN(c, n, nil); err != nil {
-					return err.Error()
-				}
-				c.CloseWrite()
-				b, err := io.ReadAll(c)
-				return fmt.Sprintf("%q %v", b, err)
-			},
+			name:       "guest-halfclose",
+			server:     sumReply,
+			guest:      sendThenRead(n),
 			wantServer: desc(n, "FIN"),
 			wantGuest:  fmt.Sprintf("%q <nil>", desc(n, "FIN")+"\n"),
 		},
@@ -427,14 +433,7 @@ func bulkBothWays(t *testing.T, w *testenv.World, n int64) {
 				c.Close()
 				return r
 			},
-			guest: func(c *net.TCPConn) string {
-				if err := writeN(c, n, nil); err != nil {
-					return err.Error()
-				}
-				c.CloseWrite()
-				b, err := io.ReadAll(c)
-				return fmt.Sprintf("%q %v", b, err)
-			},
+			guest:      sendThenRead(n),
 			wantServer: desc(n, "FIN"), wantGuest: `"done\n" <nil>`,
 		},
 		{
